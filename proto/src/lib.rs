@@ -1,0 +1,26 @@
+//! Generated protobuf and gRPC types shared by every Trellis process.
+//!
+//! The `.proto` sources under `proto/` are Trellis's own, but keep Istio's package names, message
+//! names and field numbers so that Istio's ztunnel and Trellis interoperate on the wire. Envoy's
+//! xDS types come from the `envoy-types` crate and are re-exported as [`envoy`].
+
+pub mod istio {
+    pub mod workload {
+        include!(concat!(env!("OUT_DIR"), "/istio.workload.rs"));
+    }
+    pub mod security {
+        include!(concat!(env!("OUT_DIR"), "/istio.security.rs"));
+    }
+    pub mod v1 {
+        pub mod auth {
+            include!(concat!(env!("OUT_DIR"), "/istio.v1.auth.rs"));
+        }
+    }
+}
+
+pub use envoy_types::pb as envoy;
+
+/// Type URL of `istio.workload.Address` resources in workload discovery.
+pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
+/// Type URL of `istio.security.Authorization` resources in workload discovery.
+pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
