@@ -331,6 +331,9 @@ fn source(e: &mut Errors, path: &str, s: &Source) {
     for (f, v) in fields {
         non_empty_strings(e, path, f, v);
     }
+    if (!s.principals.is_empty() || !s.not_principals.is_empty()) && (!s.service_accounts.is_empty() || !s.not_service_accounts.is_empty()) {
+        e.add(path, "principals and serviceAccounts cannot be combined in one source; use separate `from` entries");
+    }
     if *s == Source::default() {
         e.add(path, "must set at least one field");
     }

@@ -1,0 +1,207 @@
+//! The config REST API on :15014: kube-style resource paths, `/metrics`, `/ready` and `/debug`.
+//!
+//! Writes are validated with the same code `meshctl` uses, then handed to the store; a body that
+//! does not parse is 400, one that parses but is invalid is 422, a stale `resourceVersion` is 409.
+
+mod path;
+pub mod status;
+mod watch;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use trellis_config::{Kind, ObjectKey};
+
+use crate::ca::tokens::NodeTokens;
+use crate::metrics::{Metrics, WriteLabels};
+use crate::store::{Applied, Store, Write};
+use crate::xds::status::Registry;
+use status::ApiError;
+
+/// Largest request body accepted. Kubernetes uses 3 MiB for an object; ours are smaller.
+pub const MAX_BODY: usize = 1 << 20;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    pub ready: Arc<AtomicBool>,
+    pub proxies: Arc<Registry>,
+    pub tokens: Arc<NodeTokens>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/debug/syncz", get(syncz))
+        .route("/apis/trellis.dev/v1/nodetokens/{node}", put(create_node_token))
+        .fallback(resource)
+        .with_state(state)
+}
+
+async fn ready(State(s): State<ApiState>) -> Response {
+    if s.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+async fn metrics(State(s): State<ApiState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.encode()).into_response()
+}
+
+async fn syncz(State(s): State<ApiState>) -> Response {
+    Json(s.proxies.snapshot()).into_response()
+}
+
+/// Issues (or rotates) the bearer token a node's ztunnel presents to the CA and xDS.
+/// The token is returned once; only its hash is kept.
+async fn create_node_token(State(s): State<ApiState>, axum::extract::Path(node): axum::extract::Path<String>) -> Response {
+    match s.tokens.issue(&node) {
+        Ok(token) => Json(json!({"node": node, "token": token})).into_response(),
+        Err(e) => ApiError::bad_request(e.to_string()).into_response(),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ListParams {
+    watch: Option<String>,
+    resource_version: Option<String>,
+}
+
+async fn resource(State(s): State<ApiState>, Query(q): Query<ListParams>, req: Request) -> Response {
+    match handle(s, q, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn handle(s: ApiState, q: ListParams, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let rp = path::parse(parts.uri.path()).map_err(ApiError::not_found)?;
+    match (&parts.method, rp.name) {
+        (&Method::GET, None) if q.watch.as_deref().is_some_and(|w| w == "true" || w == "1") => {
+            Ok(watch::serve(s.store.as_ref(), rp.kind, rp.namespace, q.resource_version))
+        }
+        (&Method::GET, None) => {
+            let items: Vec<Value> = s.store.list(Some(rp.kind), rp.namespace.as_deref()).iter().map(|o| o.to_value()).collect();
+            Ok(Json(json!({
+                "kind": format!("{}List", rp.kind.name()),
+                "apiVersion": rp.kind.api_version(),
+                "metadata": {"resourceVersion": s.store.revision().to_string()},
+                "items": items,
+            }))
+            .into_response())
+        }
+        (&Method::GET, Some(name)) => {
+            let key = ObjectKey::new(rp.kind, rp.namespace.unwrap_or_default(), name);
+            let obj = s.store.get(&key).ok_or_else(|| ApiError::not_found(format!("{key} not found")))?;
+            Ok(Json(obj.to_value()).into_response())
+        }
+        (&Method::PUT, Some(name)) => {
+            let body = read_body(&parts.headers, body).await?;
+            let obj = decode_object(rp.kind, rp.namespace.as_deref(), Some(&name), &body)?;
+            write(&s, rp.kind, "put", Write::Put(obj)).await
+        }
+        (&Method::POST, None) => {
+            let body = read_body(&parts.headers, body).await?;
+            let obj = decode_object(rp.kind, rp.namespace.as_deref(), None, &body)?;
+            if s.store.get(&obj.key()).is_some() {
+                return Err(ApiError::already_exists(format!("{} already exists", obj.key())));
+            }
+            write(&s, rp.kind, "create", Write::Put(obj)).await
+        }
+        (&Method::DELETE, Some(name)) => {
+            let key = ObjectKey::new(rp.kind, rp.namespace.unwrap_or_default(), name);
+            write(&s, rp.kind, "delete", Write::Delete { key, resource_version: None }).await
+        }
+        (m, _) => Err(ApiError::method_not_allowed(format!("{m} is not supported on {}", parts.uri.path()))),
+    }
+}
+
+async fn write(s: &ApiState, kind: Kind, op: &str, w: Write) -> Result<Response, ApiError> {
+    let result = s.store.write(w).await;
+    let outcome = match &result {
+        Ok(Applied::Created(_)) => "created",
+        Ok(Applied::Updated(_)) => "configured",
+        Ok(Applied::Unchanged(_)) => "unchanged",
+        Ok(Applied::Deleted(_)) => "deleted",
+        Err(_) => "error",
+    };
+    s.metrics
+        .config_writes
+        .get_or_create(&WriteLabels { kind: kind.name().into(), op: op.into(), result: outcome.into() })
+        .inc();
+    let applied = result?;
+    let code = if matches!(applied, Applied::Created(_)) { StatusCode::CREATED } else { StatusCode::OK };
+    let mut resp = (code, Json(applied.object().to_value())).into_response();
+    // Lets clients print created/configured/unchanged without comparing objects.
+    resp.headers_mut().insert("x-trellis-outcome", header::HeaderValue::from_static(outcome));
+    Ok(resp)
+}
+
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) {
+        if len > MAX_BODY {
+            return Err(ApiError::too_large(MAX_BODY));
+        }
+    }
+    axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| ApiError::too_large(MAX_BODY))
+}
+
+/// Parses a JSON or YAML body, reconciles it with the URL, and validates it.
+fn decode_object(kind: Kind, namespace: Option<&str>, name: Option<&str>, body: &[u8]) -> Result<trellis_config::Object, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|_| ApiError::bad_request("request body is not UTF-8"))?;
+    let mut value: Value = if text.trim_start().starts_with('{') {
+        serde_json::from_str(text).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?
+    } else {
+        serde_yaml::from_str(text).map_err(|e| ApiError::bad_request(format!("malformed YAML body: {e}")))?
+    };
+    let Some(meta) = value.as_object_mut().map(|o| o.entry("metadata").or_insert_with(|| json!({}))) else {
+        return Err(ApiError::bad_request("request body must be an object"));
+    };
+    let Some(meta) = meta.as_object_mut() else {
+        return Err(ApiError::bad_request("metadata must be an object"));
+    };
+    if let Some(url_ns) = namespace {
+        match meta.get("namespace").and_then(Value::as_str) {
+            Some(ns) if ns != url_ns => {
+                return Err(ApiError::bad_request(format!("the namespace of the object ({ns}) does not match the namespace in the URL ({url_ns})")));
+            }
+            _ => {
+                meta.insert("namespace".into(), Value::String(url_ns.into()));
+            }
+        }
+    }
+    if let Some(url_name) = name {
+        match meta.get("name").and_then(Value::as_str) {
+            Some(n) if n != url_name => {
+                return Err(ApiError::bad_request(format!("the name of the object ({n}) does not match the name in the URL ({url_name})")));
+            }
+            _ => {
+                meta.insert("name".into(), Value::String(url_name.into()));
+            }
+        }
+    }
+    let body_kind = value.get("kind").and_then(Value::as_str).unwrap_or_default();
+    if !body_kind.is_empty() && body_kind != kind.name() {
+        return Err(ApiError::bad_request(format!("body kind {body_kind} does not match the URL's resource {}", kind.plural())));
+    }
+    let obj_name = name.unwrap_or_default().to_string();
+    let obj = trellis_config::Object::from_value(value).map_err(|e| ApiError::invalid(kind.name(), &obj_name, &e))?;
+    if kind.namespaced() && obj.meta().namespace.is_none() {
+        return Err(ApiError::bad_request(format!("{} is namespaced: use a /namespaces/{{ns}}/ path", kind.plural())));
+    }
+    Ok(obj)
+}

@@ -1,0 +1,364 @@
+//! The embedded file store: a write-ahead log plus periodic snapshots under `--state-dir`.
+//!
+//! Writes go through one writer thread that groups concurrent requests into a batch and makes it
+//! durable with a single `fdatasync`, then publishes the batch. That is what makes a bulk apply of
+//! thousands of objects take a fraction of a second on a disk where one fsync costs ~0.5 ms, while
+//! keeping "acknowledged means durable". Snapshots are written to a temporary file, fsynced and
+//! renamed into place, then the log is truncated; a crash between the two is harmless because log
+//! records at or below the snapshot's revision are skipped on replay.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, RwLock};
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{broadcast, oneshot};
+use trellis_config::{Kind, Object, ObjectKey};
+
+use super::wal::{self, Record};
+use super::{Applied, Event, EventType, Store, StoreError, Watch, Write};
+
+/// Writes waiting for the writer thread; a full queue makes callers wait (backpressure).
+const QUEUE: usize = 4096;
+/// Most writes made durable by one fdatasync.
+const MAX_BATCH: usize = 1024;
+/// Compact once the log grows past this.
+const COMPACT_BYTES: u64 = 32 << 20;
+/// Watch events buffered per subscriber before it is told it fell behind.
+const WATCH_BUFFER: usize = 65536;
+
+type Reply = oneshot::Sender<Result<Applied, StoreError>>;
+
+struct State {
+    objects: BTreeMap<ObjectKey, Arc<Object>>,
+    revision: u64,
+}
+
+pub struct FileStore {
+    state: Arc<RwLock<State>>,
+    queue: mpsc::SyncSender<(Write, Reply)>,
+    events: broadcast::Sender<Event>,
+    /// Held for the store's lifetime: a second istiod-lite on the same state dir would corrupt it.
+    _lock: File,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    revision: u64,
+    objects: Vec<Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("state dir {dir}: {err}")]
+    Io { dir: PathBuf, err: io::Error },
+    #[error("state dir {0} is in use by another istiod-lite")]
+    Locked(PathBuf),
+    #[error("state dir {dir}: snapshot is unreadable: {reason}")]
+    Corrupt { dir: PathBuf, reason: String },
+}
+
+impl FileStore {
+    pub fn open(dir: &Path) -> Result<FileStore, OpenError> {
+        let io_err = |err| OpenError::Io { dir: dir.to_path_buf(), err };
+        std::fs::create_dir_all(dir).map_err(io_err)?;
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("LOCK")).map_err(io_err)?;
+        if lock.try_lock().is_err() {
+            return Err(OpenError::Locked(dir.to_path_buf()));
+        }
+        let mut objects = BTreeMap::new();
+        let mut revision = 0;
+        match std::fs::read(dir.join("snapshot.json")) {
+            Ok(bytes) => {
+                let snap: Snapshot = serde_json::from_slice(&bytes)
+                    .map_err(|e| OpenError::Corrupt { dir: dir.to_path_buf(), reason: e.to_string() })?;
+                revision = snap.revision;
+                for v in snap.objects {
+                    let obj = decode(v).map_err(|reason| OpenError::Corrupt { dir: dir.to_path_buf(), reason })?;
+                    objects.insert(obj.key(), Arc::new(obj));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(e)),
+        }
+        let mut log = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(dir.join("wal.log")).map_err(io_err)?;
+        let snapshot_revision = revision;
+        for rec in wal::replay(&mut log).map_err(io_err)? {
+            if rec.revision() <= snapshot_revision {
+                continue;
+            }
+            revision = rec.revision();
+            match rec {
+                Record::Put { object, .. } => {
+                    let obj = decode(object).map_err(|reason| OpenError::Corrupt { dir: dir.to_path_buf(), reason })?;
+                    objects.insert(obj.key(), Arc::new(obj));
+                }
+                Record::Delete { key, .. } => {
+                    objects.remove(&key);
+                }
+            }
+        }
+        tracing::info!(dir = %dir.display(), objects = objects.len(), revision, "file store opened");
+        let state = Arc::new(RwLock::new(State { objects, revision }));
+        let (events, _) = broadcast::channel(WATCH_BUFFER);
+        let (queue, rx) = mpsc::sync_channel(QUEUE);
+        let writer = Writer { dir: dir.to_path_buf(), log, state: state.clone(), events: events.clone() };
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io_err)?;
+        Ok(FileStore { state, queue, events, _lock: lock })
+    }
+}
+
+/// Stored objects were validated on the way in; re-validating on load catches hand edits.
+fn decode(v: Value) -> Result<Object, String> {
+    Object::from_value(v).map_err(|e| e.to_string())
+}
+
+impl Store for FileStore {
+    fn get(&self, key: &ObjectKey) -> Option<Arc<Object>> {
+        self.state.read().ok()?.objects.get(key).cloned()
+    }
+
+    fn list(&self, kind: Option<Kind>, namespace: Option<&str>) -> Vec<Arc<Object>> {
+        let Ok(state) = self.state.read() else { return vec![] };
+        state
+            .objects
+            .iter()
+            .filter(|(k, _)| kind.is_none_or(|kind| k.kind == kind) && namespace.is_none_or(|ns| k.namespace == ns))
+            .map(|(_, o)| o.clone())
+            .collect()
+    }
+
+    fn write(&self, write: Write) -> BoxFuture<'static, Result<Applied, StoreError>> {
+        let (tx, rx) = oneshot::channel();
+        let queue = self.queue.clone();
+        async move {
+            // `send` blocks only while the bounded queue is full; do that off the async workers.
+            tokio::task::spawn_blocking(move || queue.send((write, tx)).map_err(|_| StoreError::Closed))
+                .await
+                .map_err(|_| StoreError::Closed)??;
+            rx.await.map_err(|_| StoreError::Closed)?
+        }
+        .boxed()
+    }
+
+    fn watch(&self) -> Watch {
+        // Holding the read lock while subscribing means no event can fall between snapshot and
+        // subscription: the writer publishes under the write lock.
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        Watch {
+            objects: state.objects.values().cloned().collect(),
+            revision: state.revision,
+            events: self.events.subscribe(),
+        }
+    }
+
+    fn revision(&self) -> u64 {
+        self.state.read().map(|s| s.revision).unwrap_or(0)
+    }
+}
+
+struct Writer {
+    dir: PathBuf,
+    log: File,
+    state: Arc<RwLock<State>>,
+    events: broadcast::Sender<Event>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<(Write, Reply)>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(w) => batch.push(w),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch);
+            if let Err(e) = self.maybe_compact() {
+                tracing::error!(error = %e, "store compaction failed; the log keeps growing until it succeeds");
+            }
+        }
+    }
+
+    /// Plans every write of the batch against the state as it will be, makes the log records
+    /// durable, then publishes. Nothing is visible to readers before it is durable.
+    fn commit(&mut self, batch: Vec<(Write, Reply)>) {
+        let now = now_rfc3339();
+        let (mut revision, mut overlay) = {
+            let s = self.state.read().unwrap_or_else(|e| e.into_inner());
+            (s.revision, BTreeMap::<ObjectKey, Option<Arc<Object>>>::new())
+        };
+        let mut bytes = Vec::new();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        {
+            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+            for (write, reply) in batch {
+                let current = |key: &ObjectKey| match overlay.get(key) {
+                    Some(v) => v.clone(),
+                    None => state.objects.get(key).cloned(),
+                };
+                let planned = plan(write, &current, revision + 1, &now);
+                if let Ok(p) = &planned {
+                    if let Some(rec) = &p.record {
+                        revision += 1;
+                        wal::encode(rec, &mut bytes);
+                        overlay.insert(p.event.object.key(), if p.event.kind == EventType::Deleted { None } else { Some(p.event.object.clone()) });
+                    }
+                }
+                outcomes.push((planned, reply));
+            }
+        }
+        if !bytes.is_empty() {
+            if let Err(e) = wal::append(&mut self.log, &bytes) {
+                tracing::error!(error = %e, "write-ahead log append failed; rejecting batch");
+                // Drop the partial tail so later appends follow intact records.
+                let _ = self.log.sync_all();
+                for (_, reply) in outcomes {
+                    let _ = reply.send(Err(StoreError::Io(e.to_string())));
+                }
+                self.truncate_to_intact();
+                return;
+            }
+        }
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        for (key, obj) in overlay {
+            match obj {
+                Some(o) => state.objects.insert(key, o),
+                None => state.objects.remove(&key),
+            };
+        }
+        state.revision = revision;
+        for (planned, reply) in outcomes {
+            let result = planned.map(|p| {
+                if p.record.is_some() {
+                    // No receivers is fine: nobody is watching yet.
+                    let _ = self.events.send(p.event);
+                }
+                p.applied
+            });
+            let _ = reply.send(result);
+        }
+    }
+
+    fn truncate_to_intact(&mut self) {
+        if let Err(e) = wal::replay(&mut self.log) {
+            tracing::error!(error = %e, "cannot re-read write-ahead log");
+        }
+    }
+
+    fn maybe_compact(&mut self) -> io::Result<()> {
+        if self.log.metadata()?.len() < COMPACT_BYTES {
+            return Ok(());
+        }
+        let snap = {
+            let s = self.state.read().unwrap_or_else(|e| e.into_inner());
+            Snapshot { revision: s.revision, objects: s.objects.values().map(|o| o.to_value()).collect() }
+        };
+        write_atomic(&self.dir.join("snapshot.json"), &serde_json::to_vec(&snap).map_err(io::Error::other)?)?;
+        self.log.set_len(0)?;
+        self.log.sync_all()?;
+        tracing::info!(revision = snap.revision, objects = snap.objects.len(), "store compacted");
+        Ok(())
+    }
+}
+
+/// Write to a temporary file, fsync it, rename over the target, fsync the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+struct Planned {
+    record: Option<Record>,
+    event: Event,
+    applied: Applied,
+}
+
+/// Decides what one write does against the current state; pure apart from the clock string.
+fn plan(write: Write, current: &dyn Fn(&ObjectKey) -> Option<Arc<Object>>, revision: u64, now: &str) -> Result<Planned, StoreError> {
+    match write {
+        Write::Put(mut obj) => {
+            let key = obj.key();
+            let existing = current(&key);
+            let wanted_rv = obj.meta().resource_version.clone();
+            if let Some(rv) = &wanted_rv {
+                let actual = existing.as_ref().and_then(|e| e.meta().resource_version.clone()).unwrap_or_else(|| "<none>".into());
+                if *rv != actual {
+                    return Err(StoreError::Conflict { key, expected: rv.clone(), actual });
+                }
+            }
+            let rv = revision.to_string();
+            let meta = obj.meta_mut();
+            match &existing {
+                Some(old) => {
+                    let om = old.meta();
+                    meta.uid = om.uid.clone();
+                    meta.creation_timestamp = om.creation_timestamp.clone();
+                    meta.generation = om.generation;
+                    meta.resource_version = om.resource_version.clone();
+                    if **old == obj {
+                        return Ok(Planned {
+                            record: None,
+                            event: Event { kind: EventType::Modified, object: old.clone(), previous: None, revision },
+                            applied: Applied::Unchanged(old.clone()),
+                        });
+                    }
+                    let spec_changed = obj.spec_differs(old);
+                    let meta = obj.meta_mut();
+                    if spec_changed {
+                        meta.generation = Some(meta.generation.unwrap_or(0) + 1);
+                    }
+                    meta.resource_version = Some(rv);
+                }
+                None => {
+                    meta.uid = Some(uuid::Uuid::new_v4().to_string());
+                    meta.creation_timestamp = Some(now.to_string());
+                    meta.generation = Some(1);
+                    meta.resource_version = Some(rv);
+                }
+            }
+            let obj = Arc::new(obj);
+            let record = Record::Put { revision, object: obj.to_value() };
+            let (kind, applied) = match existing {
+                Some(_) => (EventType::Modified, Applied::Updated(obj.clone())),
+                None => (EventType::Added, Applied::Created(obj.clone())),
+            };
+            Ok(Planned { record: Some(record), event: Event { kind, object: obj, previous: existing, revision }, applied })
+        }
+        Write::Delete { key, resource_version } => {
+            let Some(existing) = current(&key) else { return Err(StoreError::NotFound(key)) };
+            if let Some(rv) = resource_version {
+                let actual = existing.meta().resource_version.clone().unwrap_or_default();
+                if rv != actual {
+                    return Err(StoreError::Conflict { key, expected: rv, actual });
+                }
+            }
+            Ok(Planned {
+                record: Some(Record::Delete { revision, key }),
+                event: Event { kind: EventType::Deleted, object: existing.clone(), previous: None, revision },
+                applied: Applied::Deleted(existing),
+            })
+        }
+    }
+}
+
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+    now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}

@@ -1,0 +1,18 @@
+//! Workload discovery: translate the store into Istio's `Address` and `Authorization` resources
+//! ([`translate`]), keep them versioned ([`cache`]), and serve them over delta ADS ([`server`]).
+//!
+//! Data flow: store watch → [`translate::Translator`] recomputes only what an event affects →
+//! [`cache::Cache`] stores changed resources under a content-hash version and bumps its sequence →
+//! each stream wakes, asks the cache for changes since the sequence it last sent, and pushes them.
+
+pub mod cache;
+pub mod server;
+pub mod status;
+pub mod sync;
+pub mod translate;
+
+pub use trellis_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+
+/// The types this server publishes, in the order they are pushed (policies before the workloads
+/// that reference them).
+pub const TYPES: [&str; 2] = [AUTHORIZATION_TYPE_URL, ADDRESS_TYPE_URL];

@@ -1,0 +1,339 @@
+//! Delta ADS (`DeltaAggregatedResources`) for workload discovery.
+//!
+//! Each stream runs in its own task with a bounded outbound queue. A client that stops reading
+//! fills its queue; after [`SEND_TIMEOUT`] its stream is closed. No other stream is affected: the
+//! cache is shared read-mostly and wakeups go through a `watch` channel that never blocks.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+use trellis_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use trellis_proto::envoy::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use trellis_proto::envoy::google::protobuf::Any;
+
+use super::cache::{Cache, Entry};
+use super::status::{Nack, Registry};
+use super::TYPES;
+use crate::ca::tokens::NodeTokens;
+use crate::metrics::Metrics;
+
+/// Responses queued per stream before the client counts as not reading.
+const OUTBOUND_QUEUE: usize = 16;
+/// How long a push may wait on a client that does not read.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Split large pushes so every message stays well under gRPC's default 4 MiB decode limit.
+const MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+pub struct AdsServer {
+    pub cache: Arc<Cache>,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    /// `Some` on the TLS port: streams must present a valid node token.
+    pub tokens: Option<Arc<NodeTokens>>,
+}
+
+type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = SotwStream;
+    type DeltaAggregatedResourcesStream = DeltaStream;
+
+    async fn stream_aggregated_resources(&self, _req: Request<Streaming<DiscoveryRequest>>) -> Result<Response<SotwStream>, Status> {
+        Err(Status::unimplemented("workload discovery is served over DeltaAggregatedResources"))
+    }
+
+    async fn delta_aggregated_resources(&self, req: Request<Streaming<DeltaDiscoveryRequest>>) -> Result<Response<DeltaStream>, Status> {
+        let mut authenticated_node = None;
+        if let Some(tokens) = &self.tokens {
+            let node = crate::ca::service::bearer(&req).and_then(|t| tokens.verify(t));
+            match node {
+                Some(n) => authenticated_node = Some(n),
+                None => return Err(Status::unauthenticated("a valid node bearer token is required on this port")),
+            }
+        }
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let stream = DeltaStreamTask {
+            cache: self.cache.clone(),
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            tx,
+            subs: HashMap::new(),
+            id: 0,
+            nonce: 0,
+        };
+        tokio::spawn(stream.run(req.into_inner(), peer, authenticated_node));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One type's subscription state on one stream.
+struct Subscription {
+    wildcard: bool,
+    names: HashSet<String>,
+    /// What the client holds: name → version.
+    sent: HashMap<String, String>,
+    /// Cache sequence up to which this subscription is in sync.
+    synced: u64,
+    /// nonce → version of responses awaiting ACK.
+    pending: HashMap<String, String>,
+}
+
+impl Subscription {
+    fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+}
+
+struct DeltaStreamTask {
+    cache: Arc<Cache>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    subs: HashMap<&'static str, Subscription>,
+    id: u64,
+    nonce: u64,
+}
+
+/// Removes the stream from the registry however the task ends.
+struct Connected {
+    id: u64,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.registry.disconnect(self.id);
+        self.metrics.xds_connections.dec();
+    }
+}
+
+fn metadata_string(req: &DeltaDiscoveryRequest, key: &str) -> Option<String> {
+    use trellis_proto::envoy::google::protobuf::value::Kind;
+    let v = req.node.as_ref()?.metadata.as_ref()?.fields.get(key)?;
+    match &v.kind {
+        Some(Kind::StringValue(s)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+impl DeltaStreamTask {
+    async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>, peer: String, authenticated_node: Option<String>) {
+        let mut seq_rx = self.cache.subscribe();
+        let mut guard = None;
+        loop {
+            tokio::select! {
+                msg = inbound.next() => {
+                    let req = match msg {
+                        Some(Ok(r)) => r,
+                        Some(Err(e)) => {
+                            tracing::debug!(stream = self.id, error = %e, "xDS stream ended with error");
+                            break;
+                        }
+                        None => break,
+                    };
+                    if guard.is_none() {
+                        let node_id = req.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
+                        let node_name = metadata_string(&req, "NODE_NAME").unwrap_or_default();
+                        if let Some(auth) = &authenticated_node {
+                            if !node_name.is_empty() && node_name != *auth {
+                                tracing::warn!(token_node = auth, node_name, "xDS client claims another node's name; closing");
+                                let _ = self.tx.send(Err(Status::permission_denied("NODE_NAME does not match the token's node"))).await;
+                                break;
+                            }
+                        }
+                        self.id = self.registry.connect(node_id.clone(), node_name, peer.clone());
+                        self.metrics.xds_connections.inc();
+                        guard = Some(Connected { id: self.id, registry: self.registry.clone(), metrics: self.metrics.clone() });
+                        tracing::info!(stream = self.id, node = node_id, peer, "xDS client connected");
+                    }
+                    if self.on_request(req).await.is_err() {
+                        break;
+                    }
+                }
+                changed = seq_rx.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let types: Vec<&'static str> = TYPES.iter().copied().filter(|t| self.subs.contains_key(t)).collect();
+                    let mut failed = false;
+                    for t in types {
+                        if self.push(t, false).await.is_err() {
+                            failed = true;
+                            break;
+                        }
+                    }
+                    if failed {
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::info!(stream = self.id, "xDS client disconnected");
+        drop(guard);
+    }
+
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), ()> {
+        let Some(type_url) = TYPES.iter().copied().find(|t| *t == req.type_url) else {
+            tracing::debug!(stream = self.id, type_url = req.type_url, "ignoring subscription to a type this server does not serve");
+            return Ok(());
+        };
+        if !req.response_nonce.is_empty() {
+            self.on_ack_or_nack(type_url, &req);
+        }
+        let first = !self.subs.contains_key(type_url);
+        let sub = self.subs.entry(type_url).or_insert_with(|| Subscription {
+            wildcard: false,
+            names: HashSet::new(),
+            sent: HashMap::new(),
+            synced: 0,
+            pending: HashMap::new(),
+        });
+        if first {
+            // Delta xDS: a first request with no names is a wildcard subscription.
+            sub.wildcard = req.resource_names_subscribe.is_empty();
+            // The client already holds these; only differences will be sent.
+            sub.sent = req.initial_resource_versions.clone();
+        }
+        let mut subscription_changed = first;
+        for n in &req.resource_names_subscribe {
+            subscription_changed = true;
+            if n == "*" {
+                sub.wildcard = true;
+            } else {
+                sub.names.insert(n.clone());
+            }
+        }
+        for n in &req.resource_names_unsubscribe {
+            if n == "*" {
+                sub.wildcard = false;
+            } else {
+                sub.names.remove(n);
+                sub.sent.remove(n);
+            }
+        }
+        if subscription_changed {
+            self.push(type_url, true).await?;
+        }
+        Ok(())
+    }
+
+    fn on_ack_or_nack(&mut self, type_url: &'static str, req: &DeltaDiscoveryRequest) {
+        let Some(sub) = self.subs.get_mut(type_url) else { return };
+        let version = sub.pending.remove(&req.response_nonce).unwrap_or_default();
+        let nonce = req.response_nonce.clone();
+        match &req.error_detail {
+            Some(err) => {
+                self.metrics.xds_rejects.get_or_create(&Metrics::type_label(type_url)).inc();
+                tracing::warn!(stream = self.id, type_url, nonce, error = err.message, "xDS client rejected a response (NACK)");
+                let nack = Nack { nonce, version, error: err.message.clone(), at: crate::store::file::now_rfc3339() };
+                self.registry.update(self.id, type_url, |s| {
+                    s.last_nack = Some(nack);
+                    s.nacks_total += 1;
+                });
+            }
+            None => self.registry.update(self.id, type_url, |s| {
+                s.acked_version = version;
+                s.acked_nonce = nonce;
+                s.last_nack = None;
+            }),
+        }
+    }
+
+    /// Sends what the client is missing for one type. `full` compares against the whole cache
+    /// (new subscription); otherwise only the change log since the last push is read.
+    async fn push(&mut self, type_url: &'static str, full: bool) -> Result<(), ()> {
+        let Some(sub) = self.subs.get_mut(type_url) else { return Ok(()) };
+        let mut updated: Vec<(String, Entry)> = Vec::new();
+        let mut removed: Vec<String> = Vec::new();
+        let seq = if full {
+            let (all, seq) = self.cache.all(type_url);
+            let present: HashSet<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
+            removed.extend(sub.sent.keys().filter(|n| !present.contains(n.as_str())).cloned());
+            updated.extend(all.iter().filter(|(n, e)| sub.wants(n) && sub.sent.get(n) != Some(&e.version)).cloned());
+            seq
+        } else {
+            let (changes, seq) = self.cache.changes_since(type_url, sub.synced);
+            updated.extend(changes.updated.into_iter().filter(|(n, e)| sub.wants(n) && sub.sent.get(n) != Some(&e.version)));
+            removed.extend(changes.removed.into_iter().filter(|n| sub.sent.contains_key(n)));
+            seq
+        };
+        sub.synced = seq;
+        if updated.is_empty() && removed.is_empty() && !full {
+            return Ok(());
+        }
+        updated.sort_by(|a, b| a.0.cmp(&b.0));
+        for (n, e) in &updated {
+            sub.sent.insert(n.clone(), e.version.clone());
+        }
+        for n in &removed {
+            sub.sent.remove(n);
+        }
+        let held = sub.sent.len();
+        // Chunk by size; removals ride on the first chunk.
+        let mut chunks: Vec<Vec<(String, Entry)>> = vec![Vec::new()];
+        let mut size = 0;
+        for item in updated {
+            if size + item.1.body.len() > MAX_RESPONSE_BYTES && !chunks.last().is_some_and(Vec::is_empty) {
+                chunks.push(Vec::new());
+                size = 0;
+            }
+            size += item.1.body.len();
+            if let Some(last) = chunks.last_mut() {
+                last.push(item);
+            }
+        }
+        let mut removed = Some(removed);
+        for chunk in chunks {
+            self.nonce += 1;
+            let nonce = format!("{}-{}", seq, self.nonce);
+            let resp = DeltaDiscoveryResponse {
+                system_version_info: seq.to_string(),
+                type_url: type_url.to_string(),
+                nonce: nonce.clone(),
+                removed_resources: removed.take().unwrap_or_default(),
+                resources: chunk
+                    .into_iter()
+                    .map(|(name, e)| Resource {
+                        name,
+                        version: e.version,
+                        resource: Some(Any { type_url: type_url.to_string(), value: e.body.to_vec() }),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            if let Some(sub) = self.subs.get_mut(type_url) {
+                sub.pending.insert(nonce.clone(), seq.to_string());
+            }
+            let count = resp.resources.len();
+            match self.tx.send_timeout(Ok(resp), SEND_TIMEOUT).await {
+                Ok(()) => {}
+                Err(_) => {
+                    tracing::warn!(stream = self.id, type_url, "xDS client is not reading its stream; closing it");
+                    return Err(());
+                }
+            }
+            self.metrics.xds_pushes.get_or_create(&Metrics::type_label(type_url)).inc();
+            tracing::debug!(stream = self.id, type_url, count, nonce, "pushed");
+            self.registry.update(self.id, type_url, |s| {
+                s.sent_version = seq.to_string();
+                s.sent_nonce = nonce;
+                s.resources = held;
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,207 @@
+//! Pods, WorkloadEntries and Services → `istio.workload.Address`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use trellis_config::object::{Pod, Service, WorkloadEntry};
+use trellis_config::selector;
+use trellis_config::types::IntOrString;
+use trellis_config::{Kind, Object, ObjectKey};
+use trellis_proto::istio::workload as wl;
+
+use super::world::World;
+use super::{policy, Settings};
+
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+
+/// What a Pod or a WorkloadEntry contributes to a Workload.
+struct Source<'a> {
+    labels: &'a BTreeMap<String, String>,
+    service_account: &'a str,
+    node: &'a str,
+    addresses: Vec<IpAddr>,
+    hostname: String,
+    healthy: bool,
+    named_port: Box<dyn Fn(&str) -> Option<u32> + 'a>,
+    network: &'a str,
+}
+
+/// Resource name (and uid) of a workload, e.g. `Kubernetes//v1/Pod/demo/client`.
+pub fn uid(settings: &Settings, key: &ObjectKey) -> String {
+    match key.kind {
+        Kind::Pod => format!("{}//v1/Pod/{}/{}", settings.cluster_id, key.namespace, key.name),
+        _ => format!("{}/networking.istio.io/WorkloadEntry/{}/{}", settings.cluster_id, key.namespace, key.name),
+    }
+}
+
+pub fn service_hostname(settings: &Settings, namespace: &str, name: &str) -> String {
+    format!("{name}.{namespace}.svc.{}", settings.domain_suffix)
+}
+
+/// Resource name of a Service: `<namespace>/<hostname>`.
+pub fn service_name(settings: &Settings, key: &ObjectKey) -> String {
+    format!("{}/{}", key.namespace, service_hostname(settings, &key.namespace, &key.name))
+}
+
+/// Ambient enrollment: the workload's own label wins (`none` opts out), else the namespace label.
+pub fn enrolled(labels: &BTreeMap<String, String>, namespace_labels: &BTreeMap<String, String>) -> bool {
+    match labels.get(DATAPLANE_MODE).map(String::as_str) {
+        Some("ambient") => true,
+        Some(_) => false,
+        None => namespace_labels.get(DATAPLANE_MODE).map(String::as_str) == Some("ambient"),
+    }
+}
+
+fn canonical(labels: &BTreeMap<String, String>, keys: &[&str], fallback: &str) -> String {
+    keys.iter().find_map(|k| labels.get(*k)).cloned().unwrap_or_else(|| fallback.to_string())
+}
+
+fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+fn container_port(pod: &Pod, name: &str) -> Option<u32> {
+    pod.spec.containers.iter().flat_map(|c| c.get("ports").and_then(|p| p.as_array()).into_iter().flatten()).find_map(|p| {
+        (p.get("name")?.as_str()? == name).then(|| p.get("containerPort")?.as_u64()).flatten().map(|v| v as u32)
+    })
+}
+
+/// Builds the Address for a Pod or WorkloadEntry, or `None` when it has nothing addressable.
+pub fn workload(world: &World, settings: &Settings, obj: &Object) -> Option<wl::Workload> {
+    let key = obj.key();
+    let src = match obj {
+        Object::Pod(p) => pod_source(p)?,
+        Object::WorkloadEntry(w) => entry_source(w),
+        _ => return None,
+    };
+    let ns_labels = world.namespace_labels(&key.namespace);
+    let tunnel = if enrolled(src.labels, &ns_labels) { wl::TunnelProtocol::Hbone } else { wl::TunnelProtocol::None };
+    let mut services = std::collections::HashMap::new();
+    for svc in world.in_namespace(Kind::Service, &key.namespace) {
+        let Object::Service(s) = svc.as_ref() else { continue };
+        let Some(sel) = &s.spec.selector else { continue };
+        if sel.is_empty() || !selector::matches(sel, src.labels) {
+            continue;
+        }
+        let ports = s
+            .spec
+            .ports
+            .iter()
+            .filter_map(|p| {
+                let target = match &p.target_port {
+                    None => p.port as u32,
+                    Some(IntOrString::Int(t)) => *t as u32,
+                    Some(IntOrString::String(n)) => (src.named_port)(n)?,
+                };
+                Some(wl::Port { service_port: p.port as u32, target_port: target })
+            })
+            .collect();
+        services.insert(service_name(settings, &svc.key()), wl::PortList { ports });
+    }
+    let name = key.name.clone();
+    Some(wl::Workload {
+        uid: uid(settings, &key),
+        name: name.clone(),
+        namespace: key.namespace.clone(),
+        addresses: src.addresses.iter().map(ip_bytes).collect(),
+        hostname: src.hostname,
+        network: src.network.to_string(),
+        tunnel_protocol: tunnel as i32,
+        trust_domain: settings.trust_domain.clone(),
+        service_account: src.service_account.to_string(),
+        node: src.node.to_string(),
+        canonical_name: canonical(src.labels, &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"], &name),
+        canonical_revision: canonical(src.labels, &["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"], "latest"),
+        workload_type: wl::WorkloadType::Pod as i32,
+        workload_name: name,
+        cluster_id: settings.cluster_id.clone(),
+        status: if src.healthy { wl::WorkloadStatus::Healthy } else { wl::WorkloadStatus::Unhealthy } as i32,
+        services,
+        authorization_policies: policy::selected_policies(world, settings, &key.namespace, src.labels),
+        ..Default::default()
+    })
+}
+
+fn pod_source(p: &Pod) -> Option<Source<'_>> {
+    let status = p.status.as_ref()?;
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) || p.spec.host_network == Some(true) {
+        return None;
+    }
+    let mut addresses: Vec<IpAddr> = status.pod_ips.iter().filter_map(|a| a.ip.parse().ok()).collect();
+    if addresses.is_empty() {
+        addresses.extend(status.pod_ip.as_deref().and_then(|a| a.parse::<IpAddr>().ok()));
+    }
+    if addresses.is_empty() {
+        return None;
+    }
+    Some(Source {
+        labels: &p.metadata.labels,
+        service_account: p.spec.service_account_name.as_deref().unwrap_or("default"),
+        node: p.spec.node_name.as_deref().unwrap_or_default(),
+        addresses,
+        hostname: String::new(),
+        healthy: matches!(status.phase.as_deref(), None | Some("Running")),
+        named_port: Box::new(move |n| container_port(p, n)),
+        network: "",
+    })
+}
+
+fn entry_source(w: &WorkloadEntry) -> Source<'_> {
+    let (addresses, hostname) = match w.spec.address.parse::<IpAddr>() {
+        Ok(ip) => (vec![ip], String::new()),
+        Err(_) => (vec![], w.spec.address.clone()),
+    };
+    // A WorkloadEntry carries its labels in spec; metadata labels are for the object itself.
+    let labels = if w.spec.labels.is_empty() { &w.metadata.labels } else { &w.spec.labels };
+    Source {
+        labels,
+        service_account: w.spec.service_account.as_deref().unwrap_or("default"),
+        node: "",
+        addresses,
+        hostname,
+        healthy: true,
+        named_port: Box::new(move |n| w.spec.ports.get(n).map(|p| *p as u32)),
+        network: w.spec.network.as_deref().unwrap_or_default(),
+    }
+}
+
+pub fn service(settings: &Settings, svc: &Service) -> wl::Service {
+    let ns = svc.metadata.namespace.clone().unwrap_or_default();
+    let mut vips: Vec<&str> = svc.spec.cluster_ips.iter().map(String::as_str).collect();
+    if let Some(ip) = svc.spec.cluster_ip.as_deref() {
+        if !vips.contains(&ip) {
+            vips.insert(0, ip);
+        }
+    }
+    let addresses = vips
+        .into_iter()
+        .filter_map(|v| v.parse::<IpAddr>().ok())
+        .map(|ip| wl::NetworkAddress { network: String::new(), address: ip_bytes(&ip) })
+        .collect();
+    let ports = svc
+        .spec
+        .ports
+        .iter()
+        .map(|p| wl::Port {
+            service_port: p.port as u32,
+            target_port: match &p.target_port {
+                None => p.port as u32,
+                Some(IntOrString::Int(t)) => *t as u32,
+                // Named target ports resolve per endpoint (in each Workload's `services` map).
+                Some(IntOrString::String(_)) => 0,
+            },
+        })
+        .collect();
+    wl::Service {
+        name: svc.metadata.name.clone(),
+        namespace: ns.clone(),
+        hostname: service_hostname(settings, &ns, &svc.metadata.name),
+        addresses,
+        ports,
+        ..Default::default()
+    }
+}
+
