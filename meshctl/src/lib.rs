@@ -1,1 +1,6 @@
+//! meshctl: the Trellis CLI. Each command lives in its own module; [`client`] is the only place
+//! that speaks HTTP.
 
+pub mod client;
+pub mod commands;
+pub mod output;
