@@ -8,6 +8,8 @@
 pub mod policy;
 pub mod workload;
 pub mod world;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

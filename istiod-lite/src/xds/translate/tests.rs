@@ -1,0 +1,180 @@
+//! Table tests for translation: enrollment, services, policy scope, L7 stripping, STRICT.
+
+use std::sync::Arc;
+
+use prost::Message;
+use trellis_config::load::load_text;
+use trellis_config::Object;
+use trellis_proto::istio::security as pb;
+use trellis_proto::istio::workload as wl;
+
+use super::*;
+use crate::store::{Event, EventType};
+
+fn objects(yaml: &str) -> Vec<Arc<Object>> {
+    load_text("t.yaml", yaml, "default").expect("test manifests are valid").into_iter().map(|l| Arc::new(l.object)).collect()
+}
+
+fn translate(yaml: &str) -> Vec<Output> {
+    Translator::new(Settings::default()).load(objects(yaml))
+}
+
+fn workload(out: &[Output], name: &str) -> wl::Workload {
+    let body = out.iter().find(|(t, n, _)| *t == ADDRESS_TYPE_URL && n.ends_with(&format!("/{name}"))).and_then(|o| o.2.clone()).expect("workload rendered");
+    match wl::Address::decode(body).expect("decodes").r#type {
+        Some(wl::address::Type::Workload(w)) => w,
+        other => panic!("not a workload: {other:?}"),
+    }
+}
+
+fn authz(out: &[Output], name: &str) -> Option<pb::Authorization> {
+    out.iter().find(|(t, n, _)| *t == AUTHORIZATION_TYPE_URL && n == name).and_then(|o| o.2.clone()).map(|b| pb::Authorization::decode(b).expect("decodes"))
+}
+
+const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n";
+
+fn pod(ns: &str, name: &str, labels: &str, ip: &str) -> String {
+    format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\nspec: {{nodeName: node1, serviceAccountName: sa-{name}, containers: [{{name: c, ports: [{{name: web, containerPort: 9090}}]}}]}}\nstatus: {{podIP: {ip}}}\n")
+}
+
+#[test]
+fn enrollment_follows_namespace_label_and_pod_label_overrides() {
+    let yaml = format!(
+        "{NS}{}{}{}",
+        pod("demo", "a", "app: a", "10.244.1.2"),
+        pod("demo", "b", "istio.io/dataplane-mode: none", "10.244.1.3"),
+        pod("plain", "c", "istio.io/dataplane-mode: ambient", "10.244.1.4")
+    );
+    let out = translate(&yaml);
+    let cases = [("a", wl::TunnelProtocol::Hbone), ("b", wl::TunnelProtocol::None), ("c", wl::TunnelProtocol::Hbone)];
+    for (name, want) in cases {
+        assert_eq!(workload(&out, name).tunnel_protocol, want as i32, "pod {name}");
+    }
+    let a = workload(&out, "a");
+    assert_eq!(a.uid, "Kubernetes//v1/Pod/demo/a");
+    assert_eq!(a.addresses, vec![vec![10, 244, 1, 2]]);
+    assert_eq!((a.service_account.as_str(), a.node.as_str(), a.trust_domain.as_str()), ("sa-a", "node1", "cluster.local"));
+    assert_eq!(a.canonical_name, "a");
+}
+
+#[test]
+fn services_carry_vips_and_endpoints_carry_resolved_ports() {
+    let yaml = format!(
+        "{NS}{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\nspec: {{selector: {{app: a}}, clusterIP: 10.96.0.5, ports: [{{name: http, port: 80, targetPort: web}}, {{name: grpc, port: 81, targetPort: 7070}}]}}\n",
+        pod("demo", "a", "app: a", "10.244.1.2")
+    );
+    let out = translate(&yaml);
+    let svc = out.iter().find(|(_, n, _)| n == "demo/web.demo.svc.cluster.local").and_then(|o| o.2.clone()).expect("service");
+    let Some(wl::address::Type::Service(s)) = wl::Address::decode(svc).unwrap().r#type else { panic!() };
+    assert_eq!(s.addresses[0].address, vec![10, 96, 0, 5]);
+    assert_eq!(s.ports, vec![wl::Port { service_port: 80, target_port: 0 }, wl::Port { service_port: 81, target_port: 7070 }]);
+    let a = workload(&out, "a");
+    let ports = &a.services["demo/web.demo.svc.cluster.local"].ports;
+    assert_eq!(ports, &vec![wl::Port { service_port: 80, target_port: 9090 }, wl::Port { service_port: 81, target_port: 7070 }]);
+}
+
+fn policy(ns: &str, name: &str, spec: &str) -> String {
+    format!("---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n")
+}
+
+#[test]
+fn policy_scope_comes_from_selector_namespace_or_root() {
+    let yaml = format!(
+        "{NS}{}{}{}{}{}",
+        pod("demo", "a", "app: a", "10.244.1.2"),
+        policy("demo", "sel", "{selector: {matchLabels: {app: a}}, rules: [{}]}"),
+        policy("demo", "ns-wide", "{rules: [{}]}"),
+        policy("istio-system", "mesh", "{rules: [{}]}"),
+        policy("demo", "waypoint", "{targetRefs: [{kind: Service, group: \"\", name: web}], rules: [{}]}")
+    );
+    let out = translate(&yaml);
+    assert_eq!(authz(&out, "demo/sel").unwrap().scope, pb::Scope::WorkloadSelector as i32);
+    assert_eq!(authz(&out, "demo/ns-wide").unwrap().scope, pb::Scope::Namespace as i32);
+    assert_eq!(authz(&out, "istio-system/mesh").unwrap().scope, pb::Scope::Global as i32);
+    assert!(authz(&out, "demo/waypoint").is_none(), "targetRefs policies are enforced by waypoints only");
+    assert_eq!(workload(&out, "a").authorization_policies, vec!["demo/sel".to_string()]);
+}
+
+/// (name, action, rules YAML, expected number of rules, expected clause match counts per rule)
+const L7_CASES: &[(&str, &str, &str, usize, &[&[usize]])] = &[
+    ("empty spec denies all", "ALLOW", "", 0, &[]),
+    ("rules [{}] matches all", "ALLOW", "rules: [{}]", 1, &[&[]]),
+    ("allow L4 only kept", "ALLOW", "rules: [{from: [{source: {namespaces: [demo]}}], to: [{operation: {ports: ['80']}}]}]", 1, &[&[1, 1]]),
+    ("allow with methods dropped", "ALLOW", "rules: [{to: [{operation: {methods: [GET]}}]}]", 0, &[]),
+    ("allow mixed keeps L4 rule", "ALLOW", "rules: [{to: [{operation: {paths: [/a]}}]}, {from: [{source: {principals: ['*']}}]}]", 1, &[&[1]]),
+    ("allow with request principal dropped", "ALLOW", "rules: [{from: [{source: {requestPrincipals: ['*']}}]}]", 0, &[]),
+    ("allow with L7 condition dropped", "ALLOW", "rules: [{when: [{key: 'request.headers[x]', values: [a]}]}]", 0, &[]),
+    ("deny L7-only operation never matches", "DENY", "rules: [{to: [{operation: {methods: [GET]}}]}]", 1, &[&[0]]),
+    ("deny strips L7 keeps ports", "DENY", "rules: [{to: [{operation: {methods: [GET], ports: ['80']}}]}]", 1, &[&[1]]),
+    ("deny L7 condition clause never matches", "DENY", "rules: [{from: [{source: {namespaces: [x]}}], when: [{key: request.auth.principal, values: [a]}]}]", 1, &[&[1, 0]]),
+    ("deny L4 condition kept", "DENY", "rules: [{when: [{key: source.ip, values: [10.0.0.0/8]}]}]", 1, &[&[1]]),
+];
+
+#[test]
+fn l7_attributes_are_stripped_at_l4() {
+    for (name, action, rules, want_rules, clauses) in L7_CASES {
+        let spec = if rules.is_empty() { format!("{{action: {action}}}") } else { format!("{{action: {action}, {rules}}}") };
+        let spec = if rules.is_empty() && *action == "ALLOW" { "{}".to_string() } else { spec };
+        let out = translate(&format!("{NS}{}", policy("demo", "p", &spec)));
+        let a = authz(&out, "demo/p").unwrap_or_else(|| panic!("{name}: not rendered"));
+        assert_eq!(a.rules.len(), *want_rules, "{name}: {a:?}");
+        for (r, want) in a.rules.iter().zip(clauses.iter()) {
+            let got: Vec<usize> = r.clauses.iter().map(|c| c.matches.len()).collect();
+            assert_eq!(&got, want, "{name}");
+        }
+    }
+}
+
+#[test]
+fn string_and_address_matches_follow_istio_forms() {
+    let out = translate(&format!(
+        "{NS}{}",
+        policy("demo", "p", "{rules: [{from: [{source: {principals: ['*', 'cluster.local/ns/a/*', '*/sa/b', 'spiffe://cluster.local/ns/c/sa/d'], ipBlocks: [10.1.0.0/16, 10.2.3.4]}}]}]}")
+    ));
+    let m = &authz(&out, "demo/p").unwrap().rules[0].clauses[0].matches[0];
+    use pb::string_match::MatchType::*;
+    let kinds: Vec<_> = m.principals.iter().map(|p| p.match_type.clone().unwrap()).collect();
+    assert_eq!(kinds, vec![Presence(()), Prefix("cluster.local/ns/a/".into()), Suffix("/sa/b".into()), Exact("cluster.local/ns/c/sa/d".into())]);
+    assert_eq!(m.source_ips, vec![pb::Address { address: vec![10, 1, 0, 0], length: 16 }, pb::Address { address: vec![10, 2, 3, 4], length: 32 }]);
+}
+
+fn peer(ns: &str, name: &str, spec: &str) -> String {
+    format!("---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n")
+}
+
+#[test]
+fn strict_mtls_is_a_deny_without_peer_identity_attached_per_workload() {
+    let strict = "istio-system/istio_converted_static_strict".to_string();
+    let base = format!("{NS}{}{}{}", pod("demo", "a", "app: a", "10.244.1.2"), pod("plain", "b", "app: b", "10.244.1.3"), peer("istio-system", "default", "{mtls: {mode: STRICT}}"));
+    let out = translate(&base);
+    let s = authz(&out, &strict).unwrap();
+    assert_eq!(s.action, pb::Action::Deny as i32);
+    assert_eq!(s.rules[0].clauses[0].matches[0].not_principals[0].match_type, Some(pb::string_match::MatchType::Presence(())));
+    assert!(workload(&out, "a").authorization_policies.contains(&strict));
+    assert!(workload(&out, "b").authorization_policies.contains(&strict));
+
+    let out = translate(&format!("{base}{}", peer("plain", "relaxed", "{mtls: {mode: PERMISSIVE}}")));
+    assert!(workload(&out, "a").authorization_policies.contains(&strict));
+    assert!(!workload(&out, "b").authorization_policies.contains(&strict), "namespace PERMISSIVE overrides mesh STRICT");
+
+    let out = translate(&format!("{base}{}", peer("demo", "ports", "{selector: {matchLabels: {app: a}}, portLevelMtls: {'8080': {mode: PERMISSIVE}}}")));
+    let a = workload(&out, "a");
+    assert_eq!(a.authorization_policies, vec!["demo/converted_peer_authentication_ports".to_string()]);
+    let conv = authz(&out, "demo/converted_peer_authentication_ports").unwrap();
+    assert_eq!(conv.rules[0].clauses[0].matches[0].not_destination_ports, vec![8080]);
+}
+
+#[test]
+fn a_one_pod_change_renders_one_resource() {
+    let mut t = Translator::new(Settings::default());
+    let objs = objects(&format!("{NS}{}{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\nspec: {{selector: {{app: a}}, clusterIP: 10.96.0.5, ports: [{{port: 80}}]}}\n", pod("demo", "a", "app: a", "10.244.1.2"), pod("demo", "b", "app: a", "10.244.1.3")));
+    t.load(objs.clone());
+    let old = objs.iter().find(|o| o.meta().name == "b").unwrap().clone();
+    let mut new = (*old).clone();
+    new.meta_mut().labels.insert("version".into(), "v2".into());
+    let out = t.apply(&[Event { kind: EventType::Modified, object: Arc::new(new), previous: Some(old.clone()), revision: 9 }]);
+    assert_eq!(out.iter().map(|o| o.1.as_str()).collect::<Vec<_>>(), vec!["Kubernetes//v1/Pod/demo/b"]);
+    let out = t.apply(&[Event { kind: EventType::Deleted, object: old, previous: None, revision: 10 }]);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].2.is_none(), "a deleted pod renders as a removal");
+}
