@@ -1,0 +1,38 @@
+//! Starts a real istiod-lite in-process on ephemeral loopback ports, with its own state dir.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use istiod_lite::server::{self, Config, Running};
+use istiod_lite::xds::translate::Settings;
+
+pub struct Istiod {
+    pub running: Running,
+    pub dir: tempfile::TempDir,
+}
+
+impl Istiod {
+    pub async fn start() -> Istiod {
+        Self::start_in(tempfile::tempdir().expect("tempdir")).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir) -> Istiod {
+        let cfg = Config {
+            state_dir: dir.path().join("state"),
+            ca_dir: dir.path().join("ca"),
+            config_dir: None,
+            api_addr: "127.0.0.1:0".parse().unwrap(),
+            xds_addr: Some("127.0.0.1:0".parse().unwrap()),
+            secure_addr: "127.0.0.1:0".parse().unwrap(),
+            settings: Settings::default(),
+            max_cert_ttl: Duration::from_secs(3600),
+            tls_sans: vec![],
+        };
+        let running = server::start(cfg).await.expect("istiod-lite starts");
+        Istiod { running, dir }
+    }
+
+    pub fn api(&self) -> meshctl::client::Client {
+        meshctl::client::Client::new(&format!("http://{}", self.running.api_addr)).unwrap()
+    }
+}
