@@ -27,8 +27,8 @@ use super::{Applied, Event, EventType, Store, StoreError, Watch, Write};
 const QUEUE: usize = 4096;
 /// Most writes made durable by one fdatasync.
 const MAX_BATCH: usize = 1024;
-/// Compact once the log grows past this.
-const COMPACT_BYTES: u64 = 32 << 20;
+/// Compact once the log grows past this, by default.
+pub const COMPACT_BYTES: u64 = 32 << 20;
 /// Watch events buffered per subscriber before it is told it fell behind.
 const WATCH_BUFFER: usize = 65536;
 
@@ -65,6 +65,11 @@ pub enum OpenError {
 
 impl FileStore {
     pub fn open(dir: &Path) -> Result<FileStore, OpenError> {
+        Self::open_with(dir, COMPACT_BYTES)
+    }
+
+    /// Like [`open`](Self::open) with an explicit log size that triggers compaction.
+    pub fn open_with(dir: &Path, compact_bytes: u64) -> Result<FileStore, OpenError> {
         let io_err = |err| OpenError::Io { dir: dir.to_path_buf(), err };
         std::fs::create_dir_all(dir).map_err(io_err)?;
         let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("LOCK")).map_err(io_err)?;
@@ -107,7 +112,7 @@ impl FileStore {
         let state = Arc::new(RwLock::new(State { objects, revision }));
         let (events, _) = broadcast::channel(WATCH_BUFFER);
         let (queue, rx) = mpsc::sync_channel(QUEUE);
-        let writer = Writer { dir: dir.to_path_buf(), log, state: state.clone(), events: events.clone() };
+        let writer = Writer { dir: dir.to_path_buf(), log, state: state.clone(), events: events.clone(), compact_bytes };
         std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer.run(rx))
@@ -168,6 +173,7 @@ impl Store for FileStore {
 struct Writer {
     dir: PathBuf,
     log: File,
+    compact_bytes: u64,
     state: Arc<RwLock<State>>,
     events: broadcast::Sender<Event>,
 }
@@ -256,7 +262,7 @@ impl Writer {
     }
 
     fn maybe_compact(&mut self) -> io::Result<()> {
-        if self.log.metadata()?.len() < COMPACT_BYTES {
+        if self.log.metadata()?.len() < self.compact_bytes {
             return Ok(());
         }
         let snap = {
@@ -265,6 +271,9 @@ impl Writer {
         };
         write_atomic(&self.dir.join("snapshot.json"), &serde_json::to_vec(&snap).map_err(io::Error::other)?)?;
         self.log.set_len(0)?;
+        // The log is not opened in append mode: without this seek the next append would land at
+        // the old offset, leaving a zero-filled hole that replay stops at.
+        std::io::Seek::seek(&mut self.log, std::io::SeekFrom::Start(0))?;
         self.log.sync_all()?;
         tracing::info!(revision = snap.revision, objects = snap.objects.len(), "store compacted");
         Ok(())
@@ -361,4 +370,87 @@ fn plan(write: Write, current: &dyn Fn(&ObjectKey) -> Option<Arc<Object>>, revis
 pub fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| time::OffsetDateTime::now_utc());
     now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_config::load::load_text;
+
+    fn pod(name: &str, ip: &str) -> Object {
+        let y = format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: t}}\nstatus: {{podIP: {ip}}}\n");
+        load_text("t", &y, "t").unwrap().remove(0).object
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    #[test]
+    fn torn_log_tail_is_dropped_and_earlier_writes_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            let s = FileStore::open(dir.path()).unwrap();
+            s.write(Write::Put(pod("a", "10.0.0.1"))).await.unwrap();
+            s.write(Write::Put(pod("b", "10.0.0.2"))).await.unwrap();
+        });
+        // Simulate a crash mid-append: half a record at the end of the log.
+        use std::io::Write as _;
+        let mut f = OpenOptions::new().append(true).open(dir.path().join("wal.log")).unwrap();
+        f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
+        drop(f);
+        rt().block_on(async {
+            let s = FileStore::open(dir.path()).unwrap();
+            assert_eq!(s.list(Some(Kind::Pod), None).len(), 2);
+            assert_eq!(s.revision(), 2);
+            s.write(Write::Put(pod("c", "10.0.0.3"))).await.unwrap();
+        });
+        let s = FileStore::open(dir.path()).unwrap();
+        assert_eq!(s.list(Some(Kind::Pod), None).len(), 3, "appends after recovery follow intact records");
+    }
+
+    #[test]
+    fn compaction_snapshots_and_truncates_without_losing_state() {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            let s = FileStore::open_with(dir.path(), 4096).unwrap();
+            for i in 0..100 {
+                s.write(Write::Put(pod(&format!("p{i}"), &format!("10.0.1.{}", i + 1)))).await.unwrap();
+            }
+            s.write(Write::Delete { key: ObjectKey::new(Kind::Pod, "t", "p7"), resource_version: None }).await.unwrap();
+        });
+        assert!(dir.path().join("snapshot.json").exists());
+        assert!(std::fs::metadata(dir.path().join("wal.log")).unwrap().len() < 4096);
+        let s = FileStore::open(dir.path()).unwrap();
+        assert_eq!(s.list(Some(Kind::Pod), None).len(), 99);
+        assert_eq!(s.revision(), 101);
+        assert!(s.get(&ObjectKey::new(Kind::Pod, "t", "p7")).is_none());
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _a = FileStore::open(dir.path()).unwrap();
+        assert!(matches!(FileStore::open(dir.path()), Err(OpenError::Locked(_))));
+    }
+
+    #[test]
+    fn watchers_see_every_committed_change_after_their_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            let s = FileStore::open(dir.path()).unwrap();
+            s.write(Write::Put(pod("a", "10.0.0.1"))).await.unwrap();
+            let mut w = s.watch();
+            assert_eq!(w.objects.len(), 1);
+            s.write(Write::Put(pod("a", "10.0.0.9"))).await.unwrap();
+            s.write(Write::Put(pod("a", "10.0.0.9"))).await.unwrap(); // unchanged: no event
+            s.write(Write::Delete { key: ObjectKey::new(Kind::Pod, "t", "a"), resource_version: None }).await.unwrap();
+            let e1 = w.events.recv().await.unwrap();
+            assert_eq!(e1.kind, EventType::Modified);
+            assert!(e1.previous.is_some());
+            let e2 = w.events.recv().await.unwrap();
+            assert_eq!(e2.kind, EventType::Deleted);
+            assert!(w.events.try_recv().is_err());
+        });
+    }
 }
