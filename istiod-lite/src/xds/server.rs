@@ -30,6 +30,10 @@ use crate::metrics::Metrics;
 const OUTBOUND_QUEUE: usize = 16;
 /// How long a push may wait on a client that does not read.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Minimum time between two pushes on one stream. The first change after a quiet period is pushed
+/// at once (no added latency); changes arriving faster are coalesced into the next push, which is
+/// what keeps a bulk apply from becoming thousands of tiny responses per client.
+const MIN_PUSH_INTERVAL: Duration = Duration::from_millis(50);
 /// Split large pushes so every message stays well under gRPC's default 4 MiB decode limit.
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
@@ -133,6 +137,8 @@ impl DeltaStreamTask {
     async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>, peer: String, authenticated_node: Option<String>) {
         let mut seq_rx = self.cache.subscribe();
         let mut guard = None;
+        let mut dirty = false;
+        let mut next_push = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 msg = inbound.next() => {
@@ -163,10 +169,15 @@ impl DeltaStreamTask {
                         break;
                     }
                 }
-                changed = seq_rx.changed() => {
+                changed = seq_rx.changed(), if !dirty => {
                     if changed.is_err() {
                         break;
                     }
+                    dirty = true;
+                }
+                _ = tokio::time::sleep_until(next_push), if dirty => {
+                    dirty = false;
+                    next_push = tokio::time::Instant::now() + MIN_PUSH_INTERVAL;
                     let types: Vec<&'static str> = TYPES.iter().copied().filter(|t| self.subs.contains_key(t)).collect();
                     let mut failed = false;
                     for t in types {
