@@ -101,7 +101,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
 
     let api_listener = TcpListener::bind(cfg.api_addr).await.with_context(|| format!("binding the config API on {}", cfg.api_addr))?;
     let api_addr = api_listener.local_addr()?;
-    let router = api::router(ApiState { store: store.clone(), metrics: metrics.clone(), ready: ready.clone(), proxies: registry.clone(), tokens: tokens.clone() });
+    let router = api::router(ApiState { store: store.clone(), metrics: metrics.clone(), ready: ready.clone(), proxies: registry.clone(), tokens: tokens.clone(), cache: cache.clone() });
     let mut rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         let stop = async move {

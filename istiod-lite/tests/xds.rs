@@ -102,6 +102,10 @@ async fn delta_client_sees_snapshot_single_changes_deletes_and_resyncs_by_differ
     let addrs: Vec<_> = { let mut v: Vec<_> = state[ADDRESS_TYPE_URL].keys().cloned().collect(); v.sort(); v };
     assert_eq!(addrs, vec![A.to_string(), B.to_string(), "demo/echo.demo.svc.cluster.local".into()]);
     assert!(state[AUTHORIZATION_TYPE_URL].contains_key("demo/p"));
+    let served = s.api().ok(Method::GET, "/debug/xdsz", None).await.unwrap().body;
+    assert_eq!(served[ADDRESS_TYPE_URL].as_array().unwrap().len(), 3);
+    assert_eq!(served[ADDRESS_TYPE_URL][0]["name"], A);
+    assert_eq!(served[ADDRESS_TYPE_URL][0]["version"], state[ADDRESS_TYPE_URL][A].as_str());
 
     // One pod changes: exactly one resource arrives.
     s.api().ok(Method::PUT, "/api/v1/namespaces/demo/pods/a", Some(&pod("a", "10.244.1.9"))).await.unwrap();

@@ -36,6 +36,7 @@ pub struct ApiState {
     pub ready: Arc<AtomicBool>,
     pub proxies: Arc<Registry>,
     pub tokens: Arc<NodeTokens>,
+    pub cache: Arc<crate::xds::cache::Cache>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -43,6 +44,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/debug/syncz", get(syncz))
+        .route("/debug/xdsz", get(xdsz))
         .route("/apis/trellis.dev/v1/nodetokens/{node}", put(create_node_token))
         .fallback(resource)
         .with_state(state)
@@ -62,6 +64,18 @@ async fn metrics(State(s): State<ApiState>) -> Response {
 
 async fn syncz(State(s): State<ApiState>) -> Response {
     Json(s.proxies.snapshot()).into_response()
+}
+
+/// What workload discovery currently serves: resource names and versions per type.
+async fn xdsz(State(s): State<ApiState>) -> Response {
+    let mut out = serde_json::Map::new();
+    for t in crate::xds::TYPES {
+        let (mut all, _) = s.cache.all(t);
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let items: Vec<Value> = all.into_iter().map(|(n, e)| json!({"name": n, "version": e.version, "bytes": e.body.len()})).collect();
+        out.insert(t.to_string(), Value::Array(items));
+    }
+    Json(Value::Object(out)).into_response()
 }
 
 /// Issues (or rotates) the bearer token a node's ztunnel presents to the CA and xDS.
