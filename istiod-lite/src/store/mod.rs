@@ -18,6 +18,7 @@ use trellis_config::{Kind, Object, ObjectKey};
 /// A write request. `Put` is create-or-replace; a `resourceVersion` in the object's metadata is
 /// a precondition.
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // short-lived request values; boxing buys nothing
 pub enum Write {
     Put(Object),
     Delete { key: ObjectKey, resource_version: Option<String> },

@@ -171,7 +171,7 @@ pub fn authorization(settings: &Settings, ap: &AuthorizationPolicy) -> Option<pb
     };
     let deny = action == pb::Action::Deny;
     let rules = spec.rules.iter().flatten().filter_map(|r| rule(r, deny)).collect();
-    Some(pb::Authorization { name: ap.metadata.name.clone(), namespace: ns, scope: scope as i32, action: action as i32, rules, ..Default::default() })
+    Some(pb::Authorization { name: ap.metadata.name.clone(), namespace: ns, scope: scope as i32, action: action as i32, rules })
 }
 
 fn no_peer_principal() -> pb::Match {
@@ -186,7 +186,6 @@ pub fn static_strict(settings: &Settings) -> pb::Authorization {
         scope: pb::Scope::WorkloadSelector as i32,
         action: pb::Action::Deny as i32,
         rules: vec![pb::Rule { clauses: vec![pb::Clause { matches: vec![no_peer_principal()] }] }],
-        ..Default::default()
     }
 }
 
@@ -280,7 +279,6 @@ pub fn converted_peer_authentication(world: &World, settings: &Settings, pa: &Pe
         scope: pb::Scope::WorkloadSelector as i32,
         action: pb::Action::Deny as i32,
         rules,
-        ..Default::default()
     })
 }
 
