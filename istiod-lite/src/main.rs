@@ -75,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
         settings: Settings { trust_domain: args.trust_domain.clone(), cluster_id: args.cluster_id, ..Settings::default() },
         max_cert_ttl: args.max_cert_ttl,
         tls_sans: args.tls_sans,
+        xds_send_timeout: istiod_lite::xds::server::SEND_TIMEOUT,
     };
     let running = server::start(cfg).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

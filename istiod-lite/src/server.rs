@@ -44,6 +44,8 @@ pub struct Config {
     pub max_cert_ttl: Duration,
     /// Extra DNS names / IPs for the :15012 serving certificate.
     pub tls_sans: Vec<String>,
+    /// How long a push waits on an xDS client that does not read before its stream is closed.
+    pub xds_send_timeout: Duration,
 }
 
 /// A running istiod-lite; dropping the shutdown sender stops it.
@@ -113,7 +115,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }));
 
     let ads = |tokens: Option<Arc<NodeTokens>>| {
-        AggregatedDiscoveryServiceServer::new(AdsServer { cache: cache.clone(), registry: registry.clone(), metrics: metrics.clone(), tokens })
+        AggregatedDiscoveryServiceServer::new(AdsServer { cache: cache.clone(), registry: registry.clone(), metrics: metrics.clone(), tokens, send_timeout: cfg.xds_send_timeout })
             .max_decoding_message_size(MAX_GRPC_REQUEST)
     };
 

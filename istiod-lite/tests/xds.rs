@@ -180,3 +180,42 @@ async fn tls_port_requires_a_node_token() {
     let first = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap().unwrap();
     assert_eq!(first.type_url, ADDRESS_TYPE_URL);
 }
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_cut_off_without_stalling_others() {
+    let s = Istiod::start_with(tempfile::tempdir().unwrap(), Duration::from_secs(1)).await;
+    seed(&s).await;
+    let addr = s.running.xds_addr.unwrap();
+    // The stuck client subscribes and then never reads its responses.
+    let stuck = Client::connect(addr, &HashMap::new()).await;
+    let mut good = Client::connect(addr, &HashMap::new()).await;
+    let mut state = HashMap::new();
+    good.sync(&mut state, |st| st.get(ADDRESS_TYPE_URL).is_some_and(|m| m.len() == 3)).await;
+    // Thousands of new workloads: the stuck client's h2 window, send buffer and queue fill up.
+    let c = s.api();
+    for round in 0..25 {
+        let puts = (0..200).map(|i| {
+            // ~200-character names: each appears in name, uid and canonical name (~1 KB per resource).
+            let name = format!("bulk-{round}-{i}-{}", "x".repeat(190));
+            let body = pod(&name, &format!("10.{}.{}.{}", 100 + round, i / 250, i % 250 + 1));
+            let c = &c;
+            async move { c.ok(Method::PUT, &format!("/api/v1/namespaces/demo/pods/{name}"), Some(&body)).await.unwrap() }
+        });
+        futures::future::join_all(puts).await;
+        // The healthy client keeps receiving everything.
+        let want = 3 + (round + 1) * 200;
+        good.sync(&mut state, |st| st.get(ADDRESS_TYPE_URL).is_some_and(|m| m.len() >= want)).await;
+    }
+    let mut cut = false;
+    for _ in 0..100 {
+        let proxies = c.ok(Method::GET, "/debug/syncz", None).await.unwrap().body;
+        if proxies.as_array().unwrap().len() == 1 {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !cut { eprintln!("SYNCZ {}", c.ok(Method::GET, "/debug/syncz", None).await.unwrap().body); }
+    assert!(cut, "the non-reading stream was closed after the send timeout");
+    drop(stuck);
+}

@@ -28,8 +28,11 @@ use crate::metrics::Metrics;
 
 /// Responses queued per stream before the client counts as not reading.
 const OUTBOUND_QUEUE: usize = 16;
-/// How long a push may wait on a client that does not read.
+/// How long a push may wait on a client that does not read, by default.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Unacknowledged responses remembered per type; older ones are forgotten (a client that never
+/// ACKs must not grow server memory).
+const MAX_PENDING: usize = 64;
 /// Minimum time between two pushes on one stream. The first change after a quiet period is pushed
 /// at once (no added latency); changes arriving faster are coalesced into the next push, which is
 /// what keeps a bulk apply from becoming thousands of tiny responses per client.
@@ -43,6 +46,7 @@ pub struct AdsServer {
     pub metrics: Arc<Metrics>,
     /// `Some` on the TLS port: streams must present a valid node token.
     pub tokens: Option<Arc<NodeTokens>>,
+    pub send_timeout: Duration,
 }
 
 type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
@@ -73,6 +77,7 @@ impl AggregatedDiscoveryService for AdsServer {
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
             tx,
+            send_timeout: self.send_timeout,
             subs: HashMap::new(),
             id: 0,
             nonce: 0,
@@ -90,8 +95,8 @@ struct Subscription {
     sent: HashMap<String, String>,
     /// Cache sequence up to which this subscription is in sync.
     synced: u64,
-    /// nonce → version of responses awaiting ACK.
-    pending: HashMap<String, String>,
+    /// (nonce, version) of responses awaiting ACK, oldest first, at most [`MAX_PENDING`].
+    pending: std::collections::VecDeque<(String, String)>,
 }
 
 impl Subscription {
@@ -105,6 +110,7 @@ struct DeltaStreamTask {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    send_timeout: Duration,
     subs: HashMap<&'static str, Subscription>,
     id: u64,
     nonce: u64,
@@ -210,7 +216,7 @@ impl DeltaStreamTask {
             names: HashSet::new(),
             sent: HashMap::new(),
             synced: 0,
-            pending: HashMap::new(),
+            pending: Default::default(),
         });
         if first {
             // Delta xDS: a first request with no names is a wildcard subscription.
@@ -243,7 +249,10 @@ impl DeltaStreamTask {
 
     fn on_ack_or_nack(&mut self, type_url: &'static str, req: &DeltaDiscoveryRequest) {
         let Some(sub) = self.subs.get_mut(type_url) else { return };
-        let version = sub.pending.remove(&req.response_nonce).unwrap_or_default();
+        let version = match sub.pending.iter().position(|(n, _)| *n == req.response_nonce) {
+            Some(i) => sub.pending.remove(i).map(|(_, v)| v).unwrap_or_default(),
+            None => String::new(),
+        };
         let nonce = req.response_nonce.clone();
         match &req.error_detail {
             Some(err) => {
@@ -327,10 +336,13 @@ impl DeltaStreamTask {
                 ..Default::default()
             };
             if let Some(sub) = self.subs.get_mut(type_url) {
-                sub.pending.insert(nonce.clone(), seq.to_string());
+                if sub.pending.len() >= MAX_PENDING {
+                    sub.pending.pop_front();
+                }
+                sub.pending.push_back((nonce.clone(), seq.to_string()));
             }
             let count = resp.resources.len();
-            match self.tx.send_timeout(Ok(resp), SEND_TIMEOUT).await {
+            match self.tx.send_timeout(Ok(resp), self.send_timeout).await {
                 Ok(()) => {}
                 Err(_) => {
                     tracing::warn!(stream = self.id, type_url, "xDS client is not reading its stream; closing it");

@@ -17,6 +17,10 @@ impl Istiod {
     }
 
     pub async fn start_in(dir: tempfile::TempDir) -> Istiod {
+        Self::start_with(dir, Duration::from_secs(30)).await
+    }
+
+    pub async fn start_with(dir: tempfile::TempDir, xds_send_timeout: Duration) -> Istiod {
         let cfg = Config {
             state_dir: dir.path().join("state"),
             ca_dir: dir.path().join("ca"),
@@ -27,6 +31,7 @@ impl Istiod {
             settings: Settings::default(),
             max_cert_ttl: Duration::from_secs(3600),
             tls_sans: vec![],
+            xds_send_timeout,
         };
         let running = server::start(cfg).await.expect("istiod-lite starts");
         Istiod { running, dir }
