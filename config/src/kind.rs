@@ -114,27 +114,22 @@ impl Kind {
             return Err(format!("unknown kind {kind:?}; supported kinds: {}", known.join(", ")));
         };
         if api_version != k.api_version() {
-            return Err(format!(
-                "apiVersion {api_version:?} is not served for kind {kind}; use {:?}",
-                k.api_version()
-            ));
+            return Err(format!("apiVersion {api_version:?} is not served for kind {kind}; use {:?}", k.api_version()));
         }
         Ok(k)
     }
 
     /// Resolves a REST path's group and plural (`""`, `"pods"`).
     pub fn from_rest(group: &str, version: &str, plural: &str) -> Option<Kind> {
-        Kind::ALL
-            .into_iter()
-            .find(|k| k.group() == group && k.version() == version && k.plural() == plural)
+        Kind::ALL.into_iter().find(|k| k.group() == group && k.version() == version && k.plural() == plural)
     }
 
     /// Resolves what a user types on the command line: plural, singular or short name, any case.
     pub fn from_cli(s: &str) -> Option<Kind> {
         let s = s.to_ascii_lowercase();
-        Kind::ALL.into_iter().find(|k| {
-            k.plural() == s || k.name().to_ascii_lowercase() == s || k.short_names().contains(&s.as_str())
-        })
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.plural() == s || k.name().to_ascii_lowercase() == s || k.short_names().contains(&s.as_str()))
     }
 
     /// REST collection path, e.g. `/apis/security.istio.io/v1/namespaces/foo/authorizationpolicies`.
@@ -181,9 +176,6 @@ mod tests {
     fn collection_paths_follow_kubernetes_layout() {
         assert_eq!(Kind::Pod.collection_path(Some("demo")), "/api/v1/namespaces/demo/pods");
         assert_eq!(Kind::Node.collection_path(Some("demo")), "/api/v1/nodes");
-        assert_eq!(
-            Kind::HttpRoute.collection_path(None),
-            "/apis/gateway.networking.k8s.io/v1/httproutes"
-        );
+        assert_eq!(Kind::HttpRoute.collection_path(None), "/apis/gateway.networking.k8s.io/v1/httproutes");
     }
 }

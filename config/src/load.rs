@@ -91,7 +91,10 @@ pub fn load_path(path: &str, default_namespace: &str) -> Result<Vec<Loaded>, Vec
         let name = f.display().to_string();
         match std::fs::metadata(&f) {
             Ok(m) if m.len() > MAX_FILE_BYTES => {
-                errors.push(LoadError::File { file: name, reason: format!("is larger than {} MiB", MAX_FILE_BYTES >> 20) });
+                errors.push(LoadError::File {
+                    file: name,
+                    reason: format!("is larger than {} MiB", MAX_FILE_BYTES >> 20),
+                });
                 continue;
             }
             Err(e) => {
@@ -108,7 +111,11 @@ pub fn load_path(path: &str, default_namespace: &str) -> Result<Vec<Loaded>, Vec
             Err(e) => errors.push(LoadError::File { file: name, reason: e.to_string() }),
         }
     }
-    if errors.is_empty() { Ok(out) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
@@ -117,10 +124,8 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
         out.push(path.to_path_buf());
         return Ok(());
     }
-    let mut entries: Vec<_> = std::fs::read_dir(path)
-        .map_err(|e| e.to_string())?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
+    let mut entries: Vec<_> =
+        std::fs::read_dir(path).map_err(|e| e.to_string())?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     entries.sort();
     for p in entries {
         if p.is_dir() {
@@ -154,7 +159,10 @@ pub fn load_text(file: &str, text: &str, default_namespace: &str) -> Result<Vec<
             Some("List") => match value.get("items") {
                 Some(Value::Array(items)) => items.clone(),
                 _ => {
-                    errors.push(LoadError::invalid(&source, Invalid::single("List", "items", "must be a list of objects")));
+                    errors.push(LoadError::invalid(
+                        &source,
+                        Invalid::single("List", "items", "must be a list of objects"),
+                    ));
                     continue;
                 }
             },
@@ -167,7 +175,11 @@ pub fn load_text(file: &str, text: &str, default_namespace: &str) -> Result<Vec<
             }
         }
     }
-    if errors.is_empty() { Ok(out) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
 }
 
 /// Parses one untyped object, defaulting the namespace of namespaced kinds.

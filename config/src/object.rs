@@ -14,7 +14,10 @@ use crate::validate;
 /// Status is opaque `Value` for kinds whose status Trellis does not read.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[serde(bound(serialize = "S: Serialize + Default + PartialEq, T: Serialize", deserialize = "S: Deserialize<'de> + Default, T: Deserialize<'de>"))]
+#[serde(bound(
+    serialize = "S: Serialize + Default + PartialEq, T: Serialize",
+    deserialize = "S: Deserialize<'de> + Default, T: Deserialize<'de>"
+))]
 pub struct Resource<S, T = Value> {
     pub api_version: String,
     pub kind: String,
@@ -137,8 +140,8 @@ impl Object {
         if api_version.is_empty() {
             return Err(Invalid::single(label, "apiVersion", "is required"));
         }
-        let kind = Kind::from_api(api_version, kind_name)
-            .map_err(|reason| Invalid::single(label.clone(), "", reason))?;
+        let kind =
+            Kind::from_api(api_version, kind_name).map_err(|reason| Invalid::single(label.clone(), "", reason))?;
         let obj = match kind {
             Kind::Namespace => Object::Namespace(typed(value, &label)?),
             Kind::Node => Object::Node(typed(value, &label)?),
@@ -162,7 +165,11 @@ impl Object {
 
     /// Typed access helpers for the translators.
     pub fn as_pod(&self) -> Option<&Pod> {
-        if let Object::Pod(p) = self { Some(p) } else { None }
+        if let Object::Pod(p) = self {
+            Some(p)
+        } else {
+            None
+        }
     }
 }
 

@@ -70,7 +70,10 @@ fn dns_subdomain(e: &mut Errors, path: &str, s: &str) {
                 && !l.ends_with('-')
         });
     if !ok {
-        e.add(path, format!("{s:?} is not a valid DNS subdomain (lowercase letters, digits, '-' and '.', at most 253)"));
+        e.add(
+            path,
+            format!("{s:?} is not a valid DNS subdomain (lowercase letters, digits, '-' and '.', at most 253)"),
+        );
     }
 }
 
@@ -156,7 +159,12 @@ fn node(e: &mut Errors, n: &Node) {
         }
     }
     for (i, a) in n.status.iter().flat_map(|s| &s.addresses).enumerate() {
-        one_of(e, &format!("status.addresses[{i}].type"), &a.type_, &["InternalIP", "ExternalIP", "Hostname", "InternalDNS", "ExternalDNS"]);
+        one_of(
+            e,
+            &format!("status.addresses[{i}].type"),
+            &a.type_,
+            &["InternalIP", "ExternalIP", "Hostname", "InternalDNS", "ExternalDNS"],
+        );
         if a.type_.ends_with("IP") {
             ip(e, &format!("status.addresses[{i}].address"), &a.address);
         }
@@ -218,15 +226,23 @@ fn service(e: &mut Errors, s: &Service) {
                     e.add(format!("{path}.name"), format!("duplicate port name {n:?}"));
                 }
             }
-            None if spec.ports.len() > 1 => e.add(format!("{path}.name"), "is required when a Service has more than one port"),
+            None if spec.ports.len() > 1 => {
+                e.add(format!("{path}.name"), "is required when a Service has more than one port")
+            }
             None => {}
         }
         match &p.target_port {
             Some(IntOrString::Int(t)) => port(e, &format!("{path}.targetPort"), *t),
             Some(IntOrString::String(n)) => {
-                let ok = !n.is_empty() && n.len() <= 15 && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && n.bytes().any(|b| b.is_ascii_lowercase());
+                let ok = !n.is_empty()
+                    && n.len() <= 15
+                    && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && n.bytes().any(|b| b.is_ascii_lowercase());
                 if !ok {
-                    e.add(format!("{path}.targetPort"), format!("{n:?} is neither a port number nor a valid port name"));
+                    e.add(
+                        format!("{path}.targetPort"),
+                        format!("{n:?} is neither a port number nor a valid port name"),
+                    );
                 }
             }
             None => {}
@@ -260,7 +276,10 @@ fn workload_entry(e: &mut Errors, w: &WorkloadEntry) {
 fn authorization_policy(e: &mut Errors, spec: &AuthorizationPolicySpec) {
     let has_targets = spec.target_ref.is_some() || !spec.target_refs.is_empty();
     if spec.selector.is_some() && has_targets {
-        e.add("spec", "selector and targetRefs are mutually exclusive: selector applies at ztunnel, targetRefs at waypoints");
+        e.add(
+            "spec",
+            "selector and targetRefs are mutually exclusive: selector applies at ztunnel, targetRefs at waypoints",
+        );
     }
     if spec.target_ref.is_some() && !spec.target_refs.is_empty() {
         e.add("spec.targetRef", "use targetRefs only; targetRef and targetRefs are mutually exclusive");
@@ -272,8 +291,13 @@ fn authorization_policy(e: &mut Errors, spec: &AuthorizationPolicySpec) {
     let refs = refs.chain(spec.target_refs.iter().enumerate().map(|(i, r)| (format!("spec.targetRefs[{i}]"), r)));
     for (path, r) in refs {
         match (r.group.as_str(), r.kind.as_str()) {
-            ("gateway.networking.k8s.io", "Gateway" | "GatewayClass") | ("" | "core", "Service") | ("networking.istio.io", "ServiceEntry") => {}
-            (g, k) => e.add(format!("{path}.kind"), format!("target {g:?}/{k:?} is not supported; use a Gateway, GatewayClass, Service or ServiceEntry")),
+            ("gateway.networking.k8s.io", "Gateway" | "GatewayClass")
+            | ("" | "core", "Service")
+            | ("networking.istio.io", "ServiceEntry") => {}
+            (g, k) => e.add(
+                format!("{path}.kind"),
+                format!("target {g:?}/{k:?} is not supported; use a Gateway, GatewayClass, Service or ServiceEntry"),
+            ),
         }
         if r.kind == "GatewayClass" && r.name != "istio-waypoint" {
             e.add(format!("{path}.name"), "only GatewayClass \"istio-waypoint\" can be targeted");
@@ -283,7 +307,10 @@ fn authorization_policy(e: &mut Errors, spec: &AuthorizationPolicySpec) {
     let action = spec.action.as_deref().unwrap_or("ALLOW");
     match action {
         "ALLOW" | "DENY" | "AUDIT" => {}
-        "CUSTOM" => e.add("spec.action", "CUSTOM (external authorization) is not supported by Trellis; use ALLOW, DENY or AUDIT"),
+        "CUSTOM" => e.add(
+            "spec.action",
+            "CUSTOM (external authorization) is not supported by Trellis; use ALLOW, DENY or AUDIT",
+        ),
         other => e.add("spec.action", format!("{other:?} is not one of ALLOW, DENY, AUDIT")),
     }
     if spec.provider.is_some() && action != "CUSTOM" {
@@ -331,7 +358,9 @@ fn source(e: &mut Errors, path: &str, s: &Source) {
     for (f, v) in fields {
         non_empty_strings(e, path, f, v);
     }
-    if (!s.principals.is_empty() || !s.not_principals.is_empty()) && (!s.service_accounts.is_empty() || !s.not_service_accounts.is_empty()) {
+    if (!s.principals.is_empty() || !s.not_principals.is_empty())
+        && (!s.service_accounts.is_empty() || !s.not_service_accounts.is_empty())
+    {
         e.add(path, "principals and serviceAccounts cannot be combined in one source; use separate `from` entries");
     }
     if *s == Source::default() {
@@ -344,7 +373,12 @@ fn source(e: &mut Errors, path: &str, s: &Source) {
             }
         }
     }
-    for (f, list) in [("ipBlocks", &s.ip_blocks), ("notIpBlocks", &s.not_ip_blocks), ("remoteIpBlocks", &s.remote_ip_blocks), ("notRemoteIpBlocks", &s.not_remote_ip_blocks)] {
+    for (f, list) in [
+        ("ipBlocks", &s.ip_blocks),
+        ("notIpBlocks", &s.not_ip_blocks),
+        ("remoteIpBlocks", &s.remote_ip_blocks),
+        ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+    ] {
         for (i, b) in list.iter().enumerate() {
             ip_block(e, &format!("{path}.{f}[{i}]"), b);
         }
@@ -355,7 +389,14 @@ fn operation(e: &mut Errors, path: &str, o: &Operation) {
     if *o == Operation::default() {
         e.add(path, "must set at least one field");
     }
-    for (f, v) in [("hosts", &o.hosts), ("notHosts", &o.not_hosts), ("methods", &o.methods), ("notMethods", &o.not_methods), ("paths", &o.paths), ("notPaths", &o.not_paths)] {
+    for (f, v) in [
+        ("hosts", &o.hosts),
+        ("notHosts", &o.not_hosts),
+        ("methods", &o.methods),
+        ("notMethods", &o.not_methods),
+        ("paths", &o.paths),
+        ("notPaths", &o.not_paths),
+    ] {
         non_empty_strings(e, path, f, v);
     }
     for (f, v) in [("ports", &o.ports), ("notPorts", &o.not_ports)] {
@@ -372,9 +413,17 @@ fn operation(e: &mut Errors, path: &str, o: &Operation) {
 fn condition(e: &mut Errors, path: &str, c: &Condition) {
     let known = matches!(
         c.key.as_str(),
-        "source.ip" | "source.namespace" | "source.principal" | "source.serviceAccount" | "remote.ip"
-            | "destination.ip" | "destination.port" | "connection.sni" | "request.auth.principal"
-            | "request.auth.audiences" | "request.auth.presenter"
+        "source.ip"
+            | "source.namespace"
+            | "source.principal"
+            | "source.serviceAccount"
+            | "remote.ip"
+            | "destination.ip"
+            | "destination.port"
+            | "connection.sni"
+            | "request.auth.principal"
+            | "request.auth.audiences"
+            | "request.auth.presenter"
     ) || c.key.starts_with("request.headers[") && c.key.ends_with(']')
         || c.key.starts_with("request.auth.claims[") && c.key.ends_with(']')
         || c.key.starts_with("experimental.envoy.filters.");
@@ -463,7 +512,10 @@ fn parent_refs(e: &mut Errors, refs: &[ParentReference]) {
         let kind = p.kind.as_deref().unwrap_or("Gateway");
         match (group, kind) {
             ("gateway.networking.k8s.io", "Gateway") | ("" | "core", "Service") => {}
-            (g, k) => e.add(format!("{path}.kind"), format!("parent {g:?}/{k:?} is not supported; use a Gateway or a Service (group \"\")")),
+            (g, k) => e.add(
+                format!("{path}.kind"),
+                format!("parent {g:?}/{k:?} is not supported; use a Gateway or a Service (group \"\")"),
+            ),
         }
         dns_subdomain(e, &format!("{path}.name"), &p.name);
         if let Some(pt) = p.port {
@@ -496,7 +548,9 @@ fn backend_refs(e: &mut Errors, path: &str, refs: &[BackendRef]) {
 }
 
 fn header_name(e: &mut Errors, path: &str, n: &str) {
-    let ok = !n.is_empty() && n.len() <= 256 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    let ok = !n.is_empty()
+        && n.len() <= 256
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if !ok {
         e.add(path, format!("{n:?} is not a valid HTTP header name"));
     }
@@ -516,11 +570,23 @@ fn filters(e: &mut Errors, path: &str, list: &[RouteFilter]) {
                 continue;
             }
         };
-        let count = [f.request_header_modifier.is_some(), f.response_header_modifier.is_some(), f.request_redirect.is_some(), f.url_rewrite.is_some(), f.request_mirror.is_some()].iter().filter(|b| **b).count();
+        let count = [
+            f.request_header_modifier.is_some(),
+            f.response_header_modifier.is_some(),
+            f.request_redirect.is_some(),
+            f.url_rewrite.is_some(),
+            f.request_mirror.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
         if !set || count != 1 {
             e.add(&fp, format!("type {} requires exactly the field {want}", f.type_));
         }
-        for (name, m) in [("requestHeaderModifier", &f.request_header_modifier), ("responseHeaderModifier", &f.response_header_modifier)] {
+        for (name, m) in [
+            ("requestHeaderModifier", &f.request_header_modifier),
+            ("responseHeaderModifier", &f.response_header_modifier),
+        ] {
             if let Some(m) = m {
                 for (j, h) in m.set.iter().chain(&m.add).enumerate() {
                     header_name(e, &format!("{fp}.{name}.headers[{j}].name"), &h.name);
@@ -617,7 +683,12 @@ fn http_route(e: &mut Errors, spec: &HttpRouteSpec) {
             value_matches(e, &mp, "headers", &m.headers, true);
             value_matches(e, &mp, "queryParams", &m.query_params, false);
             if let Some(meth) = &m.method {
-                one_of(e, &format!("{mp}.method"), meth, &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"]);
+                one_of(
+                    e,
+                    &format!("{mp}.method"),
+                    meth,
+                    &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"],
+                );
             }
         }
         filters(e, &rp, &r.filters);
@@ -626,7 +697,10 @@ fn http_route(e: &mut Errors, spec: &HttpRouteSpec) {
             for (f, v) in [("request", &t.request), ("backendRequest", &t.backend_request)] {
                 if let Some(v) = v {
                     if !duration_ok(v) {
-                        e.add(format!("{rp}.timeouts.{f}"), format!("{v:?} is not a Gateway API duration (e.g. 10s, 500ms, 1h)"));
+                        e.add(
+                            format!("{rp}.timeouts.{f}"),
+                            format!("{v:?} is not a Gateway API duration (e.g. 10s, 500ms, 1h)"),
+                        );
                     }
                 }
             }

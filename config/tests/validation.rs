@@ -69,14 +69,18 @@ fn errors_name_file_document_object_path_and_reason() {
     let yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: ok}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: demo}\nspec: {ports: [{port: 0}]}\n";
     let errs = load_text("svc.yaml", yaml, "default").unwrap_err();
     assert_eq!(errs.len(), 1);
-    assert_eq!(errs[0].to_string(), "svc.yaml (document 2): Service demo/s: spec.ports[0].port: 0 is out of range 1-65535");
+    assert_eq!(
+        errs[0].to_string(),
+        "svc.yaml (document 2): Service demo/s: spec.ports[0].port: 0 is out of range 1-65535"
+    );
 }
 
 #[test]
 fn every_error_in_a_file_is_reported_not_just_the_first() {
     let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{name: a, port: 0}, {name: b, port: 99999}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: BAD}\n";
     let errs = load_text("f.yaml", yaml, "default").unwrap_err();
-    let text: Vec<_> = errs.iter().map(LoadError::to_string).collect::<Vec<_>>().join("\n").lines().map(String::from).collect();
+    let text: Vec<_> =
+        errs.iter().map(LoadError::to_string).collect::<Vec<_>>().join("\n").lines().map(String::from).collect();
     assert_eq!(text.len(), 3, "{text:?}");
     assert!(text.iter().all(|l| l.starts_with("f.yaml (document ")), "{text:?}");
 }

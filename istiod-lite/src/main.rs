@@ -72,7 +72,11 @@ async fn main() -> anyhow::Result<()> {
         api_addr: args.api_addr,
         xds_addr,
         secure_addr: args.secure_addr,
-        settings: Settings { trust_domain: args.trust_domain.clone(), cluster_id: args.cluster_id, ..Settings::default() },
+        settings: Settings {
+            trust_domain: args.trust_domain.clone(),
+            cluster_id: args.cluster_id,
+            ..Settings::default()
+        },
         max_cert_ttl: args.max_cert_ttl,
         tls_sans: args.tls_sans,
         xds_send_timeout: istiod_lite::xds::server::SEND_TIMEOUT,

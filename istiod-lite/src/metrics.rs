@@ -48,13 +48,25 @@ impl Default for Metrics {
             csr_denied: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("trellis_config_writes", "Config writes by kind, operation and result", m.config_writes.clone());
+        registry.register(
+            "trellis_config_writes",
+            "Config writes by kind, operation and result",
+            m.config_writes.clone(),
+        );
         registry.register("pilot_xds", "Connected xDS clients", m.xds_connections.clone());
         registry.register("pilot_xds_pushes", "xDS responses sent, by type", m.xds_pushes.clone());
-        registry.register("pilot_total_xds_rejects", "xDS responses rejected (NACKed) by clients, by type", m.xds_rejects.clone());
+        registry.register(
+            "pilot_total_xds_rejects",
+            "xDS responses rejected (NACKed) by clients, by type",
+            m.xds_rejects.clone(),
+        );
         registry.register("citadel_server_csr_count", "Certificate signing requests received", m.csr_count.clone());
         registry.register("citadel_server_success_cert_issuance_count", "Certificates issued", m.certs_issued.clone());
-        registry.register("citadel_server_csr_denied", "Certificate signing requests denied, by reason", m.csr_denied.clone());
+        registry.register(
+            "citadel_server_csr_denied",
+            "Certificate signing requests denied, by reason",
+            m.csr_denied.clone(),
+        );
         Metrics { registry, ..m }
     }
 }

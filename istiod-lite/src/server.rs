@@ -72,7 +72,11 @@ impl Running {
 
 async fn apply_config_dir(store: &dyn Store, dir: &std::path::Path) -> anyhow::Result<()> {
     let objects = trellis_config::load::load_path(&dir.display().to_string(), "default").map_err(|errs| {
-        anyhow::anyhow!("{} is invalid; nothing was applied:\n{}", dir.display(), errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
+        anyhow::anyhow!(
+            "{} is invalid; nothing was applied:\n{}",
+            dir.display(),
+            errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
+        )
     })?;
     let mut objects: Vec<_> = objects.into_iter().map(|l| l.object).collect();
     objects.sort_by_key(|o| o.kind());
@@ -101,9 +105,17 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
 
     tasks.push(tokio::spawn(crate::xds::sync::run(store.clone(), cache.clone(), cfg.settings.clone())));
 
-    let api_listener = TcpListener::bind(cfg.api_addr).await.with_context(|| format!("binding the config API on {}", cfg.api_addr))?;
+    let api_listener =
+        TcpListener::bind(cfg.api_addr).await.with_context(|| format!("binding the config API on {}", cfg.api_addr))?;
     let api_addr = api_listener.local_addr()?;
-    let router = api::router(ApiState { store: store.clone(), metrics: metrics.clone(), ready: ready.clone(), proxies: registry.clone(), tokens: tokens.clone(), cache: cache.clone() });
+    let router = api::router(ApiState {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        proxies: registry.clone(),
+        tokens: tokens.clone(),
+        cache: cache.clone(),
+    });
     let mut rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         let stop = async move {
@@ -115,8 +127,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }));
 
     let ads = |tokens: Option<Arc<NodeTokens>>| {
-        AggregatedDiscoveryServiceServer::new(AdsServer { cache: cache.clone(), registry: registry.clone(), metrics: metrics.clone(), tokens, send_timeout: cfg.xds_send_timeout })
-            .max_decoding_message_size(MAX_GRPC_REQUEST)
+        AggregatedDiscoveryServiceServer::new(AdsServer {
+            cache: cache.clone(),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            tokens,
+            send_timeout: cfg.xds_send_timeout,
+        })
+        .max_decoding_message_size(MAX_GRPC_REQUEST)
     };
 
     let mut xds_addr = None;
@@ -141,7 +159,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         }));
     }
 
-    let mut dns = vec!["istiod.istio-system.svc".to_string(), "istiod-lite.istio-system.svc".to_string(), "localhost".to_string()];
+    let mut dns = vec![
+        "istiod.istio-system.svc".to_string(),
+        "istiod-lite.istio-system.svc".to_string(),
+        "localhost".to_string(),
+    ];
     let mut ips: Vec<IpAddr> = vec![IpAddr::from([127, 0, 0, 1])];
     for san in &cfg.tls_sans {
         match san.parse::<IpAddr>() {
@@ -154,7 +176,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
     let (chain, key) = authority.issue_server_cert(&dns, &ips, Duration::from_secs(365 * 24 * 3600))?;
     let tls = ServerTlsConfig::new().identity(Identity::from_pem(chain.join(""), key));
-    let secure_listener = TcpListener::bind(cfg.secure_addr).await.with_context(|| format!("binding TLS xDS/CA on {}", cfg.secure_addr))?;
+    let secure_listener = TcpListener::bind(cfg.secure_addr)
+        .await
+        .with_context(|| format!("binding TLS xDS/CA on {}", cfg.secure_addr))?;
     let secure_addr = secure_listener.local_addr()?;
     let ca = IstioCertificateServiceServer::new(CaService {
         authority: authority.clone(),

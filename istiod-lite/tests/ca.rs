@@ -23,8 +23,15 @@ async fn setup() -> (Istiod, IstioCertificateServiceClient<Channel>, String) {
     let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"}, "spec": {"nodeName": "node1", "serviceAccountName": "client"}, "status": {"podIP": "10.244.1.5"}});
     s.api().ok(Method::PUT, "/api/v1/namespaces/demo/pods/client", Some(&pod)).await.unwrap();
     let root = std::fs::read_to_string(s.dir.path().join("ca/root-cert.pem")).unwrap();
-    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&root)).domain_name("istiod.istio-system.svc");
-    let channel = Channel::from_shared(format!("https://{}", s.running.secure_addr)).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+    let tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&root)).domain_name("istiod.istio-system.svc");
+    let channel = Channel::from_shared(format!("https://{}", s.running.secure_addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     (s, IstioCertificateServiceClient::new(channel), root)
 }
 
@@ -34,12 +41,18 @@ fn csr(identity: &str, key: &KeyPair) -> String {
     p.serialize_request(key).unwrap().pem().unwrap()
 }
 
-fn request(csr: String, impersonate: Option<&str>, ttl: i64, token: Option<&str>) -> tonic::Request<IstioCertificateRequest> {
+fn request(
+    csr: String,
+    impersonate: Option<&str>,
+    ttl: i64,
+    token: Option<&str>,
+) -> tonic::Request<IstioCertificateRequest> {
     let mut fields = std::collections::BTreeMap::new();
     if let Some(id) = impersonate {
         fields.insert("ImpersonatedIdentity".to_string(), PValue { kind: Some(Kind::StringValue(id.into())) });
     }
-    let mut r = tonic::Request::new(IstioCertificateRequest { csr, validity_duration: ttl, metadata: Some(Struct { fields }) });
+    let mut r =
+        tonic::Request::new(IstioCertificateRequest { csr, validity_duration: ttl, metadata: Some(Struct { fields }) });
     if let Some(t) = token {
         r.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
     }
@@ -55,7 +68,11 @@ async fn issues_for_a_workload_on_the_callers_node() {
     let (s, mut ca, root) = setup().await;
     let token = s.running.tokens.issue("node1").unwrap();
     let key = KeyPair::generate().unwrap();
-    let resp = ca.create_certificate(request(csr(CLIENT_ID, &key), Some(CLIENT_ID), 600, Some(&token))).await.unwrap().into_inner();
+    let resp = ca
+        .create_certificate(request(csr(CLIENT_ID, &key), Some(CLIENT_ID), 600, Some(&token)))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(resp.cert_chain.len(), 2, "leaf then root");
     assert_eq!(resp.cert_chain[1].trim(), root.trim());
     let leaf_der = der(&resp.cert_chain[0]);
@@ -63,14 +80,19 @@ async fn issues_for_a_workload_on_the_callers_node() {
     let (_, leaf) = X509Certificate::from_der(&leaf_der).unwrap();
     let (_, root_cert) = X509Certificate::from_der(&root_der).unwrap();
     leaf.verify_signature(Some(root_cert.public_key())).expect("leaf is signed by the mesh root");
-    let sans: Vec<String> = leaf.subject_alternative_name().unwrap().unwrap().value.general_names.iter().map(|g| g.to_string()).collect();
+    let sans: Vec<String> =
+        leaf.subject_alternative_name().unwrap().unwrap().value.general_names.iter().map(|g| g.to_string()).collect();
     assert_eq!(sans, vec![format!("URI({CLIENT_ID})")]);
     assert_eq!(leaf.public_key().subject_public_key.data.as_ref(), key.public_key_raw());
     let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
     assert!((600..=700).contains(&lifetime), "requested TTL honoured (+60s backdate): {lifetime}");
 
     // A request beyond the configured cap gets the cap.
-    let resp = ca.create_certificate(request(csr(CLIENT_ID, &key), Some(CLIENT_ID), 30 * 24 * 3600, Some(&token))).await.unwrap().into_inner();
+    let resp = ca
+        .create_certificate(request(csr(CLIENT_ID, &key), Some(CLIENT_ID), 30 * 24 * 3600, Some(&token)))
+        .await
+        .unwrap()
+        .into_inner();
     let d = der(&resp.cert_chain[0]);
     let (_, leaf) = X509Certificate::from_der(&d).unwrap();
     let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
@@ -83,17 +105,35 @@ async fn denies_other_nodes_workloads_and_unauthenticated_callers() {
     let other = s.running.tokens.issue("node2").unwrap();
     let key = KeyPair::generate().unwrap();
     let cases: Vec<(&str, tonic::Request<IstioCertificateRequest>, Code)> = vec![
-        ("workload on another node", request(csr(CLIENT_ID, &key), Some(CLIENT_ID), 0, Some(&other)), Code::PermissionDenied),
+        (
+            "workload on another node",
+            request(csr(CLIENT_ID, &key), Some(CLIENT_ID), 0, Some(&other)),
+            Code::PermissionDenied,
+        ),
         ("no token", request(csr(CLIENT_ID, &key), Some(CLIENT_ID), 0, None), Code::Unauthenticated),
-        ("forged token", request(csr(CLIENT_ID, &key), Some(CLIENT_ID), 0, Some("node1.Zm9yZ2Vk")), Code::Unauthenticated),
+        (
+            "forged token",
+            request(csr(CLIENT_ID, &key), Some(CLIENT_ID), 0, Some("node1.Zm9yZ2Vk")),
+            Code::Unauthenticated,
+        ),
         ("no impersonation", request(csr(CLIENT_ID, &key), None, 0, Some(&other)), Code::PermissionDenied),
-        ("foreign trust domain", request(csr("spiffe://evil.org/ns/demo/sa/client", &key), Some("spiffe://evil.org/ns/demo/sa/client"), 0, Some(&other)), Code::PermissionDenied),
+        (
+            "foreign trust domain",
+            request(
+                csr("spiffe://evil.org/ns/demo/sa/client", &key),
+                Some("spiffe://evil.org/ns/demo/sa/client"),
+                0,
+                Some(&other),
+            ),
+            Code::PermissionDenied,
+        ),
     ];
     for (name, req, want) in cases {
         let err = ca.create_certificate(req).await.expect_err(name);
         assert_eq!(err.code(), want, "{name}: {}", err.message());
     }
-    let metrics = s.api().call(Method::GET, "/metrics", None).await.unwrap().body.as_str().unwrap_or_default().to_string();
+    let metrics =
+        s.api().call(Method::GET, "/metrics", None).await.unwrap().body.as_str().unwrap_or_default().to_string();
     assert!(metrics.contains("citadel_server_csr_denied_total{reason=\"not_on_node\"} 1"), "{metrics}");
 }
 
@@ -134,7 +174,10 @@ fn generated_root_is_p256_ten_years_with_a_private_key_file() {
     let years = (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp()) / (365 * 24 * 3600);
     assert_eq!(years, 10);
     assert!(cert.is_ca());
-    assert_eq!(cert.public_key().algorithm.parameters.as_ref().unwrap().as_oid().unwrap().to_id_string(), "1.2.840.10045.3.1.7");
+    assert_eq!(
+        cert.public_key().algorithm.parameters.as_ref().unwrap().as_oid().unwrap().to_id_string(),
+        "1.2.840.10045.3.1.7"
+    );
     // Reloading keeps the same root.
     let _b = istiod_lite::ca::Authority::load_or_create(dir.path(), "cluster.local").unwrap();
     assert_eq!(std::fs::read_to_string(dir.path().join("root-cert.pem")).unwrap(), root);

@@ -26,7 +26,14 @@ async fn spawn(state: &std::path::Path) -> (Proc, meshctl::client::Client) {
     let (api, xds, sec) = (free_port(), free_port(), free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_istiod-lite"))
         .args(["--state-dir", state.to_str().unwrap()])
-        .args(["--api-addr", &format!("127.0.0.1:{api}"), "--xds-addr", &format!("127.0.0.1:{xds}"), "--secure-addr", &format!("127.0.0.1:{sec}")])
+        .args([
+            "--api-addr",
+            &format!("127.0.0.1:{api}"),
+            "--xds-addr",
+            &format!("127.0.0.1:{xds}"),
+            "--secure-addr",
+            &format!("127.0.0.1:{sec}"),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -54,7 +61,8 @@ async fn acknowledged_writes_survive_kill_9() {
             for i in 0.. {
                 let name = format!("w{w}-{i}");
                 let ip = format!("10.{w}.{}.{}", i / 250, i % 250 + 1);
-                let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "status": {"podIP": ip}});
+                let pod =
+                    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "status": {"podIP": ip}});
                 match client.call(Method::PUT, &format!("/api/v1/namespaces/crash/pods/{name}"), Some(&pod)).await {
                     Ok(r) if r.status.is_success() => {
                         acked.lock().unwrap().insert(name, ip);
@@ -79,10 +87,18 @@ async fn acknowledged_writes_survive_kill_9() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|o| (o["metadata"]["name"].as_str().unwrap().to_string(), o["status"]["podIP"].as_str().unwrap().to_string()))
+        .map(|o| {
+            (o["metadata"]["name"].as_str().unwrap().to_string(), o["status"]["podIP"].as_str().unwrap().to_string())
+        })
         .collect();
     let missing: Vec<_> = acked.iter().filter(|(n, ip)| stored.get(*n) != Some(ip)).collect();
-    assert!(missing.is_empty(), "{} of {} acknowledged writes lost: {:?}", missing.len(), acked.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged writes lost: {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(5)]
+    );
     // And the store still accepts writes after recovery.
     let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "after"}});
     client.ok(Method::PUT, "/api/v1/namespaces/crash/pods/after", Some(&pod)).await.unwrap();

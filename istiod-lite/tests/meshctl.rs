@@ -24,14 +24,24 @@ async fn apply_validates_everything_before_writing_anything() {
     std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
     std::fs::write(dir.path().join("b.yaml"), BAD).unwrap();
     let err = meshctl(&s, &["apply", "-f", dir.path().to_str().unwrap()]).await.unwrap_err().to_string();
-    assert!(err.contains("b.yaml (document 1): Service demo/s: spec.ports[0].port: 0 is out of range 1-65535"), "{err}");
+    assert!(
+        err.contains("b.yaml (document 1): Service demo/s: spec.ports[0].port: 0 is out of range 1-65535"),
+        "{err}"
+    );
     assert!(err.contains("nothing was applied"), "{err}");
     let api = s.api();
-    assert_eq!(api.call(Method::GET, "/api/v1/namespaces/demo", None).await.unwrap().status, StatusCode::NOT_FOUND, "the valid file was not written either");
+    assert_eq!(
+        api.call(Method::GET, "/api/v1/namespaces/demo", None).await.unwrap().status,
+        StatusCode::NOT_FOUND,
+        "the valid file was not written either"
+    );
 
     std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
     meshctl(&s, &["apply", "-f", dir.path().to_str().unwrap()]).await.unwrap();
-    assert_eq!(api.ok(Method::GET, "/api/v1/namespaces/demo/pods/a", None).await.unwrap().body["status"]["podIP"], "10.0.0.1");
+    assert_eq!(
+        api.ok(Method::GET, "/api/v1/namespaces/demo/pods/a", None).await.unwrap().body["status"]["podIP"],
+        "10.0.0.1"
+    );
     meshctl(&s, &["apply", "-f", dir.path().to_str().unwrap()]).await.expect("re-applying is unchanged, not an error");
 }
 
@@ -42,7 +52,9 @@ async fn label_sets_removes_and_refuses_silent_overwrite() {
     let f = dir.path().join("a.yaml");
     std::fs::write(&f, GOOD).unwrap();
     meshctl(&s, &["apply", "-f", f.to_str().unwrap()]).await.unwrap();
-    let labels = || async { s.api().ok(Method::GET, "/api/v1/namespaces/demo", None).await.unwrap().body["metadata"]["labels"].clone() };
+    let labels = || async {
+        s.api().ok(Method::GET, "/api/v1/namespaces/demo", None).await.unwrap().body["metadata"]["labels"].clone()
+    };
     meshctl(&s, &["label", "namespace", "demo", "istio.io/dataplane-mode=ambient", "team=a"]).await.unwrap();
     assert_eq!(labels().await["istio.io/dataplane-mode"], "ambient");
     let err = meshctl(&s, &["label", "ns", "demo", "team=b"]).await.unwrap_err().to_string();
@@ -75,7 +87,10 @@ async fn get_and_delete_report_failures_as_errors() {
     meshctl(&s, &["delete", "pod", "a", "-n", "demo", "--ignore-not-found"]).await.unwrap();
     meshctl(&s, &["delete", "-f", f.to_str().unwrap(), "--ignore-not-found"]).await.unwrap();
     assert_eq!(s.api().call(Method::GET, "/api/v1/namespaces/demo", None).await.unwrap().status, StatusCode::NOT_FOUND);
-    let unreachable = run(Cli::try_parse_from(["meshctl", "--server", "http://127.0.0.1:1", "get", "pods"]).unwrap()).await.unwrap_err().to_string();
+    let unreachable = run(Cli::try_parse_from(["meshctl", "--server", "http://127.0.0.1:1", "get", "pods"]).unwrap())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(unreachable.contains("cannot reach istiod-lite"), "{unreachable}");
 }
 

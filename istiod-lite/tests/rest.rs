@@ -45,7 +45,12 @@ async fn create_get_update_list_delete_round_trip() {
     c.ok(Method::PUT, &format!("{POD_PATH}/b"), Some(&pod("b", "10.0.0.3"))).await.unwrap();
     let list = c.ok(Method::GET, POD_PATH, None).await.unwrap();
     assert_eq!(list.body["kind"], "PodList");
-    let names: Vec<_> = list.body["items"].as_array().unwrap().iter().map(|i| i["metadata"]["name"].as_str().unwrap().to_string()).collect();
+    let names: Vec<_> = list.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(names, ["a", "b"]);
     let all = c.ok(Method::GET, "/api/v1/pods", None).await.unwrap();
     assert_eq!(all.body["items"].as_array().unwrap().len(), 2);
@@ -84,7 +89,8 @@ async fn stale_resource_version_is_a_conflict() {
 async fn bad_input_gets_the_right_status_and_changes_nothing() {
     let s = Istiod::start().await;
     let c = s.api();
-    let invalid = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"}, "spec": {"ports": [{"port": 70000}]}});
+    let invalid =
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"}, "spec": {"ports": [{"port": 70000}]}});
     let r = c.call(Method::PUT, "/api/v1/namespaces/demo/services/s", Some(&invalid)).await.unwrap();
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(r.body["details"]["causes"][0]["field"], "spec.ports[0].port");
@@ -95,24 +101,42 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
 
     let wrong_ns = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "other"}});
-    assert_eq!(c.call(Method::PUT, &format!("{POD_PATH}/p"), Some(&wrong_ns)).await.unwrap().status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        c.call(Method::PUT, &format!("{POD_PATH}/p"), Some(&wrong_ns)).await.unwrap().status,
+        StatusCode::BAD_REQUEST
+    );
     let wrong_kind = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "p"}});
-    assert_eq!(c.call(Method::PUT, &format!("{POD_PATH}/p"), Some(&wrong_kind)).await.unwrap().status, StatusCode::BAD_REQUEST);
-    assert_eq!(c.call(Method::GET, "/apis/apps/v1/namespaces/demo/deployments", None).await.unwrap().status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        c.call(Method::PUT, &format!("{POD_PATH}/p"), Some(&wrong_kind)).await.unwrap().status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        c.call(Method::GET, "/apis/apps/v1/namespaces/demo/deployments", None).await.unwrap().status,
+        StatusCode::NOT_FOUND
+    );
     assert_eq!(c.call(Method::DELETE, &format!("{POD_PATH}/nope"), None).await.unwrap().status, StatusCode::NOT_FOUND);
-    assert_eq!(c.call(Method::PUT, &format!("{POD_PATH}/p"), Some(&json!("just a string"))).await.unwrap().status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        c.call(Method::PUT, &format!("{POD_PATH}/p"), Some(&json!("just a string"))).await.unwrap().status,
+        StatusCode::BAD_REQUEST
+    );
 
     // Raw bodies: malformed YAML, YAML accepted, oversized rejected.
     let raw = |body: Vec<u8>, ct: &'static str| {
         let url = format!("http://{}/api/v1/namespaces/demo/pods/y", s.running.api_addr);
         async move {
             let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-            let req = hyper::Request::put(url).header("content-type", ct).body(http_body_util::Full::new(bytes::Bytes::from(body))).unwrap();
+            let req = hyper::Request::put(url)
+                .header("content-type", ct)
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .unwrap();
             client.request(req).await.unwrap().status()
         }
     };
     assert_eq!(raw(b"apiVersion: v1\nkind: [Pod\n".to_vec(), "application/yaml").await, StatusCode::BAD_REQUEST);
-    assert_eq!(raw(b"apiVersion: v1\nkind: Pod\nmetadata: {name: y}\n".to_vec(), "application/yaml").await, StatusCode::CREATED);
+    assert_eq!(
+        raw(b"apiVersion: v1\nkind: Pod\nmetadata: {name: y}\n".to_vec(), "application/yaml").await,
+        StatusCode::CREATED
+    );
     let mut huge = b"apiVersion: v1\nkind: Pod\nmetadata: {name: y, annotations: {a: \"".to_vec();
     huge.extend(std::iter::repeat_n(b'x', 2 << 20));
     huge.extend(b"\"}}\n");
@@ -128,7 +152,8 @@ async fn watch_streams_existing_then_new_events_as_ndjson() {
     let c = s.api();
     c.ok(Method::PUT, &format!("{POD_PATH}/a"), Some(&pod("a", "10.0.0.1"))).await.unwrap();
     let url = format!("http://{}/api/v1/namespaces/demo/pods?watch=true", s.running.api_addr);
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
     let resp = client.get(url.parse().unwrap()).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
@@ -138,7 +163,11 @@ async fn watch_streams_existing_then_new_events_as_ndjson() {
     let mut text = String::new();
     use http_body_util::BodyExt;
     while text.lines().count() < 3 {
-        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame()).await.expect("watch event in time").unwrap().unwrap();
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("watch event in time")
+            .unwrap()
+            .unwrap();
         if let Ok(d) = frame.into_data() {
             text.push_str(std::str::from_utf8(&d).unwrap());
         }
@@ -150,7 +179,11 @@ async fn watch_streams_existing_then_new_events_as_ndjson() {
             (v["type"].as_str().unwrap().to_string(), v["object"]["metadata"]["name"].as_str().unwrap().to_string())
         })
         .collect();
-    assert_eq!(events, vec![("ADDED".into(), "a".into()), ("ADDED".into(), "b".into()), ("DELETED".into(), "a".into())], "other namespaces are filtered out");
+    assert_eq!(
+        events,
+        vec![("ADDED".into(), "a".into()), ("ADDED".into(), "b".into()), ("DELETED".into(), "a".into())],
+        "other namespaces are filtered out"
+    );
 }
 
 #[tokio::test]

@@ -24,7 +24,10 @@ struct Client {
 }
 
 fn node() -> Option<Node> {
-    Some(Node { id: "ztunnel~10.0.0.1~ztunnel-x.istio-system~istio-system.svc.cluster.local".into(), ..Default::default() })
+    Some(Node {
+        id: "ztunnel~10.0.0.1~ztunnel-x.istio-system~istio-system.svc.cluster.local".into(),
+        ..Default::default()
+    })
 }
 
 impl Client {
@@ -46,15 +49,30 @@ impl Client {
     }
 
     async fn next(&mut self) -> DeltaDiscoveryResponse {
-        tokio::time::timeout(Duration::from_secs(5), self.rx.message()).await.expect("response in time").unwrap().expect("stream open")
+        tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+            .await
+            .expect("response in time")
+            .unwrap()
+            .expect("stream open")
     }
 
     async fn ack(&self, r: &DeltaDiscoveryResponse) {
-        self.tx.send(DeltaDiscoveryRequest { type_url: r.type_url.clone(), response_nonce: r.nonce.clone(), ..Default::default() }).await.unwrap();
+        self.tx
+            .send(DeltaDiscoveryRequest {
+                type_url: r.type_url.clone(),
+                response_nonce: r.nonce.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
     }
 
     /// Reads responses (ACKing each) until `done` holds for the accumulated state.
-    async fn sync(&mut self, state: &mut HashMap<&'static str, HashMap<String, String>>, done: impl Fn(&HashMap<&'static str, HashMap<String, String>>) -> bool) {
+    async fn sync(
+        &mut self,
+        state: &mut HashMap<&'static str, HashMap<String, String>>,
+        done: impl Fn(&HashMap<&'static str, HashMap<String, String>>) -> bool,
+    ) {
         while !done(state) {
             let r = self.next().await;
             apply(state, &r);
@@ -98,8 +116,16 @@ async fn delta_client_sees_snapshot_single_changes_deletes_and_resyncs_by_differ
     let addr = s.running.xds_addr.unwrap();
     let mut state = HashMap::new();
     let mut c = Client::connect(addr, &state).await;
-    c.sync(&mut state, |st| st.get(ADDRESS_TYPE_URL).is_some_and(|m| m.len() == 3) && st.get(AUTHORIZATION_TYPE_URL).is_some_and(|m| m.len() == 2)).await;
-    let addrs: Vec<_> = { let mut v: Vec<_> = state[ADDRESS_TYPE_URL].keys().cloned().collect(); v.sort(); v };
+    c.sync(&mut state, |st| {
+        st.get(ADDRESS_TYPE_URL).is_some_and(|m| m.len() == 3)
+            && st.get(AUTHORIZATION_TYPE_URL).is_some_and(|m| m.len() == 2)
+    })
+    .await;
+    let addrs: Vec<_> = {
+        let mut v: Vec<_> = state[ADDRESS_TYPE_URL].keys().cloned().collect();
+        v.sort();
+        v
+    };
     assert_eq!(addrs, vec![A.to_string(), B.to_string(), "demo/echo.demo.svc.cluster.local".into()]);
     assert!(state[AUTHORIZATION_TYPE_URL].contains_key("demo/p"));
     let served = s.api().ok(Method::GET, "/debug/xdsz", None).await.unwrap().body;
@@ -163,17 +189,29 @@ async fn delta_client_sees_snapshot_single_changes_deletes_and_resyncs_by_differ
 async fn tls_port_requires_a_node_token() {
     let s = Istiod::start().await;
     let root = std::fs::read_to_string(s.dir.path().join("ca/root-cert.pem")).unwrap();
-    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(&root)).domain_name("istiod.istio-system.svc");
-    let channel = tonic::transport::Channel::from_shared(format!("https://{}", s.running.secure_addr)).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&root))
+        .domain_name("istiod.istio-system.svc");
+    let channel = tonic::transport::Channel::from_shared(format!("https://{}", s.running.secure_addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut c = AggregatedDiscoveryServiceClient::new(channel.clone());
     let (tx, rx) = mpsc::channel(4);
-    tx.send(DeltaDiscoveryRequest { node: node(), type_url: ADDRESS_TYPE_URL.into(), ..Default::default() }).await.unwrap();
+    tx.send(DeltaDiscoveryRequest { node: node(), type_url: ADDRESS_TYPE_URL.into(), ..Default::default() })
+        .await
+        .unwrap();
     let err = c.delta_aggregated_resources(ReceiverStream::new(rx)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
     let token = s.running.tokens.issue("node1").unwrap();
     let (tx, rx) = mpsc::channel(4);
-    tx.send(DeltaDiscoveryRequest { node: node(), type_url: ADDRESS_TYPE_URL.into(), ..Default::default() }).await.unwrap();
+    tx.send(DeltaDiscoveryRequest { node: node(), type_url: ADDRESS_TYPE_URL.into(), ..Default::default() })
+        .await
+        .unwrap();
     let mut req = tonic::Request::new(ReceiverStream::new(rx));
     req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
     let mut stream = c.delta_aggregated_resources(req).await.unwrap().into_inner();
@@ -215,7 +253,9 @@ async fn a_client_that_never_reads_is_cut_off_without_stalling_others() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    if !cut { eprintln!("SYNCZ {}", c.ok(Method::GET, "/debug/syncz", None).await.unwrap().body); }
+    if !cut {
+        eprintln!("SYNCZ {}", c.ok(Method::GET, "/debug/syncz", None).await.unwrap().body);
+    }
     assert!(cut, "the non-reading stream was closed after the send timeout");
     drop(stuck);
 }

@@ -46,7 +46,12 @@ impl Client {
         let resp = tokio::time::timeout(TIMEOUT, self.http.request(req))
             .await
             .map_err(|_| anyhow!("{url}: no answer within {}s", TIMEOUT.as_secs()))?
-            .map_err(|e| anyhow!("cannot reach istiod-lite at {}: {e} (is it running? set --server or TRELLIS_SERVER)", self.base))?;
+            .map_err(|e| {
+                anyhow!(
+                    "cannot reach istiod-lite at {}: {e} (is it running? set --server or TRELLIS_SERVER)",
+                    self.base
+                )
+            })?;
         let status = resp.status();
         let outcome = resp.headers().get("x-trellis-outcome").and_then(|v| v.to_str().ok()).map(String::from);
         let raw = tokio::time::timeout(TIMEOUT, resp.into_body().collect())
@@ -54,7 +59,11 @@ impl Client {
             .map_err(|_| anyhow!("{url}: response body timed out"))?
             .map_err(|e| anyhow!("{url}: reading response: {e}"))?
             .to_bytes();
-        let body = if raw.is_empty() { Value::Null } else { serde_json::from_slice(&raw).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into())) };
+        let body = if raw.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&raw).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into()))
+        };
         Ok(Reply { status, outcome, body })
     }
 

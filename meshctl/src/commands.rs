@@ -103,11 +103,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.server)?;
     match cli.command {
         Command::Apply { file, namespace } => apply(&client, &file, &namespace).await,
-        Command::Delete { file, kind, name, namespace, ignore_not_found } => delete(&client, file, kind, name, &namespace, ignore_not_found).await,
-        Command::Get { kind, name, namespace, all_namespaces, output } => {
-            get(&client, parse_kind(&kind)?, name.as_deref(), (!all_namespaces).then_some(namespace.as_str()), output).await
+        Command::Delete { file, kind, name, namespace, ignore_not_found } => {
+            delete(&client, file, kind, name, &namespace, ignore_not_found).await
         }
-        Command::Label { kind, name, labels, namespace, overwrite } => label(&client, parse_kind(&kind)?, &name, &namespace, &labels, overwrite).await,
+        Command::Get { kind, name, namespace, all_namespaces, output } => {
+            get(&client, parse_kind(&kind)?, name.as_deref(), (!all_namespaces).then_some(namespace.as_str()), output)
+                .await
+        }
+        Command::Label { kind, name, labels, namespace, overwrite } => {
+            label(&client, parse_kind(&kind)?, &name, &namespace, &labels, overwrite).await
+        }
         Command::Create { what: CreateCommand::Token { kind, name } } => {
             if kind != "node" {
                 bail!("only node tokens can be created: `meshctl create token node NAME`");
@@ -149,12 +154,27 @@ async fn apply(client: &Client, file: &str, namespace: &str) -> anyhow::Result<(
     Ok(())
 }
 
-async fn delete(client: &Client, file: Option<String>, kind: Option<String>, name: Option<String>, namespace: &str, ignore_not_found: bool) -> anyhow::Result<()> {
+async fn delete(
+    client: &Client,
+    file: Option<String>,
+    kind: Option<String>,
+    name: Option<String>,
+    namespace: &str,
+    ignore_not_found: bool,
+) -> anyhow::Result<()> {
     let targets: Vec<(Kind, String, String)> = match (file, kind, name) {
         (Some(f), None, None) => {
             let mut objs = load(&f, namespace)?;
             objs.sort_by_key(|l| std::cmp::Reverse(l.object.kind()));
-            objs.iter().map(|l| (l.object.kind(), l.object.meta().namespace.clone().unwrap_or_default(), l.object.meta().name.clone())).collect()
+            objs.iter()
+                .map(|l| {
+                    (
+                        l.object.kind(),
+                        l.object.meta().namespace.clone().unwrap_or_default(),
+                        l.object.meta().name.clone(),
+                    )
+                })
+                .collect()
         }
         (None, Some(k), Some(n)) => vec![(parse_kind(&k)?, namespace.to_string(), n)],
         _ => bail!("use either `delete -f FILE` or `delete KIND NAME [-n NS]`"),
@@ -177,7 +197,13 @@ async fn delete(client: &Client, file: Option<String>, kind: Option<String>, nam
     Ok(())
 }
 
-async fn get(client: &Client, kind: Kind, name: Option<&str>, namespace: Option<&str>, output: Format) -> anyhow::Result<()> {
+async fn get(
+    client: &Client,
+    kind: Kind,
+    name: Option<&str>,
+    namespace: Option<&str>,
+    output: Format,
+) -> anyhow::Result<()> {
     let (items, single) = match name {
         Some(n) => {
             let r = client.ok(Method::GET, &object_path(kind, namespace.unwrap_or("default"), n), None).await?;
@@ -188,11 +214,7 @@ async fn get(client: &Client, kind: Kind, name: Option<&str>, namespace: Option<
             (r.body.get("items").and_then(Value::as_array).cloned().unwrap_or_default(), false)
         }
     };
-    let doc = if single {
-        items[0].clone()
-    } else {
-        json!({"apiVersion": "v1", "kind": "List", "items": items})
-    };
+    let doc = if single { items[0].clone() } else { json!({"apiVersion": "v1", "kind": "List", "items": items}) };
     match output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&doc).context("encoding JSON")?),
         Format::Yaml => print!("{}", to_yaml(&doc)),
@@ -217,7 +239,9 @@ async fn get(client: &Client, kind: Kind, name: Option<&str>, namespace: Option<
                 .map(|o| {
                     let mut row = Vec::new();
                     if show_ns {
-                        row.push(o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default().to_string());
+                        row.push(
+                            o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default().to_string(),
+                        );
                     }
                     row.push(o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string());
                     row.extend(kind_cells(kind, o));
@@ -252,7 +276,14 @@ fn parse_label_args(args: &[String]) -> anyhow::Result<Vec<LabelChange>> {
 
 /// Read-modify-write with the object's resourceVersion as a precondition, retried on conflict,
 /// so a concurrent writer's change is never overwritten.
-async fn label(client: &Client, kind: Kind, name: &str, namespace: &str, args: &[String], overwrite: bool) -> anyhow::Result<()> {
+async fn label(
+    client: &Client,
+    kind: Kind,
+    name: &str,
+    namespace: &str,
+    args: &[String],
+    overwrite: bool,
+) -> anyhow::Result<()> {
     let changes = parse_label_args(args)?;
     let path = object_path(kind, namespace, name);
     for _attempt in 0..5 {
@@ -263,13 +294,18 @@ async fn label(client: &Client, kind: Kind, name: &str, namespace: &str, args: &
             .ok_or_else(|| anyhow!("{} has no metadata", label_of(kind, name)))?
             .entry("labels")
             .or_insert_with(|| json!({}));
-        let Some(labels) = labels.as_object_mut() else { bail!("{}: metadata.labels is not a map", label_of(kind, name)) };
+        let Some(labels) = labels.as_object_mut() else {
+            bail!("{}: metadata.labels is not a map", label_of(kind, name))
+        };
         for c in &changes {
             match c {
                 LabelChange::Set(k, v) => {
                     if let Some(old) = labels.get(k).and_then(Value::as_str) {
                         if old != v && !overwrite {
-                            bail!("{}: label {k:?} already has value {old:?}; use --overwrite to change it", label_of(kind, name));
+                            bail!(
+                                "{}: label {k:?} already has value {old:?}; use --overwrite to change it",
+                                label_of(kind, name)
+                            );
                         }
                     }
                     labels.insert(k.clone(), Value::String(v.clone()));

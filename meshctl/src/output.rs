@@ -32,7 +32,9 @@ pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
 
 /// "5s", "3m", "2h", "4d" since an RFC 3339 timestamp.
 pub fn age(created: Option<&str>) -> String {
-    let Some(t) = created.and_then(|c| time::OffsetDateTime::parse(c, &time::format_description::well_known::Rfc3339).ok()) else {
+    let Some(t) =
+        created.and_then(|c| time::OffsetDateTime::parse(c, &time::format_description::well_known::Rfc3339).ok())
+    else {
         return "<unknown>".into();
     };
     let secs = (time::OffsetDateTime::now_utc() - t).whole_seconds().max(0);
@@ -53,7 +55,11 @@ fn s(v: &Value, ptr: &str) -> String {
 }
 
 fn or_dash(x: String) -> String {
-    if x.is_empty() { "-".into() } else { x }
+    if x.is_empty() {
+        "-".into()
+    } else {
+        x
+    }
 }
 
 /// Columns after NAME and before AGE, per kind.
@@ -83,7 +89,11 @@ pub fn kind_cells(kind: Kind, o: &Value) -> Vec<String> {
         }
         Kind::Pod => vec![s(o, "/spec/nodeName"), s(o, "/status/podIP"), {
             let sa = s(o, "/spec/serviceAccountName");
-            if sa.is_empty() { "default".into() } else { sa }
+            if sa.is_empty() {
+                "default".into()
+            } else {
+                sa
+            }
         }],
         Kind::Service => {
             let ports: Vec<String> = o
@@ -112,7 +122,12 @@ pub fn kind_cells(kind: Kind, o: &Value) -> Vec<String> {
             let sel = o
                 .pointer("/spec/selector/matchLabels")
                 .and_then(Value::as_object)
-                .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(","))
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
                 .unwrap_or_default();
             vec![s(o, "/spec/mtls/mode"), sel]
         }
@@ -121,7 +136,13 @@ pub fn kind_cells(kind: Kind, o: &Value) -> Vec<String> {
             vec![s(o, "/spec/gatewayClassName"), n.to_string()]
         }
         Kind::HttpRoute | Kind::GrpcRoute => {
-            let parents: Vec<String> = o.pointer("/spec/parentRefs").and_then(Value::as_array).into_iter().flatten().map(|p| s(p, "/name")).collect();
+            let parents: Vec<String> = o
+                .pointer("/spec/parentRefs")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|p| s(p, "/name"))
+                .collect();
             let n = o.pointer("/spec/rules").and_then(Value::as_array).map_or(0, Vec::len);
             vec![parents.join(","), n.to_string()]
         }

@@ -63,8 +63,11 @@ fn pod(i: usize, generation: usize) -> (String, serde_json::Value) {
     let ns = format!("ns{}", i % NAMESPACES);
     let app = format!("app{}", (i / NAMESPACES) % (SERVICES / NAMESPACES));
     let ip = format!("10.{}.{}.{}", 100 + generation % 100, i / 250, i % 250 + 1);
-    (format!("/api/v1/namespaces/{ns}/pods/pod{i}"), json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("pod{i}"), "labels": {"app": app}},
-        "spec": {"nodeName": format!("node{}", i % 10), "serviceAccountName": "workload"}, "status": {"podIP": ip, "phase": "Running"}}))
+    (
+        format!("/api/v1/namespaces/{ns}/pods/pod{i}"),
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("pod{i}"), "labels": {"app": app}},
+        "spec": {"nodeName": format!("node{}", i % 10), "serviceAccountName": "workload"}, "status": {"podIP": ip, "phase": "Running"}}),
+    )
 }
 
 fn uid(i: usize) -> String {
@@ -73,11 +76,21 @@ fn uid(i: usize) -> String {
 
 /// One wildcard delta subscriber: keeps its resource counts current, ACKs everything, and
 /// reports when a probe resource arrives.
-async fn subscriber(id: usize, addr: String, held: Arc<Vec<AtomicUsize>>, probe: mpsc::UnboundedSender<(usize, String, Instant)>) -> anyhow::Result<()> {
+async fn subscriber(
+    id: usize,
+    addr: String,
+    held: Arc<Vec<AtomicUsize>>,
+    probe: mpsc::UnboundedSender<(usize, String, Instant)>,
+) -> anyhow::Result<()> {
     let mut client = AggregatedDiscoveryServiceClient::connect(addr).await?.max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel(64);
     for t in [AUTHORIZATION_TYPE_URL, ADDRESS_TYPE_URL] {
-        tx.send(DeltaDiscoveryRequest { node: Some(Node { id: format!("bench~{id}"), ..Default::default() }), type_url: t.into(), ..Default::default() }).await?;
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(Node { id: format!("bench~{id}"), ..Default::default() }),
+            type_url: t.into(),
+            ..Default::default()
+        })
+        .await?;
     }
     let mut stream = client.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
     let mut sets: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
@@ -94,7 +107,12 @@ async fn subscriber(id: usize, addr: String, held: Arc<Vec<AtomicUsize>>, probe:
             set.remove(n);
         }
         held[id].store(sets.values().map(|s| s.len()).sum(), Ordering::Relaxed);
-        tx.send(DeltaDiscoveryRequest { type_url: r.type_url.clone(), response_nonce: r.nonce.clone(), ..Default::default() }).await?;
+        tx.send(DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        })
+        .await?;
     }
     Ok(())
 }
@@ -110,7 +128,12 @@ fn cpu_s(pid: u32) -> f64 {
 
 fn peak_rss_mb(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
 }
 
 #[tokio::main]
@@ -120,7 +143,14 @@ async fn main() -> anyhow::Result<()> {
     let (api, xds, sec) = (free_port(), free_port(), free_port());
     let mut child = Command::new(&bin)
         .args(["--state-dir", &dir.path().join("state").display().to_string()])
-        .args(["--api-addr", &format!("127.0.0.1:{api}"), "--xds-addr", &format!("127.0.0.1:{xds}"), "--secure-addr", &format!("127.0.0.1:{sec}")])
+        .args([
+            "--api-addr",
+            &format!("127.0.0.1:{api}"),
+            "--xds-addr",
+            &format!("127.0.0.1:{xds}"),
+            "--secure-addr",
+            &format!("127.0.0.1:{sec}"),
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -135,7 +165,8 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(api: u16, xds: u16, pid: u32) -> anyhow::Result<()> {
     // BENCH_SUBSCRIBERS lets a developer separate apply cost from push cost; the reported run uses 100.
-    let subscribers: usize = std::env::var("BENCH_SUBSCRIBERS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_SUBSCRIBERS);
+    let subscribers: usize =
+        std::env::var("BENCH_SUBSCRIBERS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_SUBSCRIBERS);
     let client = Arc::new(meshctl::client::Client::new(&format!("http://127.0.0.1:{api}"))?);
     let deadline = Instant::now() + Duration::from_secs(30);
     while client.call(Method::GET, "/ready", None).await.map(|r| !r.status.is_success()).unwrap_or(true) {
@@ -201,7 +232,10 @@ async fn run(api: u16, xds: u16, pid: u32) -> anyhow::Result<()> {
         client.ok(Method::PUT, &path, Some(&body)).await?;
         let mut seen = 0;
         while seen < subscribers {
-            let (_, got, at) = tokio::time::timeout(Duration::from_secs(10), probe_rx.recv()).await.context("change not delivered within 10 s")?.context("subscribers ended")?;
+            let (_, got, at) = tokio::time::timeout(Duration::from_secs(10), probe_rx.recv())
+                .await
+                .context("change not delivered within 10 s")?
+                .context("subscribers ended")?;
             if got == name {
                 samples.push(at.duration_since(t));
                 seen += 1;
@@ -209,11 +243,19 @@ async fn run(api: u16, xds: u16, pid: u32) -> anyhow::Result<()> {
         }
     }
     samples.sort();
-    let p = |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).saturating_sub(1).min(samples.len() - 1)].as_secs_f64() * 1000.0;
+    let p = |q: f64| {
+        samples[((samples.len() as f64 * q).ceil() as usize).saturating_sub(1).min(samples.len() - 1)].as_secs_f64()
+            * 1000.0
+    };
     let rss = peak_rss_mb(pid);
     println!("one-pod change to each of {subscribers} subscribers over {CHANGES} changes: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms", p(0.5), p(0.99), p(1.0));
     println!("istiod-lite peak RSS {rss:.1} MB");
-    println!("vs targets: snapshot {:.2}x of 3 s, change p99 {:.2}x of 100 ms, RSS {:.2}x of 300 MB", snapshot.as_secs_f64() / 3.0, p(0.99) / 100.0, rss / 300.0);
+    println!(
+        "vs targets: snapshot {:.2}x of 3 s, change p99 {:.2}x of 100 ms, RSS {:.2}x of 300 MB",
+        snapshot.as_secs_f64() / 3.0,
+        p(0.99) / 100.0,
+        rss / 300.0
+    );
     println!("snapshot_s={:.2} change_p99_ms={:.1} rss_mb={:.0}", snapshot.as_secs_f64(), p(0.99), rss);
     Ok(())
 }

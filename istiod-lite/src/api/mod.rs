@@ -72,7 +72,8 @@ async fn xdsz(State(s): State<ApiState>) -> Response {
     for t in crate::xds::TYPES {
         let (mut all, _) = s.cache.all(t);
         all.sort_by(|a, b| a.0.cmp(&b.0));
-        let items: Vec<Value> = all.into_iter().map(|(n, e)| json!({"name": n, "version": e.version, "bytes": e.body.len()})).collect();
+        let items: Vec<Value> =
+            all.into_iter().map(|(n, e)| json!({"name": n, "version": e.version, "bytes": e.body.len()})).collect();
         out.insert(t.to_string(), Value::Array(items));
     }
     Json(Value::Object(out)).into_response()
@@ -80,7 +81,10 @@ async fn xdsz(State(s): State<ApiState>) -> Response {
 
 /// Issues (or rotates) the bearer token a node's ztunnel presents to the CA and xDS.
 /// The token is returned once; only its hash is kept.
-async fn create_node_token(State(s): State<ApiState>, axum::extract::Path(node): axum::extract::Path<String>) -> Response {
+async fn create_node_token(
+    State(s): State<ApiState>,
+    axum::extract::Path(node): axum::extract::Path<String>,
+) -> Response {
     match s.tokens.issue(&node) {
         Ok(token) => Json(json!({"node": node, "token": token})).into_response(),
         Err(e) => ApiError::bad_request(e.to_string()).into_response(),
@@ -109,7 +113,8 @@ async fn handle(s: ApiState, q: ListParams, req: Request) -> Result<Response, Ap
             Ok(watch::serve(s.store.as_ref(), rp.kind, rp.namespace, q.resource_version))
         }
         (&Method::GET, None) => {
-            let items: Vec<Value> = s.store.list(Some(rp.kind), rp.namespace.as_deref()).iter().map(|o| o.to_value()).collect();
+            let items: Vec<Value> =
+                s.store.list(Some(rp.kind), rp.namespace.as_deref()).iter().map(|o| o.to_value()).collect();
             Ok(Json(json!({
                 "kind": format!("{}List", rp.kind.name()),
                 "apiVersion": rp.kind.api_version(),
@@ -175,7 +180,12 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
 }
 
 /// Parses a JSON or YAML body, reconciles it with the URL, and validates it.
-fn decode_object(kind: Kind, namespace: Option<&str>, name: Option<&str>, body: &[u8]) -> Result<trellis_config::Object, ApiError> {
+fn decode_object(
+    kind: Kind,
+    namespace: Option<&str>,
+    name: Option<&str>,
+    body: &[u8],
+) -> Result<trellis_config::Object, ApiError> {
     let text = std::str::from_utf8(body).map_err(|_| ApiError::bad_request("request body is not UTF-8"))?;
     let mut value: Value = if text.trim_start().starts_with('{') {
         serde_json::from_str(text).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?
@@ -191,7 +201,9 @@ fn decode_object(kind: Kind, namespace: Option<&str>, name: Option<&str>, body: 
     if let Some(url_ns) = namespace {
         match meta.get("namespace").and_then(Value::as_str) {
             Some(ns) if ns != url_ns => {
-                return Err(ApiError::bad_request(format!("the namespace of the object ({ns}) does not match the namespace in the URL ({url_ns})")));
+                return Err(ApiError::bad_request(format!(
+                    "the namespace of the object ({ns}) does not match the namespace in the URL ({url_ns})"
+                )));
             }
             _ => {
                 meta.insert("namespace".into(), Value::String(url_ns.into()));
@@ -201,7 +213,9 @@ fn decode_object(kind: Kind, namespace: Option<&str>, name: Option<&str>, body: 
     if let Some(url_name) = name {
         match meta.get("name").and_then(Value::as_str) {
             Some(n) if n != url_name => {
-                return Err(ApiError::bad_request(format!("the name of the object ({n}) does not match the name in the URL ({url_name})")));
+                return Err(ApiError::bad_request(format!(
+                    "the name of the object ({n}) does not match the name in the URL ({url_name})"
+                )));
             }
             _ => {
                 meta.insert("name".into(), Value::String(url_name.into()));
@@ -210,7 +224,10 @@ fn decode_object(kind: Kind, namespace: Option<&str>, name: Option<&str>, body: 
     }
     let body_kind = value.get("kind").and_then(Value::as_str).unwrap_or_default();
     if !body_kind.is_empty() && body_kind != kind.name() {
-        return Err(ApiError::bad_request(format!("body kind {body_kind} does not match the URL's resource {}", kind.plural())));
+        return Err(ApiError::bad_request(format!(
+            "body kind {body_kind} does not match the URL's resource {}",
+            kind.plural()
+        )));
     }
     let obj_name = name.unwrap_or_default().to_string();
     let obj = trellis_config::Object::from_value(value).map_err(|e| ApiError::invalid(kind.name(), &obj_name, &e))?;

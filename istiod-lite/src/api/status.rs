@@ -23,7 +23,12 @@ impl ApiError {
         ApiError { code: StatusCode::NOT_FOUND, reason: "NotFound", message: message.into(), details: None }
     }
     pub fn method_not_allowed(message: impl Into<String>) -> Self {
-        ApiError { code: StatusCode::METHOD_NOT_ALLOWED, reason: "MethodNotAllowed", message: message.into(), details: None }
+        ApiError {
+            code: StatusCode::METHOD_NOT_ALLOWED,
+            reason: "MethodNotAllowed",
+            message: message.into(),
+            details: None,
+        }
     }
     pub fn too_large(limit: usize) -> Self {
         ApiError {

@@ -54,7 +54,8 @@ pub fn serve(store: &dyn Store, kind: Kind, namespace: Option<String>, resource_
                 }
                 Ok(_) => continue,
                 Err(RecvError::Lagged(n)) => {
-                    let status = ApiError::gone(format!("watcher fell {n} events behind; relist and watch again")).body();
+                    let status =
+                        ApiError::gone(format!("watcher fell {n} events behind; relist and watch again")).body();
                     return Some((line("ERROR", status), (rx, ns, true)));
                 }
                 Err(RecvError::Closed) => return None,

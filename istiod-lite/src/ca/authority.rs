@@ -106,14 +106,16 @@ impl Authority {
                 .map_err(|e| material(&root_key, e.to_string()))?;
             (root.clone(), key, vec![root.clone()], root)
         } else {
-            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Sign(e.to_string()))?;
+            let key =
+                KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Sign(e.to_string()))?;
             let mut params = CertificateParams::default();
             let mut dn = DistinguishedName::new();
             dn.push(DnType::OrganizationName, trust_domain);
             dn.push(DnType::CommonName, "Trellis mesh root CA");
             params.distinguished_name = dn;
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+            params.key_usages =
+                vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
             let now = OffsetDateTime::now_utc();
             params.not_before = now - BACKDATE;
             params.not_after = now + ROOT_VALIDITY;
@@ -154,21 +156,29 @@ impl Authority {
         }
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(identity.try_into().map_err(|e: rcgen::Error| CaError::BadCsr(e.to_string()))?)];
+        params.subject_alt_names =
+            vec![SanType::URI(identity.try_into().map_err(|e: rcgen::Error| CaError::BadCsr(e.to_string()))?)];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         self.finish(params, &checked.params.public_key, ttl)
     }
 
     /// istiod-lite's own TLS certificate for :15012, issued by the mesh CA.
-    pub fn issue_server_cert(&self, dns_names: &[String], ips: &[IpAddr], ttl: Duration) -> Result<(Vec<String>, String), CaError> {
+    pub fn issue_server_cert(
+        &self,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        ttl: Duration,
+    ) -> Result<(Vec<String>, String), CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Sign(e.to_string()))?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, "istiod-lite");
         params.distinguished_name = dn;
         for n in dns_names {
-            params.subject_alt_names.push(SanType::DnsName(n.as_str().try_into().map_err(|e: rcgen::Error| CaError::Sign(e.to_string()))?));
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(n.as_str().try_into().map_err(|e: rcgen::Error| CaError::Sign(e.to_string()))?));
         }
         params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
@@ -177,7 +187,12 @@ impl Authority {
         Ok((chain, key.serialize_pem()))
     }
 
-    fn finish(&self, mut params: CertificateParams, public_key: &impl rcgen::PublicKeyData, ttl: Duration) -> Result<Vec<String>, CaError> {
+    fn finish(
+        &self,
+        mut params: CertificateParams,
+        public_key: &impl rcgen::PublicKeyData,
+        ttl: Duration,
+    ) -> Result<Vec<String>, CaError> {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
         // A leaf must not outlive its issuer: verifiers would reject the tail of its lifetime.

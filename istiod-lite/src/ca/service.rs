@@ -57,7 +57,10 @@ impl CaService {
 
 #[tonic::async_trait]
 impl IstioCertificateService for CaService {
-    async fn create_certificate(&self, req: Request<IstioCertificateRequest>) -> Result<Response<IstioCertificateResponse>, Status> {
+    async fn create_certificate(
+        &self,
+        req: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
         self.metrics.csr_count.inc();
         let Some(node) = bearer(&req).and_then(|t| self.tokens.verify(t)) else {
             self.metrics.csr_denied.get_or_create(&ReasonLabels { reason: "unauthenticated".into() }).inc();
@@ -65,23 +68,38 @@ impl IstioCertificateService for CaService {
             return Err(Status::unauthenticated("a valid node bearer token is required"));
         };
         let body = req.into_inner();
-        let requested = body
-            .metadata
-            .as_ref()
-            .and_then(|m| m.fields.get(IMPERSONATED_IDENTITY))
-            .and_then(|v| match &v.kind {
+        let requested =
+            body.metadata.as_ref().and_then(|m| m.fields.get(IMPERSONATED_IDENTITY)).and_then(|v| match &v.kind {
                 Some(prost_types::value::Kind::StringValue(s)) => Some(s.clone()),
                 _ => None,
             });
         let Some(requested) = requested else {
-            return Err(self.deny("no_impersonation", &node, "", "node tokens obtain workload identities only via ImpersonatedIdentity".into()));
+            return Err(self.deny(
+                "no_impersonation",
+                &node,
+                "",
+                "node tokens obtain workload identities only via ImpersonatedIdentity".into(),
+            ));
         };
         let id = Identity::parse(&requested).map_err(Status::invalid_argument)?;
         if id.trust_domain != self.authority.trust_domain {
-            return Err(self.deny("trust_domain", &node, &requested, format!("trust domain is {}", self.authority.trust_domain)));
+            return Err(self.deny(
+                "trust_domain",
+                &node,
+                &requested,
+                format!("trust domain is {}", self.authority.trust_domain),
+            ));
         }
         if !self.scheduled_on(&id, &node) {
-            return Err(self.deny("not_on_node", &node, &requested, format!("no pod with service account {} in namespace {} is scheduled on node {node}", id.service_account, id.namespace)));
+            return Err(self.deny(
+                "not_on_node",
+                &node,
+                &requested,
+                format!(
+                    "no pod with service account {} in namespace {} is scheduled on node {node}",
+                    id.service_account, id.namespace
+                ),
+            ));
         }
         let ttl = match body.validity_duration {
             d if d <= 0 => DEFAULT_TTL,

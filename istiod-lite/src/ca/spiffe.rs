@@ -37,7 +37,12 @@ mod tests {
     fn parses_only_workload_identities() {
         let id = Identity::parse("spiffe://cluster.local/ns/demo/sa/client").unwrap();
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/demo/sa/client");
-        for bad in ["spiffe://cluster.local/ns/demo", "http://x/ns/a/sa/b", "spiffe://td/ns//sa/b", "spiffe://td/ns/a/sa/b/extra"] {
+        for bad in [
+            "spiffe://cluster.local/ns/demo",
+            "http://x/ns/a/sa/b",
+            "spiffe://td/ns//sa/b",
+            "spiffe://td/ns/a/sa/b/extra",
+        ] {
             assert!(Identity::parse(bad).is_err(), "{bad}");
         }
     }

@@ -34,7 +34,8 @@ impl NodeTokens {
     /// Loads the token hashes from `path`; a missing file means no tokens yet.
     pub fn open(path: PathBuf) -> Result<NodeTokens, TokenError> {
         let hashes = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| TokenError::Io { path: path.clone(), err: std::io::Error::other(e) })?,
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| TokenError::Io { path: path.clone(), err: std::io::Error::other(e) })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(err) => return Err(TokenError::Io { path, err }),
         };
@@ -43,7 +44,9 @@ impl NodeTokens {
 
     /// Creates or rotates the token of `node`; the previous token stops working.
     pub fn issue(&self, node: &str) -> Result<String, TokenError> {
-        let valid = !node.is_empty() && node.len() <= 253 && node.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        let valid = !node.is_empty()
+            && node.len() <= 253
+            && node.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
         if !valid {
             return Err(TokenError::BadNode(node.to_string()));
         }
@@ -53,7 +56,8 @@ impl NodeTokens {
         let mut hashes = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
         hashes.insert(node.to_string(), hash(&token));
         let bytes = serde_json::to_vec_pretty(&*hashes).unwrap_or_default();
-        crate::secrets::write_private(&self.path, &bytes).map_err(|err| TokenError::Io { path: self.path.clone(), err })?;
+        crate::secrets::write_private(&self.path, &bytes)
+            .map_err(|err| TokenError::Io { path: self.path.clone(), err })?;
         Ok(token)
     }
 

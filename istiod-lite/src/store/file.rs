@@ -72,7 +72,8 @@ impl FileStore {
     pub fn open_with(dir: &Path, compact_bytes: u64) -> Result<FileStore, OpenError> {
         let io_err = |err| OpenError::Io { dir: dir.to_path_buf(), err };
         std::fs::create_dir_all(dir).map_err(io_err)?;
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("LOCK")).map_err(io_err)?;
+        let lock =
+            OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("LOCK")).map_err(io_err)?;
         if lock.try_lock().is_err() {
             return Err(OpenError::Locked(dir.to_path_buf()));
         }
@@ -91,7 +92,13 @@ impl FileStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(e)),
         }
-        let mut log = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(dir.join("wal.log")).map_err(io_err)?;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(dir.join("wal.log"))
+            .map_err(io_err)?;
         let snapshot_revision = revision;
         for rec in wal::replay(&mut log).map_err(io_err)? {
             if rec.revision() <= snapshot_revision {
@@ -112,11 +119,9 @@ impl FileStore {
         let state = Arc::new(RwLock::new(State { objects, revision }));
         let (events, _) = broadcast::channel(WATCH_BUFFER);
         let (queue, rx) = mpsc::sync_channel(QUEUE);
-        let writer = Writer { dir: dir.to_path_buf(), log, state: state.clone(), events: events.clone(), compact_bytes };
-        std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(io_err)?;
+        let writer =
+            Writer { dir: dir.to_path_buf(), log, state: state.clone(), events: events.clone(), compact_bytes };
+        std::thread::Builder::new().name("store-writer".into()).spawn(move || writer.run(rx)).map_err(io_err)?;
         Ok(FileStore { state, queue, events, _lock: lock })
     }
 }
@@ -217,7 +222,10 @@ impl Writer {
                     if let Some(rec) = &p.record {
                         revision += 1;
                         wal::encode(rec, &mut bytes);
-                        overlay.insert(p.event.object.key(), if p.event.kind == EventType::Deleted { None } else { Some(p.event.object.clone()) });
+                        overlay.insert(
+                            p.event.object.key(),
+                            if p.event.kind == EventType::Deleted { None } else { Some(p.event.object.clone()) },
+                        );
                     }
                 }
                 outcomes.push((planned, reply));
@@ -300,14 +308,22 @@ struct Planned {
 }
 
 /// Decides what one write does against the current state; pure apart from the clock string.
-fn plan(write: Write, current: &dyn Fn(&ObjectKey) -> Option<Arc<Object>>, revision: u64, now: &str) -> Result<Planned, StoreError> {
+fn plan(
+    write: Write,
+    current: &dyn Fn(&ObjectKey) -> Option<Arc<Object>>,
+    revision: u64,
+    now: &str,
+) -> Result<Planned, StoreError> {
     match write {
         Write::Put(mut obj) => {
             let key = obj.key();
             let existing = current(&key);
             let wanted_rv = obj.meta().resource_version.clone();
             if let Some(rv) = &wanted_rv {
-                let actual = existing.as_ref().and_then(|e| e.meta().resource_version.clone()).unwrap_or_else(|| "<none>".into());
+                let actual = existing
+                    .as_ref()
+                    .and_then(|e| e.meta().resource_version.clone())
+                    .unwrap_or_else(|| "<none>".into());
                 if *rv != actual {
                     return Err(StoreError::Conflict { key, expected: rv.clone(), actual });
                 }
@@ -348,7 +364,11 @@ fn plan(write: Write, current: &dyn Fn(&ObjectKey) -> Option<Arc<Object>>, revis
                 Some(_) => (EventType::Modified, Applied::Updated(obj.clone())),
                 None => (EventType::Added, Applied::Created(obj.clone())),
             };
-            Ok(Planned { record: Some(record), event: Event { kind, object: obj, previous: existing, revision }, applied })
+            Ok(Planned {
+                record: Some(record),
+                event: Event { kind, object: obj, previous: existing, revision },
+                applied,
+            })
         }
         Write::Delete { key, resource_version } => {
             let Some(existing) = current(&key) else { return Err(StoreError::NotFound(key)) };
@@ -378,7 +398,8 @@ mod tests {
     use trellis_config::load::load_text;
 
     fn pod(name: &str, ip: &str) -> Object {
-        let y = format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: t}}\nstatus: {{podIP: {ip}}}\n");
+        let y =
+            format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: t}}\nstatus: {{podIP: {ip}}}\n");
         load_text("t", &y, "t").unwrap().remove(0).object
     }
 

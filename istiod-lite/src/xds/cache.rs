@@ -149,7 +149,13 @@ mod tests {
     #[test]
     fn only_real_changes_advance_and_are_reported() {
         let c = Cache::default();
-        assert_eq!(c.apply(T, vec![("a".into(), Some(Bytes::from_static(b"1"))), ("b".into(), Some(Bytes::from_static(b"2")))]), 2);
+        assert_eq!(
+            c.apply(
+                T,
+                vec![("a".into(), Some(Bytes::from_static(b"1"))), ("b".into(), Some(Bytes::from_static(b"2")))]
+            ),
+            2
+        );
         let s = c.seq();
         assert_eq!(c.apply(T, vec![("a".into(), Some(Bytes::from_static(b"1")))]), 0, "same bytes are not a change");
         assert_eq!(c.seq(), s);

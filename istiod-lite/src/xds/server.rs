@@ -57,11 +57,17 @@ impl AggregatedDiscoveryService for AdsServer {
     type StreamAggregatedResourcesStream = SotwStream;
     type DeltaAggregatedResourcesStream = DeltaStream;
 
-    async fn stream_aggregated_resources(&self, _req: Request<Streaming<DiscoveryRequest>>) -> Result<Response<SotwStream>, Status> {
+    async fn stream_aggregated_resources(
+        &self,
+        _req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SotwStream>, Status> {
         Err(Status::unimplemented("workload discovery is served over DeltaAggregatedResources"))
     }
 
-    async fn delta_aggregated_resources(&self, req: Request<Streaming<DeltaDiscoveryRequest>>) -> Result<Response<DeltaStream>, Status> {
+    async fn delta_aggregated_resources(
+        &self,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaStream>, Status> {
         let mut authenticated_node = None;
         if let Some(tokens) = &self.tokens {
             let node = crate::ca::service::bearer(&req).and_then(|t| tokens.verify(t));
@@ -140,7 +146,12 @@ fn metadata_string(req: &DeltaDiscoveryRequest, key: &str) -> Option<String> {
 }
 
 impl DeltaStreamTask {
-    async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>, peer: String, authenticated_node: Option<String>) {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<DeltaDiscoveryRequest>,
+        peer: String,
+        authenticated_node: Option<String>,
+    ) {
         let mut seq_rx = self.cache.subscribe();
         let mut guard = None;
         let mut dirty = false;
@@ -204,7 +215,11 @@ impl DeltaStreamTask {
 
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), ()> {
         let Some(type_url) = TYPES.iter().copied().find(|t| *t == req.type_url) else {
-            tracing::debug!(stream = self.id, type_url = req.type_url, "ignoring subscription to a type this server does not serve");
+            tracing::debug!(
+                stream = self.id,
+                type_url = req.type_url,
+                "ignoring subscription to a type this server does not serve"
+            );
             return Ok(());
         };
         if !req.response_nonce.is_empty() {
@@ -257,7 +272,13 @@ impl DeltaStreamTask {
         match &req.error_detail {
             Some(err) => {
                 self.metrics.xds_rejects.get_or_create(&Metrics::type_label(type_url)).inc();
-                tracing::warn!(stream = self.id, type_url, nonce, error = err.message, "xDS client rejected a response (NACK)");
+                tracing::warn!(
+                    stream = self.id,
+                    type_url,
+                    nonce,
+                    error = err.message,
+                    "xDS client rejected a response (NACK)"
+                );
                 let nack = Nack { nonce, version, error: err.message.clone(), at: crate::store::file::now_rfc3339() };
                 self.registry.update(self.id, type_url, |s| {
                     s.last_nack = Some(nack);
@@ -286,7 +307,9 @@ impl DeltaStreamTask {
             seq
         } else {
             let (changes, seq) = self.cache.changes_since(type_url, sub.synced);
-            updated.extend(changes.updated.into_iter().filter(|(n, e)| sub.wants(n) && sub.sent.get(n) != Some(&e.version)));
+            updated.extend(
+                changes.updated.into_iter().filter(|(n, e)| sub.wants(n) && sub.sent.get(n) != Some(&e.version)),
+            );
             removed.extend(changes.removed.into_iter().filter(|n| sub.sent.contains_key(n)));
             seq
         };

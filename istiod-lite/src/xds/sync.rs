@@ -39,7 +39,11 @@ pub async fn run(store: Arc<dyn Store>, cache: Arc<Cache>, settings: Settings) {
         let mut translator = Translator::new(settings.clone());
         let started = std::time::Instant::now();
         publish(&cache, translator.load(watch.objects), true);
-        tracing::info!(revision = watch.revision, elapsed_ms = started.elapsed().as_millis() as u64, "xDS state rebuilt from store");
+        tracing::info!(
+            revision = watch.revision,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "xDS state rebuilt from store"
+        );
         let mut events = watch.events;
         loop {
             let first = match events.recv().await {

@@ -6,10 +6,10 @@
 //! resource.
 
 pub mod policy;
-pub mod workload;
-pub mod world;
 #[cfg(test)]
 mod tests;
+pub mod workload;
+pub mod world;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -167,16 +167,18 @@ impl Translator {
         Some(match t {
             Target::Workload(key) => {
                 let name = workload::uid(s, key);
-                let body = self.world.get(key).and_then(|o| workload::workload(&self.world, s, o)).map(|w| {
-                    Bytes::from(wl::Address { r#type: Some(wl::address::Type::Workload(w)) }.encode_to_vec())
-                });
+                let body =
+                    self.world.get(key).and_then(|o| workload::workload(&self.world, s, o)).map(|w| {
+                        Bytes::from(wl::Address { r#type: Some(wl::address::Type::Workload(w)) }.encode_to_vec())
+                    });
                 (ADDRESS_TYPE_URL, name, body)
             }
             Target::Service(key) => {
                 let name = workload::service_name(s, key);
                 let body = match self.world.get(key).map(|o| o.as_ref()) {
                     Some(Object::Service(svc)) => Some(Bytes::from(
-                        wl::Address { r#type: Some(wl::address::Type::Service(workload::service(s, svc))) }.encode_to_vec(),
+                        wl::Address { r#type: Some(wl::address::Type::Service(workload::service(s, svc))) }
+                            .encode_to_vec(),
                     )),
                     _ => None,
                 };
@@ -185,7 +187,9 @@ impl Translator {
             Target::Policy(key) => {
                 let name = policy::resource_name(&key.namespace, &key.name);
                 let body = match self.world.get(key).map(|o| o.as_ref()) {
-                    Some(Object::AuthorizationPolicy(ap)) => policy::authorization(s, ap).map(|a| Bytes::from(a.encode_to_vec())),
+                    Some(Object::AuthorizationPolicy(ap)) => {
+                        policy::authorization(s, ap).map(|a| Bytes::from(a.encode_to_vec()))
+                    }
                     _ => None,
                 };
                 (AUTHORIZATION_TYPE_URL, name, body)
@@ -193,9 +197,8 @@ impl Translator {
             Target::PeerPolicy(key) => {
                 let name = policy::resource_name(&key.namespace, &format!("{}{}", policy::CONVERTED_PREFIX, key.name));
                 let body = match self.world.get(key).map(|o| o.as_ref()) {
-                    Some(Object::PeerAuthentication(pa)) => {
-                        policy::converted_peer_authentication(&self.world, s, pa).map(|a| Bytes::from(a.encode_to_vec()))
-                    }
+                    Some(Object::PeerAuthentication(pa)) => policy::converted_peer_authentication(&self.world, s, pa)
+                        .map(|a| Bytes::from(a.encode_to_vec())),
                     _ => None,
                 };
                 (AUTHORIZATION_TYPE_URL, name, body)

@@ -22,7 +22,8 @@ use super::Settings;
 pub const STATIC_STRICT: &str = "istio_converted_static_strict";
 pub const CONVERTED_PREFIX: &str = "converted_peer_authentication_";
 /// The `when` keys ztunnel can evaluate.
-pub const L4_CONDITION_KEYS: [&str; 5] = ["source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port"];
+pub const L4_CONDITION_KEYS: [&str; 5] =
+    ["source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port"];
 
 fn string_match(pattern: &str) -> pb::StringMatch {
     use pb::string_match::MatchType;
@@ -70,11 +71,19 @@ fn ports(list: &[String]) -> Vec<u32> {
 }
 
 fn source_has_l7(s: &Source) -> bool {
-    !s.request_principals.is_empty() || !s.not_request_principals.is_empty() || !s.remote_ip_blocks.is_empty() || !s.not_remote_ip_blocks.is_empty()
+    !s.request_principals.is_empty()
+        || !s.not_request_principals.is_empty()
+        || !s.remote_ip_blocks.is_empty()
+        || !s.not_remote_ip_blocks.is_empty()
 }
 
 fn operation_has_l7(o: &Operation) -> bool {
-    !o.hosts.is_empty() || !o.not_hosts.is_empty() || !o.methods.is_empty() || !o.not_methods.is_empty() || !o.paths.is_empty() || !o.not_paths.is_empty()
+    !o.hosts.is_empty()
+        || !o.not_hosts.is_empty()
+        || !o.methods.is_empty()
+        || !o.not_methods.is_empty()
+        || !o.paths.is_empty()
+        || !o.not_paths.is_empty()
 }
 
 fn condition_is_l7(c: &Condition) -> bool {
@@ -82,7 +91,9 @@ fn condition_is_l7(c: &Condition) -> bool {
 }
 
 pub fn rule_has_l7(r: &Rule) -> bool {
-    r.from.iter().any(|f| source_has_l7(&f.source)) || r.to.iter().any(|t| operation_has_l7(&t.operation)) || r.when.iter().any(condition_is_l7)
+    r.from.iter().any(|f| source_has_l7(&f.source))
+        || r.to.iter().any(|t| operation_has_l7(&t.operation))
+        || r.when.iter().any(condition_is_l7)
 }
 
 fn is_empty(m: &pb::Match) -> bool {
@@ -94,8 +105,14 @@ fn source_match(s: &Source) -> Option<pb::Match> {
     let m = pb::Match {
         // serviceAccounts "ns/sa" is the principal "<any trust domain>/ns/<ns>/sa/<sa>"; the
         // validator forbids mixing it with principals in one source, so OR-ing them is exact.
-        principals: principals(&s.principals).into_iter().chain(s.service_accounts.iter().filter_map(|sa| service_account(sa))).collect(),
-        not_principals: principals(&s.not_principals).into_iter().chain(s.not_service_accounts.iter().filter_map(|sa| service_account(sa))).collect(),
+        principals: principals(&s.principals)
+            .into_iter()
+            .chain(s.service_accounts.iter().filter_map(|sa| service_account(sa)))
+            .collect(),
+        not_principals: principals(&s.not_principals)
+            .into_iter()
+            .chain(s.not_service_accounts.iter().filter_map(|sa| service_account(sa)))
+            .collect(),
         namespaces: strings(&s.namespaces),
         not_namespaces: strings(&s.not_namespaces),
         source_ips: addresses(&s.ip_blocks),
@@ -111,7 +128,11 @@ fn service_account(s: &str) -> Option<pb::StringMatch> {
 }
 
 fn operation_match(o: &Operation) -> Option<pb::Match> {
-    let m = pb::Match { destination_ports: ports(&o.ports), not_destination_ports: ports(&o.not_ports), ..Default::default() };
+    let m = pb::Match {
+        destination_ports: ports(&o.ports),
+        not_destination_ports: ports(&o.not_ports),
+        ..Default::default()
+    };
     (!is_empty(&m)).then_some(m)
 }
 
@@ -120,9 +141,15 @@ fn condition_match(c: &Condition) -> Option<pb::Match> {
     let m = match c.key.as_str() {
         "source.ip" => pb::Match { source_ips: addresses(v), not_source_ips: addresses(nv), ..Default::default() },
         "source.namespace" => pb::Match { namespaces: strings(v), not_namespaces: strings(nv), ..Default::default() },
-        "source.principal" => pb::Match { principals: principals(v), not_principals: principals(nv), ..Default::default() },
-        "destination.ip" => pb::Match { destination_ips: addresses(v), not_destination_ips: addresses(nv), ..Default::default() },
-        "destination.port" => pb::Match { destination_ports: ports(v), not_destination_ports: ports(nv), ..Default::default() },
+        "source.principal" => {
+            pb::Match { principals: principals(v), not_principals: principals(nv), ..Default::default() }
+        }
+        "destination.ip" => {
+            pb::Match { destination_ips: addresses(v), not_destination_ips: addresses(nv), ..Default::default() }
+        }
+        "destination.port" => {
+            pb::Match { destination_ports: ports(v), not_destination_ports: ports(nv), ..Default::default() }
+        }
         _ => return None,
     };
     (!is_empty(&m)).then_some(m)
@@ -171,7 +198,13 @@ pub fn authorization(settings: &Settings, ap: &AuthorizationPolicy) -> Option<pb
     };
     let deny = action == pb::Action::Deny;
     let rules = spec.rules.iter().flatten().filter_map(|r| rule(r, deny)).collect();
-    Some(pb::Authorization { name: ap.metadata.name.clone(), namespace: ns, scope: scope as i32, action: action as i32, rules })
+    Some(pb::Authorization {
+        name: ap.metadata.name.clone(),
+        namespace: ns,
+        scope: scope as i32,
+        action: action as i32,
+        rules,
+    })
 }
 
 fn no_peer_principal() -> pb::Match {
@@ -209,7 +242,9 @@ fn pa_mode(pa: &PeerAuthentication) -> Option<Mode> {
 
 /// Oldest first, then by name: Istio's rule for picking among conflicting policies.
 fn oldest<'a>(mut list: Vec<&'a PeerAuthentication>) -> Option<&'a PeerAuthentication> {
-    list.sort_by(|a, b| (&a.metadata.creation_timestamp, &a.metadata.name).cmp(&(&b.metadata.creation_timestamp, &b.metadata.name)));
+    list.sort_by(|a, b| {
+        (&a.metadata.creation_timestamp, &a.metadata.name).cmp(&(&b.metadata.creation_timestamp, &b.metadata.name))
+    });
     list.into_iter().next()
 }
 
@@ -234,27 +269,43 @@ pub fn inherited_mode(world: &World, settings: &Settings, ns: &str) -> Mode {
 fn workload_pa<'a>(world: &'a World, ns: &str, labels: &BTreeMap<String, String>) -> Option<&'a PeerAuthentication> {
     oldest(
         peer_policies(world, ns)
-            .filter(|p| p.spec.selector.as_ref().is_some_and(|s| !s.match_labels.is_empty() && selector::matches(&s.match_labels, labels)))
+            .filter(|p| {
+                p.spec
+                    .selector
+                    .as_ref()
+                    .is_some_and(|s| !s.match_labels.is_empty() && selector::matches(&s.match_labels, labels))
+            })
             .collect(),
     )
 }
 
 /// Port-level PeerAuthentication as a DENY policy for the workloads it selects.
-pub fn converted_peer_authentication(world: &World, settings: &Settings, pa: &PeerAuthentication) -> Option<pb::Authorization> {
+pub fn converted_peer_authentication(
+    world: &World,
+    settings: &Settings,
+    pa: &PeerAuthentication,
+) -> Option<pb::Authorization> {
     if !has_selector(pa) || pa.spec.port_level_mtls.is_empty() {
         return None;
     }
     let ns = pa.metadata.namespace.clone().unwrap_or_default();
     let default = pa_mode(pa).unwrap_or_else(|| inherited_mode(world, settings, &ns));
     let with_mode = |m: Mode| -> Vec<u32> {
-        pa.spec.port_level_mtls.iter().filter(|(_, s)| mode_of(&s.mode) == Some(m)).filter_map(|(p, _)| p.parse().ok()).collect()
+        pa.spec
+            .port_level_mtls
+            .iter()
+            .filter(|(_, s)| mode_of(&s.mode) == Some(m))
+            .filter_map(|(p, _)| p.parse().ok())
+            .collect()
     };
     let rules = match default {
         Mode::Strict => {
             let exempt = with_mode(Mode::Permissive);
             let mut clauses = Vec::new();
             if !exempt.is_empty() {
-                clauses.push(pb::Clause { matches: vec![pb::Match { not_destination_ports: exempt, ..Default::default() }] });
+                clauses.push(pb::Clause {
+                    matches: vec![pb::Match { not_destination_ports: exempt, ..Default::default() }],
+                });
             }
             clauses.push(pb::Clause { matches: vec![no_peer_principal()] });
             vec![pb::Rule { clauses }]
@@ -284,7 +335,12 @@ pub fn converted_peer_authentication(world: &World, settings: &Settings, pa: &Pe
 
 /// Names of the selector-scoped policies that apply to a workload with these labels, including
 /// the PeerAuthentication-derived ones. Namespace- and mesh-scoped policies apply by scope.
-pub fn selected_policies(world: &World, settings: &Settings, ns: &str, labels: &BTreeMap<String, String>) -> Vec<String> {
+pub fn selected_policies(
+    world: &World,
+    settings: &Settings,
+    ns: &str,
+    labels: &BTreeMap<String, String>,
+) -> Vec<String> {
     let mut out = Vec::new();
     let mut scan = |policy_ns: &str| {
         for o in world.in_namespace(Kind::AuthorizationPolicy, policy_ns) {
@@ -303,7 +359,9 @@ pub fn selected_policies(world: &World, settings: &Settings, ns: &str, labels: &
         scan(&settings.root_namespace);
     }
     match workload_pa(world, ns, labels) {
-        Some(pa) if !pa.spec.port_level_mtls.is_empty() => out.push(resource_name(ns, &format!("{CONVERTED_PREFIX}{}", pa.metadata.name))),
+        Some(pa) if !pa.spec.port_level_mtls.is_empty() => {
+            out.push(resource_name(ns, &format!("{CONVERTED_PREFIX}{}", pa.metadata.name)))
+        }
         wpa => {
             let mode = wpa.and_then(pa_mode).unwrap_or_else(|| inherited_mode(world, settings, ns));
             if mode == Mode::Strict {

@@ -12,7 +12,11 @@ use super::*;
 use crate::store::{Event, EventType};
 
 fn objects(yaml: &str) -> Vec<Arc<Object>> {
-    load_text("t.yaml", yaml, "default").expect("test manifests are valid").into_iter().map(|l| Arc::new(l.object)).collect()
+    load_text("t.yaml", yaml, "default")
+        .expect("test manifests are valid")
+        .into_iter()
+        .map(|l| Arc::new(l.object))
+        .collect()
 }
 
 fn translate(yaml: &str) -> Vec<Output> {
@@ -20,7 +24,11 @@ fn translate(yaml: &str) -> Vec<Output> {
 }
 
 fn workload(out: &[Output], name: &str) -> wl::Workload {
-    let body = out.iter().find(|(t, n, _)| *t == ADDRESS_TYPE_URL && n.ends_with(&format!("/{name}"))).and_then(|o| o.2.clone()).expect("workload rendered");
+    let body = out
+        .iter()
+        .find(|(t, n, _)| *t == ADDRESS_TYPE_URL && n.ends_with(&format!("/{name}")))
+        .and_then(|o| o.2.clone())
+        .expect("workload rendered");
     match wl::Address::decode(body).expect("decodes").r#type {
         Some(wl::address::Type::Workload(w)) => w,
         other => panic!("not a workload: {other:?}"),
@@ -28,7 +36,10 @@ fn workload(out: &[Output], name: &str) -> wl::Workload {
 }
 
 fn authz(out: &[Output], name: &str) -> Option<pb::Authorization> {
-    out.iter().find(|(t, n, _)| *t == AUTHORIZATION_TYPE_URL && n == name).and_then(|o| o.2.clone()).map(|b| pb::Authorization::decode(b).expect("decodes"))
+    out.iter()
+        .find(|(t, n, _)| *t == AUTHORIZATION_TYPE_URL && n == name)
+        .and_then(|o| o.2.clone())
+        .map(|b| pb::Authorization::decode(b).expect("decodes"))
 }
 
 const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n";
@@ -53,7 +64,10 @@ fn enrollment_follows_namespace_label_and_pod_label_overrides() {
     let a = workload(&out, "a");
     assert_eq!(a.uid, "Kubernetes//v1/Pod/demo/a");
     assert_eq!(a.addresses, vec![vec![10, 244, 1, 2]]);
-    assert_eq!((a.service_account.as_str(), a.node.as_str(), a.trust_domain.as_str()), ("sa-a", "node1", "cluster.local"));
+    assert_eq!(
+        (a.service_account.as_str(), a.node.as_str(), a.trust_domain.as_str()),
+        ("sa-a", "node1", "cluster.local")
+    );
     assert_eq!(a.canonical_name, "a");
 }
 
@@ -64,13 +78,20 @@ fn services_carry_vips_and_endpoints_carry_resolved_ports() {
         pod("demo", "a", "app: a", "10.244.1.2")
     );
     let out = translate(&yaml);
-    let svc = out.iter().find(|(_, n, _)| n == "demo/web.demo.svc.cluster.local").and_then(|o| o.2.clone()).expect("service");
+    let svc =
+        out.iter().find(|(_, n, _)| n == "demo/web.demo.svc.cluster.local").and_then(|o| o.2.clone()).expect("service");
     let Some(wl::address::Type::Service(s)) = wl::Address::decode(svc).unwrap().r#type else { panic!() };
     assert_eq!(s.addresses[0].address, vec![10, 96, 0, 5]);
-    assert_eq!(s.ports, vec![wl::Port { service_port: 80, target_port: 0 }, wl::Port { service_port: 81, target_port: 7070 }]);
+    assert_eq!(
+        s.ports,
+        vec![wl::Port { service_port: 80, target_port: 0 }, wl::Port { service_port: 81, target_port: 7070 }]
+    );
     let a = workload(&out, "a");
     let ports = &a.services["demo/web.demo.svc.cluster.local"].ports;
-    assert_eq!(ports, &vec![wl::Port { service_port: 80, target_port: 9090 }, wl::Port { service_port: 81, target_port: 7070 }]);
+    assert_eq!(
+        ports,
+        &vec![wl::Port { service_port: 80, target_port: 9090 }, wl::Port { service_port: 81, target_port: 7070 }]
+    );
 }
 
 fn policy(ns: &str, name: &str, spec: &str) -> String {
@@ -99,21 +120,46 @@ fn policy_scope_comes_from_selector_namespace_or_root() {
 const L7_CASES: &[(&str, &str, &str, usize, &[&[usize]])] = &[
     ("empty spec denies all", "ALLOW", "", 0, &[]),
     ("rules [{}] matches all", "ALLOW", "rules: [{}]", 1, &[&[]]),
-    ("allow L4 only kept", "ALLOW", "rules: [{from: [{source: {namespaces: [demo]}}], to: [{operation: {ports: ['80']}}]}]", 1, &[&[1, 1]]),
+    (
+        "allow L4 only kept",
+        "ALLOW",
+        "rules: [{from: [{source: {namespaces: [demo]}}], to: [{operation: {ports: ['80']}}]}]",
+        1,
+        &[&[1, 1]],
+    ),
     ("allow with methods dropped", "ALLOW", "rules: [{to: [{operation: {methods: [GET]}}]}]", 0, &[]),
-    ("allow mixed keeps L4 rule", "ALLOW", "rules: [{to: [{operation: {paths: [/a]}}]}, {from: [{source: {principals: ['*']}}]}]", 1, &[&[1]]),
-    ("allow with request principal dropped", "ALLOW", "rules: [{from: [{source: {requestPrincipals: ['*']}}]}]", 0, &[]),
+    (
+        "allow mixed keeps L4 rule",
+        "ALLOW",
+        "rules: [{to: [{operation: {paths: [/a]}}]}, {from: [{source: {principals: ['*']}}]}]",
+        1,
+        &[&[1]],
+    ),
+    (
+        "allow with request principal dropped",
+        "ALLOW",
+        "rules: [{from: [{source: {requestPrincipals: ['*']}}]}]",
+        0,
+        &[],
+    ),
     ("allow with L7 condition dropped", "ALLOW", "rules: [{when: [{key: 'request.headers[x]', values: [a]}]}]", 0, &[]),
     ("deny L7-only operation never matches", "DENY", "rules: [{to: [{operation: {methods: [GET]}}]}]", 1, &[&[0]]),
     ("deny strips L7 keeps ports", "DENY", "rules: [{to: [{operation: {methods: [GET], ports: ['80']}}]}]", 1, &[&[1]]),
-    ("deny L7 condition clause never matches", "DENY", "rules: [{from: [{source: {namespaces: [x]}}], when: [{key: request.auth.principal, values: [a]}]}]", 1, &[&[1, 0]]),
+    (
+        "deny L7 condition clause never matches",
+        "DENY",
+        "rules: [{from: [{source: {namespaces: [x]}}], when: [{key: request.auth.principal, values: [a]}]}]",
+        1,
+        &[&[1, 0]],
+    ),
     ("deny L4 condition kept", "DENY", "rules: [{when: [{key: source.ip, values: [10.0.0.0/8]}]}]", 1, &[&[1]]),
 ];
 
 #[test]
 fn l7_attributes_are_stripped_at_l4() {
     for (name, action, rules, want_rules, clauses) in L7_CASES {
-        let spec = if rules.is_empty() { format!("{{action: {action}}}") } else { format!("{{action: {action}, {rules}}}") };
+        let spec =
+            if rules.is_empty() { format!("{{action: {action}}}") } else { format!("{{action: {action}, {rules}}}") };
         let spec = if rules.is_empty() && *action == "ALLOW" { "{}".to_string() } else { spec };
         let out = translate(&format!("{NS}{}", policy("demo", "p", &spec)));
         let a = authz(&out, "demo/p").unwrap_or_else(|| panic!("{name}: not rendered"));
@@ -134,8 +180,22 @@ fn string_and_address_matches_follow_istio_forms() {
     let m = &authz(&out, "demo/p").unwrap().rules[0].clauses[0].matches[0];
     use pb::string_match::MatchType::*;
     let kinds: Vec<_> = m.principals.iter().map(|p| p.match_type.clone().unwrap()).collect();
-    assert_eq!(kinds, vec![Presence(()), Prefix("cluster.local/ns/a/".into()), Suffix("/sa/b".into()), Exact("cluster.local/ns/c/sa/d".into())]);
-    assert_eq!(m.source_ips, vec![pb::Address { address: vec![10, 1, 0, 0], length: 16 }, pb::Address { address: vec![10, 2, 3, 4], length: 32 }]);
+    assert_eq!(
+        kinds,
+        vec![
+            Presence(()),
+            Prefix("cluster.local/ns/a/".into()),
+            Suffix("/sa/b".into()),
+            Exact("cluster.local/ns/c/sa/d".into())
+        ]
+    );
+    assert_eq!(
+        m.source_ips,
+        vec![
+            pb::Address { address: vec![10, 1, 0, 0], length: 16 },
+            pb::Address { address: vec![10, 2, 3, 4], length: 32 }
+        ]
+    );
 }
 
 fn peer(ns: &str, name: &str, spec: &str) -> String {
@@ -145,19 +205,33 @@ fn peer(ns: &str, name: &str, spec: &str) -> String {
 #[test]
 fn strict_mtls_is_a_deny_without_peer_identity_attached_per_workload() {
     let strict = "istio-system/istio_converted_static_strict".to_string();
-    let base = format!("{NS}{}{}{}", pod("demo", "a", "app: a", "10.244.1.2"), pod("plain", "b", "app: b", "10.244.1.3"), peer("istio-system", "default", "{mtls: {mode: STRICT}}"));
+    let base = format!(
+        "{NS}{}{}{}",
+        pod("demo", "a", "app: a", "10.244.1.2"),
+        pod("plain", "b", "app: b", "10.244.1.3"),
+        peer("istio-system", "default", "{mtls: {mode: STRICT}}")
+    );
     let out = translate(&base);
     let s = authz(&out, &strict).unwrap();
     assert_eq!(s.action, pb::Action::Deny as i32);
-    assert_eq!(s.rules[0].clauses[0].matches[0].not_principals[0].match_type, Some(pb::string_match::MatchType::Presence(())));
+    assert_eq!(
+        s.rules[0].clauses[0].matches[0].not_principals[0].match_type,
+        Some(pb::string_match::MatchType::Presence(()))
+    );
     assert!(workload(&out, "a").authorization_policies.contains(&strict));
     assert!(workload(&out, "b").authorization_policies.contains(&strict));
 
     let out = translate(&format!("{base}{}", peer("plain", "relaxed", "{mtls: {mode: PERMISSIVE}}")));
     assert!(workload(&out, "a").authorization_policies.contains(&strict));
-    assert!(!workload(&out, "b").authorization_policies.contains(&strict), "namespace PERMISSIVE overrides mesh STRICT");
+    assert!(
+        !workload(&out, "b").authorization_policies.contains(&strict),
+        "namespace PERMISSIVE overrides mesh STRICT"
+    );
 
-    let out = translate(&format!("{base}{}", peer("demo", "ports", "{selector: {matchLabels: {app: a}}, portLevelMtls: {'8080': {mode: PERMISSIVE}}}")));
+    let out = translate(&format!(
+        "{base}{}",
+        peer("demo", "ports", "{selector: {matchLabels: {app: a}}, portLevelMtls: {'8080': {mode: PERMISSIVE}}}")
+    ));
     let a = workload(&out, "a");
     assert_eq!(a.authorization_policies, vec!["demo/converted_peer_authentication_ports".to_string()]);
     let conv = authz(&out, "demo/converted_peer_authentication_ports").unwrap();
@@ -172,7 +246,12 @@ fn a_one_pod_change_renders_one_resource() {
     let old = objs.iter().find(|o| o.meta().name == "b").unwrap().clone();
     let mut new = (*old).clone();
     new.meta_mut().labels.insert("version".into(), "v2".into());
-    let out = t.apply(&[Event { kind: EventType::Modified, object: Arc::new(new), previous: Some(old.clone()), revision: 9 }]);
+    let out = t.apply(&[Event {
+        kind: EventType::Modified,
+        object: Arc::new(new),
+        previous: Some(old.clone()),
+        revision: 9,
+    }]);
     assert_eq!(out.iter().map(|o| o.1.as_str()).collect::<Vec<_>>(), vec!["Kubernetes//v1/Pod/demo/b"]);
     let out = t.apply(&[Event { kind: EventType::Deleted, object: old, previous: None, revision: 10 }]);
     assert_eq!(out.len(), 1);

@@ -64,9 +64,9 @@ fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
 }
 
 fn container_port(pod: &Pod, name: &str) -> Option<u32> {
-    pod.spec.containers.iter().flat_map(|c| c.get("ports").and_then(|p| p.as_array()).into_iter().flatten()).find_map(|p| {
-        (p.get("name")?.as_str()? == name).then(|| p.get("containerPort")?.as_u64()).flatten().map(|v| v as u32)
-    })
+    pod.spec.containers.iter().flat_map(|c| c.get("ports").and_then(|p| p.as_array()).into_iter().flatten()).find_map(
+        |p| (p.get("name")?.as_str()? == name).then(|| p.get("containerPort")?.as_u64()).flatten().map(|v| v as u32),
+    )
 }
 
 /// Builds the Address for a Pod or WorkloadEntry, or `None` when it has nothing addressable.
@@ -113,8 +113,16 @@ pub fn workload(world: &World, settings: &Settings, obj: &Object) -> Option<wl::
         trust_domain: settings.trust_domain.clone(),
         service_account: src.service_account.to_string(),
         node: src.node.to_string(),
-        canonical_name: canonical(src.labels, &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"], &name),
-        canonical_revision: canonical(src.labels, &["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"], "latest"),
+        canonical_name: canonical(
+            src.labels,
+            &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"],
+            &name,
+        ),
+        canonical_revision: canonical(
+            src.labels,
+            &["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"],
+            "latest",
+        ),
         workload_type: wl::WorkloadType::Pod as i32,
         workload_name: name,
         cluster_id: settings.cluster_id.clone(),
@@ -204,4 +212,3 @@ pub fn service(settings: &Settings, svc: &Service) -> wl::Service {
         ..Default::default()
     }
 }
-

@@ -48,7 +48,12 @@ impl World {
     }
 
     pub fn namespaces_with(&self, kind: Kind) -> Vec<String> {
-        let set: BTreeSet<String> = self.by_namespace.iter().filter(|((k, _), names)| *k == kind && !names.is_empty()).map(|((_, ns), _)| ns.clone()).collect();
+        let set: BTreeSet<String> = self
+            .by_namespace
+            .iter()
+            .filter(|((k, _), names)| *k == kind && !names.is_empty())
+            .map(|((_, ns), _)| ns.clone())
+            .collect();
         set.into_iter().collect()
     }
 
