@@ -10,7 +10,7 @@ use hyper::Method;
 use prost_types::{value::Kind, Struct, Value as PValue};
 use rcgen::{CertificateParams, KeyPair, SanType};
 use serde_json::json;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 use tonic::Code;
 use trellis_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use trellis_proto::istio::v1::auth::IstioCertificateRequest;
@@ -22,16 +22,8 @@ async fn setup() -> (Istiod, IstioCertificateServiceClient<Channel>, String) {
     let s = Istiod::start().await;
     let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"}, "spec": {"nodeName": "node1", "serviceAccountName": "client"}, "status": {"podIP": "10.244.1.5"}});
     s.api().ok(Method::PUT, "/api/v1/namespaces/demo/pods/client", Some(&pod)).await.unwrap();
-    let root = std::fs::read_to_string(s.dir.path().join("ca/root-cert.pem")).unwrap();
-    let tls =
-        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&root)).domain_name("istiod.istio-system.svc");
-    let channel = Channel::from_shared(format!("https://{}", s.running.secure_addr))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let root = s.root_pem();
+    let channel = s.secure_channel().await;
     (s, IstioCertificateServiceClient::new(channel), root)
 }
 

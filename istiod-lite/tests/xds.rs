@@ -188,17 +188,7 @@ async fn delta_client_sees_snapshot_single_changes_deletes_and_resyncs_by_differ
 #[tokio::test]
 async fn tls_port_requires_a_node_token() {
     let s = Istiod::start().await;
-    let root = std::fs::read_to_string(s.dir.path().join("ca/root-cert.pem")).unwrap();
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(&root))
-        .domain_name("istiod.istio-system.svc");
-    let channel = tonic::transport::Channel::from_shared(format!("https://{}", s.running.secure_addr))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = s.secure_channel().await;
     let mut c = AggregatedDiscoveryServiceClient::new(channel.clone());
     let (tx, rx) = mpsc::channel(4);
     tx.send(DeltaDiscoveryRequest { node: node(), type_url: ADDRESS_TYPE_URL.into(), ..Default::default() })

@@ -199,28 +199,10 @@ fn decode_object(
         return Err(ApiError::bad_request("metadata must be an object"));
     };
     if let Some(url_ns) = namespace {
-        match meta.get("namespace").and_then(Value::as_str) {
-            Some(ns) if ns != url_ns => {
-                return Err(ApiError::bad_request(format!(
-                    "the namespace of the object ({ns}) does not match the namespace in the URL ({url_ns})"
-                )));
-            }
-            _ => {
-                meta.insert("namespace".into(), Value::String(url_ns.into()));
-            }
-        }
+        agree_with_url(meta, "namespace", url_ns)?;
     }
     if let Some(url_name) = name {
-        match meta.get("name").and_then(Value::as_str) {
-            Some(n) if n != url_name => {
-                return Err(ApiError::bad_request(format!(
-                    "the name of the object ({n}) does not match the name in the URL ({url_name})"
-                )));
-            }
-            _ => {
-                meta.insert("name".into(), Value::String(url_name.into()));
-            }
-        }
+        agree_with_url(meta, "name", url_name)?;
     }
     let body_kind = value.get("kind").and_then(Value::as_str).unwrap_or_default();
     if !body_kind.is_empty() && body_kind != kind.name() {
@@ -235,4 +217,17 @@ fn decode_object(
         return Err(ApiError::bad_request(format!("{} is namespaced: use a /namespaces/{{ns}}/ path", kind.plural())));
     }
     Ok(obj)
+}
+
+/// A body may omit `metadata.<field>` (the URL supplies it) but must not contradict the URL.
+fn agree_with_url(meta: &mut serde_json::Map<String, Value>, field: &str, url_value: &str) -> Result<(), ApiError> {
+    match meta.get(field).and_then(Value::as_str) {
+        Some(v) if v != url_value => Err(ApiError::bad_request(format!(
+            "the {field} of the object ({v}) does not match the {field} in the URL ({url_value})"
+        ))),
+        _ => {
+            meta.insert(field.into(), Value::String(url_value.into()));
+            Ok(())
+        }
+    }
 }

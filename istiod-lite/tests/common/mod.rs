@@ -37,6 +37,25 @@ impl Istiod {
         Istiod { running, dir }
     }
 
+    /// A TLS channel to :15012 that trusts the mesh root, as a ztunnel would have it.
+    pub async fn secure_channel(&self) -> tonic::transport::Channel {
+        use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.root_pem()))
+            .domain_name("istiod.istio-system.svc");
+        Channel::from_shared(format!("https://{}", self.running.secure_addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub fn root_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ca/root-cert.pem")).unwrap()
+    }
+
     pub fn api(&self) -> meshctl::client::Client {
         meshctl::client::Client::new(&format!("http://{}", self.running.api_addr)).unwrap()
     }
