@@ -19,7 +19,10 @@ use x509_parser::prelude::*;
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
 
 async fn setup() -> (Istiod, IstioCertificateServiceClient<Channel>, String) {
-    let s = Istiod::start().await;
+    setup_with(Istiod::start().await).await
+}
+
+async fn setup_with(s: Istiod) -> (Istiod, IstioCertificateServiceClient<Channel>, String) {
     let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"}, "spec": {"nodeName": "node1", "serviceAccountName": "client"}, "status": {"podIP": "10.244.1.5"}});
     s.api().ok(Method::PUT, "/api/v1/namespaces/demo/pods/client", Some(&pod)).await.unwrap();
     let root = s.root_pem();
@@ -150,7 +153,6 @@ async fn rejects_malformed_or_mismatched_csrs() {
         let err = ca.create_certificate(request(body, Some(CLIENT_ID), 0, Some(&token))).await.expect_err(name);
         assert_eq!(err.code(), Code::InvalidArgument, "{name}: {}", err.message());
     }
-    let _ = Duration::ZERO;
 }
 
 #[test]
@@ -160,6 +162,8 @@ fn generated_root_is_p256_ten_years_with_a_private_key_file() {
     let _a = istiod_lite::ca::Authority::load_or_create(dir.path(), "cluster.local").unwrap();
     let mode = std::fs::metadata(dir.path().join("root-key.pem")).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
+    let cert_mode = std::fs::metadata(dir.path().join("root-cert.pem")).unwrap().permissions().mode();
+    assert_eq!(cert_mode & 0o777, 0o644, "clients can read the root");
     let root = std::fs::read_to_string(dir.path().join("root-cert.pem")).unwrap();
     let d = der(&root);
     let (_, cert) = X509Certificate::from_der(&d).unwrap();
@@ -200,4 +204,23 @@ fn operator_provided_intermediate_is_used_and_chained_to_the_root() {
     let (_, leaf) = X509Certificate::from_der(&leaf_der).unwrap();
     let (_, intc) = X509Certificate::from_der(&int_der).unwrap();
     leaf.verify_signature(Some(intc.public_key())).expect("signed by the intermediate");
+}
+
+#[tokio::test]
+async fn unspecified_validity_gets_the_24h_default() {
+    let s =
+        Istiod::start_full(tempfile::tempdir().unwrap(), Duration::from_secs(30), Duration::from_secs(7 * 24 * 3600))
+            .await;
+    let (s, mut ca, _) = setup_with(s).await;
+    let token = s.running.tokens.issue("node1").unwrap();
+    let key = KeyPair::generate().unwrap();
+    let resp = ca
+        .create_certificate(request(csr(CLIENT_ID, &key), Some(CLIENT_ID), 0, Some(&token)))
+        .await
+        .unwrap()
+        .into_inner();
+    let d = der(&resp.cert_chain[0]);
+    let (_, leaf) = X509Certificate::from_der(&d).unwrap();
+    let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+    assert_eq!(lifetime, 24 * 3600 + 60, "24 h plus the 60 s backdate");
 }

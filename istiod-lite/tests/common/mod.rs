@@ -21,6 +21,10 @@ impl Istiod {
     }
 
     pub async fn start_with(dir: tempfile::TempDir, xds_send_timeout: Duration) -> Istiod {
+        Self::start_full(dir, xds_send_timeout, Duration::from_secs(3600)).await
+    }
+
+    pub async fn start_full(dir: tempfile::TempDir, xds_send_timeout: Duration, max_cert_ttl: Duration) -> Istiod {
         let cfg = Config {
             state_dir: dir.path().join("state"),
             ca_dir: dir.path().join("ca"),
@@ -29,7 +33,7 @@ impl Istiod {
             xds_addr: Some("127.0.0.1:0".parse().unwrap()),
             secure_addr: "127.0.0.1:0".parse().unwrap(),
             settings: Settings::default(),
-            max_cert_ttl: Duration::from_secs(3600),
+            max_cert_ttl,
             tls_sans: vec![],
             xds_send_timeout,
         };
