@@ -73,7 +73,7 @@ async fn xdsz(State(s): State<ApiState>) -> Response {
         let (mut all, _) = s.cache.all(t);
         all.sort_by(|a, b| a.0.cmp(&b.0));
         let items: Vec<Value> =
-            all.into_iter().map(|(n, e)| json!({"name": n, "version": e.version, "bytes": e.body.len()})).collect();
+            all.into_iter().map(|(n, e)| json!({"name": n, "version": crate::xds::cache::version_string(e.version), "bytes": e.body.len()})).collect();
         out.insert(t.to_string(), Value::Array(items));
     }
     Json(Value::Object(out)).into_response()

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 /// across restarts, which is what lets `initial_resource_versions` skip unchanged resources.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
-    pub version: String,
+    pub version: u64,
     pub body: Bytes,
     seq: u64,
 }
@@ -41,9 +41,20 @@ pub struct Cache {
     seq_tx: watch::Sender<u64>,
 }
 
-pub(crate) fn version_of(bytes: &[u8]) -> String {
-    let h = bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3));
-    format!("{h:016x}")
+/// FNV-1a 64 of the encoded resource; stable across builds and restarts.
+pub(crate) fn version_of(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// The wire form of a version: 16 hex digits.
+pub fn version_string(v: u64) -> String {
+    format!("{v:016x}")
+}
+
+/// Parses a version a client reports; anything else (another server's format) is `None`, which
+/// simply means the resource is sent again.
+pub fn parse_version(s: &str) -> Option<u64> {
+    (s.len() == 16).then(|| u64::from_str_radix(s, 16).ok()).flatten()
 }
 
 impl Default for Cache {

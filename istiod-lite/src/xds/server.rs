@@ -98,7 +98,7 @@ struct Subscription {
     wildcard: bool,
     names: HashSet<String>,
     /// What the client holds: name → version.
-    sent: HashMap<String, String>,
+    sent: HashMap<String, u64, foldhash::fast::RandomState>,
     /// Cache sequence up to which this subscription is in sync.
     synced: u64,
     /// (nonce, version) of responses awaiting ACK, oldest first, at most [`MAX_PENDING`].
@@ -229,7 +229,7 @@ impl DeltaStreamTask {
         let sub = self.subs.entry(type_url).or_insert_with(|| Subscription {
             wildcard: false,
             names: HashSet::new(),
-            sent: HashMap::new(),
+            sent: HashMap::default(),
             synced: 0,
             pending: Default::default(),
         });
@@ -237,7 +237,11 @@ impl DeltaStreamTask {
             // Delta xDS: a first request with no names is a wildcard subscription.
             sub.wildcard = req.resource_names_subscribe.is_empty();
             // The client already holds these; only differences will be sent.
-            sub.sent = req.initial_resource_versions.clone();
+            sub.sent = req
+                .initial_resource_versions
+                .iter()
+                .map(|(n, v)| (n.clone(), super::cache::parse_version(v).unwrap_or(0)))
+                .collect();
         }
         let mut subscription_changed = first;
         for n in &req.resource_names_subscribe {
@@ -319,7 +323,7 @@ impl DeltaStreamTask {
         }
         updated.sort_by(|a, b| a.0.cmp(&b.0));
         for (n, e) in &updated {
-            sub.sent.insert(n.clone(), e.version.clone());
+            sub.sent.insert(n.clone(), e.version);
         }
         for n in &removed {
             sub.sent.remove(n);
@@ -351,7 +355,7 @@ impl DeltaStreamTask {
                     .into_iter()
                     .map(|(name, e)| Resource {
                         name,
-                        version: e.version,
+                        version: super::cache::version_string(e.version),
                         resource: Some(Any { type_url: type_url.to_string(), value: e.body.to_vec() }),
                         ..Default::default()
                     })
