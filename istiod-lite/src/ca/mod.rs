@@ -4,7 +4,7 @@
 mod authority;
 mod csr;
 pub mod service;
-pub mod spiffe;
 pub mod tokens;
 
 pub use authority::{Authority, CaError};
+pub use hbone::Identity;

@@ -13,8 +13,8 @@ use trellis_config::{Kind, Object};
 use trellis_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateService;
 use trellis_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
 
-use super::spiffe::Identity;
 use super::tokens::NodeTokens;
+use super::Identity;
 use super::{Authority, CaError};
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::store::Store;
