@@ -1,0 +1,129 @@
+//! HBONE client: one HTTP/2 connection over mutual TLS, many CONNECT tunnels on it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::stream::H2Stream;
+
+/// How long a CONNECT may wait for its response.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("HTTP/2 handshake failed: {0}")]
+    Handshake(h2::Error),
+    #[error("tunnel refused with status {0}")]
+    Status(StatusCode),
+    #[error("HTTP/2 error: {0}")]
+    H2(#[from] h2::Error),
+    #[error("no CONNECT response within {0:?}")]
+    Timeout(Duration),
+    #[error("invalid request: {0}")]
+    Request(String),
+}
+
+/// Telemetry metadata of the source workload, sent as the `baggage` header.
+#[derive(Clone, Debug, Default)]
+pub struct Baggage {
+    pub cluster: String,
+    pub namespace: String,
+    /// e.g. `pod`, `deployment`
+    pub workload_type: String,
+    pub workload_name: String,
+    pub service_name: String,
+    pub service_version: String,
+}
+
+impl Baggage {
+    pub fn header(&self) -> String {
+        let mut parts = Vec::new();
+        let mut push = |k: String, v: &str| {
+            if !v.is_empty() {
+                parts.push(format!("{k}={v}"));
+            }
+        };
+        push("k8s.cluster.name".into(), &self.cluster);
+        push("k8s.namespace.name".into(), &self.namespace);
+        if !self.workload_type.is_empty() {
+            push(format!("k8s.{}.name", self.workload_type), &self.workload_name);
+        }
+        push("service.name".into(), &self.service_name);
+        push("service.version".into(), &self.service_version);
+        parts.join(",")
+    }
+}
+
+/// One tunnel to open: where to (`podIP:port`, or `VIP:port` via a waypoint) and on whose behalf.
+#[derive(Clone, Debug)]
+pub struct Tunnel {
+    pub authority: SocketAddr,
+    /// The original client address, sent as `forwarded: for="…"`.
+    pub source: SocketAddr,
+    pub baggage: Baggage,
+}
+
+/// A random W3C `traceparent` (version 00, sampled).
+pub fn traceparent() -> String {
+    let mut b = [0u8; 24];
+    // The system RNG failing is not recoverable in a meaningful way; a zero trace id is still a
+    // well-formed header.
+    let _ = crate::tls::provider().secure_random.fill(&mut b);
+    let hex = |s: &[u8]| s.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!("00-{}-{}-01", hex(&b[..16]), hex(&b[16..]))
+}
+
+fn forwarded(source: SocketAddr) -> String {
+    match source {
+        SocketAddr::V4(a) => format!("for=\"{a}\""),
+        SocketAddr::V6(a) => format!("for=\"[{}]:{}\"", a.ip(), a.port()),
+    }
+}
+
+/// An established HBONE connection. Cheap to clone; each clone opens streams on the same
+/// connection.
+#[derive(Clone)]
+pub struct Connection {
+    send: h2::client::SendRequest<Bytes>,
+}
+
+impl Connection {
+    /// Runs the HTTP/2 handshake over an established (mutual TLS) stream and drives the
+    /// connection in a background task until it closes.
+    pub async fn handshake<IO>(io: IO) -> Result<Connection, HboneError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (send, conn) = crate::settings::client().handshake(io).await.map_err(HboneError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "HBONE connection ended");
+            }
+        });
+        Ok(Connection { send })
+    }
+
+    /// Opens one tunnel. Anything but 200 is a failure carrying the status.
+    pub async fn open(&self, t: &Tunnel) -> Result<H2Stream, HboneError> {
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(t.authority.to_string())
+            .header("baggage", t.baggage.header())
+            .header("forwarded", forwarded(t.source))
+            .header("traceparent", traceparent())
+            .body(())
+            .map_err(|e| HboneError::Request(e.to_string()))?;
+        let mut send = self.send.clone().ready().await?;
+        let (response, stream) = send.send_request(req, false)?;
+        let resp = tokio::time::timeout(RESPONSE_TIMEOUT, response)
+            .await
+            .map_err(|_| HboneError::Timeout(RESPONSE_TIMEOUT))??;
+        if resp.status() != StatusCode::OK {
+            return Err(HboneError::Status(resp.status()));
+        }
+        Ok(H2Stream::new(stream, resp.into_body()))
+    }
+}

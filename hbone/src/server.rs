@@ -1,0 +1,71 @@
+//! HBONE server: accepts CONNECT streams on an HTTP/2 connection over mutual TLS and splices each
+//! accepted tunnel to the upstream the handler returns.
+//!
+//! Status codes (PROTOCOLS.md): 400 for a bad method or authority, and whatever the handler
+//! decides (401 when policy denies, 503 when the upstream connect fails), 200 otherwise.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::stream::H2Stream;
+use crate::Identity;
+
+/// A tunnel request, after the method and authority have been checked.
+#[derive(Debug)]
+pub struct Inbound {
+    pub authority: SocketAddr,
+    pub headers: HeaderMap,
+    /// The verified peer identity of the connection.
+    pub peer: Option<Identity>,
+}
+
+/// Serves one HBONE connection until the peer closes it.
+pub async fn serve<IO, H, F, U>(io: IO, peer: Option<Identity>, handler: H) -> Result<(), h2::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Inbound) -> F + Clone + Send + 'static,
+    F: Future<Output = Result<U, StatusCode>> + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut conn = crate::settings::server().handshake::<_, Bytes>(io).await?;
+    while let Some(accepted) = conn.accept().await {
+        let (req, mut respond) = accepted?;
+        let (handler, peer) = (handler.clone(), peer.clone());
+        tokio::spawn(async move {
+            let authority = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+            let authority = match (req.method(), authority) {
+                (&Method::CONNECT, Some(a)) => a,
+                (m, _) => {
+                    tracing::debug!(method = %m, uri = %req.uri(), "HBONE request is not CONNECT to ip:port");
+                    let _ = respond.send_response(status(StatusCode::BAD_REQUEST), true);
+                    return;
+                }
+            };
+            let (parts, body) = req.into_parts();
+            let inbound = Inbound { authority, headers: parts.headers, peer };
+            match handler(inbound).await {
+                Err(code) => {
+                    let _ = respond.send_response(status(code), true);
+                }
+                Ok(mut upstream) => {
+                    let Ok(send) = respond.send_response(status(StatusCode::OK), false) else { return };
+                    let mut tunnel = H2Stream::new(send, body);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await {
+                        tracing::debug!(error = %e, %authority, "HBONE tunnel ended with an error");
+                    }
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn status(code: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
+    *r.status_mut() = code;
+    r
+}

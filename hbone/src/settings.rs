@@ -1,0 +1,30 @@
+//! HTTP/2 settings for HBONE connections (PROTOCOLS.md).
+
+/// Per-stream flow-control window.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+/// Connection flow-control window.
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+pub const MAX_FRAME_SIZE: u32 = 1 << 20;
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 << 10;
+/// Streams per pooled connection.
+pub const MAX_STREAMS: u32 = 100;
+
+pub fn client() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .enable_push(false);
+    b
+}
+
+pub fn server() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_concurrent_streams(MAX_STREAMS);
+    b
+}

@@ -1,0 +1,196 @@
+//! HBONE CONNECT end to end over mutual TLS on loopback: tunnels carry bytes both ways (beyond the
+//! flow-control windows), share one connection, carry the HBONE headers, and fail with the
+//! right status codes.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::Ca;
+use hbone::client::{Baggage, Connection, HboneError, Tunnel};
+use hbone::server::{serve, Inbound};
+use hbone::tls::{client_config, peer_identity, server_config};
+use hbone::Identity;
+use http::StatusCode;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/echo";
+const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
+const DENIED_PORT: u16 = 1;
+
+struct Harness {
+    hbone: SocketAddr,
+    echo: SocketAddr,
+    ca: Ca,
+    connections: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<(Inbound, Option<Identity>)>>>,
+}
+
+async fn echo_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// An HBONE endpoint whose handler denies DENIED_PORT with 401 and answers 503 when the upstream
+/// cannot be reached — the decisions ztunnel's inbound path makes.
+async fn harness() -> Harness {
+    let ca = Ca::new("mesh root");
+    let acceptor = TlsAcceptor::from(Arc::new(server_config(ca.slot(SERVER), ca.roots(), "cluster.local").unwrap()));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hbone = l.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let seen: Arc<Mutex<Vec<(Inbound, Option<Identity>)>>> = Arc::default();
+    let (c2, s2) = (connections.clone(), seen.clone());
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = l.accept().await.unwrap();
+            c2.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, seen) = (acceptor.clone(), s2.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let peer = peer_identity(tls.get_ref().1);
+                let _ = serve(tls, peer, move |inbound: Inbound| {
+                    let seen = seen.clone();
+                    async move {
+                        let target = inbound.authority;
+                        let peer = inbound.peer.clone();
+                        seen.lock().unwrap().push((inbound, peer));
+                        if target.port() == DENIED_PORT {
+                            return Err(StatusCode::UNAUTHORIZED);
+                        }
+                        TcpStream::connect(target).await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)
+                    }
+                })
+                .await;
+            });
+        }
+    });
+    Harness { hbone, echo: echo_upstream().await, ca, connections, seen }
+}
+
+async fn client(h: &Harness) -> Connection {
+    let cfg = client_config(h.ca.slot(CLIENT), h.ca.roots(), vec![Identity::parse(SERVER).unwrap()]).unwrap();
+    let tcp = TcpStream::connect(h.hbone).await.unwrap();
+    let tls = TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(h.hbone.ip().into()), tcp).await.unwrap();
+    Connection::handshake(tls).await.unwrap()
+}
+
+fn tunnel(to: SocketAddr) -> Tunnel {
+    Tunnel {
+        authority: to,
+        source: "10.244.1.10:40000".parse().unwrap(),
+        baggage: Baggage {
+            cluster: "Kubernetes".into(),
+            namespace: "demo".into(),
+            workload_type: "pod".into(),
+            workload_name: "client".into(),
+            service_name: "client".into(),
+            service_version: "v1".into(),
+        },
+    }
+}
+
+#[tokio::test]
+async fn tunnel_carries_bytes_both_ways_with_hbone_headers() {
+    let h = harness().await;
+    let conn = client(&h).await;
+    let stream = conn.open(&tunnel(h.echo)).await.unwrap();
+    // 9 MiB each way: more than the 4 MiB stream window, so flow control must be released.
+    let payload: Vec<u8> = (0..9 << 20).map(|i| (i % 251) as u8).collect();
+    let (mut r, mut w) = tokio::io::split(stream);
+    let to_send = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&to_send).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), payload.len());
+    assert!(back == payload, "echoed bytes differ");
+
+    let seen = h.seen.lock().unwrap();
+    let (inbound, peer) = &seen[0];
+    assert_eq!(inbound.authority, h.echo);
+    assert_eq!(peer.as_ref().map(ToString::to_string).as_deref(), Some(CLIENT), "server sees the client's identity");
+    let hdr = |k: &str| inbound.headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert_eq!(hdr("forwarded"), "for=\"10.244.1.10:40000\"");
+    assert_eq!(
+        hdr("baggage"),
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name=demo,k8s.pod.name=client,service.name=client,service.version=v1"
+    );
+    let tp = hdr("traceparent");
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!((parts.len(), parts[0], parts[1].len(), parts[2].len(), parts[3]), (4, "00", 32, 16, "01"), "{tp}");
+}
+
+#[tokio::test]
+async fn tunnels_share_one_connection() {
+    let h = harness().await;
+    let conn = client(&h).await;
+    let mut tasks = Vec::new();
+    for i in 0..20u8 {
+        let (conn, to) = (conn.clone(), h.echo);
+        tasks.push(tokio::spawn(async move {
+            let mut s = conn.open(&tunnel(to)).await.unwrap();
+            s.write_all(&[i; 100]).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            s.read_to_end(&mut back).await.unwrap();
+            assert_eq!(back, vec![i; 100]);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(h.connections.load(Ordering::SeqCst), 1, "20 tunnels multiplexed on one TCP connection");
+}
+
+#[tokio::test]
+async fn refusals_carry_the_hbone_status_codes() {
+    let h = harness().await;
+    let conn = client(&h).await;
+    let denied: SocketAddr = format!("127.0.0.1:{DENIED_PORT}").parse().unwrap();
+    assert!(matches!(conn.open(&tunnel(denied)).await, Err(HboneError::Status(StatusCode::UNAUTHORIZED))));
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    assert!(matches!(conn.open(&tunnel(closed)).await, Err(HboneError::Status(StatusCode::SERVICE_UNAVAILABLE))));
+}
+
+#[tokio::test]
+async fn non_connect_requests_and_bad_authorities_get_400() {
+    let h = harness().await;
+    let cfg = client_config(h.ca.slot(CLIENT), h.ca.roots(), vec![Identity::parse(SERVER).unwrap()]).unwrap();
+    let tcp = TcpStream::connect(h.hbone).await.unwrap();
+    let tls = TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(h.hbone.ip().into()), tcp).await.unwrap();
+    let (send, conn) = hbone::settings::client().handshake::<_, bytes::Bytes>(tls).await.unwrap();
+    tokio::spawn(conn);
+    let requests = [
+        http::Request::builder().method("GET").uri(format!("https://{}/", h.echo)).body(()).unwrap(),
+        http::Request::builder().method("CONNECT").uri("echo.demo:80").body(()).unwrap(),
+    ];
+    for req in requests {
+        let mut s = send.clone().ready().await.unwrap();
+        let (resp, _) = s.send_request(req, true).unwrap();
+        assert_eq!(resp.await.unwrap().status(), StatusCode::BAD_REQUEST);
+    }
+    assert!(h.seen.lock().unwrap().is_empty(), "the handler never saw invalid requests");
+}
