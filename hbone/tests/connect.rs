@@ -23,12 +23,15 @@ const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/echo";
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const DENIED_PORT: u16 = 1;
 
+/// Every tunnel request the server's handler saw, with the connection's peer identity.
+type Seen = Arc<Mutex<Vec<(Inbound, Option<Identity>)>>>;
+
 struct Harness {
     hbone: SocketAddr,
     echo: SocketAddr,
     ca: Ca,
     connections: Arc<AtomicUsize>,
-    seen: Arc<Mutex<Vec<(Inbound, Option<Identity>)>>>,
+    seen: Seen,
 }
 
 async fn echo_upstream() -> SocketAddr {
@@ -55,7 +58,7 @@ async fn harness() -> Harness {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hbone = l.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
-    let seen: Arc<Mutex<Vec<(Inbound, Option<Identity>)>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let (c2, s2) = (connections.clone(), seen.clone());
     tokio::spawn(async move {
         loop {

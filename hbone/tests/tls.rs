@@ -8,7 +8,7 @@ mod common;
 use common::Ca;
 use hbone::tls::{client_config, peer_identity, server_config};
 use hbone::Identity;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
