@@ -3,10 +3,11 @@
 //! This first slice owns identity and transport security: [`Identity`] (SPIFFE IDs),
 //! [`tls`] (TLS 1.3-only configs with the two HBONE suites and ALPN `h2`, SPIFFE verifiers, and a
 //! certificate slot that can be swapped without dropping connections), and the HTTP/2 CONNECT
-//! [`client`] and [`server`] with HBONE's [`settings`]. The connection pool builds on these.
+//! [`client`] and [`server`] with HBONE's [`settings`], and the connection [`pool`].
 
 pub mod client;
 pub mod identity;
+pub mod pool;
 pub mod server;
 pub mod settings;
 mod stream;

@@ -197,3 +197,67 @@ async fn non_connect_requests_and_bad_authorities_get_400() {
     }
     assert!(h.seen.lock().unwrap().is_empty(), "the handler never saw invalid requests");
 }
+
+mod pool {
+    use std::time::Duration;
+
+    use hbone::pool::{Pool, PoolKey};
+
+    use super::*;
+
+    async fn dial(h: &Harness) -> Result<Connection, HboneError> {
+        Ok(client(h).await)
+    }
+
+    fn key(h: &Harness, src: &str) -> PoolKey {
+        PoolKey {
+            source_identity: Identity::parse(src).unwrap(),
+            destination_identities: vec![Identity::parse(SERVER).unwrap()],
+            source_ip: "10.244.1.10".parse().unwrap(),
+            destination: h.hbone,
+        }
+    }
+
+    #[tokio::test]
+    async fn at_most_100_streams_per_connection_and_keys_never_share() {
+        let h = harness().await;
+        let pool = Pool::new(100, Duration::from_secs(300));
+        let k = key(&h, CLIENT);
+        let mut open = Vec::new();
+        for _ in 0..150 {
+            open.push(pool.open(&k, &tunnel(h.echo), || dial(&h)).await.unwrap());
+        }
+        assert_eq!(pool.connections(), 2, "150 concurrent tunnels need two connections");
+        assert_eq!(h.connections.load(Ordering::SeqCst), 2);
+        let mut s = open.pop().unwrap();
+        s.write_all(b"ok").await.unwrap();
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"ok");
+        drop(open);
+        drop(s);
+        // Freed slots are reused: no new dial.
+        let _again = pool.open(&k, &tunnel(h.echo), || dial(&h)).await.unwrap();
+        assert_eq!(h.connections.load(Ordering::SeqCst), 2);
+        // Another source identity gets its own connection.
+        let other = key(&h, "spiffe://cluster.local/ns/demo/sa/other");
+        let _o = pool.open(&other, &tunnel(h.echo), || dial(&h)).await.unwrap();
+        assert_eq!(pool.connections(), 3);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_released_and_refusals_keep_the_connection() {
+        let h = harness().await;
+        let pool = Pool::new(100, Duration::from_millis(200));
+        let k = key(&h, CLIENT);
+        let denied: SocketAddr = format!("127.0.0.1:{DENIED_PORT}").parse().unwrap();
+        assert!(pool.open(&k, &tunnel(denied), || dial(&h)).await.is_err());
+        assert_eq!(pool.connections(), 1, "a 401 does not condemn the connection");
+        drop(pool.open(&k, &tunnel(h.echo), || dial(&h)).await.unwrap());
+        assert_eq!(h.connections.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(pool.connections(), 0, "idle connection released");
+        let _s = pool.open(&k, &tunnel(h.echo), || dial(&h)).await.unwrap();
+        assert_eq!(h.connections.load(Ordering::SeqCst), 2, "a new connection is dialled after release");
+    }
+}
