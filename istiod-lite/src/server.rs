@@ -103,7 +103,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
-    tasks.push(tokio::spawn(crate::xds::sync::run(store.clone(), cache.clone(), cfg.settings.clone())));
+    let sync = crate::xds::sync::run(store.clone(), cache.clone(), cfg.settings.clone());
+    let mut rx = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        tokio::select! {
+            _ = sync => {}
+            _ = rx.wait_for(|s| *s) => {}
+        }
+    }));
 
     let api_listener =
         TcpListener::bind(cfg.api_addr).await.with_context(|| format!("binding the config API on {}", cfg.api_addr))?;
@@ -133,6 +140,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             metrics: metrics.clone(),
             tokens,
             send_timeout: cfg.xds_send_timeout,
+            shutdown: shutdown_rx.clone(),
         })
         .max_decoding_message_size(MAX_GRPC_REQUEST)
     };

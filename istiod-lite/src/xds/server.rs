@@ -47,6 +47,8 @@ pub struct AdsServer {
     /// `Some` on the TLS port: streams must present a valid node token.
     pub tokens: Option<Arc<NodeTokens>>,
     pub send_timeout: Duration,
+    /// Streams end when this turns true, so a graceful shutdown is not held open by clients.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
@@ -88,7 +90,13 @@ impl AggregatedDiscoveryService for AdsServer {
             id: 0,
             nonce: 0,
         };
-        tokio::spawn(stream.run(req.into_inner(), peer, authenticated_node));
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stream.run(req.into_inner(), peer, authenticated_node) => {}
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -241,7 +241,7 @@ fn pa_mode(pa: &PeerAuthentication) -> Option<Mode> {
 }
 
 /// Oldest first, then by name: Istio's rule for picking among conflicting policies.
-fn oldest<'a>(mut list: Vec<&'a PeerAuthentication>) -> Option<&'a PeerAuthentication> {
+fn oldest(mut list: Vec<&PeerAuthentication>) -> Option<&PeerAuthentication> {
     list.sort_by(|a, b| {
         (&a.metadata.creation_timestamp, &a.metadata.name).cmp(&(&b.metadata.creation_timestamp, &b.metadata.name))
     });

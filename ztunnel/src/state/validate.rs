@@ -1,0 +1,130 @@
+//! Checks on resources received from the control plane. A resource that fails is NACKed with the
+//! reason and the last good state is kept.
+
+use prost::Message;
+use trellis_proto::istio::security::Authorization;
+use trellis_proto::istio::workload::{address, Address};
+
+fn ip_len_ok(b: &[u8]) -> bool {
+    b.len() == 4 || b.len() == 16
+}
+
+pub fn address(name: &str, bytes: &[u8]) -> Result<address::Type, String> {
+    let a = Address::decode(bytes).map_err(|e| format!("{name}: not an istio.workload.Address: {e}"))?;
+    match a.r#type {
+        Some(address::Type::Workload(w)) => {
+            if w.uid != name {
+                return Err(format!("{name}: workload uid {:?} does not match the resource name", w.uid));
+            }
+            if w.addresses.is_empty() && w.hostname.is_empty() {
+                return Err(format!("{name}: workload has neither addresses nor hostname"));
+            }
+            if let Some(bad) = w.addresses.iter().find(|a| !ip_len_ok(a)) {
+                return Err(format!("{name}: workload address of {} bytes is not IPv4 or IPv6", bad.len()));
+            }
+            Ok(address::Type::Workload(w))
+        }
+        Some(address::Type::Service(s)) => {
+            let expected = format!("{}/{}", s.namespace, s.hostname);
+            if expected != name {
+                return Err(format!("{name}: service resource name must be {expected:?}"));
+            }
+            if let Some(bad) = s.addresses.iter().find(|a| !ip_len_ok(&a.address)) {
+                return Err(format!("{name}: service VIP of {} bytes is not IPv4 or IPv6", bad.address.len()));
+            }
+            Ok(address::Type::Service(s))
+        }
+        None => Err(format!("{name}: Address has neither workload nor service")),
+    }
+}
+
+pub fn authorization(name: &str, bytes: &[u8]) -> Result<Authorization, String> {
+    let a = Authorization::decode(bytes).map_err(|e| format!("{name}: not an istio.security.Authorization: {e}"))?;
+    if format!("{}/{}", a.namespace, a.name) != name {
+        return Err(format!("{name}: policy is named {}/{}", a.namespace, a.name));
+    }
+    for (i, r) in a.rules.iter().enumerate() {
+        for (j, c) in r.clauses.iter().enumerate() {
+            for (k, m) in c.matches.iter().enumerate() {
+                let addrs = m
+                    .source_ips
+                    .iter()
+                    .chain(&m.not_source_ips)
+                    .chain(&m.destination_ips)
+                    .chain(&m.not_destination_ips);
+                for a in addrs {
+                    let max = if a.address.len() == 4 { 32 } else { 128 };
+                    if !ip_len_ok(&a.address) || a.length > max {
+                        return Err(format!("{name}: rules[{i}].clauses[{j}].matches[{k}] has an invalid CIDR"));
+                    }
+                }
+                if m.destination_ports.iter().chain(&m.not_destination_ports).any(|p| *p == 0 || *p > 65535) {
+                    return Err(format!("{name}: rules[{i}].clauses[{j}].matches[{k}] has a port out of range"));
+                }
+            }
+        }
+    }
+    Ok(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_proto::istio::security as pb;
+    use trellis_proto::istio::workload as wl;
+
+    fn wl_bytes(uid: &str, addrs: Vec<Vec<u8>>) -> Vec<u8> {
+        Address {
+            r#type: Some(address::Type::Workload(wl::Workload {
+                uid: uid.into(),
+                addresses: addrs,
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn invalid_resources_are_rejected_with_a_reason() {
+        assert!(address("u1", &wl_bytes("u1", vec![vec![10, 0, 0, 1]])).is_ok(), "a valid workload passes");
+        let bad: Vec<(String, String)> = vec![
+            ("garbage".into(), address("u1", b"\xff\xff\xff").unwrap_err()),
+            ("uid mismatch".into(), address("u2", &wl_bytes("u1", vec![vec![10, 0, 0, 1]])).unwrap_err()),
+            ("no address".into(), address("u1", &wl_bytes("u1", vec![])).unwrap_err()),
+            ("5-byte ip".into(), address("u1", &wl_bytes("u1", vec![vec![1, 2, 3, 4, 5]])).unwrap_err()),
+            ("empty address".into(), address("x", &Address::default().encode_to_vec()).unwrap_err()),
+            (
+                "bad cidr".into(),
+                authorization(
+                    "ns/p",
+                    &pb::Authorization {
+                        name: "p".into(),
+                        namespace: "ns".into(),
+                        rules: vec![pb::Rule {
+                            clauses: vec![pb::Clause {
+                                matches: vec![pb::Match {
+                                    source_ips: vec![pb::Address { address: vec![10, 0, 0, 0], length: 33 }],
+                                    ..Default::default()
+                                }],
+                            }],
+                        }],
+                        ..Default::default()
+                    }
+                    .encode_to_vec(),
+                )
+                .unwrap_err(),
+            ),
+        ];
+        let want = [
+            "not an istio.workload.Address",
+            "does not match",
+            "neither addresses",
+            "5 bytes",
+            "neither workload",
+            "invalid CIDR",
+        ];
+        for ((name, err), want) in bad.iter().zip(want) {
+            assert!(err.contains(want), "{name}: {err}");
+        }
+    }
+}

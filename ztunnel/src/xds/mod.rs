@@ -1,0 +1,195 @@
+//! The delta xDS client: subscribes to workload and authorization resources, keeps [`State`] in
+//! step, reconnects with backoff, and resumes with `initial_resource_versions`.
+//!
+//! A response with any invalid resource is NACKed with the reason and applied not at all, so the
+//! proxy keeps serving with its last good state. Likewise while istiod-lite is unreachable.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use trellis_proto::envoy::envoy::config::core::v3::Node;
+use trellis_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use trellis_proto::envoy::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use trellis_proto::envoy::google::protobuf::{value::Kind, Struct, Value};
+use trellis_proto::envoy::google::rpc::Status as RpcStatus;
+use trellis_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+
+use crate::state::{validate, State};
+
+const TYPES: [&str; 2] = [AUTHORIZATION_TYPE_URL, ADDRESS_TYPE_URL];
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Responses are chunked by the server; this bounds a single message.
+const MAX_MESSAGE: usize = 64 << 20;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `http://host:15010` or `https://host:15012`.
+    pub address: String,
+    /// PEM root to trust for https; the mesh root.
+    pub root_pem: Option<String>,
+    /// Node bearer token (required on :15012).
+    pub token: Option<String>,
+    pub node_id: String,
+    pub node_name: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum XdsError {
+    #[error("connecting to {0}: {1}")]
+    Connect(String, tonic::transport::Error),
+    #[error("xDS stream: {0}")]
+    Stream(#[from] tonic::Status),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+pub struct Client {
+    cfg: Config,
+    state: Arc<RwLock<State>>,
+    /// What we hold, per type: name → version. Sent as initial_resource_versions on reconnect.
+    versions: HashMap<&'static str, HashMap<String, String>>,
+    synced: watch::Sender<bool>,
+}
+
+impl Client {
+    pub fn new(cfg: Config, state: Arc<RwLock<State>>) -> (Client, watch::Receiver<bool>) {
+        let (synced, rx) = watch::channel(false);
+        (Client { cfg, state, versions: HashMap::new(), synced }, rx)
+    }
+
+    /// Runs until the task is dropped: one session after another, with exponential backoff
+    /// between failures (reset once a session has synced).
+    pub async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let synced_before = *self.synced.borrow();
+            match self.session().await {
+                Ok(()) => tracing::info!(address = self.cfg.address, "xDS stream closed by the server"),
+                Err(e) => {
+                    tracing::warn!(address = self.cfg.address, error = %e, retry_in = ?backoff, "xDS session failed; serving last known state")
+                }
+            }
+            if *self.synced.borrow() && !synced_before {
+                backoff = BACKOFF_MIN;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn node(&self) -> Node {
+        let mut fields = std::collections::HashMap::new();
+        fields.insert("NODE_NAME".to_string(), Value { kind: Some(Kind::StringValue(self.cfg.node_name.clone())) });
+        Node { id: self.cfg.node_id.clone(), metadata: Some(Struct { fields }), ..Default::default() }
+    }
+
+    async fn session(&mut self) -> Result<(), XdsError> {
+        let mut endpoint = Endpoint::from_shared(self.cfg.address.clone())
+            .map_err(|e| XdsError::Config(e.to_string()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        if let Some(root) = &self.cfg.root_pem {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(root))
+                .domain_name("istiod.istio-system.svc");
+            endpoint = endpoint.tls_config(tls).map_err(|e| XdsError::Config(e.to_string()))?;
+        }
+        let channel = endpoint.connect().await.map_err(|e| XdsError::Connect(self.cfg.address.clone(), e))?;
+        let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
+        let (tx, rx) = mpsc::channel(16);
+        for t in TYPES {
+            let initial = self.versions.get(t).cloned().unwrap_or_default();
+            let req = DeltaDiscoveryRequest {
+                node: Some(self.node()),
+                type_url: t.into(),
+                initial_resource_versions: initial,
+                ..Default::default()
+            };
+            tx.send(req).await.map_err(|_| XdsError::Config("request channel closed".into()))?;
+        }
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(token) = &self.cfg.token {
+            let v = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| XdsError::Config("token is not a valid header value".into()))?;
+            req.metadata_mut().insert("authorization", v);
+        }
+        let mut stream = client.delta_aggregated_resources(req).await?.into_inner();
+        let mut seen_types = std::collections::HashSet::new();
+        while let Some(resp) = stream.message().await? {
+            let error_detail = match self.apply(&resp) {
+                Ok(()) => None,
+                Err(reason) => {
+                    tracing::warn!(
+                        type_url = resp.type_url,
+                        nonce = resp.nonce,
+                        reason,
+                        "rejecting xDS response (NACK); keeping last good state"
+                    );
+                    Some(RpcStatus { code: tonic::Code::InvalidArgument as i32, message: reason, details: vec![] })
+                }
+            };
+            let ack = DeltaDiscoveryRequest {
+                type_url: resp.type_url.clone(),
+                response_nonce: resp.nonce.clone(),
+                error_detail,
+                ..Default::default()
+            };
+            if tx.send(ack).await.is_err() {
+                break;
+            }
+            seen_types.insert(resp.type_url.clone());
+            if seen_types.len() == TYPES.len() {
+                self.synced.send_replace(true);
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates a whole response, then applies it; nothing is applied if anything is invalid.
+    fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Result<(), String> {
+        let Some(t) = TYPES.iter().copied().find(|t| *t == resp.type_url) else {
+            return Err(format!("unexpected type {}", resp.type_url));
+        };
+        #[allow(clippy::large_enum_variant)] // transient, one per received resource
+        enum Parsed {
+            Address(trellis_proto::istio::workload::address::Type),
+            Policy(trellis_proto::istio::security::Authorization),
+        }
+        let mut parsed = Vec::with_capacity(resp.resources.len());
+        for r in &resp.resources {
+            let body = r.resource.as_ref().map(|a| a.value.as_slice()).unwrap_or_default();
+            let p = if t == ADDRESS_TYPE_URL {
+                Parsed::Address(validate::address(&r.name, body)?)
+            } else {
+                Parsed::Policy(validate::authorization(&r.name, body)?)
+            };
+            parsed.push((r.name.clone(), r.version.clone(), p));
+        }
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let versions = self.versions.entry(t).or_default();
+        for name in &resp.removed_resources {
+            if t == ADDRESS_TYPE_URL {
+                state.remove_address(name);
+            } else {
+                state.remove_policy(name);
+            }
+            versions.remove(name);
+        }
+        for (name, version, p) in parsed {
+            match p {
+                Parsed::Address(a) => state.upsert_address(&name, a),
+                Parsed::Policy(a) => state.upsert_policy(&name, a),
+            }
+            versions.insert(name, version);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,110 @@
+//! ztunnel's xDS client against a real istiod-lite: initial sync, updates and deletes, serving the
+//! last state while istiod-lite is down, and resync after it returns.
+
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use istiod_lite::server::{self, Config, Running};
+use istiod_lite::xds::translate::Settings;
+use serde_json::json;
+use ztunnel::state::State;
+use ztunnel::xds::{self, Client};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn istiod(dir: &std::path::Path, api: u16, xds: u16) -> Running {
+    server::start(Config {
+        state_dir: dir.join("state"),
+        ca_dir: dir.join("ca"),
+        config_dir: None,
+        api_addr: format!("127.0.0.1:{api}").parse().unwrap(),
+        xds_addr: Some(format!("127.0.0.1:{xds}").parse().unwrap()),
+        secure_addr: "127.0.0.1:0".parse().unwrap(),
+        settings: Settings::default(),
+        max_cert_ttl: Duration::from_secs(3600),
+        tls_sans: vec![],
+        xds_send_timeout: Duration::from_secs(30),
+    })
+    .await
+    .expect("istiod-lite starts")
+}
+
+fn pod(name: &str, ip: &str) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": "echo"}}, "spec": {"nodeName": "node1"}, "status": {"podIP": ip}})
+}
+
+async fn eventually(what: &str, state: &Arc<RwLock<State>>, cond: impl Fn(&State) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond(&state.read().unwrap()) {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syncs_follows_changes_survives_an_outage_and_resyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api_port, xds_port) = (free_port(), free_port());
+    let running = istiod(dir.path(), api_port, xds_port).await;
+    let api = meshctl::client::Client::new(&format!("http://127.0.0.1:{api_port}")).unwrap();
+    api.ok(Method::PUT, "/api/v1/namespaces/demo", Some(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo", "labels": {"istio.io/dataplane-mode": "ambient"}}}))).await.unwrap();
+    api.ok(Method::PUT, "/api/v1/namespaces/demo/pods/a", Some(&pod("a", "10.244.1.2"))).await.unwrap();
+    api.ok(Method::PUT, "/api/v1/namespaces/demo/services/echo", Some(&json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"}, "spec": {"selector": {"app": "echo"}, "clusterIP": "10.96.0.9", "ports": [{"port": 80, "targetPort": 8080}]}}))).await.unwrap();
+    api.ok(Method::PUT, "/apis/security.istio.io/v1/namespaces/demo/authorizationpolicies/p", Some(&json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": {"name": "p"}, "spec": {"selector": {"matchLabels": {"app": "echo"}}, "rules": [{}]}}))).await.unwrap();
+
+    let state = Arc::new(RwLock::new(State::default()));
+    let cfg = xds::Config {
+        address: format!("http://127.0.0.1:{xds_port}"),
+        root_pem: None,
+        token: None,
+        node_id: "ztunnel~10.0.0.1~ztunnel-node1.istio-system~istio-system.svc.cluster.local".into(),
+        node_name: "node1".into(),
+    };
+    let (client, mut synced) = Client::new(cfg, state.clone());
+    let task = tokio::spawn(client.run());
+    tokio::time::timeout(Duration::from_secs(10), synced.wait_for(|s| *s)).await.expect("synced").unwrap();
+    {
+        let s = state.read().unwrap();
+        let w = s.workload_by_ip(ip("10.244.1.2")).expect("pod indexed by IP");
+        assert_eq!(w.uid, "Kubernetes//v1/Pod/demo/a");
+        assert_eq!(w.authorization_policies, vec!["demo/p".to_string()]);
+        assert_eq!(s.service_by_vip(ip("10.96.0.9")).unwrap().hostname, "echo.demo.svc.cluster.local");
+        assert!(s.policy("demo/p").is_some());
+        assert!(s.workload_by_uid("Kubernetes//v1/Pod/demo/a").is_some());
+    }
+
+    api.ok(Method::PUT, "/api/v1/namespaces/demo/pods/a", Some(&pod("a", "10.244.1.3"))).await.unwrap();
+    eventually("the pod's new IP", &state, |s| {
+        s.workload_by_ip(ip("10.244.1.3")).is_some() && s.workload_by_ip(ip("10.244.1.2")).is_none()
+    })
+    .await;
+
+    // istiod-lite goes away: the last state keeps serving.
+    running.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        state.read().unwrap().workload_by_ip(ip("10.244.1.3")).is_some(),
+        "last good state kept while istiod-lite is down"
+    );
+
+    // It returns (same state dir and port) and changes made then arrive.
+    let running = istiod(dir.path(), api_port, xds_port).await;
+    api.ok(Method::PUT, "/api/v1/namespaces/demo/pods/b", Some(&pod("b", "10.244.1.4"))).await.unwrap();
+    api.ok(Method::DELETE, "/api/v1/namespaces/demo/pods/a", None).await.unwrap();
+    eventually("resync after restart", &state, |s| {
+        s.workload_by_ip(ip("10.244.1.4")).is_some() && s.workload_by_uid("Kubernetes//v1/Pod/demo/a").is_none()
+    })
+    .await;
+    let (w, svc, pol) = state.read().unwrap().counts();
+    assert_eq!((w, svc, pol), (1, 1, 2), "b, echo, demo/p and the static strict policy");
+    task.abort();
+    running.shutdown().await;
+}
