@@ -1,0 +1,214 @@
+//! Workload certificates: one ECDSA P-256 key per identity, signed by istiod-lite's CA through
+//! `ImpersonatedIdentity`, refreshed at half of the lifetime. On failure the manager backs off
+//! exponentially (0.5 s to 150 s, PROTOCOLS.md) and keeps serving the still-valid certificate.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hbone::tls::CertSlot;
+use hbone::Identity;
+use prost_types::{value::Kind, Struct, Value};
+use rcgen::{CertificateParams, KeyPair, SanType};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use trellis_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use trellis_proto::istio::v1::auth::IstioCertificateRequest;
+
+pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(150);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("CA at {0} unreachable: {1}")]
+    Connect(String, tonic::transport::Error),
+    #[error("CA refused {identity}: {status}")]
+    Refused { identity: String, status: tonic::Status },
+    #[error("CA answer for {0} is unusable: {1}")]
+    BadResponse(String, String),
+    #[error("key or CSR generation failed: {0}")]
+    Local(String),
+    #[error("CA request timed out")]
+    Timeout,
+}
+
+#[derive(Clone, Debug)]
+pub struct CaConfig {
+    /// `https://istiod:15012`
+    pub address: String,
+    pub root_pem: String,
+    pub token: String,
+    /// Requested lifetime; the CA may cap it.
+    pub ttl: Duration,
+}
+
+/// A certificate in use, with the validity the refresh schedule is computed from.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    pub slot: Arc<CertSlot>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub chain: Vec<CertificateDer<'static>>,
+}
+
+pub struct CertManager {
+    cfg: CaConfig,
+    certs: Mutex<HashMap<Identity, Arc<Mutex<Issued>>>>,
+}
+
+fn timestamp(t: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(t.max(0) as u64)
+}
+
+impl CertManager {
+    pub fn new(cfg: CaConfig) -> Arc<CertManager> {
+        Arc::new(CertManager { cfg, certs: Mutex::default() })
+    }
+
+    async fn channel(&self) -> Result<Channel, CertError> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.cfg.root_pem))
+            .domain_name("istiod.istio-system.svc");
+        Endpoint::from_shared(self.cfg.address.clone())
+            .map_err(|e| CertError::Local(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .tls_config(tls)
+            .map_err(|e| CertError::Connect(self.cfg.address.clone(), e))?
+            .connect()
+            .await
+            .map_err(|e| CertError::Connect(self.cfg.address.clone(), e))
+    }
+
+    /// Generates a fresh key, asks the CA to sign it for `id`, and checks the answer.
+    pub async fn fetch(
+        &self,
+        id: &Identity,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, SystemTime, SystemTime), CertError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| CertError::Local(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names =
+            vec![SanType::URI(id.to_string().try_into().map_err(|e: rcgen::Error| CertError::Local(e.to_string()))?)];
+        let csr = params.serialize_request(&key).and_then(|c| c.pem()).map_err(|e| CertError::Local(e.to_string()))?;
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert("ImpersonatedIdentity".to_string(), Value { kind: Some(Kind::StringValue(id.to_string())) });
+        let mut req = tonic::Request::new(IstioCertificateRequest {
+            csr,
+            validity_duration: self.cfg.ttl.as_secs() as i64,
+            metadata: Some(Struct { fields }),
+        });
+        let bearer = format!("Bearer {}", self.cfg.token)
+            .parse()
+            .map_err(|_| CertError::Local("token is not a valid header value".into()))?;
+        req.metadata_mut().insert("authorization", bearer);
+        let mut client = IstioCertificateServiceClient::new(self.channel().await?);
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.create_certificate(req))
+            .await
+            .map_err(|_| CertError::Timeout)?
+            .map_err(|status| CertError::Refused { identity: id.to_string(), status })?
+            .into_inner();
+        let bad = |why: String| CertError::BadResponse(id.to_string(), why);
+        let chain: Vec<CertificateDer<'static>> = resp
+            .cert_chain
+            .iter()
+            .map(|p| pem::parse(p).map(|p| CertificateDer::from(p.into_contents())).map_err(|e| bad(e.to_string())))
+            .collect::<Result<_, _>>()?;
+        let leaf = chain.first().ok_or_else(|| bad("empty chain".into()))?;
+        // Defense in depth: never present a certificate for an identity we did not ask for.
+        if hbone::tls::spiffe_ids(leaf) != [id.clone()] {
+            return Err(bad(format!("leaf carries {:?}", hbone::tls::spiffe_ids(leaf))));
+        }
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| bad(e.to_string()))?;
+        // CAs backdate not_before for clock skew; the refresh schedule counts from receipt, or a
+        // short-lived certificate would look half-expired on arrival.
+        let nb = timestamp(cert.validity().not_before.timestamp()).max(SystemTime::now());
+        let na = timestamp(cert.validity().not_after.timestamp());
+        Ok((chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())), nb, na))
+    }
+
+    /// The certificate slot for `id`, fetching it on first use and starting its refresh task.
+    pub async fn get(self: &Arc<Self>, id: &Identity) -> Result<Issued, CertError> {
+        if let Some(cur) = self.certs.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
+            return Ok(cur.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        }
+        let (chain, key, nb, na) = self.fetch(id).await?;
+        let slot = Arc::new(CertSlot::new(chain.clone(), key).map_err(|e| CertError::Local(e.to_string()))?);
+        let first = Issued { slot, not_before: nb, not_after: na, chain };
+        let issued = Arc::new(Mutex::new(first.clone()));
+        {
+            let mut certs = self.certs.lock().unwrap_or_else(|e| e.into_inner());
+            // Another caller fetched the same identity meanwhile: use theirs, one refresher only.
+            if let Some(cur) = certs.get(id) {
+                return Ok(cur.lock().unwrap_or_else(|e| e.into_inner()).clone());
+            }
+            certs.insert(id.clone(), issued.clone());
+        }
+        let (me, id) = (Arc::downgrade(self), id.clone());
+        tokio::spawn(async move { refresh_loop(me, id, issued).await });
+        Ok(first)
+    }
+
+    /// Identities and expiries currently held, for `/config_dump`.
+    pub fn held(&self) -> Vec<(Identity, SystemTime)> {
+        self.certs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, i)| (id.clone(), i.lock().unwrap_or_else(|e| e.into_inner()).not_after))
+            .collect()
+    }
+}
+
+/// Half of the lifetime after `not_before`, or now if that has passed.
+pub fn refresh_delay(not_before: SystemTime, not_after: SystemTime, now: SystemTime) -> Duration {
+    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+    let at = not_before + lifetime / 2;
+    at.duration_since(now).unwrap_or_default()
+}
+
+async fn refresh_loop(mgr: std::sync::Weak<CertManager>, id: Identity, issued: Arc<Mutex<Issued>>) {
+    let mut backoff = BACKOFF_MIN;
+    let mut delay = {
+        let i = issued.lock().unwrap_or_else(|e| e.into_inner());
+        refresh_delay(i.not_before, i.not_after, SystemTime::now())
+    };
+    loop {
+        tokio::time::sleep(delay).await;
+        let Some(mgr) = mgr.upgrade() else { return };
+        match mgr.fetch(&id).await {
+            Ok((chain, key, nb, na)) => {
+                let mut i = issued.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(e) = i.slot.swap(chain.clone(), key) {
+                    tracing::error!(identity = %id, error = %e, "renewed certificate unusable; keeping the current one");
+                } else {
+                    i.not_before = nb;
+                    i.not_after = na;
+                    i.chain = chain;
+                    tracing::info!(identity = %id, "certificate renewed");
+                }
+                backoff = BACKOFF_MIN;
+                delay = refresh_delay(i.not_before, i.not_after, SystemTime::now()).max(Duration::from_millis(100));
+            }
+            Err(e) => {
+                tracing::warn!(identity = %id, error = %e, retry_in = ?backoff, "certificate renewal failed; keeping the still-valid certificate");
+                delay = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_at_half_life() {
+        let nb = UNIX_EPOCH + Duration::from_secs(1000);
+        let na = nb + Duration::from_secs(100);
+        assert_eq!(refresh_delay(nb, na, nb), Duration::from_secs(50));
+        assert_eq!(refresh_delay(nb, na, nb + Duration::from_secs(40)), Duration::from_secs(10));
+        assert_eq!(refresh_delay(nb, na, na), Duration::ZERO);
+    }
+}
