@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use trellis_proto::istio::security::Authorization;
 use trellis_proto::istio::workload::{address, Service, Workload};
 
+pub mod policy;
 pub mod validate;
 
 #[derive(Default, Debug)]
