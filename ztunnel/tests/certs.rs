@@ -1,35 +1,15 @@
 //! The certificate manager against istiod-lite's real CA over TLS: first issue, renewal at
 //! half-life, keeping the valid certificate while the CA is down, and recovery after it returns.
 
+mod common;
+
 use std::time::{Duration, Instant, SystemTime};
 
+use common::{free_port, istiod, Ports};
 use hbone::Identity;
 use hyper::Method;
-use istiod_lite::server::{self, Config, Running};
-use istiod_lite::xds::translate::Settings;
 use serde_json::json;
 use ztunnel::identity::{CaConfig, CertManager};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn istiod(dir: &std::path::Path, api: u16, secure: u16) -> Running {
-    server::start(Config {
-        state_dir: dir.join("state"),
-        ca_dir: dir.join("ca"),
-        config_dir: None,
-        api_addr: format!("127.0.0.1:{api}").parse().unwrap(),
-        xds_addr: None,
-        secure_addr: format!("127.0.0.1:{secure}").parse().unwrap(),
-        settings: Settings::default(),
-        max_cert_ttl: Duration::from_secs(4),
-        tls_sans: vec![],
-        xds_send_timeout: Duration::from_secs(30),
-    })
-    .await
-    .expect("istiod-lite starts")
-}
 
 const ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
 
@@ -37,7 +17,7 @@ const ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
 async fn renews_at_half_life_and_keeps_the_valid_certificate_through_a_ca_outage() {
     let dir = tempfile::tempdir().unwrap();
     let (api, secure) = (free_port(), free_port());
-    let running = istiod(dir.path(), api, secure).await;
+    let running = istiod(dir.path(), &Ports { api, xds: None, secure }, Duration::from_secs(4)).await;
     let client = meshctl::client::Client::new(&format!("http://127.0.0.1:{api}")).unwrap();
     let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"}, "spec": {"nodeName": "node1", "serviceAccountName": "client"}, "status": {"podIP": "10.244.1.5"}});
     client.ok(Method::PUT, "/api/v1/namespaces/demo/pods/client", Some(&pod)).await.unwrap();
@@ -73,7 +53,7 @@ async fn renews_at_half_life_and_keeps_the_valid_certificate_through_a_ca_outage
     assert!(during_outage >= renewed, "still-valid certificate kept while the CA is down");
 
     // CA back: renewals resume (the backoff is still short).
-    let running = istiod(dir.path(), api, secure).await;
+    let running = istiod(dir.path(), &Ports { api, xds: None, secure }, Duration::from_secs(4)).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (_, not_after) = mgr.held()[0].clone();
@@ -90,7 +70,7 @@ async fn renews_at_half_life_and_keeps_the_valid_certificate_through_a_ca_outage
 async fn a_refused_identity_is_an_error_not_a_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let (api, secure) = (free_port(), free_port());
-    let running = istiod(dir.path(), api, secure).await;
+    let running = istiod(dir.path(), &Ports { api, xds: None, secure }, Duration::from_secs(4)).await;
     let token = running.tokens.issue("node2").unwrap();
     let root = std::fs::read_to_string(dir.path().join("ca/root-cert.pem")).unwrap();
     let mgr = CertManager::new(CaConfig {

@@ -1,37 +1,17 @@
 //! ztunnel's xDS client against a real istiod-lite: initial sync, updates and deletes, serving the
 //! last state while istiod-lite is down, and resync after it returns.
 
+mod common;
+
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use common::{free_port, istiod, Ports};
 use hyper::Method;
-use istiod_lite::server::{self, Config, Running};
-use istiod_lite::xds::translate::Settings;
 use serde_json::json;
 use ztunnel::state::State;
 use ztunnel::xds::{self, Client};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn istiod(dir: &std::path::Path, api: u16, xds: u16) -> Running {
-    server::start(Config {
-        state_dir: dir.join("state"),
-        ca_dir: dir.join("ca"),
-        config_dir: None,
-        api_addr: format!("127.0.0.1:{api}").parse().unwrap(),
-        xds_addr: Some(format!("127.0.0.1:{xds}").parse().unwrap()),
-        secure_addr: "127.0.0.1:0".parse().unwrap(),
-        settings: Settings::default(),
-        max_cert_ttl: Duration::from_secs(3600),
-        tls_sans: vec![],
-        xds_send_timeout: Duration::from_secs(30),
-    })
-    .await
-    .expect("istiod-lite starts")
-}
 
 fn pod(name: &str, ip: &str) -> serde_json::Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": "echo"}}, "spec": {"nodeName": "node1"}, "status": {"podIP": ip}})
@@ -53,7 +33,8 @@ fn ip(s: &str) -> IpAddr {
 async fn syncs_follows_changes_survives_an_outage_and_resyncs() {
     let dir = tempfile::tempdir().unwrap();
     let (api_port, xds_port) = (free_port(), free_port());
-    let running = istiod(dir.path(), api_port, xds_port).await;
+    let ports = Ports { api: api_port, xds: Some(xds_port), secure: free_port() };
+    let running = istiod(dir.path(), &ports, Duration::from_secs(3600)).await;
     let api = meshctl::client::Client::new(&format!("http://127.0.0.1:{api_port}")).unwrap();
     api.ok(Method::PUT, "/api/v1/namespaces/demo", Some(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo", "labels": {"istio.io/dataplane-mode": "ambient"}}}))).await.unwrap();
     api.ok(Method::PUT, "/api/v1/namespaces/demo/pods/a", Some(&pod("a", "10.244.1.2"))).await.unwrap();
@@ -96,7 +77,7 @@ async fn syncs_follows_changes_survives_an_outage_and_resyncs() {
     );
 
     // It returns (same state dir and port) and changes made then arrive.
-    let running = istiod(dir.path(), api_port, xds_port).await;
+    let running = istiod(dir.path(), &ports, Duration::from_secs(3600)).await;
     api.ok(Method::PUT, "/api/v1/namespaces/demo/pods/b", Some(&pod("b", "10.244.1.4"))).await.unwrap();
     api.ok(Method::DELETE, "/api/v1/namespaces/demo/pods/a", None).await.unwrap();
     eventually("resync after restart", &state, |s| {

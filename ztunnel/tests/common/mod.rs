@@ -1,0 +1,35 @@
+//! Runs a real istiod-lite in-process on fixed loopback ports, so a test can stop it and start it
+//! again on the same state dir and ports (as a restart would).
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use istiod_lite::server::{self, Config, Running};
+use istiod_lite::xds::translate::Settings;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Ports {
+    pub api: u16,
+    pub xds: Option<u16>,
+    pub secure: u16,
+}
+
+pub async fn istiod(dir: &std::path::Path, ports: &Ports, max_cert_ttl: Duration) -> Running {
+    server::start(Config {
+        state_dir: dir.join("state"),
+        ca_dir: dir.join("ca"),
+        config_dir: None,
+        api_addr: format!("127.0.0.1:{}", ports.api).parse().unwrap(),
+        xds_addr: ports.xds.map(|p| format!("127.0.0.1:{p}").parse().unwrap()),
+        secure_addr: format!("127.0.0.1:{}", ports.secure).parse().unwrap(),
+        settings: Settings::default(),
+        max_cert_ttl,
+        tls_sans: vec![],
+        xds_send_timeout: Duration::from_secs(30),
+    })
+    .await
+    .expect("istiod-lite starts")
+}
