@@ -162,15 +162,6 @@ impl Object {
             Err(Invalid { object: label, errors })
         }
     }
-
-    /// Typed access helpers for the translators.
-    pub fn as_pod(&self) -> Option<&Pod> {
-        if let Object::Pod(p) = self {
-            Some(p)
-        } else {
-            None
-        }
-    }
 }
 
 fn typed<T: DeserializeOwned>(value: Value, label: &str) -> Result<T, Invalid> {

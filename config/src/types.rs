@@ -8,8 +8,6 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::selector::LabelSelector;
-
 /// A spec-less kind (Namespace, ServiceAccount) still accepts an empty `spec: {}`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -531,6 +529,3 @@ pub struct GrpcMethodMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
 }
-
-/// Unused placeholder so `LabelSelector` stays reachable from this module's docs.
-pub type Selector = LabelSelector;

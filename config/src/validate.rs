@@ -9,8 +9,6 @@ use crate::error::{Errors, FieldError};
 use crate::object::*;
 use crate::types::*;
 
-const ROOT_NAMESPACE: &str = "istio-system";
-
 pub(crate) fn object(obj: &Object) -> Vec<FieldError> {
     let mut e = Errors::default();
     let kind = obj.kind();
@@ -31,7 +29,6 @@ pub(crate) fn object(obj: &Object) -> Vec<FieldError> {
     for k in meta.annotations.keys() {
         qualified_name(&mut e, &format!("metadata.annotations[{k}]"), k);
     }
-    let ns = meta.namespace.as_deref().unwrap_or_default();
     match obj {
         Object::Namespace(_) | Object::ServiceAccount(_) => {}
         Object::Node(n) => node(&mut e, n),
@@ -39,7 +36,7 @@ pub(crate) fn object(obj: &Object) -> Vec<FieldError> {
         Object::Service(s) => service(&mut e, s),
         Object::WorkloadEntry(w) => workload_entry(&mut e, w),
         Object::AuthorizationPolicy(p) => authorization_policy(&mut e, &p.spec),
-        Object::PeerAuthentication(p) => peer_authentication(&mut e, &p.spec, ns),
+        Object::PeerAuthentication(p) => peer_authentication(&mut e, &p.spec),
         Object::Gateway(g) => gateway(&mut e, &g.spec),
         Object::HttpRoute(r) => http_route(&mut e, &r.spec),
         Object::GrpcRoute(r) => grpc_route(&mut e, &r.spec),
@@ -448,7 +445,7 @@ fn condition(e: &mut Errors, path: &str, c: &Condition) {
     }
 }
 
-fn peer_authentication(e: &mut Errors, spec: &PeerAuthenticationSpec, namespace: &str) {
+fn peer_authentication(e: &mut Errors, spec: &PeerAuthenticationSpec) {
     const MODES: [&str; 4] = ["UNSET", "DISABLE", "PERMISSIVE", "STRICT"];
     if let Some(m) = &spec.mtls {
         if !m.mode.is_empty() {
@@ -469,7 +466,6 @@ fn peer_authentication(e: &mut Errors, spec: &PeerAuthenticationSpec, namespace:
         }
         one_of(e, &format!("{path}.mode"), &m.mode, &MODES);
     }
-    let _ = namespace == ROOT_NAMESPACE; // mesh-wide policies are valid with or without selector
 }
 
 // ---- gateway API ------------------------------------------------------------------------------

@@ -54,6 +54,28 @@ fn request(
     r
 }
 
+/// node1 requests CLIENT_ID with `ttl` seconds; returns the response chain.
+async fn issue_client(
+    s: &Istiod,
+    ca: &mut IstioCertificateServiceClient<Channel>,
+    key: &KeyPair,
+    ttl: i64,
+) -> Vec<String> {
+    let token = s.running.tokens.issue("node1").unwrap();
+    ca.create_certificate(request(csr(CLIENT_ID, key), Some(CLIENT_ID), ttl, Some(&token)))
+        .await
+        .unwrap()
+        .into_inner()
+        .cert_chain
+}
+
+/// Seconds between the leaf's not_before and not_after.
+fn lifetime(leaf_pem: &str) -> i64 {
+    let d = der(leaf_pem);
+    let (_, leaf) = X509Certificate::from_der(&d).unwrap();
+    leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp()
+}
+
 fn der(pem_text: &str) -> Vec<u8> {
     ::pem::parse(pem_text).unwrap().into_contents()
 }
@@ -61,16 +83,11 @@ fn der(pem_text: &str) -> Vec<u8> {
 #[tokio::test]
 async fn issues_for_a_workload_on_the_callers_node() {
     let (s, mut ca, root) = setup().await;
-    let token = s.running.tokens.issue("node1").unwrap();
     let key = KeyPair::generate().unwrap();
-    let resp = ca
-        .create_certificate(request(csr(CLIENT_ID, &key), Some(CLIENT_ID), 600, Some(&token)))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(resp.cert_chain.len(), 2, "leaf then root");
-    assert_eq!(resp.cert_chain[1].trim(), root.trim());
-    let leaf_der = der(&resp.cert_chain[0]);
+    let chain = issue_client(&s, &mut ca, &key, 600).await;
+    assert_eq!(chain.len(), 2, "leaf then root");
+    assert_eq!(chain[1].trim(), root.trim());
+    let leaf_der = der(&chain[0]);
     let root_der = der(&root);
     let (_, leaf) = X509Certificate::from_der(&leaf_der).unwrap();
     let (_, root_cert) = X509Certificate::from_der(&root_der).unwrap();
@@ -79,19 +96,12 @@ async fn issues_for_a_workload_on_the_callers_node() {
         leaf.subject_alternative_name().unwrap().unwrap().value.general_names.iter().map(|g| g.to_string()).collect();
     assert_eq!(sans, vec![format!("URI({CLIENT_ID})")]);
     assert_eq!(leaf.public_key().subject_public_key.data.as_ref(), key.public_key_raw());
-    let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
-    assert!((600..=700).contains(&lifetime), "requested TTL honoured (+60s backdate): {lifetime}");
+    let life = lifetime(&chain[0]);
+    assert!((600..=700).contains(&life), "requested TTL honoured (+60s backdate): {life}");
 
     // A request beyond the configured cap gets the cap.
-    let resp = ca
-        .create_certificate(request(csr(CLIENT_ID, &key), Some(CLIENT_ID), 30 * 24 * 3600, Some(&token)))
-        .await
-        .unwrap()
-        .into_inner();
-    let d = der(&resp.cert_chain[0]);
-    let (_, leaf) = X509Certificate::from_der(&d).unwrap();
-    let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
-    assert!(lifetime <= 3600 + 60, "TTL capped by --max-cert-ttl: {lifetime}");
+    let life = lifetime(&issue_client(&s, &mut ca, &key, 30 * 24 * 3600).await[0]);
+    assert!(life <= 3600 + 60, "TTL capped by --max-cert-ttl: {life}");
 }
 
 #[tokio::test]
@@ -212,15 +222,6 @@ async fn unspecified_validity_gets_the_24h_default() {
         Istiod::start_full(tempfile::tempdir().unwrap(), Duration::from_secs(30), Duration::from_secs(7 * 24 * 3600))
             .await;
     let (s, mut ca, _) = setup_with(s).await;
-    let token = s.running.tokens.issue("node1").unwrap();
-    let key = KeyPair::generate().unwrap();
-    let resp = ca
-        .create_certificate(request(csr(CLIENT_ID, &key), Some(CLIENT_ID), 0, Some(&token)))
-        .await
-        .unwrap()
-        .into_inner();
-    let d = der(&resp.cert_chain[0]);
-    let (_, leaf) = X509Certificate::from_der(&d).unwrap();
-    let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
-    assert_eq!(lifetime, 24 * 3600 + 60, "24 h plus the 60 s backdate");
+    let chain = issue_client(&s, &mut ca, &KeyPair::generate().unwrap(), 0).await;
+    assert_eq!(lifetime(&chain[0]), 24 * 3600 + 60, "24 h plus the 60 s backdate");
 }

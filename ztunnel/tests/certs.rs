@@ -11,6 +11,17 @@ use hyper::Method;
 use serde_json::json;
 use ztunnel::identity::{CaConfig, CertManager};
 
+/// A manager asking the CA on `secure` for 4 s certificates with `token`.
+fn manager(dir: &std::path::Path, secure: u16, token: String) -> std::sync::Arc<CertManager> {
+    let root_pem = std::fs::read_to_string(dir.join("ca/root-cert.pem")).unwrap();
+    CertManager::new(CaConfig {
+        address: format!("https://127.0.0.1:{secure}"),
+        root_pem,
+        token,
+        ttl: Duration::from_secs(4),
+    })
+}
+
 const ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,13 +33,7 @@ async fn renews_at_half_life_and_keeps_the_valid_certificate_through_a_ca_outage
     let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"}, "spec": {"nodeName": "node1", "serviceAccountName": "client"}, "status": {"podIP": "10.244.1.5"}});
     client.ok(Method::PUT, "/api/v1/namespaces/demo/pods/client", Some(&pod)).await.unwrap();
     let token = running.tokens.issue("node1").unwrap();
-    let root = std::fs::read_to_string(dir.path().join("ca/root-cert.pem")).unwrap();
-    let mgr = CertManager::new(CaConfig {
-        address: format!("https://127.0.0.1:{secure}"),
-        root_pem: root,
-        token,
-        ttl: Duration::from_secs(4),
-    });
+    let mgr = manager(dir.path(), secure, token);
     let id = Identity::parse(ID).unwrap();
 
     let first = mgr.get(&id).await.expect("first certificate");
@@ -72,13 +77,7 @@ async fn a_refused_identity_is_an_error_not_a_certificate() {
     let (api, secure) = (free_port(), free_port());
     let running = istiod(dir.path(), &Ports { api, xds: None, secure }, Duration::from_secs(4)).await;
     let token = running.tokens.issue("node2").unwrap();
-    let root = std::fs::read_to_string(dir.path().join("ca/root-cert.pem")).unwrap();
-    let mgr = CertManager::new(CaConfig {
-        address: format!("https://127.0.0.1:{secure}"),
-        root_pem: root,
-        token,
-        ttl: Duration::from_secs(4),
-    });
+    let mgr = manager(dir.path(), secure, token);
     let err = mgr.get(&Identity::parse(ID).unwrap()).await.unwrap_err();
     assert!(err.to_string().contains("PermissionDenied") || err.to_string().contains("permission"), "{err}");
     assert!(mgr.held().is_empty());

@@ -139,14 +139,6 @@ impl Cache {
             .unwrap_or_default();
         (list, inner.seq)
     }
-
-    pub fn get(&self, type_url: &str, name: &str) -> Option<Entry> {
-        self.inner.read().ok()?.types.get(type_url)?.entries.get(name).cloned()
-    }
-
-    pub fn len(&self, type_url: &str) -> usize {
-        self.inner.read().map(|i| i.types.get(type_url).map_or(0, |t| t.entries.len())).unwrap_or(0)
-    }
 }
 
 pub type SharedCache = Arc<Cache>;

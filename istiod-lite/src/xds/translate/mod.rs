@@ -67,10 +67,6 @@ impl Translator {
         Translator { world: World::default(), settings }
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     /// Loads a full snapshot and renders everything.
     pub fn load(&mut self, objects: impl IntoIterator<Item = Arc<Object>>) -> Vec<Output> {
         let mut targets = BTreeSet::from([Target::StaticStrict]);

@@ -47,16 +47,6 @@ impl World {
         v.into_iter().map(|(_, o)| o).collect()
     }
 
-    pub fn namespaces_with(&self, kind: Kind) -> Vec<String> {
-        let set: BTreeSet<String> = self
-            .by_namespace
-            .iter()
-            .filter(|((k, _), names)| *k == kind && !names.is_empty())
-            .map(|((_, ns), _)| ns.clone())
-            .collect();
-        set.into_iter().collect()
-    }
-
     pub fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
         match self.objects.get(&ObjectKey::new(Kind::Namespace, "", ns)).map(|o| o.as_ref()) {
             Some(Object::Namespace(n)) => n.metadata.labels.clone(),
