@@ -5,6 +5,7 @@
 //! validation that decides what may enter the store. It does no I/O beyond reading the files it is
 //! asked to load, so `meshctl` and `istiod-lite` share one definition of "valid".
 
+pub mod duration;
 pub mod error;
 pub mod kind;
 pub mod load;

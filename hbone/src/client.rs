@@ -24,6 +24,10 @@ pub enum HboneError {
     Timeout(Duration),
     #[error("invalid request: {0}")]
     Request(String),
+    #[error("connect: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Telemetry metadata of the source workload, sent as the `baggage` header.

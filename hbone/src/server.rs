@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::stream::H2Stream;
 use crate::Identity;
 
+const PREFACE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A tunnel request, after the method and authority have been checked.
 #[derive(Debug)]
 pub struct Inbound {
@@ -31,7 +33,15 @@ where
     F: Future<Output = Result<U, StatusCode>> + Send + 'static,
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut conn = crate::settings::server().handshake::<_, Bytes>(io).await?;
+    // A peer that completes TLS but never sends the HTTP/2 preface must not hold the connection.
+    let mut conn =
+        match tokio::time::timeout(PREFACE_TIMEOUT, crate::settings::server().handshake::<_, Bytes>(io)).await {
+            Ok(c) => c?,
+            Err(_) => {
+                tracing::debug!(?peer, "no HTTP/2 preface within {PREFACE_TIMEOUT:?}");
+                return Ok(());
+            }
+        };
     while let Some(accepted) = conn.accept().await {
         let (req, mut respond) = accepted?;
         let (handler, peer) = (handler.clone(), peer.clone());

@@ -5,6 +5,7 @@ use std::time::Duration;
 use clap::Parser;
 use istiod_lite::server::{self, Config};
 use istiod_lite::xds::translate::Settings;
+use trellis_config::duration::parse_duration;
 
 /// Trellis control plane: config store and REST API, SPIFFE CA, workload xDS.
 #[derive(Parser, Debug)]
@@ -38,21 +39,6 @@ struct Args {
     /// Extra DNS name or IP for the :15012 certificate (repeatable).
     #[arg(long = "tls-san")]
     tls_sans: Vec<String>,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 24h, 90m or 30s"))?;
-    let secs = match unit {
-        "h" => n * 3600,
-        "m" => n * 60,
-        "s" | "" => n,
-        _ => return Err(format!("{s:?}: unit must be h, m or s")),
-    };
-    if secs == 0 {
-        return Err("duration must be positive".into());
-    }
-    Ok(Duration::from_secs(secs))
 }
 
 #[tokio::main]

@@ -127,6 +127,12 @@ impl CertManager {
         Ok((chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())), nb, na))
     }
 
+    /// The certificate for `id` if one is already held.
+    pub fn cached(&self, id: &Identity) -> Option<Issued> {
+        let certs = self.certs.lock().unwrap_or_else(|e| e.into_inner());
+        certs.get(id).map(|i| i.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
     /// The certificate slot for `id`, fetching it on first use and starting its refresh task.
     pub async fn get(self: &Arc<Self>, id: &Identity) -> Result<Issued, CertError> {
         if let Some(cur) = self.certs.lock().unwrap_or_else(|e| e.into_inner()).get(id) {

@@ -1,8 +1,20 @@
 //! ztunnel: Trellis's per-node L4 proxy.
 //!
-//! Layout follows the data flow: [`xds`] keeps [`state`] in step with istiod-lite; the proxy paths
-//! (inbound 15008/15006, outbound 15001) read `state` and carry traffic over `hbone`.
+//! Layout follows the data flow: [`xds`] keeps [`state`] in step with istiod-lite and
+//! [`identity`] keeps workload certificates fresh; the node [`agent`] enrolls [`pods`], each of
+//! which gets [`proxy`] listeners inside its network namespace ([`netns`], [`sockets`]) and the
+//! [`capture`] rules that steer its traffic to them. [`admin`] and [`metrics`] are for operators;
+//! [`app`] wires the process together.
 
+pub mod admin;
+pub mod agent;
+pub mod app;
+pub mod capture;
 pub mod identity;
+pub mod metrics;
+pub mod netns;
+pub mod pods;
+pub mod proxy;
+pub mod sockets;
 pub mod state;
 pub mod xds;

@@ -1,7 +1,7 @@
 //! What ztunnel knows about the mesh, indexed the ways the proxy looks it up: workloads by uid and
 //! by IP, services by name and by VIP, policies by name.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use trellis_proto::istio::security::Authorization;
@@ -17,9 +17,11 @@ pub struct State {
     services: HashMap<String, Service>,
     service_by_vip: HashMap<IpAddr, String>,
     policies: HashMap<String, Authorization>,
+    /// Service name → uids of the workloads that back it.
+    endpoints: HashMap<String, BTreeSet<String>>,
 }
 
-fn ip(bytes: &[u8]) -> Option<IpAddr> {
+pub fn ip(bytes: &[u8]) -> Option<IpAddr> {
     match bytes.len() {
         4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
         16 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
@@ -44,6 +46,23 @@ impl State {
         self.services.get(self.service_by_vip.get(&addr)?)
     }
 
+    /// The workloads backing a service, in uid order.
+    pub fn endpoints(&self, service: &str) -> impl Iterator<Item = &Workload> {
+        self.endpoints.get(service).into_iter().flatten().filter_map(|uid| self.workloads.get(uid))
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads.values()
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.services.values()
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = (&String, &Authorization)> {
+        self.policies.iter()
+    }
+
     pub fn policy(&self, name: &str) -> Option<&Authorization> {
         self.policies.get(name)
     }
@@ -61,6 +80,9 @@ impl State {
                 for a in w.addresses.iter().filter_map(|b| ip(b)) {
                     self.workload_by_ip.insert(a, name.to_string());
                 }
+                for svc in w.services.keys() {
+                    self.endpoints.entry(svc.clone()).or_default().insert(name.to_string());
+                }
                 self.workloads.insert(name.to_string(), w);
             }
             address::Type::Service(s) => {
@@ -77,6 +99,14 @@ impl State {
             for a in w.addresses.iter().filter_map(|b| ip(b)) {
                 if self.workload_by_ip.get(&a).is_some_and(|n| n == name) {
                     self.workload_by_ip.remove(&a);
+                }
+            }
+            for svc in w.services.keys() {
+                if let Some(set) = self.endpoints.get_mut(svc) {
+                    set.remove(name);
+                    if set.is_empty() {
+                        self.endpoints.remove(svc);
+                    }
                 }
             }
         }

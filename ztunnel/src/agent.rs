@@ -1,0 +1,115 @@
+//! The node agent's Unix socket: how the CNI plugin (or an operator) enrolls pods.
+//!
+//! One JSON object per line, one answer per line:
+//!
+//! ```text
+//! {"op":"add","namespace":"demo","name":"client","netns":"/var/run/netns/client"}
+//! {"op":"remove","namespace":"demo","name":"client"}
+//! {"op":"list"}
+//! → {"ok":true} | {"ok":true,"pods":[…]} | {"ok":false,"error":"…"}
+//! ```
+//!
+//! The socket is created with mode 0600: enrolling a pod changes its traffic, so only root may.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::pods::{PodInfo, Pods};
+
+const MAX_LINE: usize = 4096;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Deserialize, Serialize, Debug)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    Add { namespace: String, name: String, netns: PathBuf },
+    Remove { namespace: String, name: String },
+    List,
+}
+
+#[derive(Deserialize, Serialize, Debug, Default)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<Vec<PodInfo>>,
+}
+
+/// Binds the socket (replacing a stale one from a previous run).
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+pub async fn serve(listener: UnixListener, pods: Arc<Pods>) {
+    loop {
+        match listener.accept().await {
+            Ok((s, _)) => {
+                let pods = pods.clone();
+                tokio::spawn(async move { session(s, pods).await });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "agent socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn session(stream: UnixStream, pods: Arc<Pods>) {
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r.take(MAX_LINE as u64 * 64)).lines();
+    loop {
+        let line = match tokio::time::timeout(IDLE_TIMEOUT, lines.next_line()).await {
+            Ok(Ok(Some(l))) => l,
+            _ => return,
+        };
+        let resp = if line.len() > MAX_LINE {
+            Response { error: Some(format!("request longer than {MAX_LINE} bytes")), ..Default::default() }
+        } else {
+            handle(&line, &pods).await
+        };
+        let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+        out.push(b'\n');
+        if w.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn handle(line: &str, pods: &Pods) -> Response {
+    let fail = |e: String| Response { error: Some(e), ..Default::default() };
+    let req: Request = match serde_json::from_str(line) {
+        Ok(r) => r,
+        Err(e) => return fail(format!("invalid request: {e}")),
+    };
+    match req {
+        Request::Add { namespace, name, netns } => match pods.add(&namespace, &name, &netns).await {
+            Ok(()) => Response { ok: true, ..Default::default() },
+            Err(e) => {
+                tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "enrollment failed");
+                fail(e)
+            }
+        },
+        Request::Remove { namespace, name } => match pods.remove(&namespace, &name).await {
+            Ok(_) => Response { ok: true, ..Default::default() },
+            Err(e) => fail(e),
+        },
+        Request::List => Response { ok: true, pods: Some(pods.list()), ..Default::default() },
+    }
+}

@@ -1,0 +1,183 @@
+//! Process wiring: two runtimes, the control plane clients, the data plane, and shutdown.
+//!
+//! The data plane (listeners and proxied connections) runs on a multi-threaded runtime of its
+//! own; xDS, certificates, the node agent socket and the admin endpoints run on a separate
+//! single-threaded runtime, so a burst of control work never steals the data plane's threads and
+//! a saturated data plane never starves readiness or config updates.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rustls::RootCertStore;
+use tokio::sync::watch;
+
+use crate::admin::{self, Admin};
+use crate::identity::{CaConfig, CertManager};
+use crate::metrics::Metrics;
+use crate::pods::Pods;
+use crate::proxy::{self, Proxy};
+use crate::state::State;
+use crate::{agent, xds};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_name: String,
+    pub node_ip: String,
+    pub cluster_id: String,
+    pub trust_domain: String,
+    pub xds_address: String,
+    pub ca_address: String,
+    pub root_cert: PathBuf,
+    pub token_file: Option<PathBuf>,
+    pub agent_socket: PathBuf,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    pub cert_ttl: Duration,
+    pub drain_timeout: Duration,
+    pub mark: u32,
+    pub worker_threads: usize,
+    pub max_connections: usize,
+}
+
+fn load_roots(pem: &str) -> anyhow::Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for block in ::pem::parse_many(pem).context("parsing the root certificate")? {
+        roots.add(block.into_contents().into()).context("adding a root certificate")?;
+    }
+    anyhow::ensure!(!roots.is_empty(), "no certificate in the root file");
+    Ok(roots)
+}
+
+/// Runs ztunnel until SIGTERM or SIGINT, then drains.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let root_pem = std::fs::read_to_string(&cfg.root_cert)
+        .with_context(|| format!("reading --root-cert {}", cfg.root_cert.display()))?;
+    let roots = Arc::new(load_roots(&root_pem).with_context(|| format!("--root-cert {}", cfg.root_cert.display()))?);
+    let token = match &cfg.token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading --token-file {}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+
+    let control = tokio::runtime::Builder::new_current_thread().enable_all().thread_name("ztunnel-control").build()?;
+    let data = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.worker_threads.max(1))
+        .thread_name("ztunnel-data")
+        .enable_all()
+        .build()?;
+
+    let state = Arc::new(RwLock::new(State::default()));
+    let metrics = Arc::new(Metrics::new());
+    let certs = CertManager::new(CaConfig {
+        address: cfg.ca_address.clone(),
+        root_pem: root_pem.clone(),
+        token: token.clone().unwrap_or_default(),
+        ttl: cfg.cert_ttl,
+    });
+    let (drain_tx, draining) = watch::channel(false);
+    let proxy = {
+        let _in_data = data.enter();
+        Proxy::new(
+            state.clone(),
+            certs.clone(),
+            roots,
+            metrics.clone(),
+            proxy::Settings {
+                mark: cfg.mark,
+                trust_domain: cfg.trust_domain.clone(),
+                max_connections: cfg.max_connections,
+            },
+            control.handle().clone(),
+            draining,
+        )
+    };
+    let pods = Arc::new(Pods::new(
+        proxy.clone(),
+        state.clone(),
+        certs.clone(),
+        data.handle().clone(),
+        cfg.cluster_id.clone(),
+        cfg.mark,
+    ));
+    let (xds_client, synced) = xds::Client::new(
+        xds::Config {
+            address: cfg.xds_address.clone(),
+            root_pem: cfg.xds_address.starts_with("https").then(|| root_pem.clone()),
+            token,
+            node_id: format!(
+                "ztunnel~{}~ztunnel-{}.istio-system~istio-system.svc.cluster.local",
+                cfg.node_ip, cfg.node_name
+            ),
+            node_name: cfg.node_name.clone(),
+        },
+        state.clone(),
+    );
+    let admin = Admin {
+        node: cfg.node_name.clone(),
+        state,
+        certs,
+        metrics: metrics.clone(),
+        pods: pods.clone(),
+        proxy,
+        synced,
+    };
+
+    let agent_socket = cfg.agent_socket.clone();
+    control.block_on(async move {
+        // Bind everything first: a port conflict is a startup error, not a log line later.
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {what} on {addr}"))
+        };
+        let admin_l = bind(cfg.admin_addr, "admin").await?;
+        let metrics_l = bind(cfg.metrics_addr, "metrics").await?;
+        let ready_l = bind(cfg.readiness_addr, "readiness").await?;
+        let agent_l = agent::bind(&cfg.agent_socket)
+            .with_context(|| format!("binding the agent socket {}", cfg.agent_socket.display()))?;
+        tokio::spawn(xds_client.run());
+        tokio::spawn(agent::serve(agent_l, pods));
+        spawn_server("admin", admin::serve_admin(admin_l, admin.clone()));
+        spawn_server("metrics", admin::serve_metrics(metrics_l, admin.clone()));
+        spawn_server("readiness", admin::serve_readiness(ready_l, admin));
+        tracing::info!(node = cfg.node_name, xds = cfg.xds_address, agent = %cfg.agent_socket.display(), "ztunnel started");
+        shutdown_signal().await;
+        tracing::info!(deadline = ?cfg.drain_timeout, "draining: no new connections");
+        drain_tx.send_replace(true);
+        let deadline = Instant::now() + cfg.drain_timeout;
+        while metrics.active.get() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!(remaining = metrics.active.get(), "drained; exiting");
+        anyhow::Ok(())
+    })?;
+    let _ = std::fs::remove_file(&agent_socket);
+    data.shutdown_timeout(Duration::from_millis(100));
+    Ok(())
+}
+
+fn spawn_server(what: &'static str, f: impl std::future::Future<Output = std::io::Result<()>> + Send + 'static) {
+    tokio::spawn(async move {
+        if let Err(e) = f.await {
+            tracing::error!(server = what, error = %e, "server stopped");
+        }
+    });
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the process can still be killed; run until then.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

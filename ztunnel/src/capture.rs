@@ -1,0 +1,71 @@
+//! In-pod nftables capture (the fallback capture mode; see README "Capture").
+//!
+//! ztunnel opens its 15001/15006/15008 listeners inside the pod's namespace, and one nftables
+//! table in that namespace steers the pod's TCP to them with `redirect`, which keeps the original
+//! destination in conntrack for `SO_ORIGINAL_DST`:
+//!
+//! - outbound: every TCP connection the pod opens, except over loopback and except ztunnel's own
+//!   (marked) sockets, goes to 15001;
+//! - inbound: TCP arriving from outside goes to 15006 (plaintext), except HBONE on 15008, which
+//!   ztunnel's 15008 listener receives directly.
+//!
+//! Only the first packet of a connection traverses `nat` chains, so replies and established
+//! flows are untouched. The table is replaced atomically (one `nft -f` transaction).
+
+use std::io::{self, Write};
+use std::process::{Command, Stdio};
+
+use crate::netns::Netns;
+
+pub const TABLE: &str = "trellis";
+
+pub fn ruleset(mark: u32) -> String {
+    format!(
+        r#"table inet {TABLE}
+delete table inet {TABLE}
+table inet {TABLE} {{
+  chain output {{
+    type nat hook output priority dstnat; policy accept;
+    meta mark {mark:#x} return
+    oifname "lo" return
+    meta l4proto tcp redirect to :15001
+  }}
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname "lo" return
+    tcp dport 15008 return
+    meta l4proto tcp redirect to :15006
+  }}
+}}
+"#
+    )
+}
+
+fn nft(ns: &Netns, script: String) -> io::Result<()> {
+    ns.run_blocking(move || {
+        // Spawned from the namespace worker thread, so `nft` runs inside the pod's namespace.
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("running nft (is nftables installed?): {e}")))?;
+        child.stdin.take().ok_or_else(|| io::Error::other("nft stdin"))?.write_all(script.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!("nft failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        }
+        Ok(())
+    })
+}
+
+/// Installs (or replaces) the capture table in `ns`.
+pub fn install(ns: &Netns, mark: u32) -> io::Result<()> {
+    nft(ns, ruleset(mark))
+}
+
+/// Removes the capture table; a missing table is not an error.
+pub fn remove(ns: &Netns) -> io::Result<()> {
+    nft(ns, format!("table inet {TABLE}\ndelete table inet {TABLE}\n"))
+}

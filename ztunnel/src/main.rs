@@ -1,0 +1,110 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use trellis_config::duration::parse_duration;
+use ztunnel::app::{self, Config};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Trellis per-node L4 proxy: HBONE mTLS, L4 authorization, pod capture.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// This node's name, as Pods' spec.nodeName gives it.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// This node's IP, used in the xDS node id.
+    #[arg(long, env = "NODE_IP", default_value = "0.0.0.0")]
+    node_ip: String,
+    #[arg(long, default_value = "Kubernetes")]
+    cluster_id: String,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// istiod-lite's delta ADS: https://HOST:15012 (token required) or http://HOST:15010.
+    #[arg(long, default_value = "https://istiod.istio-system.svc:15012")]
+    xds_address: String,
+    /// The CA; defaults to the xDS address (it must be https).
+    #[arg(long)]
+    ca_address: Option<String>,
+    /// The mesh root certificate (istiod-lite's root-cert.pem).
+    #[arg(long)]
+    root_cert: PathBuf,
+    /// The node token from `meshctl create token node NAME`.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The node agent socket that enrolls pods.
+    #[arg(long, default_value = "/var/run/trellis/ztunnel.sock")]
+    agent_socket: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// Requested workload certificate lifetime (the CA may cap it).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_ttl: Duration,
+    /// How long SIGTERM waits for open connections to finish.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// SO_MARK on ztunnel's own sockets, exempted from capture.
+    #[arg(long, default_value = "0x539", value_parser = parse_mark)]
+    mark: u32,
+    /// Data-plane threads; defaults to the number of CPUs.
+    #[arg(long)]
+    worker_threads: Option<usize>,
+    /// Proxied connections in flight before new ones are reset.
+    #[arg(long, default_value_t = 8192)]
+    max_connections: usize,
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?} is not a mark like 0x539"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Text => fmt.init(),
+        LogFormat::Json => fmt.json().flatten_event(true).init(),
+    }
+    let ca_address = args.ca_address.unwrap_or_else(|| args.xds_address.clone());
+    if !ca_address.starts_with("https://") {
+        anyhow::bail!("--ca-address {ca_address:?} must be https:// (the CA is only served over TLS)");
+    }
+    app::run(Config {
+        node_name: args.node_name,
+        node_ip: args.node_ip,
+        cluster_id: args.cluster_id,
+        trust_domain: args.trust_domain,
+        xds_address: args.xds_address,
+        ca_address,
+        root_cert: args.root_cert,
+        token_file: args.token_file,
+        agent_socket: args.agent_socket,
+        admin_addr: args.admin_addr,
+        metrics_addr: args.metrics_addr,
+        readiness_addr: args.readiness_addr,
+        cert_ttl: args.cert_ttl,
+        drain_timeout: args.drain_timeout,
+        mark: args.mark,
+        worker_threads: args
+            .worker_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        max_connections: args.max_connections,
+    })
+}

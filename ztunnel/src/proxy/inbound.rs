@@ -1,0 +1,124 @@
+//! 15008: HBONE from other ztunnels. Mutual TLS (chain and trust domain checked by the TLS
+//! config), then per CONNECT: the authority must be this pod (400), L4 policy (401), then the
+//! connection to the pod (503 if it fails).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hbone::server::Inbound;
+use http::{HeaderMap, StatusCode};
+use tokio::net::TcpStream;
+
+use super::conn::{Record, Tracked, Tracker};
+use super::route::Peer;
+use super::{is_listener_loop, peer_of, Pod, Proxy, TLS_HANDSHAKE_TIMEOUT};
+use crate::metrics::Reporter;
+use crate::sockets;
+use crate::state::policy::{self, Decision};
+
+const DIRECTION: &str = "inbound";
+
+impl Proxy {
+    pub(super) async fn inbound(self: Arc<Self>, pod: Arc<Pod>, tcp: TcpStream) {
+        let src = peer_of(&tcp);
+        let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, pod.acceptor.accept(tcp)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                tracing::warn!(%src, pod = pod.uid, error = %e, "HBONE TLS handshake rejected");
+                self.metrics.reject(DIRECTION, "tls");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%src, pod = pod.uid, "HBONE TLS handshake timed out");
+                self.metrics.reject(DIRECTION, "tls");
+                return;
+            }
+        };
+        let peer = hbone::tls::peer_identity(tls.get_ref().1);
+        let me = self.clone();
+        let handler = move |req: Inbound| {
+            let (me, pod) = (me.clone(), pod.clone());
+            async move { me.tunnel(&pod, src, req).await }
+        };
+        if let Err(e) = hbone::server::serve(tls, peer, handler).await {
+            tracing::debug!(%src, error = %e, "HBONE connection ended with an error");
+        }
+    }
+
+    async fn tunnel(&self, pod: &Pod, src: SocketAddr, req: Inbound) -> Result<Tracked<TcpStream>, StatusCode> {
+        let dst = req.authority;
+        let evaluated = {
+            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+            state.workload_by_uid(&pod.uid).map(|w| {
+                let local = w.addresses.iter().any(|a| crate::state::ip(a) == Some(dst.ip()));
+                let conn = policy::Connection { source: req.peer.clone(), source_ip: src.ip(), destination: dst };
+                (local, Peer::of(w), policy::evaluate(&state, w, &conn))
+            })
+        };
+        let (dst_peer, decision) = match evaluated {
+            Some((true, p, d)) if !is_listener_loop(dst) => (p, d),
+            _ => {
+                tracing::warn!(%src, authority = %dst, pod = pod.uid, "CONNECT authority is not this workload");
+                self.metrics.reject(DIRECTION, "bad_request");
+                return Err(StatusCode::BAD_REQUEST);
+            }
+        };
+        let src_peer = source_peer(req.peer.clone(), &req.headers);
+        if let Decision::Deny(policy) = decision {
+            tracing::warn!(
+                policy,
+                source = src_peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+                destination = dst_peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+                %src,
+                %dst,
+                "connection denied by authorization policy"
+            );
+            self.metrics.reject(DIRECTION, "policy");
+            return Err(StatusCode::UNAUTHORIZED);
+        }
+        match sockets::connect(&pod.ns, dst, self.settings.mark).await {
+            Ok(up) => {
+                let record = Record {
+                    direction: DIRECTION,
+                    reporter: Reporter::destination,
+                    src,
+                    dst,
+                    src_peer,
+                    dst_peer,
+                    service: String::new(),
+                    mtls: true,
+                };
+                Ok(Tracked::new(up, Tracker::open(record, self.metrics.clone())))
+            }
+            Err(e) => {
+                tracing::info!(%dst, error = %e, "workload refused the connection");
+                self.metrics.reject(DIRECTION, "upstream");
+                Err(StatusCode::SERVICE_UNAVAILABLE)
+            }
+        }
+    }
+}
+
+/// The source as the peer describes it: its verified identity, plus the workload name and
+/// canonical service from `baggage` (telemetry only; never used for authorization).
+fn source_peer(identity: Option<hbone::Identity>, headers: &HeaderMap) -> Peer {
+    let mut peer = Peer {
+        namespace: identity.as_ref().map(|i| i.namespace.clone()).unwrap_or_default(),
+        identity,
+        ..Peer::default()
+    };
+    let baggage = headers.get("baggage").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    for (k, v) in baggage.split(',').filter_map(|kv| kv.trim().split_once('=')) {
+        match k {
+            "service.name" => peer.app = v.to_string(),
+            k if k.starts_with("k8s.")
+                && k.ends_with(".name")
+                && !matches!(k, "k8s.cluster.name" | "k8s.namespace.name") =>
+            {
+                peer.name = v.to_string()
+            }
+            _ => {}
+        }
+    }
+    peer
+}

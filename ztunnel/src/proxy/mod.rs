@@ -1,0 +1,214 @@
+//! The data plane: per-pod listeners and the three proxy paths.
+//!
+//! ```text
+//!   app ──(nft redirect)──► 15001 outbound ──► route ─┬─ HBONE (pool) ──► peer ztunnel 15008
+//!                                                     └─ plain TCP (non-mesh / passthrough)
+//!   peer ztunnel ──► 15008 inbound: mTLS, CONNECT, L4 policy ──► app
+//!   plaintext client ──(nft redirect)──► 15006: PERMISSIVE only, L4 policy ──► app
+//! ```
+//!
+//! Listeners live inside each enrolled pod's network namespace ([`crate::pods`]); this module
+//! only needs the namespace handle to create sockets there.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hbone::pool::Pool;
+use rustls::RootCertStore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use crate::identity::{CertError, CertManager, Issued};
+use crate::metrics::Metrics;
+use crate::netns::Netns;
+use crate::sockets;
+use crate::state::State;
+use hbone::Identity;
+
+pub mod conn;
+mod inbound;
+mod outbound;
+mod plaintext;
+pub mod route;
+
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const PLAINTEXT_PORT: u16 = 15006;
+pub const HBONE_PORT: u16 = route::HBONE_PORT;
+const LISTENER_PORTS: [u16; 3] = [OUTBOUND_PORT, PLAINTEXT_PORT, HBONE_PORT];
+
+/// Bounds a peer that connects and then stalls in the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Per-direction copy buffer; with the connection cap this bounds proxy memory.
+const COPY_BUFFER: usize = 32 << 10;
+
+pub struct Settings {
+    pub mark: u32,
+    pub trust_domain: String,
+    /// Connections in flight across all listeners; beyond it new ones are reset.
+    pub max_connections: usize,
+}
+
+/// What every connection handler shares.
+pub struct Proxy {
+    pub state: Arc<RwLock<State>>,
+    pub certs: Arc<CertManager>,
+    pub roots: Arc<RootCertStore>,
+    pub metrics: Arc<Metrics>,
+    pub settings: Settings,
+    pool: Arc<Pool>,
+    /// The admin/xDS runtime: certificate fetches and their refresh tasks belong there.
+    control: tokio::runtime::Handle,
+    round_robin: AtomicUsize,
+    connections: Arc<Semaphore>,
+    draining: watch::Receiver<bool>,
+}
+
+/// An enrolled pod as the proxy paths see it.
+pub struct Pod {
+    pub uid: String,
+    pub ns: Arc<Netns>,
+    acceptor: TlsAcceptor,
+}
+
+impl Proxy {
+    /// Must be called inside the data-plane runtime (the pool's reaper task runs there).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        state: Arc<RwLock<State>>,
+        certs: Arc<CertManager>,
+        roots: Arc<RootCertStore>,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+        control: tokio::runtime::Handle,
+        draining: watch::Receiver<bool>,
+    ) -> Arc<Proxy> {
+        Arc::new(Proxy {
+            pool: Pool::new(hbone::settings::MAX_STREAMS as usize, hbone::pool::IDLE_TIMEOUT),
+            connections: Arc::new(Semaphore::new(settings.max_connections)),
+            state,
+            certs,
+            roots,
+            metrics,
+            settings,
+            control,
+            round_robin: AtomicUsize::new(0),
+            draining,
+        })
+    }
+
+    pub fn pooled_connections(&self) -> usize {
+        self.pool.connections()
+    }
+
+    /// The certificate for `id`: from the cache, or fetched on the control runtime.
+    async fn cert(&self, id: &Identity) -> Result<Issued, CertError> {
+        if let Some(i) = self.certs.cached(id) {
+            return Ok(i);
+        }
+        let (certs, id) = (self.certs.clone(), id.clone());
+        match self.control.spawn(async move { certs.get(&id).await }).await {
+            Ok(r) => r,
+            Err(e) => Err(CertError::Local(format!("certificate task failed: {e}"))),
+        }
+    }
+
+    fn next_pick(&self) -> usize {
+        self.round_robin.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A connection slot, or `None` when at the cap (the caller resets the connection).
+    fn admit(&self, direction: &'static str) -> Option<OwnedSemaphorePermit> {
+        let permit = self.connections.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.metrics.reject(direction, "overload");
+        }
+        permit
+    }
+
+    /// Builds the pod's proxy context once its workload and certificate are known.
+    pub fn pod(&self, uid: String, ns: Arc<Netns>, cert: &Issued) -> Result<Arc<Pod>, String> {
+        let cfg = hbone::tls::server_config(cert.slot.clone(), self.roots.clone(), &self.settings.trust_domain)
+            .map_err(|e| e.to_string())?;
+        Ok(Arc::new(Pod { uid, ns, acceptor: TlsAcceptor::from(Arc::new(cfg)) }))
+    }
+
+    /// Opens the pod's three listeners inside its namespace and serves them on the current
+    /// (data-plane) runtime. Listeners are all created before any is served, so a failure leaves
+    /// nothing half-open.
+    pub async fn serve_pod(self: &Arc<Self>, pod: Arc<Pod>) -> std::io::Result<Vec<JoinHandle<()>>> {
+        let mut listeners = Vec::new();
+        for port in LISTENER_PORTS {
+            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+            listeners.push((port, sockets::listen(&pod.ns, addr, self.settings.mark).await?));
+        }
+        Ok(listeners
+            .into_iter()
+            .map(|(port, l)| tokio::spawn(self.clone().accept_loop(pod.clone(), port, l)))
+            .collect())
+    }
+
+    async fn accept_loop(self: Arc<Self>, pod: Arc<Pod>, port: u16, listener: TcpListener) {
+        let mut draining = self.draining.clone();
+        let drained = async move {
+            let _ = draining.wait_for(|d| *d).await;
+        };
+        tokio::pin!(drained);
+        loop {
+            let (tcp, _) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(port, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut drained => return,
+            };
+            let direction = match port {
+                OUTBOUND_PORT => "outbound",
+                PLAINTEXT_PORT => "inbound_plaintext",
+                _ => "inbound",
+            };
+            let Some(permit) = self.admit(direction) else {
+                sockets::reset(tcp);
+                continue;
+            };
+            let (me, pod) = (self.clone(), pod.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                match port {
+                    OUTBOUND_PORT => me.outbound(pod, tcp).await,
+                    PLAINTEXT_PORT => me.plaintext(pod, tcp).await,
+                    _ => me.inbound(pod, tcp).await,
+                }
+            });
+        }
+    }
+}
+
+/// Splices the client and the destination until both directions finish.
+async fn splice<A, B>(mut client: A, mut upstream: B)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(e) = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER).await
+    {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+fn is_listener_loop(dst: SocketAddr) -> bool {
+    LISTENER_PORTS.contains(&dst.port())
+}
+
+/// The peer's address, or the unspecified address if the socket is already gone.
+fn peer_of(s: &TcpStream) -> SocketAddr {
+    s.peer_addr().unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+}

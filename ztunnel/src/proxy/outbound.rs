@@ -1,0 +1,150 @@
+//! 15001: connections the pod opens, captured with their original destination.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hbone::client::{Baggage, Connection, HboneError, Tunnel};
+use hbone::pool::PoolKey;
+use hbone::Identity;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::conn::{Record, Tracked, Tracker};
+use super::route::{self, Peer, Route};
+use super::{is_listener_loop, peer_of, splice, Pod, Proxy};
+use crate::identity::Issued;
+use crate::metrics::Reporter;
+use crate::netns::Netns;
+use crate::sockets;
+
+const DIRECTION: &str = "outbound";
+
+impl Proxy {
+    pub(super) async fn outbound(self: Arc<Self>, pod: Arc<Pod>, client: TcpStream) {
+        let src = peer_of(&client);
+        let dst = match sockets::original_destination(&client) {
+            Ok(d) if !is_listener_loop(d) => d,
+            other => {
+                tracing::debug!(%src, dst = ?other.ok(), "outbound connection to a ztunnel port; refused");
+                self.metrics.reject(DIRECTION, "bad_request");
+                return sockets::reset(client);
+            }
+        };
+        let (source, workload_baggage, route) = {
+            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+            let w = state.workload_by_uid(&pod.uid);
+            (w.map(Peer::of), w.map(baggage), route::outbound(&state, dst, self.next_pick()))
+        };
+        // Fail closed: a pod whose workload vanished from config has no identity to send as.
+        let Some(source) = source else {
+            tracing::warn!(pod = pod.uid, %dst, "source workload unknown; connection refused");
+            self.metrics.reject(DIRECTION, "unknown_source");
+            return sockets::reset(client);
+        };
+        let record = |dst: SocketAddr, dst_peer: Peer, service: Option<String>, mtls: bool| Record {
+            direction: DIRECTION,
+            reporter: Reporter::source,
+            src,
+            dst,
+            src_peer: source.clone(),
+            dst_peer,
+            service: service.unwrap_or_default(),
+            mtls,
+        };
+        match route {
+            Route::NoEndpoint { service } => {
+                tracing::warn!(%src, %dst, service, "no healthy endpoint");
+                self.metrics.reject(DIRECTION, "no_endpoint");
+                sockets::reset(client);
+            }
+            Route::Passthrough(addr) => self.plain(pod, client, addr, record(addr, Peer::default(), None, false)).await,
+            Route::Direct { addr, peer, service } => {
+                self.plain(pod, client, addr, record(addr, peer, service, false)).await
+            }
+            Route::Hbone { addr, authority, identities, peer, service } => {
+                let Some(src_id) = source.identity.clone() else {
+                    tracing::warn!(pod = pod.uid, "source workload has no service account; cannot use mTLS");
+                    self.metrics.reject(DIRECTION, "unknown_source");
+                    return sockets::reset(client);
+                };
+                let cert = match self.cert(&src_id).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(identity = %src_id, error = %e, "no certificate; connection refused");
+                        self.metrics.reject(DIRECTION, "tls");
+                        return sockets::reset(client);
+                    }
+                };
+                let key = PoolKey {
+                    source_identity: src_id,
+                    destination_identities: identities.clone(),
+                    source_ip: src.ip(),
+                    destination: addr,
+                };
+                let tunnel = Tunnel { authority, source: src, baggage: workload_baggage.unwrap_or_default() };
+                let ns = pod.ns.clone();
+                let dial = || self.dial(ns, addr, cert, identities);
+                match self.pool.open(&key, &tunnel, dial).await {
+                    Ok(stream) => {
+                        let tracker = Tracker::open(record(authority, peer, service, true), self.metrics.clone());
+                        splice(client, Tracked::new(stream, tracker)).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%src, %dst, via = %addr, error = %e, "HBONE tunnel failed");
+                        self.metrics
+                            .reject(DIRECTION, if matches!(e, HboneError::Status(_)) { "policy" } else { "upstream" });
+                        sockets::reset(client);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn plain(&self, pod: Arc<Pod>, client: TcpStream, addr: SocketAddr, record: Record) {
+        match sockets::connect(&pod.ns, addr, self.settings.mark).await {
+            Ok(up) => {
+                let tracker = Tracker::open(record, self.metrics.clone());
+                splice(client, Tracked::new(up, tracker)).await;
+            }
+            Err(e) => {
+                tracing::debug!(dst = %addr, error = %e, "upstream connect failed");
+                self.metrics.reject(DIRECTION, "upstream");
+                sockets::reset(client);
+            }
+        }
+    }
+
+    /// A new HBONE connection from the pod's namespace: TCP, mutual TLS that accepts only
+    /// `identities`, then HTTP/2.
+    async fn dial(
+        &self,
+        ns: Arc<Netns>,
+        addr: SocketAddr,
+        cert: Issued,
+        identities: Vec<Identity>,
+    ) -> Result<Connection, HboneError> {
+        let tcp = sockets::connect(&ns, addr, self.settings.mark).await?;
+        let cfg = hbone::tls::client_config(cert.slot, self.roots.clone(), identities)
+            .map_err(|e| HboneError::Tls(e.to_string()))?;
+        let tls = tokio::time::timeout(
+            super::TLS_HANDSHAKE_TIMEOUT,
+            TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(addr.ip().into()), tcp),
+        )
+        .await
+        .map_err(|_| HboneError::Tls(format!("handshake with {addr} timed out")))?
+        .map_err(|e| HboneError::Tls(e.to_string()))?;
+        Connection::handshake(tls).await
+    }
+}
+
+fn baggage(w: &trellis_proto::istio::workload::Workload) -> Baggage {
+    Baggage {
+        cluster: w.cluster_id.clone(),
+        namespace: w.namespace.clone(),
+        workload_type: "pod".into(),
+        workload_name: w.name.clone(),
+        service_name: w.canonical_name.clone(),
+        service_version: w.canonical_revision.clone(),
+    }
+}

@@ -1,0 +1,76 @@
+//! 15006: plaintext TCP to the pod from outside the mesh. There is no peer identity, so under
+//! STRICT the `istio_converted_static_strict` policy denies it; the connection is reset and
+//! counted. Under PERMISSIVE, L4 policy still applies to the source address and ports.
+
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use super::conn::{Record, Tracked, Tracker};
+use super::route::Peer;
+use super::{is_listener_loop, peer_of, splice, Pod, Proxy};
+use crate::metrics::Reporter;
+use crate::sockets;
+use crate::state::policy::{self, Decision};
+
+const DIRECTION: &str = "inbound_plaintext";
+
+impl Proxy {
+    pub(super) async fn plaintext(self: Arc<Self>, pod: Arc<Pod>, client: TcpStream) {
+        let src = peer_of(&client);
+        let dst = match sockets::original_destination(&client) {
+            Ok(d) if !is_listener_loop(d) => d,
+            _ => {
+                self.metrics.reject(DIRECTION, "bad_request");
+                return sockets::reset(client);
+            }
+        };
+        let evaluated = {
+            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+            state.workload_by_uid(&pod.uid).map(|w| {
+                let local = w.addresses.iter().any(|a| crate::state::ip(a) == Some(dst.ip()));
+                let conn = policy::Connection { source: None, source_ip: src.ip(), destination: dst };
+                (local, Peer::of(w), policy::evaluate(&state, w, &conn))
+            })
+        };
+        let (dst_peer, decision) = match evaluated {
+            Some((true, p, d)) => (p, d),
+            _ => {
+                tracing::warn!(%src, %dst, pod = pod.uid, "plaintext connection not addressed to this workload");
+                self.metrics.reject(DIRECTION, "bad_request");
+                return sockets::reset(client);
+            }
+        };
+        if let Decision::Deny(policy) = decision {
+            tracing::warn!(
+                policy,
+                %src,
+                %dst,
+                destination = dst_peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+                "plaintext connection denied"
+            );
+            self.metrics.reject(DIRECTION, "policy");
+            return sockets::reset(client);
+        }
+        match sockets::connect(&pod.ns, dst, self.settings.mark).await {
+            Ok(up) => {
+                let record = Record {
+                    direction: DIRECTION,
+                    reporter: Reporter::destination,
+                    src,
+                    dst,
+                    src_peer: Peer::default(),
+                    dst_peer,
+                    service: String::new(),
+                    mtls: false,
+                };
+                splice(client, Tracked::new(up, Tracker::open(record, self.metrics.clone()))).await;
+            }
+            Err(e) => {
+                tracing::info!(%dst, error = %e, "workload refused the connection");
+                self.metrics.reject(DIRECTION, "upstream");
+                sockets::reset(client);
+            }
+        }
+    }
+}

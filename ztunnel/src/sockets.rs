@@ -1,0 +1,84 @@
+//! Socket set-up shared by every proxy path: transparent listeners, marked upstream sockets, and
+//! the original destination of a captured connection.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::netns::Netns;
+
+/// Istio's mark for proxy-originated traffic; capture rules let it through untouched.
+pub const DEFAULT_MARK: u32 = 0x539;
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKLOG: i32 = 1024;
+
+fn domain(addr: &SocketAddr) -> Domain {
+    if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    }
+}
+
+/// A listener with `IP_TRANSPARENT`, so it can also accept connections steered to it by TPROXY or
+/// `bpf_sk_assign` for addresses that are not local. Created inside `ns`.
+pub async fn listen(ns: &Netns, addr: SocketAddr, mark: u32) -> io::Result<TcpListener> {
+    let std = ns
+        .run(move || {
+            let s = Socket::new(domain(&addr), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_reuse_address(true)?;
+            if addr.is_ipv4() {
+                s.set_ip_transparent_v4(true)?;
+            } else {
+                s.set_only_v6(true)?;
+                s.set_ip_transparent_v6(true)?;
+            }
+            s.set_mark(mark)?;
+            s.set_nonblocking(true)?;
+            s.bind(&addr.into())?;
+            s.listen(BACKLOG)?;
+            Ok(std::net::TcpListener::from(s))
+        })
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("listen on {addr} in {}: {e}", ns.path().display())))?;
+    TcpListener::from_std(std)
+}
+
+/// Connects to `dst` from inside `ns`, with the proxy mark so capture does not loop it back.
+pub async fn connect(ns: &Netns, dst: SocketAddr, mark: u32) -> io::Result<TcpStream> {
+    let std = ns
+        .run(move || {
+            let s = Socket::new(domain(&dst), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_mark(mark)?;
+            s.set_nonblocking(true)?;
+            s.set_tcp_nodelay(true)?;
+            Ok(std::net::TcpStream::from(s))
+        })
+        .await?;
+    let socket = TcpSocket::from_std_stream(std);
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {dst} timed out"))),
+    }
+}
+
+/// Where the client meant to go: the pre-NAT destination when a redirect rewrote it, else the
+/// local address the connection was accepted on (TPROXY and `bpf_sk_assign` keep it intact).
+pub fn original_destination(s: &TcpStream) -> io::Result<SocketAddr> {
+    let local = s.local_addr()?;
+    let sock = SockRef::from(s);
+    let orig = if local.is_ipv4() { sock.original_dst_v4() } else { sock.original_dst_v6() };
+    match orig.ok().and_then(|a| a.as_socket()) {
+        Some(a) => Ok(a),
+        None => Ok(local),
+    }
+}
+
+/// Closes with a RST rather than a FIN, so a refused client sees a reset at once.
+pub fn reset(s: TcpStream) {
+    let _ = SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    drop(s);
+}
