@@ -25,13 +25,13 @@ pub fn ruleset(mark: u32) -> String {
 delete table inet {TABLE}
 table inet {TABLE} {{
   chain output {{
-    type nat hook output priority dstnat; policy accept;
+    type nat hook output priority -100; policy accept;
     meta mark {mark:#x} return
     oifname "lo" return
     meta l4proto tcp redirect to :15001
   }}
   chain prerouting {{
-    type nat hook prerouting priority dstnat; policy accept;
+    type nat hook prerouting priority -100; policy accept;
     iifname "lo" return
     tcp dport 15008 return
     meta l4proto tcp redirect to :15006

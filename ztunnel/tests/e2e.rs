@@ -1,0 +1,219 @@
+//! End to end, in network namespaces, with the real istiod-lite, two ztunnels and pods
+//! (see `netlab` for the topology). Requires root, nftables, curl, tcpdump and python3.
+
+mod netlab;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use netlab::{wait_for, Lab, Pod};
+
+const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: other, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo}
+spec:
+  selector: {app: echo}
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+"#;
+
+struct Mesh {
+    lab: Lab,
+    client: Pod,
+    intruder: Pod,
+    outsider: Pod,
+    server_a: Pod,
+    server_b: Pod,
+}
+
+/// Two nodes; `echo` backed by server-a (node1) and server-b (node2); a meshed client in `demo`
+/// (node1), a meshed intruder in `other` (node2) and an unmeshed outsider in `plain` (node1).
+fn mesh(ztunnel_args: &[&str]) -> Mesh {
+    let lab = Lab::new(2);
+    lab.start_istiod();
+    lab.apply(MESH);
+    lab.start_ztunnel(1, ztunnel_args);
+    lab.start_ztunnel(2, ztunnel_args);
+    let server_a = lab.add_pod(1, "demo", "server-a", "server", "app: echo", 10);
+    let server_b = lab.add_pod(2, "demo", "server-b", "server", "app: echo", 10);
+    let client = lab.add_pod(1, "demo", "client", "client", "app: client", 20);
+    let intruder = lab.add_pod(2, "other", "intruder", "other", "app: intruder", 20);
+    let outsider = lab.add_pod(1, "plain", "outsider", "default", "app: outsider", 30);
+    for p in [&server_a, &server_b, &client, &intruder] {
+        lab.enroll(p);
+    }
+    lab.app(&server_a, &["http", "server-a", "8080"], 8080);
+    lab.app(&server_b, &["http", "server-b", "8080"], 8080);
+    Mesh { lab, client, intruder, outsider, server_a, server_b }
+}
+
+/// Waits until `curl` from `pod` to `url` succeeds (`true`) or fails (`false`): policy changes
+/// take a push to arrive.
+fn expect_reachable(lab: &Lab, pod: &Pod, url: &str, reachable: bool) {
+    let what = format!("{} -> {url} {}", pod.name, if reachable { "allowed" } else { "refused" });
+    wait_for(&what, Duration::from_secs(15), || (lab.curl(pod, url).is_ok() == reachable).then_some(()));
+}
+
+#[test]
+fn pod_to_pod_and_vip_over_hbone_with_l4_policy() {
+    let Mesh { lab, client, intruder, outsider, server_a, server_b } = mesh(&[]);
+    let url_b = format!("http://{}:8080/", server_b.ip);
+
+    // Pod to pod across nodes, and the reply names the server.
+    assert_eq!(lab.curl(&client, &url_b).as_deref(), Ok("server-b"));
+
+    // On the wire between the nodes: only TLS to 15008, never the payload. The outsider's
+    // plaintext request is the positive control that the capture would have seen it.
+    let pcap = lab.dir.path().join("wire.pcap");
+    let pcap = pcap.display();
+    lab.spawn(
+        "tcpdump",
+        &lab.node(2),
+        std::path::Path::new("tcpdump"),
+        &["-i", "eth0", "-U", "--immediate-mode", "-s", "0", "-w", &pcap.to_string(), "tcp"],
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let secret = "trellis-secret-payload-4711";
+    let post = |pod: &Pod| lab.exec_ok(&pod.netns, &format!("curl -sS --max-time 5 -d {secret} {url_b}"));
+    assert_eq!(post(&client).trim(), "server-b");
+    std::thread::sleep(Duration::from_millis(500));
+    let meshed_capture = std::fs::read(pcap.to_string()).expect("capture file");
+    assert!(!contains(&meshed_capture, secret.as_bytes()), "plaintext payload seen on the wire");
+    let hbone_packets = netlab::sh(&format!("tcpdump -nn -r {pcap} 'tcp port 15008' 2>/dev/null | wc -l"));
+    assert!(hbone_packets.trim().parse::<u32>().unwrap() > 0, "no HBONE packets captured");
+    assert_eq!(post(&outsider).trim(), "server-b", "outsider (PERMISSIVE default) reaches the server");
+    std::thread::sleep(Duration::from_millis(500));
+    lab.stop("tcpdump");
+    let control_capture = std::fs::read(pcap.to_string()).expect("capture file");
+    assert!(
+        contains(&control_capture, secret.as_bytes()),
+        "the capture misses plaintext; the check above proves nothing:\n{}",
+        netlab::sh(&format!("tcpdump -nn -r {pcap} 2>&1 | tail -40; date +%T.%N")) + &lab.log("tcpdump")
+    );
+
+    // The Service VIP spreads over both endpoints, on the target port.
+    let mut seen = BTreeSet::new();
+    for _ in 0..20 {
+        seen.insert(lab.curl(&client, "http://10.96.0.10:80/").expect("VIP request"));
+    }
+    assert_eq!(seen, BTreeSet::from(["server-a".to_string(), "server-b".to_string()]));
+
+    // Metrics on the destination side carry identities and mutual_tls.
+    let m = lab.ztunnel_get(2, 15020, "/metrics");
+    let line = m
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")
+        })
+        .unwrap_or_else(|| panic!("no destination-side metric for the client:\n{m}"));
+    assert!(line.contains("connection_security_policy=\"mutual_tls\""), "{line}");
+    assert!(line.contains("destination_workload=\"server-b\""), "{line}");
+    assert!(m.contains("istio_tcp_sent_bytes_total{"), "{m}");
+    let m1 = lab.ztunnel_get(1, 15020, "/metrics");
+    assert!(
+        m1.lines().any(|l| l.starts_with("istio_tcp_connections_closed_total{") && l.contains("reporter=\"source\"")),
+        "{m1}"
+    );
+
+    // Deny by principal: the client is refused, the intruder is not.
+    let deny_principal = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: demo}
+spec:
+  selector: {matchLabels: {app: echo}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/demo/sa/client"]}}]
+"#;
+    lab.apply(deny_principal);
+    expect_reachable(&lab, &client, &url_b, false);
+    assert_eq!(lab.curl(&intruder, &url_b).as_deref(), Ok("server-b"));
+    let log = lab.log("ztunnel2");
+    assert!(
+        log.lines().any(|l| l.contains("denied by authorization policy")
+            && l.contains("demo/deny-client")
+            && l.contains("spiffe://cluster.local/ns/demo/sa/client")
+            && l.contains("spiffe://cluster.local/ns/demo/sa/server")),
+        "no deny log line naming policy, source and destination:\n{log}"
+    );
+    lab.delete(deny_principal);
+    expect_reachable(&lab, &client, &url_b, true);
+
+    // Deny by namespace: the intruder is refused, the client is not.
+    let deny_namespace = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-other, namespace: demo}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {namespaces: ["other"]}}]
+"#;
+    lab.apply(deny_namespace);
+    expect_reachable(&lab, &intruder, &url_b, false);
+    assert_eq!(lab.curl(&client, &url_b).as_deref(), Ok("server-b"));
+    lab.delete(deny_namespace);
+    expect_reachable(&lab, &intruder, &url_b, true);
+
+    // `spec: {}` denies everyone, including through the VIP.
+    let deny_all = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all, namespace: demo}\nspec: {}\n";
+    lab.apply(deny_all);
+    expect_reachable(&lab, &client, &url_b, false);
+    expect_reachable(&lab, &intruder, &url_b, false);
+    assert!(lab.curl(&client, "http://10.96.0.10:80/").is_err());
+    lab.delete(deny_all);
+    expect_reachable(&lab, &client, &url_b, true);
+
+    // PERMISSIVE (the default) accepts plaintext; STRICT rejects it and counts it, while mTLS
+    // clients keep working.
+    let url_a = format!("http://{}:8080/", server_a.ip);
+    assert_eq!(lab.curl(&outsider, &url_a).as_deref(), Ok("server-a"));
+    let strict = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: demo}\nspec: {mtls: {mode: STRICT}}\n";
+    lab.apply(strict);
+    expect_reachable(&lab, &outsider, &url_a, false);
+    assert_eq!(lab.curl(&client, &url_a).as_deref(), Ok("server-a"));
+    let m = lab.ztunnel_get(1, 15020, "/metrics");
+    assert!(
+        m.lines().any(|l| l.starts_with("trellis_connections_rejected_total{")
+            && l.contains("direction=\"inbound_plaintext\"")
+            && l.contains("reason=\"policy\"")),
+        "{m}"
+    );
+    lab.delete(strict);
+    expect_reachable(&lab, &outsider, &url_a, true);
+
+    // The admin view has the workloads, the service, and a certificate per local identity.
+    let dump: serde_json::Value = serde_json::from_str(&lab.ztunnel_get(1, 15000, "/config_dump")).unwrap();
+    let names: BTreeSet<&str> =
+        dump["workloads"].as_array().unwrap().iter().filter_map(|w| w["name"].as_str()).collect();
+    assert!(names.is_superset(&BTreeSet::from(["server-a", "server-b", "client", "intruder", "outsider"])), "{dump}");
+    assert_eq!(dump["services"][0]["vips"][0], "10.96.0.10");
+    let ids: BTreeSet<&str> =
+        dump["certificates"].as_array().unwrap().iter().filter_map(|c| c["identity"].as_str()).collect();
+    assert_eq!(
+        ids,
+        BTreeSet::from(["spiffe://cluster.local/ns/demo/sa/client", "spiffe://cluster.local/ns/demo/sa/server"])
+    );
+    assert!(dump["certificates"][0]["expires_in_s"].as_u64().unwrap() > 3600);
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}

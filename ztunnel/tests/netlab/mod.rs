@@ -1,0 +1,363 @@
+//! A throwaway multi-node network built from network namespaces, for end-to-end tests with the
+//! real binaries.
+//!
+//! ```text
+//!  <p>u (underlay): br0 172.30.0.1/24, istiod-lite
+//!    ├─ veth ─ <p>n1 (node1): eth0 172.30.0.11, cni0 10.244.1.1/24, ztunnel ─ pods 10.244.1.x
+//!    └─ veth ─ <p>n2 (node2): eth0 172.30.0.12, cni0 10.244.2.1/24, ztunnel ─ pods 10.244.2.x
+//! ```
+//!
+//! Every namespace has a per-lab prefix, so labs run in parallel without colliding, and nothing
+//! touches the host's own namespace. Dropping the lab kills its processes and deletes its
+//! namespaces (with every link in them), also when the test panics.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, Once};
+use std::time::{Duration, Instant};
+
+pub const ISTIOD_IP: &str = "172.30.0.1";
+
+static BUILD: Once = Once::new();
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_ztunnel")).parent().expect("target dir").to_path_buf()
+}
+
+/// istiod-lite and meshctl live in other packages: make sure they are built and current.
+fn ensure_binaries() {
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let profile = if target_dir().ends_with("release") { vec!["--release"] } else { vec![] };
+        let st = Command::new(cargo)
+            .args(["build", "-q", "-p", "istiod-lite", "-p", "meshctl"])
+            .args(profile)
+            .status()
+            .expect("running cargo build");
+        assert!(st.success(), "building istiod-lite and meshctl failed");
+    });
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    if name == "ztunnel" {
+        return PathBuf::from(env!("CARGO_BIN_EXE_ztunnel"));
+    }
+    ensure_binaries();
+    target_dir().join(name)
+}
+
+/// Runs a shell command on the host and panics with its output if it fails.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("bash").args(["-c", cmd]).output().expect("bash");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub struct Pod {
+    pub netns: String,
+    pub namespace: String,
+    pub name: String,
+    pub ip: String,
+    pub node: usize,
+}
+
+pub struct Lab {
+    pub prefix: String,
+    pub dir: tempfile::TempDir,
+    namespaces: Mutex<Vec<String>>,
+    procs: Mutex<Vec<(String, Child)>>,
+    nodes: usize,
+    veths: AtomicUsize,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (_, mut c) in self.procs.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self.namespaces.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+    }
+}
+
+impl Lab {
+    /// The underlay and `nodes` nodes, routed to each other's pod CIDRs.
+    pub fn new(nodes: usize) -> Lab {
+        let prefix = format!("tr{}x{}", std::process::id() % 100000, COUNTER.fetch_add(1, Ordering::Relaxed));
+        let lab = Lab {
+            prefix,
+            dir: tempfile::tempdir().expect("tempdir"),
+            namespaces: Mutex::default(),
+            procs: Mutex::default(),
+            nodes,
+            veths: AtomicUsize::new(0),
+        };
+        let u = lab.underlay();
+        lab.add_netns(&u);
+        sh(&format!(
+            "ip -n {u} link set lo up && ip -n {u} link add br0 type bridge && ip -n {u} addr add {ISTIOD_IP}/24 dev br0 && ip -n {u} link set br0 up"
+        ));
+        for i in 1..=nodes {
+            let n = lab.node(i);
+            lab.add_netns(&n);
+            sh(&format!(
+                "ip -n {u} link add n{i} type veth peer name eth0 netns {n} && ip -n {u} link set n{i} master br0 up && \
+                 ip -n {n} link set lo up && ip -n {n} addr add 172.30.0.{}/24 dev eth0 && ip -n {n} link set eth0 up && \
+                 ip -n {n} link add cni0 type bridge && ip -n {n} addr add 10.244.{i}.1/24 dev cni0 && ip -n {n} link set cni0 up && \
+                 ip netns exec {n} sysctl -qw net.ipv4.ip_forward=1 && ip -n {u} route add 10.244.{i}.0/24 via 172.30.0.{}",
+                10 + i,
+                10 + i
+            ));
+            for j in (1..=nodes).filter(|j| *j != i) {
+                sh(&format!("ip -n {n} route add 10.244.{j}.0/24 via 172.30.0.{}", 10 + j));
+            }
+        }
+        lab
+    }
+
+    fn add_netns(&self, name: &str) {
+        sh(&format!("ip netns add {name}"));
+        self.namespaces.lock().unwrap().push(name.to_string());
+    }
+
+    pub fn underlay(&self) -> String {
+        format!("{}u", self.prefix)
+    }
+
+    pub fn node(&self, i: usize) -> String {
+        format!("{}n{i}", self.prefix)
+    }
+
+    /// Starts a process inside a network namespace; it is killed when the lab is dropped.
+    pub fn spawn(&self, label: &str, netns: &str, program: &Path, args: &[&str]) -> u32 {
+        let log = std::fs::File::create(self.dir.path().join(format!("{label}.log"))).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn");
+        let pid = child.id();
+        self.procs.lock().unwrap().push((label.to_string(), child));
+        pid
+    }
+
+    /// Stops a process started with [`spawn`](Self::spawn): SIGTERM, then SIGKILL after 5 s.
+    pub fn stop(&self, label: &str) {
+        let mut procs = self.procs.lock().unwrap();
+        let Some(i) = procs.iter().position(|(l, _)| l == label) else { return };
+        let (_, mut child) = procs.remove(i);
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    pub fn log(&self, label: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{label}.log"))).unwrap_or_default()
+    }
+
+    /// Runs a command inside a network namespace.
+    pub fn exec(&self, netns: &str, cmd: &str) -> Output {
+        Command::new("ip").args(["netns", "exec", netns, "bash", "-c", cmd]).output().expect("ip netns exec")
+    }
+
+    pub fn exec_ok(&self, netns: &str, cmd: &str) -> String {
+        let out = self.exec(netns, cmd);
+        assert!(
+            out.status.success(),
+            "`{cmd}` in {netns} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("istiod")
+    }
+
+    pub fn start_istiod(&self) {
+        let state = self.state_dir();
+        let state = state.to_str().unwrap();
+        self.spawn(
+            "istiod",
+            &self.underlay(),
+            &bin("istiod-lite"),
+            &[
+                "--state-dir",
+                state,
+                "--api-addr",
+                &format!("{ISTIOD_IP}:15014"),
+                "--xds-addr",
+                &format!("{ISTIOD_IP}:15010"),
+                "--secure-addr",
+                &format!("{ISTIOD_IP}:15012"),
+            ],
+        );
+        let u = self.underlay();
+        wait_for("istiod-lite /ready", Duration::from_secs(20), || {
+            self.exec(&u, &format!("curl -sf http://{ISTIOD_IP}:15014/ready")).status.success().then_some(())
+        });
+    }
+
+    pub fn meshctl(&self, args: &str, stdin: &str) -> Output {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.underlay()])
+            .arg(bin("meshctl"))
+            .args(["--server", &format!("http://{ISTIOD_IP}:15014")])
+            .args(args.split_whitespace())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("meshctl");
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn apply(&self, yaml: &str) {
+        let out = self.meshctl("apply -f -", yaml);
+        assert!(out.status.success(), "meshctl apply failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn delete(&self, yaml: &str) {
+        let out = self.meshctl("delete -f -", yaml);
+        assert!(out.status.success(), "meshctl delete failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn agent_socket(&self, node: usize) -> PathBuf {
+        self.dir.path().join(format!("agent{node}.sock"))
+    }
+
+    /// Starts node `i`'s ztunnel and waits until it is ready.
+    pub fn start_ztunnel(&self, i: usize, extra: &[&str]) {
+        let out = self.meshctl(&format!("create token node node{i}"), "");
+        assert!(out.status.success(), "token: {}", String::from_utf8_lossy(&out.stderr));
+        let token = self.dir.path().join(format!("token{i}"));
+        std::fs::write(&token, String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+        let root = self.state_dir().join("ca/root-cert.pem");
+        let sock = self.agent_socket(i);
+        let mut args = vec![
+            "--node-name".to_string(),
+            format!("node{i}"),
+            "--node-ip".into(),
+            format!("172.30.0.{}", 10 + i),
+            "--xds-address".into(),
+            format!("https://{ISTIOD_IP}:15012"),
+            "--root-cert".into(),
+            root.display().to_string(),
+            "--token-file".into(),
+            token.display().to_string(),
+            "--agent-socket".into(),
+            sock.display().to_string(),
+            "--worker-threads".into(),
+            "1".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.spawn(&format!("ztunnel{i}"), &self.node(i), &bin("ztunnel"), &args);
+        let n = self.node(i);
+        wait_for(&format!("ztunnel{i} ready"), Duration::from_secs(20), || {
+            self.exec(&n, "curl -sf http://127.0.0.1:15021/healthz/ready").status.success().then_some(())
+        });
+    }
+
+    /// A pod: its Pod object in istiod-lite, a network namespace wired to the node's bridge, and
+    /// (if `enroll`) enrollment with the node's ztunnel, as the CNI plugin would do.
+    pub fn add_pod(&self, node: usize, namespace: &str, name: &str, sa: &str, labels: &str, host: u8) -> Pod {
+        let ip = format!("10.244.{node}.{host}");
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\n\
+             spec: {{nodeName: node{node}, serviceAccountName: {sa}}}\nstatus: {{podIP: {ip}, phase: Running}}\n"
+        ));
+        let netns = format!("{}p{}", self.prefix, self.veths.fetch_add(1, Ordering::Relaxed));
+        self.add_netns(&netns);
+        let n = self.node(node);
+        let v = format!("v{host}");
+        sh(&format!(
+            "ip -n {n} link add {v} type veth peer name eth0 netns {netns} && ip -n {n} link set {v} master cni0 up && \
+             ip -n {netns} link set lo up && ip -n {netns} addr add {ip}/24 dev eth0 && ip -n {netns} link set eth0 up && \
+             ip -n {netns} route add default via 10.244.{node}.1"
+        ));
+        Pod { netns, namespace: namespace.into(), name: name.into(), ip, node }
+    }
+
+    /// Sends one request to a node agent socket and returns the JSON answer.
+    pub fn agent(&self, node: usize, req: &serde_json::Value) -> serde_json::Value {
+        let mut s = UnixStream::connect(self.agent_socket(node)).expect("agent socket");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(format!("{req}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).expect("agent answer")
+    }
+
+    pub fn enroll(&self, pod: &Pod) {
+        let path = format!("/var/run/netns/{}", pod.netns);
+        let r = self.agent(
+            pod.node,
+            &serde_json::json!({"op": "add", "namespace": pod.namespace, "name": pod.name, "netns": path}),
+        );
+        assert_eq!(r["ok"], true, "enrolling {}/{}: {r}", pod.namespace, pod.name);
+    }
+
+    /// Starts the test app (`tests/fixtures/app.py MODE ARGS…`) in a pod and waits until `port`
+    /// accepts connections.
+    pub fn app(&self, pod: &Pod, args: &[&str], port: u16) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/app.py");
+        let mut full = vec![script];
+        full.extend(args);
+        self.spawn(&format!("app-{}", pod.name), &pod.netns, Path::new("python3"), &full);
+        wait_for(&format!("{} listening on {port}", pod.name), Duration::from_secs(10), || {
+            self.exec(&pod.netns, &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")).status.success().then_some(())
+        });
+    }
+
+    /// `curl` from a pod; `Ok(body)` or `Err(exit code and stderr)`.
+    pub fn curl(&self, pod: &Pod, url: &str) -> Result<String, String> {
+        let out = self.exec(&pod.netns, &format!("curl -sS --max-time 5 {url}"));
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(format!("{:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr).trim()))
+        }
+    }
+
+    /// A GET against a ztunnel's admin, metrics or readiness port, from its node.
+    pub fn ztunnel_get(&self, node: usize, port: u16, path: &str) -> String {
+        self.exec_ok(&self.node(node), &format!("curl -sf http://127.0.0.1:{port}{path}"))
+    }
+}
