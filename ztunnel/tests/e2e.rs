@@ -217,3 +217,56 @@ spec:
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+fn cert_expiry(lab: &Lab, node: usize, identity: &str) -> u64 {
+    let dump: serde_json::Value = serde_json::from_str(&lab.ztunnel_get(node, 15000, "/config_dump")).unwrap();
+    let cert = dump["certificates"].as_array().unwrap().iter().find(|c| c["identity"] == identity).cloned();
+    let expires = cert.unwrap_or_else(|| panic!("no certificate for {identity}: {dump}"))["expires"].as_str().unwrap().to_string();
+    let t = time::OffsetDateTime::parse(&expires, &time::format_description::well_known::Rfc3339).unwrap();
+    t.unix_timestamp() as u64
+}
+
+/// A connection held for 45 s over certificates that live 30 s, while istiod-lite restarts;
+/// then a policy applied after the restart proves ztunnel resynced; then SIGTERM drains.
+#[test]
+fn long_connection_survives_rotation_and_istiod_restart_then_drains() {
+    let Mesh { lab, client, server_b, .. } = mesh(&["--cert-ttl", "30s", "--drain-timeout", "15s"]);
+    let client_id = "spiffe://cluster.local/ns/demo/sa/client";
+    let url_b = format!("http://{}:8080/", server_b.ip);
+    lab.app(&server_b, &["echo", "9000"], 9000);
+    let first_expiry = cert_expiry(&lab, 1, client_id);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/app.py");
+    lab.spawn("hold", &client.netns, std::path::Path::new("python3"), &[script, "hold", &server_b.ip, "9000", "45"]);
+
+    std::thread::sleep(Duration::from_secs(3));
+    lab.stop("istiod");
+    // istiod-lite is down: new connections still work from the last known config.
+    assert_eq!(lab.curl(&client, &url_b).as_deref(), Ok("server-b"));
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(lab.curl(&client, &url_b).as_deref(), Ok("server-b"));
+    lab.start_istiod();
+    assert_eq!(lab.curl(&client, &url_b).as_deref(), Ok("server-b"));
+
+    wait_for("the held connection to finish", Duration::from_secs(60), || lab.log("hold").contains("ok 45").then_some(()));
+    let renewed = cert_expiry(&lab, 1, client_id);
+    assert!(renewed >= first_expiry + 15, "certificate not renewed: expiry {first_expiry} then {renewed}");
+    assert!(lab.log("ztunnel1").contains("certificate renewed"));
+    // The first certificate has expired by now; a new tunnel needs the renewed one.
+    assert_eq!(lab.curl(&client, "http://10.96.0.10:80/").map(|b| b.starts_with("server-")), Ok(true));
+
+    // Config changes after the restart reach ztunnel: the stream resynced.
+    let deny = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all, namespace: demo}\nspec: {}\n";
+    lab.apply(deny);
+    expect_reachable(&lab, &client, &url_b, false);
+    lab.delete(deny);
+    expect_reachable(&lab, &client, &url_b, true);
+
+    // SIGTERM: the open connection finishes, new ones are refused, then the process exits.
+    lab.spawn("hold2", &client.netns, std::path::Path::new("python3"), &[script, "hold", &server_b.ip, "9000", "4"]);
+    std::thread::sleep(Duration::from_millis(500));
+    netlab::sh(&format!("kill -TERM {}", lab.pid("ztunnel1").expect("ztunnel1 running")));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(lab.curl(&client, &url_b).is_err(), "a draining ztunnel accepted a new connection");
+    wait_for("the held connection to finish", Duration::from_secs(15), || lab.log("hold2").contains("ok 4").then_some(()));
+    wait_for("ztunnel to exit", Duration::from_secs(10), || lab.log("ztunnel1").contains("drained; exiting").then_some(()));
+}

@@ -185,6 +185,10 @@ impl Lab {
         let _ = child.wait();
     }
 
+    pub fn pid(&self, label: &str) -> Option<u32> {
+        self.procs.lock().unwrap().iter().find(|(l, _)| l == label).map(|(_, c)| c.id())
+    }
+
     pub fn log(&self, label: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{label}.log"))).unwrap_or_default()
     }
@@ -340,7 +344,7 @@ impl Lab {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/app.py");
         let mut full = vec![script];
         full.extend(args);
-        self.spawn(&format!("app-{}", pod.name), &pod.netns, Path::new("python3"), &full);
+        self.spawn(&format!("app-{}-{port}", pod.name), &pod.netns, Path::new("python3"), &full);
         wait_for(&format!("{} listening on {port}", pod.name), Duration::from_secs(10), || {
             self.exec(&pod.netns, &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")).status.success().then_some(())
         });
