@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::stream::H2Stream;
 use crate::Identity;
 
+/// Per-direction splice buffer; larger than tokio's 8 KiB default so one read fills a TLS record.
+const COPY_BUFFER: usize = 64 << 10;
 const PREFACE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A tunnel request, after the method and authority have been checked.
@@ -64,7 +66,10 @@ where
                 Ok(mut upstream) => {
                     let Ok(send) = respond.send_response(status(StatusCode::OK), false) else { return };
                     let mut tunnel = H2Stream::new(send, body);
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await {
+                    if let Err(e) =
+                        tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, COPY_BUFFER, COPY_BUFFER)
+                            .await
+                    {
                         tracing::debug!(error = %e, %authority, "HBONE tunnel ended with an error");
                     }
                 }

@@ -68,12 +68,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     };
 
     let control = tokio::runtime::Builder::new_current_thread().enable_all().thread_name("ztunnel-control").build()?;
-    let data = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.worker_threads.max(1))
-        .thread_name("ztunnel-data")
-        .enable_all()
-        .build()?;
-
+    let data = DataPlane::start(cfg.worker_threads)?;
     let state = Arc::new(RwLock::new(State::default()));
     let metrics = Arc::new(Metrics::new());
     let certs = CertManager::new(CaConfig {
@@ -84,7 +79,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     });
     let (drain_tx, draining) = watch::channel(false);
     let proxy = {
-        let _in_data = data.enter();
+        let _in_data = data.handle.enter();
         Proxy::new(
             state.clone(),
             certs.clone(),
@@ -103,7 +98,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         proxy.clone(),
         state.clone(),
         certs.clone(),
-        data.handle().clone(),
+        data.handle.clone(),
         cfg.cluster_id.clone(),
         cfg.mark,
     ));
@@ -158,8 +153,38 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     let _ = std::fs::remove_file(&agent_socket);
-    data.shutdown_timeout(Duration::from_millis(100));
+    drop(data);
     Ok(())
+}
+
+/// The data-plane runtime. With one worker it is a current-thread runtime driven by its own
+/// thread: on a small node that avoids the work-stealing scheduler's extra wake-ups, which
+/// `make bench-l4` showed cost latency.
+struct DataPlane {
+    handle: tokio::runtime::Handle,
+    _multi: Option<tokio::runtime::Runtime>,
+    _stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl DataPlane {
+    fn start(workers: usize) -> std::io::Result<DataPlane> {
+        if workers > 1 {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .thread_name("ztunnel-data")
+                .enable_all()
+                .build()?;
+            return Ok(DataPlane { handle: rt.handle().clone(), _multi: Some(rt), _stop: None });
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new().name("ztunnel-data".into()).spawn(move || {
+            let _ = rt.block_on(stopped);
+            rt.shutdown_timeout(Duration::from_millis(100));
+        })?;
+        Ok(DataPlane { handle, _multi: None, _stop: Some(stop) })
+    }
 }
 
 fn spawn_server(what: &'static str, f: impl std::future::Future<Output = std::io::Result<()>> + Send + 'static) {

@@ -221,7 +221,10 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 fn cert_expiry(lab: &Lab, node: usize, identity: &str) -> u64 {
     let dump: serde_json::Value = serde_json::from_str(&lab.ztunnel_get(node, 15000, "/config_dump")).unwrap();
     let cert = dump["certificates"].as_array().unwrap().iter().find(|c| c["identity"] == identity).cloned();
-    let expires = cert.unwrap_or_else(|| panic!("no certificate for {identity}: {dump}"))["expires"].as_str().unwrap().to_string();
+    let expires = cert.unwrap_or_else(|| panic!("no certificate for {identity}: {dump}"))["expires"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let t = time::OffsetDateTime::parse(&expires, &time::format_description::well_known::Rfc3339).unwrap();
     t.unix_timestamp() as u64
 }
@@ -247,7 +250,9 @@ fn long_connection_survives_rotation_and_istiod_restart_then_drains() {
     lab.start_istiod();
     assert_eq!(lab.curl(&client, &url_b).as_deref(), Ok("server-b"));
 
-    wait_for("the held connection to finish", Duration::from_secs(60), || lab.log("hold").contains("ok 45").then_some(()));
+    wait_for("the held connection to finish", Duration::from_secs(60), || {
+        lab.log("hold").contains("ok 45").then_some(())
+    });
     let renewed = cert_expiry(&lab, 1, client_id);
     assert!(renewed >= first_expiry + 15, "certificate not renewed: expiry {first_expiry} then {renewed}");
     assert!(lab.log("ztunnel1").contains("certificate renewed"));
@@ -267,6 +272,205 @@ fn long_connection_survives_rotation_and_istiod_restart_then_drains() {
     netlab::sh(&format!("kill -TERM {}", lab.pid("ztunnel1").expect("ztunnel1 running")));
     std::thread::sleep(Duration::from_millis(300));
     assert!(lab.curl(&client, &url_b).is_err(), "a draining ztunnel accepted a new connection");
-    wait_for("the held connection to finish", Duration::from_secs(15), || lab.log("hold2").contains("ok 4").then_some(()));
-    wait_for("ztunnel to exit", Duration::from_secs(10), || lab.log("ztunnel1").contains("drained; exiting").then_some(()));
+    wait_for("the held connection to finish", Duration::from_secs(15), || {
+        lab.log("hold2").contains("ok 4").then_some(())
+    });
+    wait_for("ztunnel to exit", Duration::from_secs(10), || {
+        lab.log("ztunnel1").contains("drained; exiting").then_some(())
+    });
+}
+
+mod hostile {
+    //! A misbehaving HBONE peer, run from inside a pod's network namespace.
+
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use hbone::tls::CertSlot;
+    use hbone::Identity;
+    use rcgen::{CertificateParams, Issuer, KeyPair, SanType};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use rustls::RootCertStore;
+    use tokio::net::TcpStream;
+
+    pub struct Leaf {
+        pub chain: Vec<CertificateDer<'static>>,
+        pub key: PrivateKeyDer<'static>,
+    }
+
+    /// A P-256 leaf for `uri`, valid from `from` to `to` seconds relative to now, signed by
+    /// `issuer` (or self-signed).
+    pub fn leaf(uri: &str, from: i64, to: i64, issuer: Option<&Issuer<'static, KeyPair>>) -> Leaf {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now + time::Duration::seconds(from);
+        p.not_after = now + time::Duration::seconds(to);
+        let cert = match issuer {
+            Some(i) => p.signed_by(&key, i).unwrap(),
+            None => p.self_signed(&key).unwrap(),
+        };
+        Leaf {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        }
+    }
+
+    pub fn roots(pem: &str) -> Arc<RootCertStore> {
+        let mut r = RootCertStore::empty();
+        for b in ::pem::parse_many(pem).unwrap() {
+            r.add(b.into_contents().into()).unwrap();
+        }
+        Arc::new(r)
+    }
+
+    /// Mutual TLS and the HTTP/2 handshake, as HBONE does, presenting `leaf`.
+    pub async fn connect(
+        to: SocketAddr,
+        leaf: Leaf,
+        roots: Arc<RootCertStore>,
+        server: &str,
+    ) -> Result<h2::client::SendRequest<Bytes>, String> {
+        let slot = Arc::new(CertSlot::new(leaf.chain, leaf.key).map_err(|e| e.to_string())?);
+        let cfg = hbone::tls::client_config(slot, roots, vec![Identity::parse(server).unwrap()]).unwrap();
+        let tcp = TcpStream::connect(to).await.map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::IpAddress(to.ip().into()), tcp)
+            .await
+            .map_err(|e| format!("tls: {e}"))?;
+        let (send, conn) = hbone::settings::client().handshake(tls).await.map_err(|e| format!("h2: {e}"))?;
+        tokio::spawn(conn);
+        // A TLS 1.3 server rejects a client certificate after the client considers the handshake
+        // done, so probe with one request before declaring success.
+        Ok(send)
+    }
+
+    /// Sends one request and returns the response status, or the error.
+    pub async fn status(send: &h2::client::SendRequest<Bytes>, req: http::Request<()>) -> Result<u16, String> {
+        let mut send = send.clone().ready().await.map_err(|e| e.to_string())?;
+        let (resp, _stream) = send.send_request(req, false).map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+            .await
+            .map_err(|_| "no response".to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(resp.status().as_u16())
+    }
+}
+
+fn in_netns<R: Send>(netns: &str, f: impl FnOnce() -> R + Send) -> R {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(format!("/var/run/netns/{netns}")).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on an open namespace fd; affects only this scoped thread.
+            assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Untrusted, expired and foreign-trust-domain certificates, malformed CONNECTs, a slowloris
+/// and a connection flood against one pod's 15008: each is refused, counted, and the pod keeps
+/// serving everyone else with bounded memory.
+#[test]
+fn hostile_hbone_peers_are_rejected_and_bounded() {
+    use hostile::*;
+    let Mesh { lab, client, outsider, server_b, .. } = mesh(&[]);
+    let ca = lab.state_dir().join("ca");
+    let root_pem = std::fs::read_to_string(ca.join("root-cert.pem")).unwrap();
+    let root_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.join("root-key.pem")).unwrap()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
+    let me = "spiffe://cluster.local/ns/plain/sa/default";
+    let server_id = "spiffe://cluster.local/ns/demo/sa/server";
+    let hbone: std::net::SocketAddr = format!("{}:15008", server_b.ip).parse().unwrap();
+    let roots = roots(&root_pem);
+    let ztunnel2 = lab.pid("ztunnel2").unwrap();
+    let rss_before = rss_kb(ztunnel2);
+
+    let rss_during_flood = in_netns(&outsider.netns, || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            // Refused at the TLS layer: the first request fails, whichever side notices first.
+            for (what, bad) in [
+                ("untrusted", leaf(me, -60, 3600, None)),
+                ("expired", leaf(me, -7200, -3600, Some(&issuer))),
+                ("foreign trust domain", leaf("spiffe://evil.example/ns/plain/sa/default", -60, 3600, Some(&issuer))),
+            ] {
+                let r = match connect(hbone, bad, roots.clone(), server_id).await {
+                    Err(e) => Err(e),
+                    Ok(send) => {
+                        let req = http::Request::connect(format!("{}:8080", server_b.ip)).body(()).unwrap();
+                        status(&send, req).await
+                    }
+                };
+                assert!(r.is_err(), "{what} certificate was accepted: {r:?}");
+            }
+
+            let send = connect(hbone, leaf(me, -60, 3600, Some(&issuer)), roots.clone(), server_id).await.unwrap();
+            let req = |m: http::Method, uri: &str| http::Request::builder().method(m).uri(uri).body(()).unwrap();
+            assert_eq!(status(&send, req(http::Method::GET, &format!("http://{}:8080/", server_b.ip))).await, Ok(400));
+            assert_eq!(status(&send, req(http::Method::CONNECT, "garbage:notaport")).await, Ok(400));
+            assert_eq!(
+                status(&send, req(http::Method::CONNECT, "10.244.2.99:8080")).await,
+                Ok(400),
+                "not a local workload"
+            );
+            let mut huge = req(http::Method::CONNECT, &format!("{}:8080", server_b.ip));
+            huge.headers_mut().insert("x-junk", "x".repeat(20 << 10).parse().unwrap());
+            assert!(status(&send, huge).await.is_err(), "a 20 KiB header block was accepted");
+            // The same peer, well-behaved, still gets through (policy allows it).
+            let send = connect(hbone, leaf(me, -60, 3600, Some(&issuer)), roots.clone(), server_id).await.unwrap();
+            assert_eq!(status(&send, req(http::Method::CONNECT, &format!("{}:8080", server_b.ip))).await, Ok(200));
+
+            // Slowloris: a few bytes of a handshake, then silence. ztunnel hangs up on its own.
+            let mut slow = TcpStream::connect(hbone).await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut slow, &[0x16, 0x03, 0x01]).await.unwrap();
+            // Flood: 500 idle connections.
+            let mut flood = Vec::new();
+            for _ in 0..500 {
+                flood.push(TcpStream::connect(hbone).await.unwrap());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let during = rss_kb(ztunnel2);
+            let mut buf = [0u8; 16];
+            let closed =
+                tokio::time::timeout(Duration::from_secs(15), tokio::io::AsyncReadExt::read(&mut slow, &mut buf)).await;
+            assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "slowloris connection still open: {closed:?}");
+            drop(flood);
+            during
+        })
+    });
+    // Everyone else was served throughout, and memory stayed bounded.
+    assert_eq!(lab.curl(&client, &format!("http://{}:8080/", server_b.ip)).as_deref(), Ok("server-b"));
+    let grown_mb = rss_during_flood.saturating_sub(rss_before) / 1024;
+    assert!(grown_mb < 32, "ztunnel grew {grown_mb} MB under a 500-connection flood");
+    let m = lab.ztunnel_get(2, 15020, "/metrics");
+    let count = |reason: &str| -> u64 {
+        m.lines()
+            .find(|l| l.contains("direction=\"inbound\"") && l.contains(&format!("reason=\"{reason}\"")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(count("tls") >= 3, "TLS rejections not counted:\n{m}");
+    assert!(count("bad_request") >= 1, "bad CONNECTs not counted:\n{m}");
+    let log = lab.log("ztunnel2");
+    assert!(log.contains("HBONE TLS handshake rejected"), "{log}");
 }

@@ -43,7 +43,7 @@ const LISTENER_PORTS: [u16; 3] = [OUTBOUND_PORT, PLAINTEXT_PORT, HBONE_PORT];
 /// Bounds a peer that connects and then stalls in the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Per-direction copy buffer; with the connection cap this bounds proxy memory.
-const COPY_BUFFER: usize = 32 << 10;
+const COPY_BUFFER: usize = 64 << 10;
 
 pub struct Settings {
     pub mark: u32,
@@ -175,6 +175,8 @@ impl Proxy {
                 PLAINTEXT_PORT => "inbound_plaintext",
                 _ => "inbound",
             };
+            // Proxied bytes must not wait for Nagle: latency is the whole point of an L4 proxy.
+            let _ = tcp.set_nodelay(true);
             let Some(permit) = self.admit(direction) else {
                 sockets::reset(tcp);
                 continue;

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# make bench-l4: raw TCP over a veth/bridge/underlay path versus the same path through two
+# Trellis ztunnels (client pod -> ztunnel node1 -> HBONE -> ztunnel node2 -> server pod), measured
+# side by side in one run. Prints ratios; the last line is
+#   throughput_ratio=<x> rps_ratio=<x> p99_us=<n> rss_idle_mb=<n>
+set -euo pipefail
+
+BIN=${BIN:-target/release}
+DURATION=${DURATION:-10}
+P=bl4$$
+WORK=$(mktemp -d)
+U=${P}u
+pids=()
+
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  sleep 0.3
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  for ns in $(ip netns list | awk '{print $1}' | grep "^$P" || true); do ip netns del "$ns"; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+for t in iperf3 wrk nft curl; do command -v $t >/dev/null || { echo "bench-l4 needs $t (make deps-net installs it)"; exit 1; }; done
+[ "$(id -u)" = 0 ] || { echo "bench-l4 needs root (network namespaces)"; exit 1; }
+
+bg() { # bg NETNS LOGNAME CMD...: start in a netns, remember the pid
+  local ns=$1 log=$2; shift 2
+  ip netns exec "$ns" "$@" >"$WORK/$log.log" 2>&1 &
+  pids+=($!)
+}
+wait_ok() { # wait_ok WHAT CMD...
+  local what=$1; shift
+  for _ in $(seq 1 100); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "timed out waiting for $what"; cat "$WORK"/*.log; exit 1
+}
+
+# --- topology: underlay netns with istiod-lite, two nodes, pods on each node's bridge --------
+ip netns add $U; ip -n $U link set lo up
+ip -n $U link add br0 type bridge; ip -n $U addr add 172.30.0.1/24 dev br0; ip -n $U link set br0 up
+for i in 1 2; do
+  N=${P}n$i; ip netns add $N
+  ip -n $U link add n$i type veth peer name eth0 netns $N; ip -n $U link set n$i master br0 up
+  ip -n $N link set lo up; ip -n $N addr add 172.30.0.1$i/24 dev eth0; ip -n $N link set eth0 up
+  ip -n $N link add cni0 type bridge; ip -n $N addr add 10.244.$i.1/24 dev cni0; ip -n $N link set cni0 up
+  ip netns exec $N sysctl -qw net.ipv4.ip_forward=1
+done
+ip -n ${P}n1 route add 10.244.2.0/24 via 172.30.0.12
+ip -n ${P}n2 route add 10.244.1.0/24 via 172.30.0.11
+
+pod() { # pod NODE HOST NAME
+  local node=$1 host=$2 ns=${P}$3 n=${P}n$1
+  ip netns add $ns
+  ip -n $n link add v$host type veth peer name eth0 netns $ns; ip -n $n link set v$host master cni0 up
+  ip -n $ns link set lo up; ip -n $ns addr add 10.244.$node.$host/24 dev eth0; ip -n $ns link set eth0 up
+  ip -n $ns route add default via 10.244.$node.1
+}
+pod 1 10 rawc; pod 2 10 raws; pod 1 20 meshc; pod 2 20 meshs
+
+bg $U istiod "$BIN/istiod-lite" --state-dir "$WORK/istiod" --api-addr 172.30.0.1:15014 \
+  --xds-addr 172.30.0.1:15010 --secure-addr 172.30.0.1:15012
+wait_ok istiod-lite ip netns exec $U curl -sf http://172.30.0.1:15014/ready
+mctl() { ip netns exec $U "$BIN/meshctl" --server http://172.30.0.1:15014 "$@"; }
+mctl apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Namespace
+metadata: {name: raw}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: client, namespace: raw}, spec: {nodeName: node1, serviceAccountName: client}, status: {podIP: 10.244.1.10, phase: Running}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: server, namespace: raw}, spec: {nodeName: node2, serviceAccountName: server}, status: {podIP: 10.244.2.10, phase: Running}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: client, namespace: mesh}, spec: {nodeName: node1, serviceAccountName: client}, status: {podIP: 10.244.1.20, phase: Running}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: server, namespace: mesh}, spec: {nodeName: node2, serviceAccountName: server}, status: {podIP: 10.244.2.20, phase: Running}}
+YAML
+
+ztpids=()
+for i in 1 2; do
+  mctl create token node node$i > "$WORK/token$i"
+  bg ${P}n$i ztunnel$i "$BIN/ztunnel" --node-name node$i --node-ip 172.30.0.1$i \
+    --xds-address https://172.30.0.1:15012 --root-cert "$WORK/istiod/ca/root-cert.pem" \
+    --token-file "$WORK/token$i" --agent-socket "$WORK/agent$i.sock" --worker-threads "${ZTUNNEL_THREADS:-1}"
+  ztpids+=($!)
+  wait_ok "ztunnel$i" ip netns exec ${P}n$i curl -sf http://127.0.0.1:15021/healthz/ready
+done
+enroll() { # enroll NODE POD NETNS
+  python3 - "$WORK/agent$1.sock" "$2" "/var/run/netns/$3" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s.sendall((json.dumps({"op": "add", "namespace": "mesh", "name": sys.argv[2], "netns": sys.argv[3]}) + "\n").encode())
+r = json.loads(s.makefile().readline())
+sys.exit(0 if r.get("ok") else "enroll failed: %s" % r)
+PY
+}
+enroll 1 client ${P}meshc
+enroll 2 server ${P}meshs
+
+rss_mb() { # total RSS of both ztunnels, in MB (max of the two is what a node pays)
+  local m=0
+  for pid in "${ztpids[@]}"; do
+    local kb; kb=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
+    [ "$kb" -gt "$m" ] && m=$kb
+  done
+  echo $((m / 1024))
+}
+
+# --- servers --------------------------------------------------------------------------------
+for s in raws meshs; do
+  bg ${P}$s iperf-$s iperf3 -s
+  bg ${P}$s http-$s "$BIN/bench-http-server" 0.0.0.0:8080
+done
+wait_ok "http raw" ip netns exec ${P}raws curl -sf http://127.0.0.1:8080/
+wait_ok "http mesh" ip netns exec ${P}meshs curl -sf http://127.0.0.1:8080/
+wait_ok "mesh path" ip netns exec ${P}meshc curl -sf --max-time 2 http://10.244.2.20:8080/
+sleep 1
+RSS_IDLE=$(rss_mb)
+
+iperf() { # iperf CLIENTNS SERVERIP -> Gbit/s
+  ip netns exec ${P}$1 iperf3 -c $2 -t "$DURATION" -J | python3 -c 'import json,sys; print("%.3f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 1e9))'
+}
+to_us() { # wrk latency like 61.00us / 1.20ms / 2.00s -> microseconds
+  python3 -c 'import sys,re; v,u=re.match(r"([\d.]+)(us|ms|s)$",sys.argv[1]).groups(); print(int(float(v)*{"us":1,"ms":1e3,"s":1e6}[u]))' "$1"
+}
+WRK_OUT=""
+wrk_run() { # wrk_run CLIENTNS SERVERIP -> sets RPS P50 P99
+  WRK_OUT=$(ip netns exec ${P}$1 wrk -t1 -c4 -d"${DURATION}s" --latency http://$2:8080/)
+  RPS=$(awk '/Requests\/sec/ {print $2}' <<<"$WRK_OUT")
+  P50=$(to_us "$(awk '$1=="50%" {print $2}' <<<"$WRK_OUT")")
+  P99=$(to_us "$(awk '$1=="99%" {print $2}' <<<"$WRK_OUT")")
+}
+
+echo "== iperf3 single stream, ${DURATION}s each"
+RAW_GBPS=$(iperf rawc 10.244.2.10)
+MESH_GBPS=$(iperf meshc 10.244.2.20)
+echo "raw      ${RAW_GBPS} Gbit/s"
+echo "trellis  ${MESH_GBPS} Gbit/s"
+
+echo "== wrk, 4 keep-alive connections, ${DURATION}s each"
+wrk_run rawc 10.244.2.10; RAW_RPS=$RPS; RAW_P50=$P50; RAW_P99=$P99
+( sleep $((DURATION / 2)); rss_mb > "$WORK/rss_load" ) &
+sampler=$!
+wrk_run meshc 10.244.2.20; MESH_RPS=$RPS; MESH_P50=$P50; MESH_P99=$P99
+wait $sampler
+RSS_LOAD=$(cat "$WORK/rss_load")
+echo "raw      ${RAW_RPS} req/s  p50 ${RAW_P50}us  p99 ${RAW_P99}us"
+echo "trellis  ${MESH_RPS} req/s  p50 ${MESH_P50}us  p99 ${MESH_P99}us"
+echo "== ztunnel RSS (largest of the two): idle ${RSS_IDLE} MB, under load ${RSS_LOAD} MB"
+
+TPUT_RATIO=$(python3 -c "print('%.2f' % ($MESH_GBPS / $RAW_GBPS))")
+RPS_RATIO=$(python3 -c "print('%.2f' % ($MESH_RPS / $RAW_RPS))")
+echo "targets: throughput >= 0.45, rps >= 0.25, p99 <= 600us, idle RSS <= 15 MB"
+echo "throughput_ratio=${TPUT_RATIO} rps_ratio=${RPS_RATIO} p99_us=${MESH_P99} rss_idle_mb=${RSS_IDLE}"
