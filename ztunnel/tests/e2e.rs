@@ -435,18 +435,20 @@ fn hostile_hbone_peers_are_rejected_and_bounded() {
             );
             let mut huge = req(http::Method::CONNECT, &format!("{}:8080", server_b.ip));
             huge.headers_mut().insert("x-junk", "x".repeat(20 << 10).parse().unwrap());
-            assert!(status(&send, huge).await.is_err(), "a 20 KiB header block was accepted");
+            // h2 answers 431 itself, or resets the stream; either way it never reaches the pod.
+            let r = status(&send, huge).await;
+            assert!(matches!(r, Err(_) | Ok(431)), "a 20 KiB header block was accepted: {r:?}");
             // The same peer, well-behaved, still gets through (policy allows it).
             let send = connect(hbone, leaf(me, -60, 3600, Some(&issuer)), roots.clone(), server_id).await.unwrap();
             assert_eq!(status(&send, req(http::Method::CONNECT, &format!("{}:8080", server_b.ip))).await, Ok(200));
 
             // Slowloris: a few bytes of a handshake, then silence. ztunnel hangs up on its own.
-            let mut slow = TcpStream::connect(hbone).await.unwrap();
+            let mut slow = tokio::net::TcpStream::connect(hbone).await.unwrap();
             tokio::io::AsyncWriteExt::write_all(&mut slow, &[0x16, 0x03, 0x01]).await.unwrap();
             // Flood: 500 idle connections.
             let mut flood = Vec::new();
             for _ in 0..500 {
-                flood.push(TcpStream::connect(hbone).await.unwrap());
+                flood.push(tokio::net::TcpStream::connect(hbone).await.unwrap());
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
             let during = rss_kb(ztunnel2);
