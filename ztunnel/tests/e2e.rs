@@ -105,6 +105,19 @@ fn pod_to_pod_and_vip_over_hbone_with_l4_policy() {
         netlab::sh(&format!("tcpdump -nn -r {pcap} 2>&1 | tail -40; date +%T.%N")) + &lab.log("tcpdump")
     );
 
+    // A pod outside the mesh is reached in plain TCP, and an address outside the mesh (istiod's
+    // API on the underlay) passes through.
+    lab.app(&outsider, &["http", "outsider", "8080"], 8080);
+    assert_eq!(lab.curl(&client, &format!("http://{}:8080/", outsider.ip)).as_deref(), Ok("outsider"));
+    assert!(lab.curl(&client, &format!("http://{}:15014/ready", netlab::ISTIOD_IP)).is_ok());
+    let dump = lab.ztunnel_get(1, 15020, "/metrics");
+    assert!(
+        dump.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+            && l.contains("destination_workload=\"outsider\"")
+            && l.contains("connection_security_policy=\"unknown\"")),
+        "{dump}"
+    );
+
     // The Service VIP spreads over both endpoints, on the target port.
     let mut seen = BTreeSet::new();
     for _ in 0..20 {
@@ -216,6 +229,30 @@ spec:
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Readiness waits for the first xDS snapshot: a ztunnel started while istiod-lite is down is not
+/// ready, and becomes ready when istiod-lite comes back.
+#[test]
+fn ready_only_after_first_snapshot() {
+    let lab = Lab::new(1);
+    lab.start_istiod();
+    let token = lab.token(1);
+    lab.stop("istiod");
+    lab.spawn_ztunnel(1, &token, &[]);
+    let n = lab.node(1);
+    let probe = || lab.exec(&n, "curl -s -w ' %{http_code}' http://127.0.0.1:15021/healthz/ready");
+    let body = wait_for("readiness endpoint", Duration::from_secs(10), || {
+        let out = probe();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    assert!(body.contains("not ready: waiting for the first xDS snapshot") && body.ends_with(" 503"), "{body}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(String::from_utf8_lossy(&probe().stdout).ends_with(" 503"));
+    lab.start_istiod();
+    wait_for("ztunnel ready after istiod-lite returns", Duration::from_secs(30), || {
+        String::from_utf8_lossy(&probe().stdout).ends_with(" 200").then_some(())
+    });
 }
 
 fn cert_expiry(lab: &Lab, node: usize, identity: &str) -> u64 {

@@ -266,12 +266,27 @@ impl Lab {
         self.dir.path().join(format!("agent{node}.sock"))
     }
 
-    /// Starts node `i`'s ztunnel and waits until it is ready.
-    pub fn start_ztunnel(&self, i: usize, extra: &[&str]) {
+    /// A node token for node `i`, written to a file; returns the file.
+    pub fn token(&self, i: usize) -> PathBuf {
         let out = self.meshctl(&format!("create token node node{i}"), "");
         assert!(out.status.success(), "token: {}", String::from_utf8_lossy(&out.stderr));
         let token = self.dir.path().join(format!("token{i}"));
         std::fs::write(&token, String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+        token
+    }
+
+    /// Starts node `i`'s ztunnel and waits until it is ready.
+    pub fn start_ztunnel(&self, i: usize, extra: &[&str]) {
+        let token = self.token(i);
+        self.spawn_ztunnel(i, &token, extra);
+        let n = self.node(i);
+        wait_for(&format!("ztunnel{i} ready"), Duration::from_secs(20), || {
+            self.exec(&n, "curl -sf http://127.0.0.1:15021/healthz/ready").status.success().then_some(())
+        });
+    }
+
+    /// Starts node `i`'s ztunnel without waiting for it.
+    pub fn spawn_ztunnel(&self, i: usize, token: &Path, extra: &[&str]) {
         let root = self.state_dir().join("ca/root-cert.pem");
         let sock = self.agent_socket(i);
         let mut args = vec![
@@ -293,10 +308,6 @@ impl Lab {
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.spawn(&format!("ztunnel{i}"), &self.node(i), &bin("ztunnel"), &args);
-        let n = self.node(i);
-        wait_for(&format!("ztunnel{i} ready"), Duration::from_secs(20), || {
-            self.exec(&n, "curl -sf http://127.0.0.1:15021/healthz/ready").status.success().then_some(())
-        });
     }
 
     /// A pod: its Pod object in istiod-lite, a network namespace wired to the node's bridge, and
