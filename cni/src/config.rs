@@ -1,0 +1,137 @@
+//! The network configuration on stdin, validated with errors that name the field.
+
+use std::path::PathBuf;
+
+use ipnet::Ipv4Net;
+use serde_json::Value;
+
+use crate::error::{CniError, INCOMPATIBLE_VERSION, INVALID_CONFIG};
+
+pub const SUPPORTED_VERSIONS: &[&str] = &["1.0.0", "1.1.0"];
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/trellis/cni";
+pub const DEFAULT_MTU: u32 = 1450;
+
+#[derive(Debug, Clone)]
+pub struct NetConf {
+    pub cni_version: String,
+    pub name: String,
+    pub pod_cidr: Ipv4Net,
+    pub data_dir: PathBuf,
+    pub mtu: u32,
+    pub agent_socket: Option<PathBuf>,
+    /// GC: the attachments the runtime still knows, as (container id, ifname).
+    pub valid_attachments: Vec<(String, String)>,
+    pub raw: Value,
+}
+
+fn invalid(field: &str, why: impl std::fmt::Display) -> CniError {
+    CniError::new(INVALID_CONFIG, format!("{field}: {why}"))
+}
+
+fn string(v: &Value, field: &str, required: bool) -> Result<Option<String>, CniError> {
+    match v.get(field) {
+        None | Some(Value::Null) if required => Err(invalid(field, "is required")),
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if required && s.is_empty() => Err(invalid(field, "must not be empty")),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(invalid(field, format!("must be a string, not {other}"))),
+    }
+}
+
+/// Parses a plugin configuration. `pod_cidr_required` is false for VERSION/STATUS/GC, which
+/// only need what they use.
+pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
+    let raw: Value = serde_json::from_slice(stdin).map_err(|e| invalid("config", format!("not valid JSON: {e}")))?;
+    if !raw.is_object() {
+        return Err(invalid("config", "must be a JSON object"));
+    }
+    let cni_version = string(&raw, "cniVersion", true)?.unwrap_or_default();
+    if !SUPPORTED_VERSIONS.contains(&cni_version.as_str()) {
+        return Err(CniError::new(
+            INCOMPATIBLE_VERSION,
+            format!("cniVersion: {cni_version:?} is not supported (supported: {})", SUPPORTED_VERSIONS.join(", ")),
+        ));
+    }
+    let name = string(&raw, "name", true)?.unwrap_or_default();
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+        return Err(invalid("name", format!("{name:?} may only contain letters, digits, '_', '.' and '-'")));
+    }
+    let cidr_text = string(&raw, "podCIDR", true)?.unwrap_or_default();
+    let pod_cidr: Ipv4Net =
+        cidr_text.parse().map_err(|_| invalid("podCIDR", format!("{cidr_text:?} is not an IPv4 CIDR")))?;
+    if pod_cidr.prefix_len() > 30 {
+        return Err(invalid("podCIDR", format!("{pod_cidr} is too small: it needs room for a gateway and a pod")));
+    }
+    if pod_cidr.trunc() != pod_cidr {
+        return Err(invalid("podCIDR", format!("{pod_cidr} has host bits set (did you mean {}?)", pod_cidr.trunc())));
+    }
+    let data_dir = PathBuf::from(string(&raw, "dataDir", false)?.unwrap_or_else(|| DEFAULT_DATA_DIR.into()));
+    if !data_dir.is_absolute() {
+        return Err(invalid("dataDir", format!("{} must be an absolute path", data_dir.display())));
+    }
+    let mtu = match raw.get("mtu") {
+        None | Some(Value::Null) => DEFAULT_MTU,
+        Some(v) => match v.as_u64() {
+            Some(m) if (576..=9000).contains(&m) => m as u32,
+            _ => return Err(invalid("mtu", format!("{v} must be an integer from 576 to 9000"))),
+        },
+    };
+    let agent_socket = string(&raw, "agentSocket", false)?.map(PathBuf::from);
+    let mut valid_attachments = Vec::new();
+    if let Some(list) = raw.get("cni.dev/valid-attachments") {
+        let items = list.as_array().ok_or_else(|| invalid("cni.dev/valid-attachments", "must be a list"))?;
+        for (i, a) in items.iter().enumerate() {
+            let field = format!("cni.dev/valid-attachments[{i}]");
+            let id = string(a, "containerID", true).map_err(|e| invalid(&field, e.msg))?.unwrap_or_default();
+            let ifname = string(a, "ifname", true).map_err(|e| invalid(&field, e.msg))?.unwrap_or_default();
+            valid_attachments.push((id, ifname));
+        }
+    }
+    Ok(NetConf { cni_version, name, pod_cidr, data_dir, mtu, agent_socket, valid_attachments, raw })
+}
+
+impl NetConf {
+    /// The node's address on the pod network: the first host of the CIDR.
+    pub fn gateway(&self) -> std::net::Ipv4Addr {
+        self.pod_cidr.hosts().next().unwrap_or(self.pod_cidr.network())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"cniVersion":"1.1.0","name":"trellis","type":"trellis-cni","podCIDR":"10.244.1.0/24","dataDir":"/var/lib/trellis/cni","mtu":1450}"#;
+
+    #[test]
+    fn the_documented_config_parses() {
+        let c = parse(GOOD.as_bytes()).unwrap();
+        assert_eq!(c.pod_cidr.to_string(), "10.244.1.0/24");
+        assert_eq!(c.gateway().to_string(), "10.244.1.1");
+        assert_eq!((c.mtu, c.agent_socket), (1450, None));
+        let c = parse(GOOD.replace("1.1.0", "1.0.0").as_bytes()).unwrap();
+        assert_eq!(c.cni_version, "1.0.0");
+    }
+
+    #[test]
+    fn invalid_configs_name_the_field() {
+        let cases: &[(&str, &str, &str, u32)] = &[
+            ("\"podCIDR\":\"10.244.1.0/24\"", "\"podCIDR\":\"10.244.1.0/33\"", "podCIDR", INVALID_CONFIG),
+            ("\"podCIDR\":\"10.244.1.0/24\"", "\"podCIDR\":\"10.244.1.7/24\"", "podCIDR", INVALID_CONFIG),
+            ("\"podCIDR\":\"10.244.1.0/24\",", "", "podCIDR", INVALID_CONFIG),
+            ("\"mtu\":1450", "\"mtu\":70000", "mtu", INVALID_CONFIG),
+            ("\"mtu\":1450", "\"mtu\":\"big\"", "mtu", INVALID_CONFIG),
+            ("\"dataDir\":\"/var/lib/trellis/cni\"", "\"dataDir\":\"relative\"", "dataDir", INVALID_CONFIG),
+            ("\"name\":\"trellis\"", "\"name\":\"../x\"", "name", INVALID_CONFIG),
+            ("\"name\":\"trellis\"", "\"name\":7", "name", INVALID_CONFIG),
+            ("\"cniVersion\":\"1.1.0\"", "\"cniVersion\":\"0.3.1\"", "cniVersion", INCOMPATIBLE_VERSION),
+            ("{", "[", "config", INVALID_CONFIG),
+        ];
+        for (from, to, field, code) in cases {
+            let text = GOOD.replacen(from, to, 1);
+            let e = parse(text.as_bytes()).unwrap_err();
+            assert_eq!(e.code, *code, "{text}: {e:?}");
+            assert!(e.msg.starts_with(field), "{text}: {}", e.msg);
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! `trellis-cni`: the CNI 1.1 plugin that builds a pod's network on a Trellis node.
+//!
+//! ADD allocates an address from `podCIDR` ([`ipam`]), creates a veth pair whose host side joins
+//! the node bridge `trellis0` (which holds the CIDR's first address, the pods' gateway) and whose
+//! other side becomes `CNI_IFNAME` in the pod, and routes the pod's traffic via the node ([`net`]).
+//! With `agentSocket` set, the node agent must be reachable, or ADD fails with code 11: a pod is
+//! never started unprotected.
+
+pub mod config;
+pub mod env;
+pub mod error;
+pub mod ipam;
+pub mod net;
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use config::NetConf;
+use env::{Command, Env};
+use error::{CniError, PLUGIN_UNAVAILABLE, TRY_AGAIN_LATER};
+use ipam::Ipam;
+
+fn agent_reachable(path: &Path) -> Result<(), String> {
+    let s = UnixStream::connect(path).map_err(|e| format!("node agent at {}: {e}", path.display()))?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    Ok(())
+}
+
+fn ipam(conf: &NetConf) -> Ipam {
+    Ipam::new(&conf.data_dir, &conf.name, conf.pod_cidr)
+}
+
+/// Runs one plugin invocation; `Ok(Some(result))` is printed on stdout.
+pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
+    if env.command == Command::Version {
+        let version = serde_json::from_slice::<Value>(stdin)
+            .ok()
+            .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_else(|| "1.1.0".into());
+        return Ok(Some(json!({"cniVersion": version, "supportedVersions": config::SUPPORTED_VERSIONS})));
+    }
+    let conf = config::parse(stdin)?;
+    match env.command {
+        Command::Add => add(env, &conf).map(Some),
+        Command::Del => del(env, &conf).map(|_| None),
+        Command::Check => check(env, &conf).map(|_| None),
+        Command::Status => match &conf.agent_socket {
+            Some(p) => agent_reachable(p).map(|_| None).map_err(|e| CniError::new(PLUGIN_UNAVAILABLE, e)),
+            None => Ok(None),
+        },
+        Command::Gc => ipam(&conf).gc(&conf.valid_attachments).map(|_| None),
+        Command::Version => unreachable!("handled above"),
+    }
+}
+
+fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
+    if let Some(p) = &conf.agent_socket {
+        agent_reachable(p).map_err(|e| CniError::new(TRY_AGAIN_LATER, format!("{e}; try again later")))?;
+    }
+    let netns = env.netns.as_deref().ok_or_else(|| CniError::new(error::INVALID_ENV, "CNI_NETNS is required"))?;
+    if !netns.exists() {
+        return Err(CniError::new(error::NETNS, format!("netns {} does not exist", netns.display())));
+    }
+    let ip = ipam(conf).allocate(&env.container_id, &env.ifname)?;
+    match wire(env, conf, netns, ip) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            // Leave nothing behind: no veth, no allocation.
+            let host = net::host_name(&env.container_id, &env.ifname);
+            let _ = net::with_netlink(None, |h| async move { net::del_veth(&h, &host).await });
+            let _ = ipam(conf).release(&env.container_id, &env.ifname);
+            Err(e)
+        }
+    }
+}
+
+fn wire(env: &Env, conf: &NetConf, netns: &Path, ip: std::net::Ipv4Addr) -> Result<Value, CniError> {
+    let (gw, prefix, mtu) = (conf.gateway(), conf.pod_cidr.prefix_len(), conf.mtu);
+    let host = net::host_name(&env.container_id, &env.ifname);
+    let peer = format!("tmp{}", &host[3..]);
+    let host_mac = {
+        let host = host.clone();
+        net::with_netlink(None, |h| async move {
+            let br = net::ensure_bridge(&h, gw, prefix, mtu).await?;
+            net::add_veth(&h, &host, br, mtu, netns).await
+        })?
+    };
+    let ifname = env.ifname.clone();
+    let pod_mac = net::with_netlink(Some(netns), |h| async move {
+        net::configure_pod(&h, &peer, &ifname, ip, prefix, gw, mtu).await
+    })?;
+    Ok(json!({
+        "cniVersion": conf.cni_version,
+        "interfaces": [
+            {"name": host, "mac": host_mac},
+            {"name": env.ifname, "mac": pod_mac, "sandbox": netns.display().to_string()},
+        ],
+        "ips": [{"address": format!("{ip}/{prefix}"), "gateway": gw.to_string(), "interface": 1}],
+        "routes": [{"dst": "0.0.0.0/0", "gw": gw.to_string()}],
+        "dns": {},
+    }))
+}
+
+fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
+    let host = net::host_name(&env.container_id, &env.ifname);
+    net::with_netlink(None, |h| async move { net::del_veth(&h, &host).await })?;
+    ipam(conf).release(&env.container_id, &env.ifname)?;
+    Ok(())
+}
+
+fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
+    let fail = |m: String| CniError::new(error::CHECK_FAILED, m);
+    let ip = ipam(conf)
+        .find(&env.container_id, &env.ifname)?
+        .ok_or_else(|| fail(format!("no address allocated to {}/{}", env.container_id, env.ifname)))?;
+    let host = net::host_name(&env.container_id, &env.ifname);
+    let present = net::with_netlink(None, |h| async move { net::link(&h, &host).await.map(|l| l.is_some()) })?;
+    if !present {
+        return Err(fail(format!("host interface {} is missing", net::host_name(&env.container_id, &env.ifname))));
+    }
+    let netns = env.netns.as_deref().ok_or_else(|| CniError::new(error::INVALID_ENV, "CNI_NETNS is required"))?;
+    let (ifname, gw, prefix) = (env.ifname.clone(), conf.gateway(), conf.pod_cidr.prefix_len());
+    net::with_netlink(Some(netns), |h| async move { net::check_pod(&h, &ifname, ip, prefix, gw).await })
+}
