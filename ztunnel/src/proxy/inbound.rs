@@ -14,7 +14,7 @@ use super::route::Peer;
 use super::{is_listener_loop, peer_of, Pod, Proxy, TLS_HANDSHAKE_TIMEOUT};
 use crate::metrics::Reporter;
 use crate::sockets;
-use crate::state::policy::{self, Decision};
+use crate::state::policy::Decision;
 
 const DIRECTION: &str = "inbound";
 
@@ -47,16 +47,8 @@ impl Proxy {
 
     async fn tunnel(&self, pod: &Pod, src: SocketAddr, req: Inbound) -> Result<Tracked<TcpStream>, StatusCode> {
         let dst = req.authority;
-        let evaluated = {
-            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-            state.workload_by_uid(&pod.uid).map(|w| {
-                let local = w.addresses.iter().any(|a| crate::state::ip(a) == Some(dst.ip()));
-                let conn = policy::Connection { source: req.peer.clone(), source_ip: src.ip(), destination: dst };
-                (local, Peer::of(w), policy::evaluate(&state, w, &conn))
-            })
-        };
-        let (dst_peer, decision) = match evaluated {
-            Some((true, p, d)) if !is_listener_loop(dst) => (p, d),
+        let (dst_peer, decision) = match self.authorize(pod, req.peer.clone(), src, dst) {
+            Some(d) if !is_listener_loop(dst) => d,
             _ => {
                 tracing::warn!(%src, authority = %dst, pod = pod.uid, "CONNECT authority is not this workload");
                 self.metrics.reject(DIRECTION, "bad_request");

@@ -26,6 +26,7 @@ use crate::identity::{CertError, CertManager, Issued};
 use crate::metrics::Metrics;
 use crate::netns::Netns;
 use crate::sockets;
+use crate::state::policy::{self, Decision};
 use crate::state::State;
 use hbone::Identity;
 
@@ -114,6 +115,24 @@ impl Proxy {
             Ok(r) => r,
             Err(e) => Err(CertError::Local(format!("certificate task failed: {e}"))),
         }
+    }
+
+    /// For a connection to `dst` on `pod`: the pod's workload and the L4 policy decision, or
+    /// `None` when `dst` is not one of the pod's addresses (or the pod left the config).
+    fn authorize(
+        &self,
+        pod: &Pod,
+        source: Option<Identity>,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Option<(route::Peer, Decision)> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let w = state.workload_by_uid(&pod.uid)?;
+        if !w.addresses.iter().any(|a| crate::state::ip(a) == Some(dst.ip())) {
+            return None;
+        }
+        let conn = policy::Connection { source, source_ip: src.ip(), destination: dst };
+        Some((route::Peer::of(w), policy::evaluate(&state, w, &conn)))
     }
 
     fn next_pick(&self) -> usize {

@@ -11,7 +11,7 @@ use super::route::Peer;
 use super::{is_listener_loop, peer_of, splice, Pod, Proxy};
 use crate::metrics::Reporter;
 use crate::sockets;
-use crate::state::policy::{self, Decision};
+use crate::state::policy::Decision;
 
 const DIRECTION: &str = "inbound_plaintext";
 
@@ -25,21 +25,10 @@ impl Proxy {
                 return sockets::reset(client);
             }
         };
-        let evaluated = {
-            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-            state.workload_by_uid(&pod.uid).map(|w| {
-                let local = w.addresses.iter().any(|a| crate::state::ip(a) == Some(dst.ip()));
-                let conn = policy::Connection { source: None, source_ip: src.ip(), destination: dst };
-                (local, Peer::of(w), policy::evaluate(&state, w, &conn))
-            })
-        };
-        let (dst_peer, decision) = match evaluated {
-            Some((true, p, d)) => (p, d),
-            _ => {
-                tracing::warn!(%src, %dst, pod = pod.uid, "plaintext connection not addressed to this workload");
-                self.metrics.reject(DIRECTION, "bad_request");
-                return sockets::reset(client);
-            }
+        let Some((dst_peer, decision)) = self.authorize(&pod, None, src, dst) else {
+            tracing::warn!(%src, %dst, pod = pod.uid, "plaintext connection not addressed to this workload");
+            self.metrics.reject(DIRECTION, "bad_request");
+            return sockets::reset(client);
         };
         if let Decision::Deny(policy) = decision {
             tracing::warn!(
