@@ -380,8 +380,8 @@ mod hostile {
             .map_err(|e| format!("tls: {e}"))?;
         let (send, conn) = hbone::settings::client().handshake(tls).await.map_err(|e| format!("h2: {e}"))?;
         tokio::spawn(conn);
-        // A TLS 1.3 server rejects a client certificate after the client considers the handshake
-        // done, so probe with one request before declaring success.
+        // In TLS 1.3 the server judges the client certificate after the client considers the
+        // handshake done, so a rejection may only show on the first request.
         Ok(send)
     }
 

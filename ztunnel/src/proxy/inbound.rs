@@ -9,11 +9,10 @@ use hbone::server::Inbound;
 use http::{HeaderMap, StatusCode};
 use tokio::net::TcpStream;
 
-use super::conn::{Record, Tracked, Tracker};
+use super::conn::{Record, Tracked};
 use super::route::Peer;
 use super::{is_listener_loop, peer_of, Pod, Proxy, TLS_HANDSHAKE_TIMEOUT};
 use crate::metrics::Reporter;
-use crate::sockets;
 use crate::state::policy::Decision;
 
 const DIRECTION: &str = "inbound";
@@ -68,26 +67,17 @@ impl Proxy {
             self.metrics.reject(DIRECTION, "policy");
             return Err(StatusCode::UNAUTHORIZED);
         }
-        match sockets::connect(&pod.ns, dst, self.settings.mark).await {
-            Ok(up) => {
-                let record = Record {
-                    direction: DIRECTION,
-                    reporter: Reporter::destination,
-                    src,
-                    dst,
-                    src_peer,
-                    dst_peer,
-                    service: String::new(),
-                    mtls: true,
-                };
-                Ok(Tracked::new(up, Tracker::open(record, self.metrics.clone())))
-            }
-            Err(e) => {
-                tracing::info!(%dst, error = %e, "workload refused the connection");
-                self.metrics.reject(DIRECTION, "upstream");
-                Err(StatusCode::SERVICE_UNAVAILABLE)
-            }
-        }
+        let record = Record {
+            direction: DIRECTION,
+            reporter: Reporter::destination,
+            src,
+            dst,
+            src_peer,
+            dst_peer,
+            service: String::new(),
+            mtls: true,
+        };
+        self.connect_tracked(pod, record).await.ok_or(StatusCode::SERVICE_UNAVAILABLE)
     }
 }
 

@@ -135,6 +135,20 @@ impl Proxy {
         Some((route::Peer::of(w), policy::evaluate(&state, w, &conn)))
     }
 
+    /// Connects to `record.dst` from inside the pod's namespace (marked, so capture lets it
+    /// through) and starts accounting for the connection. A failure is logged and counted as an
+    /// `upstream` rejection.
+    async fn connect_tracked(&self, pod: &Pod, record: conn::Record) -> Option<conn::Tracked<TcpStream>> {
+        match sockets::connect(&pod.ns, record.dst, self.settings.mark).await {
+            Ok(up) => Some(conn::Tracked::new(up, conn::Tracker::open(record, self.metrics.clone()))),
+            Err(e) => {
+                tracing::info!(dst = %record.dst, direction = record.direction, error = %e, "upstream connect failed");
+                self.metrics.reject(record.direction, "upstream");
+                None
+            }
+        }
+    }
+
     fn next_pick(&self) -> usize {
         self.round_robin.fetch_add(1, Ordering::Relaxed)
     }

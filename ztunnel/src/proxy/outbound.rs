@@ -58,10 +58,8 @@ impl Proxy {
                 self.metrics.reject(DIRECTION, "no_endpoint");
                 sockets::reset(client);
             }
-            Route::Passthrough(addr) => self.plain(pod, client, addr, record(addr, Peer::default(), None, false)).await,
-            Route::Direct { addr, peer, service } => {
-                self.plain(pod, client, addr, record(addr, peer, service, false)).await
-            }
+            Route::Passthrough(addr) => self.plain(pod, client, record(addr, Peer::default(), None, false)).await,
+            Route::Direct { addr, peer, service } => self.plain(pod, client, record(addr, peer, service, false)).await,
             Route::Hbone { addr, authority, identities, peer, service } => {
                 let Some(src_id) = source.identity.clone() else {
                     tracing::warn!(pod = pod.uid, "source workload has no service account; cannot use mTLS");
@@ -101,17 +99,10 @@ impl Proxy {
         }
     }
 
-    async fn plain(&self, pod: Arc<Pod>, client: TcpStream, addr: SocketAddr, record: Record) {
-        match sockets::connect(&pod.ns, addr, self.settings.mark).await {
-            Ok(up) => {
-                let tracker = Tracker::open(record, self.metrics.clone());
-                splice(client, Tracked::new(up, tracker)).await;
-            }
-            Err(e) => {
-                tracing::debug!(dst = %addr, error = %e, "upstream connect failed");
-                self.metrics.reject(DIRECTION, "upstream");
-                sockets::reset(client);
-            }
+    async fn plain(&self, pod: Arc<Pod>, client: TcpStream, record: Record) {
+        match self.connect_tracked(&pod, record).await {
+            Some(up) => splice(client, up).await,
+            None => sockets::reset(client),
         }
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::conn::{Record, Tracked, Tracker};
+use super::conn::Record;
 use super::route::Peer;
 use super::{is_listener_loop, peer_of, splice, Pod, Proxy};
 use crate::metrics::Reporter;
@@ -41,25 +41,19 @@ impl Proxy {
             self.metrics.reject(DIRECTION, "policy");
             return sockets::reset(client);
         }
-        match sockets::connect(&pod.ns, dst, self.settings.mark).await {
-            Ok(up) => {
-                let record = Record {
-                    direction: DIRECTION,
-                    reporter: Reporter::destination,
-                    src,
-                    dst,
-                    src_peer: Peer::default(),
-                    dst_peer,
-                    service: String::new(),
-                    mtls: false,
-                };
-                splice(client, Tracked::new(up, Tracker::open(record, self.metrics.clone()))).await;
-            }
-            Err(e) => {
-                tracing::info!(%dst, error = %e, "workload refused the connection");
-                self.metrics.reject(DIRECTION, "upstream");
-                sockets::reset(client);
-            }
+        let record = Record {
+            direction: DIRECTION,
+            reporter: Reporter::destination,
+            src,
+            dst,
+            src_peer: Peer::default(),
+            dst_peer,
+            service: String::new(),
+            mtls: false,
+        };
+        match self.connect_tracked(&pod, record).await {
+            Some(up) => splice(client, up).await,
+            None => sockets::reset(client),
         }
     }
 }
