@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/istio/workload/workload.proto",
         "proto/istio/security/authorization.proto",
         "proto/istio/security/citadel.proto",
+        "proto/trellis/node/v1/node.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -3,8 +3,9 @@
 //! ADD allocates an address from `podCIDR` ([`ipam`]), creates a veth pair whose host side joins
 //! the node bridge `trellis0` (which holds the CIDR's first address, the pods' gateway) and whose
 //! other side becomes `CNI_IFNAME` in the pod, and routes the pod's traffic via the node ([`net`]).
-//! With `agentSocket` set, the node agent must be reachable, or ADD fails with code 11: a pod is
-//! never started unprotected.
+//! With `agentSocket` set, ADD registers the pod (`K8S_POD_NAMESPACE`/`K8S_POD_NAME` from
+//! `CNI_ARGS`) with the node agent, which meshes it if its labels say so; an unreachable agent
+//! fails ADD with code 11, so a pod is never started unprotected. DEL unregisters it, best effort.
 
 pub mod config;
 pub mod env;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod ipam;
 pub mod net;
 
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -23,10 +25,41 @@ use env::{Command, Env};
 use error::{CniError, PLUGIN_UNAVAILABLE, TRY_AGAIN_LATER};
 use ipam::Ipam;
 
+/// The agent answers an `add` after at most a few seconds (it waits to report enrollment).
+const AGENT_TIMEOUT: Duration = Duration::from_secs(15);
+
 fn agent_reachable(path: &Path) -> Result<(), String> {
-    let s = UnixStream::connect(path).map_err(|e| format!("node agent at {}: {e}", path.display()))?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    Ok(())
+    UnixStream::connect(path).map(drop).map_err(|e| format!("node agent at {}: {e}", path.display()))
+}
+
+/// One request/answer on the node agent socket.
+fn agent_call(path: &Path, req: &Value) -> Result<Value, String> {
+    let at = |e: std::io::Error| format!("node agent at {}: {e}", path.display());
+    let mut s = UnixStream::connect(path).map_err(at)?;
+    s.set_read_timeout(Some(AGENT_TIMEOUT)).map_err(at)?;
+    s.set_write_timeout(Some(AGENT_TIMEOUT)).map_err(at)?;
+    s.write_all(format!("{req}\n").as_bytes()).map_err(at)?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).map_err(at)?;
+    let v: Value = serde_json::from_str(&line).map_err(|e| format!("node agent at {}: bad answer: {e}", path.display()))?;
+    if v.get("ok") != Some(&Value::Bool(true)) {
+        return Err(format!(
+            "node agent refused the pod: {}",
+            v.get("error").and_then(Value::as_str).unwrap_or("no reason given")
+        ));
+    }
+    Ok(v)
+}
+
+/// The pod's namespace and name from `CNI_ARGS`.
+fn pod_key(env: &Env) -> Result<(&str, &str), CniError> {
+    match (env.args.get("K8S_POD_NAMESPACE"), env.args.get("K8S_POD_NAME")) {
+        (Some(ns), Some(name)) if !ns.is_empty() && !name.is_empty() => Ok((ns, name)),
+        _ => Err(CniError::new(
+            error::INVALID_ENV,
+            "CNI_ARGS must carry K8S_POD_NAMESPACE and K8S_POD_NAME when agentSocket is configured",
+        )),
+    }
 }
 
 fn ipam(conf: &NetConf) -> Ipam {
@@ -58,6 +91,7 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
 
 fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
     if let Some(p) = &conf.agent_socket {
+        pod_key(env)?;
         agent_reachable(p).map_err(|e| CniError::new(TRY_AGAIN_LATER, format!("{e}; try again later")))?;
     }
     let netns = env.netns.as_deref().ok_or_else(|| CniError::new(error::INVALID_ENV, "CNI_NETNS is required"))?;
@@ -65,7 +99,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
         return Err(CniError::new(error::NETNS, format!("netns {} does not exist", netns.display())));
     }
     let ip = ipam(conf).allocate(&env.container_id, &env.ifname)?;
-    match wire(env, conf, netns, ip) {
+    match wire(env, conf, netns, ip).and_then(|v| register(env, conf, netns).map(|_| v)) {
         Ok(v) => Ok(v),
         Err(e) => {
             // Leave nothing behind: no veth, no allocation.
@@ -104,7 +138,20 @@ fn wire(env: &Env, conf: &NetConf, netns: &Path, ip: std::net::Ipv4Addr) -> Resu
     }))
 }
 
+/// Tells the node agent about the new pod; it decides whether to mesh it.
+fn register(env: &Env, conf: &NetConf, netns: &Path) -> Result<(), CniError> {
+    let Some(sock) = &conf.agent_socket else { return Ok(()) };
+    let (namespace, name) = pod_key(env)?;
+    let req = json!({"op": "add", "namespace": namespace, "name": name, "netns": netns.display().to_string()});
+    agent_call(sock, &req).map(drop).map_err(|e| CniError::new(TRY_AGAIN_LATER, format!("{e}; try again later")))
+}
+
 fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
+    // Best effort: DEL must succeed even when the agent is down (it forgets pods whose netns is
+    // gone when it restarts).
+    if let (Some(sock), Ok((namespace, name))) = (&conf.agent_socket, pod_key(env)) {
+        let _ = agent_call(sock, &json!({"op": "remove", "namespace": namespace, "name": name}));
+    }
     let host = net::host_name(&env.container_id, &env.ifname);
     net::with_netlink(None, |h| async move { net::del_veth(&h, &host).await })?;
     ipam(conf).release(&env.container_id, &env.ifname)?;

@@ -218,6 +218,40 @@ fn bad_input_fails_cleanly() {
     assert!(node.allocations().iter().all(|a| !a.starts_with("10.250.5.")));
     let (ok, e) = node.cni("STATUS", "", "", &agent);
     assert!(!ok && e["code"] == 50, "{e}");
-    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     assert!(node.cni("STATUS", "", "", &agent).0);
+
+    // ADD registers the pod with the agent; a refusal fails ADD (11) and leaks nothing.
+    let answer = |reply: &'static str| {
+        let l = listener.try_clone().unwrap();
+        std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            // Reachability probes (STATUS, the start of ADD) connect and close without a request.
+            loop {
+                let (mut s, _) = l.accept().unwrap();
+                let mut line = String::new();
+                std::io::BufReader::new(s.try_clone().unwrap()).read_line(&mut line).unwrap();
+                if line.is_empty() {
+                    continue;
+                }
+                s.write_all(reply.as_bytes()).unwrap();
+                return serde_json::from_str::<Value>(&line).unwrap();
+            }
+        })
+    };
+    let agent_thread = answer("{\"ok\":false,\"error\":\"no such pod\"}\n");
+    let (ok, e) = node.cni("ADD", "c5", &q, &agent);
+    assert!(!ok && e["code"] == 11 && e["msg"].as_str().unwrap().contains("no such pod"), "{e}");
+    agent_thread.join().unwrap();
+    assert!(node.allocations().iter().all(|a| !a.starts_with("10.250.5.")));
+    assert_eq!(node.links().matches("trl").count(), 1, "{}", node.links());
+    let agent_thread = answer("{\"ok\":true,\"pods\":[]}\n");
+    let (ok, r) = node.cni("ADD", "c6", &q, &agent);
+    assert!(ok, "{r}");
+    let req = agent_thread.join().unwrap();
+    assert_eq!(
+        (req["op"].as_str(), req["namespace"].as_str(), req["name"].as_str()),
+        (Some("add"), Some("demo"), Some("p"))
+    );
+    assert_eq!(req["netns"].as_str(), Some(format!("/var/run/netns/{q}").as_str()));
 }

@@ -20,9 +20,19 @@ pub mod istio {
     }
 }
 
+pub mod trellis {
+    pub mod node {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/trellis.node.v1.rs"));
+        }
+    }
+}
+
 pub use envoy_types::pb as envoy;
 
 /// Type URL of `istio.workload.Address` resources in workload discovery.
 pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 /// Type URL of `istio.security.Authorization` resources in workload discovery.
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+/// Type URL of `trellis.node.v1.Node` resources: Trellis's own, for the overlay.
+pub const NODE_TYPE_URL: &str = "type.googleapis.com/trellis.node.v1.Node";

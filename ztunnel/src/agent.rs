@@ -1,4 +1,4 @@
-//! The node agent's Unix socket: how the CNI plugin (or an operator) enrolls pods.
+//! The node agent's Unix socket: how the CNI plugin (or an operator) registers pods.
 //!
 //! One JSON object per line, one answer per line:
 //!
@@ -6,10 +6,12 @@
 //! {"op":"add","namespace":"demo","name":"client","netns":"/var/run/netns/client"}
 //! {"op":"remove","namespace":"demo","name":"client"}
 //! {"op":"list"}
-//! → {"ok":true} | {"ok":true,"pods":[…]} | {"ok":false,"error":"…"}
+//! → {"ok":true,"pods":[{uid,netns,enrolled,reason}]} | {"ok":false,"error":"…"}
 //! ```
 //!
-//! The socket is created with mode 0600: enrolling a pod changes its traffic, so only root may.
+//! `add` registers the pod; whether it is meshed follows its labels (see [`crate::pods`]), and
+//! the answer says which. The socket is created with mode 0600: registering a pod changes its
+//! traffic, so only root may.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -100,16 +102,16 @@ async fn handle(line: &str, pods: &Pods) -> Response {
     };
     match req {
         Request::Add { namespace, name, netns } => match pods.add(&namespace, &name, &netns).await {
-            Ok(()) => Response { ok: true, ..Default::default() },
+            Ok(p) => Response { ok: true, pods: Some(vec![p]), ..Default::default() },
             Err(e) => {
-                tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "enrollment failed");
+                tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "registration refused");
                 fail(e)
             }
         },
-        Request::Remove { namespace, name } => match pods.remove(&namespace, &name).await {
-            Ok(_) => Response { ok: true, ..Default::default() },
-            Err(e) => fail(e),
-        },
+        Request::Remove { namespace, name } => {
+            pods.remove(&namespace, &name).await;
+            Response { ok: true, ..Default::default() }
+        }
         Request::List => Response { ok: true, pods: Some(pods.list()), ..Default::default() },
     }
 }

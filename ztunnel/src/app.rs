@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::pods::Pods;
 use crate::proxy::{self, Proxy};
 use crate::state::State;
-use crate::{agent, xds};
+use crate::{agent, overlay, xds};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -41,6 +41,11 @@ pub struct Config {
     pub mark: u32,
     pub worker_threads: usize,
     pub max_connections: usize,
+    /// Program the VXLAN overlay to other nodes (`--overlay vxlan`).
+    pub overlay: bool,
+    pub capture: crate::capture::Capture,
+    /// Where the pod registry is persisted across restarts (`None`: memory only).
+    pub registry_file: Option<PathBuf>,
 }
 
 fn load_roots(pem: &str) -> anyhow::Result<RootCertStore> {
@@ -94,14 +99,6 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             draining,
         )
     };
-    let pods = Arc::new(Pods::new(
-        proxy.clone(),
-        state.clone(),
-        certs.clone(),
-        data.handle.clone(),
-        cfg.cluster_id.clone(),
-        cfg.mark,
-    ));
     let (xds_client, synced) = xds::Client::new(
         xds::Config {
             address: cfg.xds_address.clone(),
@@ -115,6 +112,23 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         },
         state.clone(),
     );
+    let pods = Arc::new(Pods::new(
+        proxy.clone(),
+        state.clone(),
+        certs.clone(),
+        data.handle.clone(),
+        cfg.cluster_id.clone(),
+        cfg.capture.clone(),
+        cfg.registry_file.clone(),
+        synced.clone(),
+    ));
+    let pod_changes = xds_client.changes();
+    let overlay_cfg = if cfg.overlay {
+        let node_ip = cfg.node_ip.parse().with_context(|| format!("--node-ip {:?} is not an IPv4 address (the overlay is IPv4 only)", cfg.node_ip))?;
+        Some((overlay::Config { node_name: cfg.node_name.clone(), node_ip }, state.clone(), xds_client.changes()))
+    } else {
+        None
+    };
     let admin = Admin {
         node: cfg.node_name.clone(),
         state,
@@ -137,6 +151,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let agent_l = agent::bind(&cfg.agent_socket)
             .with_context(|| format!("binding the agent socket {}", cfg.agent_socket.display()))?;
         tokio::spawn(xds_client.run());
+        if let Some((c, state, changes)) = overlay_cfg {
+            tokio::spawn(overlay::run(c, state, changes));
+        }
+        tokio::spawn(pods.clone().run(pod_changes));
         tokio::spawn(agent::serve(agent_l, pods));
         spawn_server("admin", admin::serve_admin(admin_l, admin.clone()));
         spawn_server("metrics", admin::serve_metrics(metrics_l, admin.clone()));

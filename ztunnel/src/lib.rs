@@ -3,7 +3,8 @@
 //! Layout follows the data flow: [`xds`] keeps [`state`] in step with istiod-lite and
 //! [`identity`] keeps workload certificates fresh; the node [`agent`] enrolls [`pods`], each of
 //! which gets [`proxy`] listeners inside its network namespace ([`netns`], [`sockets`]) and the
-//! [`capture`] rules that steer its traffic to them. [`admin`] and [`metrics`] are for operators;
+//! [`capture`] rules that steer its traffic to them; [`overlay`] routes pod CIDRs of other nodes
+//! over VXLAN. [`admin`] and [`metrics`] are for operators;
 //! [`app`] wires the process together.
 
 pub mod admin;
@@ -13,6 +14,7 @@ pub mod capture;
 pub mod identity;
 pub mod metrics;
 pub mod netns;
+pub mod overlay;
 pub mod pods;
 pub mod proxy;
 pub mod sockets;

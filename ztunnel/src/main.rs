@@ -6,6 +6,20 @@ use clap::{Parser, ValueEnum};
 use trellis_config::duration::parse_duration;
 use ztunnel::app::{self, Config};
 
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+enum Overlay {
+    /// One VXLAN device with a route, neighbour and FDB entry per remote node.
+    Vxlan,
+    /// Pod CIDRs are routed by something else (cloud routes, BGP, static routes).
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+enum CaptureMode {
+    /// nftables `redirect` rules in each pod's namespace.
+    Nftables,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
     Text,
@@ -19,7 +33,7 @@ struct Args {
     /// This node's name, as Pods' spec.nodeName gives it.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// This node's IP, used in the xDS node id.
+    /// This node's underlay IP: the xDS node id and the overlay's VTEP address.
     #[arg(long, env = "NODE_IP", default_value = "0.0.0.0")]
     node_ip: String,
     #[arg(long, default_value = "Kubernetes")]
@@ -64,6 +78,16 @@ struct Args {
     max_connections: usize,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// How enrolled pods' traffic is steered to ztunnel.
+    #[arg(long, value_enum, default_value = "nftables")]
+    capture: CaptureMode,
+    /// The pod registry survives restarts here (mode 0600); default: next to the agent socket
+    /// (`ztunnel.sock` → `ztunnel.pods.json`). Empty for memory only.
+    #[arg(long)]
+    registry_file: Option<PathBuf>,
+    /// How pod CIDRs of other nodes are reached. `vxlan` needs --node-ip.
+    #[arg(long, value_enum, default_value = "vxlan")]
+    overlay: Overlay,
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -98,6 +122,13 @@ fn main() -> anyhow::Result<()> {
     if !ca_address.starts_with("https://") {
         anyhow::bail!("--ca-address {ca_address:?} must be https:// (the CA is only served over TLS)");
     }
+    let overlay = args.overlay == Overlay::Vxlan;
+    if overlay && args.node_ip.parse::<std::net::Ipv4Addr>().map_or(true, |ip| ip.is_unspecified()) {
+        anyhow::bail!(
+            "--overlay vxlan needs --node-ip set to this node's IPv4 underlay address (got {:?}); or pass --overlay none",
+            args.node_ip
+        );
+    }
     app::run(Config {
         node_name: args.node_name,
         node_ip: args.node_ip,
@@ -107,7 +138,7 @@ fn main() -> anyhow::Result<()> {
         ca_address,
         root_cert: args.root_cert,
         token_file: args.token_file,
-        agent_socket: args.agent_socket,
+        agent_socket: args.agent_socket.clone(),
         admin_addr: args.admin_addr,
         metrics_addr: args.metrics_addr,
         readiness_addr: args.readiness_addr,
@@ -118,5 +149,14 @@ fn main() -> anyhow::Result<()> {
             .worker_threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
         max_connections: args.max_connections,
+        overlay,
+        capture: match args.capture {
+            CaptureMode::Nftables => ztunnel::capture::Capture::Nftables { mark: args.mark },
+        },
+        registry_file: match args.registry_file {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p),
+            None => Some(args.agent_socket.with_extension("pods.json")),
+        },
     })
 }

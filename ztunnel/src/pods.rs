@@ -1,29 +1,45 @@
-//! Enrolled pods on this node: for each, its namespace handle, its listeners, and its capture.
+//! The pods on this node, and which of them are meshed.
 //!
-//! Enrolling a pod is ordered so that traffic is never captured before something listens: wait
-//! for the workload in xDS, obtain its certificate, open the three listeners inside the pod's
-//! namespace, and only then install the capture rules.
+//! The CNI plugin registers every pod it wires up (and unregisters it on DEL) through the agent
+//! socket. Whether a registered pod is *enrolled* follows the control plane, live: istiod-lite
+//! marks a workload HBONE when its namespace is labelled `istio.io/dataplane-mode=ambient` and
+//! its own label does not say otherwise. [`Pods::run`] reconciles after every xDS update, so a
+//! label change meshes or unmeshes running pods without restarting them.
+//!
+//! Enrolling is ordered so that traffic is never captured before something listens: obtain the
+//! workload certificate, open the three listeners inside the pod's namespace, and only then
+//! install the capture. Unenrolling removes the capture first, then closes the listeners;
+//! connections already proxied run to completion.
+//!
+//! The registry is persisted (mode 0600) so a restarted ztunnel knows its pods again. While
+//! ztunnel is down, the capture it left in each enrolled pod stays in place and has nothing to
+//! deliver to, so new connections fail rather than leave the pod unprotected (fail closed); after
+//! the first xDS snapshot the pod is enrolled again, or released if it was unlabelled meanwhile.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-use trellis_proto::istio::workload::{TunnelProtocol, Workload};
+use trellis_proto::istio::workload::TunnelProtocol;
 
-use crate::capture;
+use crate::capture::Capture;
 use crate::identity::CertManager;
 use crate::netns::Netns;
 use crate::proxy::{route, Proxy};
 use crate::state::State;
 
-/// How long an enrollment waits for the pod to appear in xDS.
-const WORKLOAD_WAIT: Duration = Duration::from_secs(10);
+/// Reconcile at least this often, to retry failed enrollments (e.g. the CA was unreachable).
+const RETRY: Duration = Duration::from_secs(5);
+/// How long an `add` waits for a meshed pod to be enrolled before answering.
+const ADD_WAIT: Duration = Duration::from_secs(3);
 
 struct Enrolled {
-    netns: PathBuf,
     ns: Arc<Netns>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -36,21 +52,24 @@ impl Drop for Enrolled {
     }
 }
 
-pub struct Pods {
-    proxy: Arc<Proxy>,
-    state: Arc<RwLock<State>>,
-    certs: Arc<CertManager>,
-    data: tokio::runtime::Handle,
-    cluster_id: String,
-    mark: u32,
-    enrolled: Mutex<HashMap<String, Enrolled>>,
-    in_progress: AtomicUsize,
+/// A pod the CNI plugin told us about.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+struct Registered {
+    namespace: String,
+    name: String,
+    netns: PathBuf,
+    /// Capture may still be installed in its namespace (from this run or a previous one).
+    #[serde(default)]
+    captured: bool,
 }
 
-#[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct PodInfo {
     pub uid: String,
     pub netns: String,
+    pub enrolled: bool,
+    /// Why the pod is (not) enrolled, for operators.
+    pub reason: String,
 }
 
 struct InProgress<'a>(&'a AtomicUsize);
@@ -61,24 +80,57 @@ impl Drop for InProgress<'_> {
     }
 }
 
+pub struct Pods {
+    proxy: Arc<Proxy>,
+    state: Arc<RwLock<State>>,
+    certs: Arc<CertManager>,
+    data: tokio::runtime::Handle,
+    cluster_id: String,
+    capture: Capture,
+    registry_file: Option<PathBuf>,
+    registered: Mutex<BTreeMap<String, Registered>>,
+    enrolled: Mutex<HashMap<String, Enrolled>>,
+    reasons: Mutex<HashMap<String, String>>,
+    in_progress: AtomicUsize,
+    /// Wakes the reconciler on registry changes; it also wakes on xDS changes.
+    kick: Notify,
+    /// Bumped after each reconcile pass, so `add` can wait for its outcome.
+    passes: watch::Sender<u64>,
+    /// Reconciling before the first snapshot would unmesh every pod.
+    synced: watch::Receiver<bool>,
+}
+
 impl Pods {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         proxy: Arc<Proxy>,
         state: Arc<RwLock<State>>,
         certs: Arc<CertManager>,
         data: tokio::runtime::Handle,
         cluster_id: String,
-        mark: u32,
+        capture: Capture,
+        registry_file: Option<PathBuf>,
+        synced: watch::Receiver<bool>,
     ) -> Pods {
+        let registered = registry_file.as_deref().map(load).unwrap_or_default();
+        if !registered.is_empty() {
+            tracing::info!(pods = registered.len(), "pods registered before restart; re-enrolling after the first snapshot");
+        }
         Pods {
             proxy,
             state,
             certs,
             data,
             cluster_id,
-            mark,
+            capture,
+            registry_file,
+            registered: Mutex::new(registered),
             enrolled: Mutex::default(),
+            reasons: Mutex::default(),
             in_progress: AtomicUsize::new(0),
+            kick: Notify::new(),
+            passes: watch::channel(0).0,
+            synced,
         }
     }
 
@@ -91,87 +143,257 @@ impl Pods {
         self.in_progress.load(Ordering::Acquire)
     }
 
-    pub fn list(&self) -> Vec<PodInfo> {
-        let enrolled = self.enrolled.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<PodInfo> = enrolled
-            .iter()
-            .map(|(uid, e)| PodInfo { uid: uid.clone(), netns: e.netns.display().to_string() })
-            .collect();
-        out.sort_by(|a, b| a.uid.cmp(&b.uid));
-        out
+    pub fn capture_mode(&self) -> &'static str {
+        self.capture.name()
     }
 
-    async fn workload(&self, uid: &str) -> Option<Workload> {
-        let deadline = Instant::now() + WORKLOAD_WAIT;
+    pub fn list(&self) -> Vec<PodInfo> {
+        let registered = lock(&self.registered).clone();
+        let enrolled = lock(&self.enrolled);
+        let reasons = lock(&self.reasons);
+        registered
+            .into_iter()
+            .map(|(uid, r)| PodInfo {
+                enrolled: enrolled.contains_key(&uid),
+                reason: reasons.get(&uid).cloned().unwrap_or_else(|| "waiting for the first reconcile".into()),
+                netns: r.netns.display().to_string(),
+                uid,
+            })
+            .collect()
+    }
+
+    /// Registers pod `namespace/name` whose network namespace is at `netns`. A new path for a
+    /// known pod (it was recreated) replaces the old registration. Waits briefly for the outcome
+    /// and returns the pod's state.
+    pub async fn add(&self, namespace: &str, name: &str, netns: &Path) -> Result<PodInfo, String> {
+        if !netns.exists() {
+            return Err(format!("pod {namespace}/{name}: netns {} does not exist", netns.display()));
+        }
+        let uid = self.uid(namespace, name);
+        let replaced = {
+            let mut reg = lock(&self.registered);
+            let old = reg.insert(
+                uid.clone(),
+                Registered { namespace: namespace.into(), name: name.into(), netns: netns.into(), captured: false },
+            );
+            match old {
+                Some(o) if o.netns != netns => true,
+                Some(o) => {
+                    // Same pod again (a retried ADD): keep what we know about its capture.
+                    reg.get_mut(&uid).expect("just inserted").captured = o.captured;
+                    false
+                }
+                None => false,
+            }
+        };
+        if replaced {
+            lock(&self.enrolled).remove(&uid);
+        }
+        self.persist();
+        let mut passes = self.passes.subscribe();
+        self.kick.notify_one();
+        // Answer once a pass has looked at the pod, or after ADD_WAIT (e.g. before the first
+        // snapshot): the pod stays registered and is enrolled as soon as it is known.
+        let _ = tokio::time::timeout(ADD_WAIT, async {
+            let _ = passes.changed().await;
+            while lock(&self.reasons).get(&uid).is_none_or(|r| r.starts_with("enrolling")) {
+                if passes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        self.list().into_iter().find(|p| p.uid == uid).ok_or_else(|| format!("pod {namespace}/{name} was removed"))
+    }
+
+    /// Forgets a pod and removes its capture. Unknown pods are not an error (DEL is idempotent).
+    pub async fn remove(&self, namespace: &str, name: &str) -> bool {
+        let uid = self.uid(namespace, name);
+        let Some(r) = lock(&self.registered).remove(&uid) else { return false };
+        self.persist();
+        lock(&self.reasons).remove(&uid);
+        self.unenroll(&uid, &r).await;
+        tracing::info!(pod = uid, "pod unregistered");
+        true
+    }
+
+    /// Reconciles registered pods with the control plane until dropped.
+    pub async fn run(self: Arc<Self>, mut changes: watch::Receiver<u64>) {
+        let mut synced = self.synced.clone();
+        let _ = synced.wait_for(|s| *s).await;
         loop {
-            if let Some(w) = self.state.read().unwrap_or_else(|e| e.into_inner()).workload_by_uid(uid) {
-                return Some(w.clone());
+            self.reconcile().await;
+            self.passes.send_modify(|n| *n += 1);
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = self.kick.notified() => {}
+                _ = tokio::time::sleep(RETRY) => {}
             }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    /// Enrolls pod `namespace/name` whose network namespace is at `netns`. Idempotent for the
-    /// same namespace path; a new path (the pod was recreated) replaces the old enrollment.
-    pub async fn add(&self, namespace: &str, name: &str, netns: &Path) -> Result<(), String> {
+    /// One pass: enroll pods that should be meshed and are not, release those that should not.
+    async fn reconcile(&self) {
+        let registered = lock(&self.registered).clone();
+        for (uid, r) in registered {
+            let want = {
+                let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+                match state.workload_by_uid(&uid) {
+                    None => Err("not known to the control plane (no Pod with an IP yet)".to_string()),
+                    Some(w) if w.tunnel_protocol != TunnelProtocol::Hbone as i32 => Err(format!(
+                        "not meshed: label the namespace {} istio.io/dataplane-mode=ambient (or the pod, to override)",
+                        r.namespace
+                    )),
+                    Some(w) => route::identity(w).ok_or_else(|| "no service account".to_string()),
+                }
+            };
+            let enrolled = lock(&self.enrolled).contains_key(&uid);
+            match want {
+                Ok(_) if enrolled => self.reason(&uid, "meshed"),
+                Ok(id) => {
+                    self.reason(&uid, "enrolling");
+                    match self.enroll(&uid, &r, &id).await {
+                        Ok(()) => self.reason(&uid, "meshed"),
+                        Err(e) => {
+                            tracing::warn!(pod = uid, error = %e, "enrollment failed; will retry");
+                            self.reason(&uid, &format!("enrolling failed: {e}"));
+                        }
+                    }
+                }
+                Err(why) => {
+                    if enrolled || r.captured {
+                        self.unenroll(&uid, &r).await;
+                        self.set_captured(&uid, false);
+                    }
+                    self.reason(&uid, &why);
+                }
+            }
+        }
+    }
+
+    fn reason(&self, uid: &str, why: &str) {
+        lock(&self.reasons).insert(uid.to_string(), why.to_string());
+    }
+
+    fn set_captured(&self, uid: &str, captured: bool) {
+        let changed = match lock(&self.registered).get_mut(uid) {
+            Some(r) if r.captured != captured => {
+                r.captured = captured;
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            self.persist();
+        }
+    }
+
+    async fn enroll(&self, uid: &str, r: &Registered, id: &hbone::Identity) -> Result<(), String> {
         self.in_progress.fetch_add(1, Ordering::AcqRel);
         let _guard = InProgress(&self.in_progress);
-        let uid = self.uid(namespace, name);
-        if self.enrolled.lock().unwrap_or_else(|e| e.into_inner()).get(&uid).is_some_and(|e| e.netns == netns) {
-            return Ok(());
-        }
-        let w = self.workload(&uid).await.ok_or_else(|| {
-            format!("pod {namespace}/{name}: not known to the control plane after {WORKLOAD_WAIT:?} (uid {uid})")
-        })?;
-        if w.tunnel_protocol != TunnelProtocol::Hbone as i32 {
-            return Err(format!(
-                "pod {namespace}/{name} is not enrolled in the mesh: label its namespace istio.io/dataplane-mode=ambient"
-            ));
-        }
-        let id = route::identity(&w).ok_or_else(|| format!("pod {namespace}/{name} has no service account"))?;
-        let cert = self.certs.get(&id).await.map_err(|e| format!("pod {namespace}/{name}: certificate: {e}"))?;
-        let path = netns.to_path_buf();
-        let ns = Arc::new(
-            tokio::task::spawn_blocking(move || Netns::open(&path))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("pod {namespace}/{name}: {e}"))?,
-        );
-        let pod = self.proxy.pod(uid.clone(), ns.clone(), &cert)?;
+        let cert = self.certs.get(id).await.map_err(|e| format!("certificate: {e}"))?;
+        let path = r.netns.clone();
+        let ns = Arc::new(tokio::task::spawn_blocking(move || Netns::open(&path)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?);
+        let pod = self.proxy.pod(uid.to_string(), ns.clone(), &cert)?;
         let proxy = self.proxy.clone();
         let tasks = self
             .data
             .spawn(async move { proxy.serve_pod(pod).await })
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|e| format!("pod {namespace}/{name}: {e}"))?;
-        let enrolled = Enrolled { netns: netns.to_path_buf(), ns: ns.clone(), tasks };
-        let mark = self.mark;
-        tokio::task::spawn_blocking(move || capture::install(&ns, mark))
+            .map_err(|e| format!("listeners: {e}"))?;
+        let enrolled = Enrolled { ns: ns.clone(), tasks };
+        // Mark before installing: if we crash in between, the next run cleans up.
+        self.set_captured(uid, true);
+        let capture = self.capture.clone();
+        let key = capture_key(r);
+        tokio::task::spawn_blocking(move || capture.install(&ns, &key))
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|e| format!("pod {namespace}/{name}: capture: {e}"))?;
-        tracing::info!(pod = uid, netns = %netns.display(), identity = %id, "pod enrolled");
-        self.enrolled.lock().unwrap_or_else(|e| e.into_inner()).insert(uid, enrolled);
+            .map_err(|e| format!("capture ({}): {e}", self.capture.name()))?;
+        tracing::info!(pod = uid, netns = %r.netns.display(), identity = %id, capture = self.capture.name(), "pod enrolled");
+        lock(&self.enrolled).insert(uid.to_string(), enrolled);
         Ok(())
     }
 
-    /// Removes capture and listeners. Removing an unknown pod is not an error (DEL is
-    /// idempotent), and a namespace that is already gone needs no rule removal.
-    pub async fn remove(&self, namespace: &str, name: &str) -> Result<bool, String> {
-        let uid = self.uid(namespace, name);
-        let Some(enrolled) = self.enrolled.lock().unwrap_or_else(|e| e.into_inner()).remove(&uid) else {
-            return Ok(false);
+    async fn unenroll(&self, uid: &str, r: &Registered) {
+        let enrolled = lock(&self.enrolled).remove(uid);
+        let ns = match &enrolled {
+            Some(e) => Some(e.ns.clone()),
+            None if r.netns.exists() => {
+                let path = r.netns.clone();
+                tokio::task::spawn_blocking(move || Netns::open(&path)).await.ok().and_then(Result::ok).map(Arc::new)
+            }
+            None => None,
         };
-        let ns = enrolled.ns.clone();
-        drop(enrolled);
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || capture::remove(&ns)).await {
-            tracing::warn!(pod = uid, error = %e, "removing capture rules failed");
+        let capture = self.capture.clone();
+        let key = capture_key(r);
+        // Capture goes first, so no new connection reaches a listener that is about to close.
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || capture.remove(ns.as_deref(), &key)).await {
+            tracing::warn!(pod = uid, error = %e, "removing capture failed");
         }
-        tracing::info!(pod = uid, "pod removed");
-        Ok(true)
+        drop(enrolled);
+        tracing::info!(pod = uid, "pod released from the mesh");
+    }
+
+    fn persist(&self) {
+        let Some(path) = &self.registry_file else { return };
+        let body = match serde_json::to_vec_pretty(&*lock(&self.registered)) {
+            Ok(b) => b,
+            Err(e) => return tracing::warn!(error = %e, "serializing the pod registry"),
+        };
+        if let Err(e) = write_private(path, &body) {
+            tracing::warn!(path = %path.display(), error = %e, "persisting the pod registry failed");
+        }
+    }
+}
+
+/// A stable name for a pod's capture objects (BPF pins).
+fn capture_key(r: &Registered) -> String {
+    format!("{}_{}", r.namespace, r.name)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes via a temporary file and rename, mode 0600, so a crash never leaves half a registry.
+fn write_private(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(body)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Loads the registry, dropping pods whose namespace is gone (deleted while we were down).
+fn load(path: &Path) -> BTreeMap<String, Registered> {
+    let body = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "reading the pod registry; starting empty");
+            return BTreeMap::new();
+        }
+    };
+    match serde_json::from_slice::<BTreeMap<String, Registered>>(&body) {
+        Ok(mut m) => {
+            m.retain(|uid, r| {
+                let keep = r.netns.exists();
+                if !keep {
+                    tracing::info!(pod = uid, "pod's netns is gone; forgetting it");
+                }
+                keep
+            });
+            m
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "pod registry is corrupt; starting empty");
+            BTreeMap::new()
+        }
     }
 }

@@ -11,8 +11,9 @@ pub mod status;
 pub mod sync;
 pub mod translate;
 
-pub use trellis_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+pub use trellis_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, NODE_TYPE_URL};
 
 /// The types this server publishes, in the order they are pushed (policies before the workloads
-/// that reference them).
-pub const TYPES: [&str; 2] = [AUTHORIZATION_TYPE_URL, ADDRESS_TYPE_URL];
+/// that reference them). Nodes are Trellis's own type, for the overlay; a client that does not
+/// subscribe to it (Istio's ztunnel) never sees it.
+pub const TYPES: [&str; 3] = [AUTHORIZATION_TYPE_URL, ADDRESS_TYPE_URL, NODE_TYPE_URL];

@@ -1,8 +1,8 @@
 //! What ztunnel knows about the mesh, indexed the ways the proxy looks it up: workloads by uid and
 //! by IP, services by name and by VIP, policies by name.
 
-use std::collections::{BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
 
 use trellis_proto::istio::security::Authorization;
 use trellis_proto::istio::workload::{address, Service, Workload};
@@ -19,6 +19,16 @@ pub struct State {
     policies: HashMap<String, Authorization>,
     /// Service name → uids of the workloads that back it.
     endpoints: HashMap<String, BTreeSet<String>>,
+    nodes: BTreeMap<String, Node>,
+}
+
+/// A cluster node as the overlay needs it (IPv4 only).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Node {
+    pub name: String,
+    pub underlay_ip: Ipv4Addr,
+    /// (network address, prefix length)
+    pub pod_cidrs: Vec<(Ipv4Addr, u8)>,
 }
 
 pub fn ip(bytes: &[u8]) -> Option<IpAddr> {
@@ -65,6 +75,18 @@ impl State {
 
     pub fn policy(&self, name: &str) -> Option<&Authorization> {
         self.policies.get(name)
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    pub fn upsert_node(&mut self, n: Node) {
+        self.nodes.insert(n.name.clone(), n);
+    }
+
+    pub fn remove_node(&mut self, name: &str) {
+        self.nodes.remove(name);
     }
 
     /// (workloads, services, policies)

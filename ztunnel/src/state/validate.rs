@@ -4,6 +4,9 @@
 use prost::Message;
 use trellis_proto::istio::security::Authorization;
 use trellis_proto::istio::workload::{address, Address};
+use trellis_proto::trellis::node::v1 as node_pb;
+
+use super::Node;
 
 fn ip_len_ok(b: &[u8]) -> bool {
     b.len() == 4 || b.len() == 16
@@ -127,4 +130,27 @@ mod tests {
             assert!(err.contains(want), "{name}: {err}");
         }
     }
+}
+
+fn ipv4(b: &[u8]) -> Option<std::net::Ipv4Addr> {
+    <[u8; 4]>::try_from(b).ok().map(Into::into)
+}
+
+pub fn node(name: &str, bytes: &[u8]) -> Result<Node, String> {
+    let n = node_pb::Node::decode(bytes).map_err(|e| format!("{name}: not a trellis.node.v1.Node: {e}"))?;
+    if n.name != name {
+        return Err(format!("{name}: node is named {:?}", n.name));
+    }
+    let underlay_ip = ipv4(&n.underlay_ip)
+        .ok_or_else(|| format!("{name}: underlay_ip of {} bytes is not IPv4 (the overlay is IPv4 only)", n.underlay_ip.len()))?;
+    let mut pod_cidrs = Vec::new();
+    for (i, c) in n.pod_cidrs.iter().enumerate() {
+        match ipv4(&c.address) {
+            Some(a) if c.length <= 32 => pod_cidrs.push((a, c.length as u8)),
+            // An IPv6 pod CIDR on a dual-stack node is not routed by this overlay; skip it.
+            None if c.address.len() == 16 && c.length <= 128 => {}
+            _ => return Err(format!("{name}: pod_cidrs[{i}] is not a valid CIDR")),
+        }
+    }
+    Ok(Node { name: name.to_string(), underlay_ip, pod_cidrs })
 }

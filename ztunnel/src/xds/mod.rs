@@ -16,11 +16,12 @@ use trellis_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_se
 use trellis_proto::envoy::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use trellis_proto::envoy::google::protobuf::{value::Kind, Struct, Value};
 use trellis_proto::envoy::google::rpc::Status as RpcStatus;
-use trellis_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use trellis_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, NODE_TYPE_URL};
 
 use crate::state::{validate, State};
 
-const TYPES: [&str; 2] = [AUTHORIZATION_TYPE_URL, ADDRESS_TYPE_URL];
+/// Nodes are Trellis's own type: the overlay's routes.
+const TYPES: [&str; 3] = [AUTHORIZATION_TYPE_URL, ADDRESS_TYPE_URL, NODE_TYPE_URL];
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,12 +56,20 @@ pub struct Client {
     /// What we hold, per type: name → version. Sent as initial_resource_versions on reconnect.
     versions: HashMap<&'static str, HashMap<String, String>>,
     synced: watch::Sender<bool>,
+    /// Bumped after every applied response, so the node agent can reconcile pods and overlay.
+    changed: watch::Sender<u64>,
 }
 
 impl Client {
     pub fn new(cfg: Config, state: Arc<RwLock<State>>) -> (Client, watch::Receiver<bool>) {
         let (synced, rx) = watch::channel(false);
-        (Client { cfg, state, versions: HashMap::new(), synced }, rx)
+        let (changed, _) = watch::channel(0);
+        (Client { cfg, state, versions: HashMap::new(), synced, changed }, rx)
+    }
+
+    /// A receiver that wakes after each applied update.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Runs until the task is dropped: one session after another, with exponential backoff
@@ -125,7 +134,10 @@ impl Client {
         let mut seen_types = std::collections::HashSet::new();
         while let Some(resp) = stream.message().await? {
             let error_detail = match self.apply(&resp) {
-                Ok(()) => None,
+                Ok(()) => {
+                    self.changed.send_modify(|n| *n += 1);
+                    None
+                }
                 Err(reason) => {
                     tracing::warn!(
                         type_url = resp.type_url,
@@ -162,24 +174,25 @@ impl Client {
         enum Parsed {
             Address(trellis_proto::istio::workload::address::Type),
             Policy(trellis_proto::istio::security::Authorization),
+            Node(crate::state::Node),
         }
         let mut parsed = Vec::with_capacity(resp.resources.len());
         for r in &resp.resources {
             let body = r.resource.as_ref().map(|a| a.value.as_slice()).unwrap_or_default();
-            let p = if t == ADDRESS_TYPE_URL {
-                Parsed::Address(validate::address(&r.name, body)?)
-            } else {
-                Parsed::Policy(validate::authorization(&r.name, body)?)
+            let p = match t {
+                ADDRESS_TYPE_URL => Parsed::Address(validate::address(&r.name, body)?),
+                NODE_TYPE_URL => Parsed::Node(validate::node(&r.name, body)?),
+                _ => Parsed::Policy(validate::authorization(&r.name, body)?),
             };
             parsed.push((r.name.clone(), r.version.clone(), p));
         }
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         let versions = self.versions.entry(t).or_default();
         for name in &resp.removed_resources {
-            if t == ADDRESS_TYPE_URL {
-                state.remove_address(name);
-            } else {
-                state.remove_policy(name);
+            match t {
+                ADDRESS_TYPE_URL => state.remove_address(name),
+                NODE_TYPE_URL => state.remove_node(name),
+                _ => state.remove_policy(name),
             }
             versions.remove(name);
         }
@@ -187,6 +200,7 @@ impl Client {
             match p {
                 Parsed::Address(a) => state.upsert_address(&name, a),
                 Parsed::Policy(a) => state.upsert_policy(&name, a),
+                Parsed::Node(n) => state.upsert_node(n),
             }
             versions.insert(name, version);
         }

@@ -346,7 +346,8 @@ impl Lab {
             pod.node,
             &serde_json::json!({"op": "add", "namespace": pod.namespace, "name": pod.name, "netns": path}),
         );
-        assert_eq!(r["ok"], true, "enrolling {}/{}: {r}", pod.namespace, pod.name);
+        assert_eq!(r["ok"], true, "registering {}/{}: {r}", pod.namespace, pod.name);
+        assert_eq!(r["pods"][0]["enrolled"], true, "enrolling {}/{}: {r}", pod.namespace, pod.name);
     }
 
     /// Starts the test app (`tests/fixtures/app.py MODE ARGS…`) in a pod and waits until `port`

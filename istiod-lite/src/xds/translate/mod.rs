@@ -5,6 +5,7 @@
 //! then drops the ones whose bytes did not change, so a one-pod change reaches clients as one
 //! resource.
 
+pub mod node;
 pub mod policy;
 #[cfg(test)]
 mod tests;
@@ -19,7 +20,7 @@ use prost::Message;
 use trellis_config::{selector, Kind, Object, ObjectKey};
 use trellis_proto::istio::workload as wl;
 
-use super::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use super::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, NODE_TYPE_URL};
 use crate::store::{Event, EventType};
 pub use world::World;
 
@@ -51,6 +52,7 @@ pub enum Target {
     Service(ObjectKey),
     Policy(ObjectKey),
     PeerPolicy(ObjectKey),
+    Node(ObjectKey),
     StaticStrict,
 }
 
@@ -109,6 +111,7 @@ impl Translator {
             Kind::Service => Target::Service(key),
             Kind::AuthorizationPolicy => Target::Policy(key),
             Kind::PeerAuthentication => Target::PeerPolicy(key),
+            Kind::Node => Target::Node(key),
             _ => Target::StaticStrict,
         }
     }
@@ -142,6 +145,9 @@ impl Translator {
                 }
             }
             Object::Namespace(_) => self.workloads_in(Some(&key.name), |_| true, out),
+            Object::Node(_) => {
+                out.insert(Target::Node(key));
+            }
             Object::AuthorizationPolicy(ap) => {
                 out.insert(Target::Policy(key.clone()));
                 if let Some(sel) = ap.spec.selector.as_ref().filter(|s| !s.match_labels.is_empty()) {
@@ -198,6 +204,13 @@ impl Translator {
                     _ => None,
                 };
                 (AUTHORIZATION_TYPE_URL, name, body)
+            }
+            Target::Node(key) => {
+                let body = match self.world.get(key).map(|o| o.as_ref()) {
+                    Some(Object::Node(n)) => node::node(n).map(|n| Bytes::from(n.encode_to_vec())),
+                    _ => None,
+                };
+                (NODE_TYPE_URL, key.name.clone(), body)
             }
             Target::StaticStrict => (
                 AUTHORIZATION_TYPE_URL,

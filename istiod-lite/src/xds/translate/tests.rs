@@ -257,3 +257,20 @@ fn a_one_pod_change_renders_one_resource() {
     assert_eq!(out.len(), 1);
     assert!(out[0].2.is_none(), "a deleted pod renders as a removal");
 }
+
+#[test]
+fn nodes_render_only_when_routable() {
+    let out = translate(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDR: 10.244.1.0/24}\nstatus: {addresses: [{type: Hostname, address: n1}, {type: InternalIP, address: 172.30.0.11}]}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: no-ip}\nspec: {podCIDR: 10.244.2.0/24}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: no-cidr}\nstatus: {addresses: [{type: InternalIP, address: 172.30.0.13}]}\n",
+    );
+    let nodes: Vec<_> = out.iter().filter(|(t, _, _)| *t == NODE_TYPE_URL).collect();
+    assert_eq!(nodes.len(), 3, "every node is a target");
+    let n1 = nodes.iter().find(|o| o.1 == "n1").and_then(|o| o.2.clone()).expect("n1 rendered");
+    let n1 = trellis_proto::trellis::node::v1::Node::decode(n1).expect("decodes");
+    assert_eq!(n1.underlay_ip, vec![172, 30, 0, 11]);
+    assert_eq!(n1.pod_cidrs.len(), 1);
+    assert_eq!((n1.pod_cidrs[0].address.clone(), n1.pod_cidrs[0].length), (vec![10, 244, 1, 0], 24));
+    for name in ["no-ip", "no-cidr"] {
+        assert!(nodes.iter().find(|o| o.1 == name).expect("target").2.is_none(), "{name} must not render");
+    }
+}

@@ -1,4 +1,4 @@
-//! In-pod nftables capture (the fallback capture mode; see README "Capture").
+//! In-pod nftables capture: the fallback mode (`--capture nftables`).
 //!
 //! ztunnel opens its 15001/15006/15008 listeners inside the pod's namespace, and one nftables
 //! table in that namespace steers the pod's TCP to them with `redirect`, which keeps the original
@@ -61,11 +61,11 @@ fn nft(ns: &Netns, script: String) -> io::Result<()> {
 }
 
 /// Installs (or replaces) the capture table in `ns`.
-pub fn install(ns: &Netns, mark: u32) -> io::Result<()> {
+pub(super) fn install(ns: &Netns, mark: u32) -> io::Result<()> {
     nft(ns, ruleset(mark))
 }
 
 /// Removes the capture table; a missing table is not an error.
-pub fn remove(ns: &Netns) -> io::Result<()> {
+pub(super) fn remove(ns: &Netns) -> io::Result<()> {
     nft(ns, format!("table inet {TABLE}\ndelete table inet {TABLE}\n"))
 }

@@ -1,0 +1,42 @@
+//! Steering an enrolled pod's TCP to ztunnel's listeners inside the pod's namespace.
+//!
+//! Both modes work in the pod's own network namespace (the in-pod model): outbound connections
+//! go to 15001, inbound plaintext to 15006, and HBONE on 15008 reaches its listener directly.
+//! ztunnel's own sockets carry the proxy mark and are never captured. Capture is installed only
+//! after the listeners exist, and removed before they close.
+
+pub mod nftables;
+
+use std::io;
+
+use crate::netns::Netns;
+
+/// The capture mode chosen with `--capture`.
+#[derive(Clone, Debug)]
+pub enum Capture {
+    Nftables { mark: u32 },
+}
+
+impl Capture {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Capture::Nftables { .. } => "nftables",
+        }
+    }
+
+    /// Installs (or replaces) capture in `ns`. `key` names the pod's persistent objects.
+    pub fn install(&self, ns: &Netns, _key: &str) -> io::Result<()> {
+        match self {
+            Capture::Nftables { mark } => nftables::install(ns, *mark),
+        }
+    }
+
+    /// Removes capture; `ns` is `None` when the pod's namespace is already gone. Idempotent.
+    pub fn remove(&self, ns: Option<&Netns>, _key: &str) -> io::Result<()> {
+        match (self, ns) {
+            (Capture::Nftables { .. }, Some(ns)) => nftables::remove(ns),
+            // The table lived in the namespace and went with it.
+            (Capture::Nftables { .. }, None) => Ok(()),
+        }
+    }
+}
