@@ -41,7 +41,8 @@ fn agent_call(path: &Path, req: &Value) -> Result<Value, String> {
     s.write_all(format!("{req}\n").as_bytes()).map_err(at)?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).map_err(at)?;
-    let v: Value = serde_json::from_str(&line).map_err(|e| format!("node agent at {}: bad answer: {e}", path.display()))?;
+    let v: Value =
+        serde_json::from_str(&line).map_err(|e| format!("node agent at {}: bad answer: {e}", path.display()))?;
     if v.get("ok") != Some(&Value::Bool(true)) {
         return Err(format!(
             "node agent refused the pod: {}",

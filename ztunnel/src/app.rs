@@ -124,7 +124,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     ));
     let pod_changes = xds_client.changes();
     let overlay_cfg = if cfg.overlay {
-        let node_ip = cfg.node_ip.parse().with_context(|| format!("--node-ip {:?} is not an IPv4 address (the overlay is IPv4 only)", cfg.node_ip))?;
+        let node_ip = cfg.node_ip.parse().with_context(|| {
+            format!("--node-ip {:?} is not an IPv4 address (the overlay is IPv4 only)", cfg.node_ip)
+        })?;
         Some((overlay::Config { node_name: cfg.node_name.clone(), node_ip }, state.clone(), xds_client.changes()))
     } else {
         None

@@ -5,6 +5,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use trellis_config::duration::parse_duration;
 use ztunnel::app::{self, Config};
+use ztunnel::capture::{ebpf, Capture};
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 enum Overlay {
@@ -16,6 +17,8 @@ enum Overlay {
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 enum CaptureMode {
+    /// tc eBPF programs on each pod's interface (TCX links pinned under --bpf-pin-dir).
+    Ebpf,
     /// nftables `redirect` rules in each pod's namespace.
     Nftables,
 }
@@ -79,8 +82,14 @@ struct Args {
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
     /// How enrolled pods' traffic is steered to ztunnel.
-    #[arg(long, value_enum, default_value = "nftables")]
+    #[arg(long, value_enum, default_value = "ebpf")]
     capture: CaptureMode,
+    /// If the eBPF programs cannot be loaded (an older kernel), use nftables instead of failing.
+    #[arg(long)]
+    capture_fallback_nftables: bool,
+    /// bpffs directory for the capture's pinned maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/trellis")]
+    bpf_pin_dir: PathBuf,
     /// The pod registry survives restarts here (mode 0600); default: next to the agent socket
     /// (`ztunnel.sock` → `ztunnel.pods.json`). Empty for memory only.
     #[arg(long)]
@@ -129,6 +138,20 @@ fn main() -> anyhow::Result<()> {
             args.node_ip
         );
     }
+    let capture = match args.capture {
+        CaptureMode::Nftables => Capture::Nftables { mark: args.mark },
+        CaptureMode::Ebpf => match ebpf::Programs::load(&args.bpf_pin_dir, args.mark) {
+            Ok(p) => Capture::Ebpf(p),
+            Err(e) if args.capture_fallback_nftables => {
+                tracing::warn!(error = %e, "eBPF capture unavailable; falling back to nftables as configured");
+                Capture::Nftables { mark: args.mark }
+            }
+            Err(e) => anyhow::bail!(
+                "--capture ebpf: {e}. Use a kernel with BPF and TCX (6.6+), or pass --capture nftables \
+                 (or --capture-fallback-nftables)"
+            ),
+        },
+    };
     app::run(Config {
         node_name: args.node_name,
         node_ip: args.node_ip,
@@ -150,9 +173,7 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
         max_connections: args.max_connections,
         overlay,
-        capture: match args.capture {
-            CaptureMode::Nftables => ztunnel::capture::Capture::Nftables { mark: args.mark },
-        },
+        capture,
         registry_file: match args.registry_file {
             Some(p) if p.as_os_str().is_empty() => None,
             Some(p) => Some(p),

@@ -114,7 +114,10 @@ impl Pods {
     ) -> Pods {
         let registered = registry_file.as_deref().map(load).unwrap_or_default();
         if !registered.is_empty() {
-            tracing::info!(pods = registered.len(), "pods registered before restart; re-enrolling after the first snapshot");
+            tracing::info!(
+                pods = registered.len(),
+                "pods registered before restart; re-enrolling after the first snapshot"
+            );
         }
         Pods {
             proxy,
@@ -293,7 +296,12 @@ impl Pods {
         let _guard = InProgress(&self.in_progress);
         let cert = self.certs.get(id).await.map_err(|e| format!("certificate: {e}"))?;
         let path = r.netns.clone();
-        let ns = Arc::new(tokio::task::spawn_blocking(move || Netns::open(&path)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?);
+        let ns = Arc::new(
+            tokio::task::spawn_blocking(move || Netns::open(&path))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?,
+        );
         let pod = self.proxy.pod(uid.to_string(), ns.clone(), &cert)?;
         let proxy = self.proxy.clone();
         let tasks = self

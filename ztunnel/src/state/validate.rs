@@ -141,8 +141,9 @@ pub fn node(name: &str, bytes: &[u8]) -> Result<Node, String> {
     if n.name != name {
         return Err(format!("{name}: node is named {:?}", n.name));
     }
-    let underlay_ip = ipv4(&n.underlay_ip)
-        .ok_or_else(|| format!("{name}: underlay_ip of {} bytes is not IPv4 (the overlay is IPv4 only)", n.underlay_ip.len()))?;
+    let underlay_ip = ipv4(&n.underlay_ip).ok_or_else(|| {
+        format!("{name}: underlay_ip of {} bytes is not IPv4 (the overlay is IPv4 only)", n.underlay_ip.len())
+    })?;
     let mut pod_cidrs = Vec::new();
     for (i, c) in n.pod_cidrs.iter().enumerate() {
         match ipv4(&c.address) {

@@ -91,6 +91,9 @@ pub struct Lab {
     veths: AtomicUsize,
 }
 
+/// A bpffs shared by the tests' ztunnels (each under its own directory).
+pub const BPFFS: &str = "/run/trellis-test-bpf";
+
 impl Drop for Lab {
     fn drop(&mut self) {
         for (_, mut c) in self.procs.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
@@ -99,6 +102,9 @@ impl Drop for Lab {
         }
         for ns in self.namespaces.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..).rev() {
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        for i in 1..=self.nodes {
+            let _ = std::fs::remove_dir_all(Path::new(BPFFS).join(format!("{}n{i}", self.prefix)));
         }
     }
 }
@@ -285,6 +291,17 @@ impl Lab {
         });
     }
 
+    /// Node `i`'s pins, on a bpffs mounted in the host's mount namespace: `ip netns exec` gives each
+    /// process a fresh /sys, so /sys/fs/bpf would not outlive a ztunnel restart.
+    pub fn bpf_pin_dir(&self, i: usize) -> PathBuf {
+        let root = Path::new(BPFFS);
+        if !Command::new("mountpoint").arg("-q").arg(root).status().is_ok_and(|s| s.success()) {
+            std::fs::create_dir_all(root).unwrap();
+            sh(&format!("mountpoint -q {BPFFS} || mount -t bpf bpf {BPFFS}"));
+        }
+        root.join(format!("{}n{i}", self.prefix))
+    }
+
     /// Starts node `i`'s ztunnel without waiting for it.
     pub fn spawn_ztunnel(&self, i: usize, token: &Path, extra: &[&str]) {
         let root = self.state_dir().join("ca/root-cert.pem");
@@ -304,6 +321,8 @@ impl Lab {
             sock.display().to_string(),
             "--worker-threads".into(),
             "1".into(),
+            "--bpf-pin-dir".into(),
+            self.bpf_pin_dir(i).display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

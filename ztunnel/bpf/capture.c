@@ -1,0 +1,163 @@
+// SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
+//
+// Trellis in-pod capture: two tc programs on an enrolled pod's interface, inside the pod's
+// network namespace, where ztunnel's listeners for that pod live.
+//
+// egress:  a TCP SYN the pod sends (and every later packet of a flow ztunnel is proxying) is
+//          turned around to the same interface's ingress, marked STEER_MARK. ztunnel's own
+//          packets carry PROXY_MARK and leave untouched, as do flows that predate enrollment.
+// ingress: a steered SYN is assigned to the 15001 listener with bpf_sk_assign; the destination
+//          stays intact, so the accepted socket's local address is the original destination.
+//          A SYN from outside goes to the 15006 listener, except HBONE on 15008, which reaches
+//          its listener directly. Steered packets of established flows go to their socket.
+//          STEER_MARK selects a policy route `local 0.0.0.0/0 dev lo`, so the stack delivers
+//          packets for foreign addresses locally, as TPROXY does.
+//
+// With no listener (ztunnel is not running) a captured SYN is dropped: fail closed.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+// Set by the loader.
+volatile const __u32 PROXY_MARK = 0x539;
+volatile const __u32 STEER_MARK = 0x53a;
+
+#define OUTBOUND_PORT 15001
+#define INBOUND_PLAINTEXT_PORT 15006
+#define HBONE_PORT 15008
+
+enum stat {
+    STAT_OUTBOUND = 0,   // outbound connections steered to 15001
+    STAT_INBOUND = 1,    // inbound plaintext connections steered to 15006
+    STAT_NO_LISTENER = 2,// SYNs dropped because ztunnel was not listening
+    STAT_MAX = 4,
+};
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, STAT_MAX);
+    __type(key, __u32);
+    __type(value, __u64);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} trellis_stats SEC(".maps");
+
+static __always_inline void count(__u32 which)
+{
+    __u64 *v = bpf_map_lookup_elem(&trellis_stats, &which);
+    if (v)
+        *v += 1;
+}
+
+struct flow {
+    struct bpf_sock_tuple tuple;
+    int syn; // a connection's first packet: SYN without ACK
+};
+
+// Parses Ethernet + IPv4 + TCP. Returns 0 for a TCP/IPv4 packet.
+static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
+{
+    if (skb->protocol != bpf_htons(ETH_P_IP))
+        return -1;
+    // Headers of a GSO packet may not all be in the linear area.
+    if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + 60 + sizeof(struct tcphdr)) < 0 &&
+        bpf_skb_pull_data(skb, sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct tcphdr)) < 0)
+        return -1;
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    struct iphdr *ip = data + sizeof(struct ethhdr);
+    if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl < 5)
+        return -1;
+    struct tcphdr *tcp = (void *)ip + ip->ihl * 4;
+    if ((void *)(tcp + 1) > end)
+        return -1;
+    f->tuple.ipv4.saddr = ip->saddr;
+    f->tuple.ipv4.daddr = ip->daddr;
+    f->tuple.ipv4.sport = tcp->source;
+    f->tuple.ipv4.dport = tcp->dest;
+    f->syn = tcp->syn && !tcp->ack;
+    return 0;
+}
+
+// A socket of a connection (not a listener) matching the packet, or NULL. Caller releases.
+static __always_inline struct bpf_sock *connection(struct __sk_buff *skb, struct bpf_sock_tuple *t)
+{
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, t, sizeof(t->ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (sk && sk->state == BPF_TCP_LISTEN) {
+        bpf_sk_release(sk);
+        return NULL;
+    }
+    return sk;
+}
+
+// Assigns the packet to ztunnel's listener on `port` in this namespace, or drops it.
+static __always_inline int to_listener(struct __sk_buff *skb, __be32 local, __u16 port, __u32 stat)
+{
+    struct bpf_sock_tuple t = {};
+    t.ipv4.daddr = local;
+    t.ipv4.dport = bpf_htons(port);
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!sk) {
+        count(STAT_NO_LISTENER);
+        return TC_ACT_SHOT;
+    }
+    long err = sk->state == BPF_TCP_LISTEN ? bpf_sk_assign(skb, sk, 0) : -1;
+    bpf_sk_release(sk);
+    if (err) {
+        count(STAT_NO_LISTENER);
+        return TC_ACT_SHOT;
+    }
+    count(stat);
+    return TC_ACT_OK;
+}
+
+SEC("classifier")
+int trellis_egress(struct __sk_buff *skb)
+{
+    struct flow f = {};
+    if (skb->mark == PROXY_MARK || parse(skb, &f))
+        return TC_ACT_OK;
+    if (!f.syn) {
+        // Only flows ztunnel proxies: its 15001 socket has exactly this tuple, seen from its side.
+        struct bpf_sock *sk = connection(skb, &f.tuple);
+        if (!sk)
+            return TC_ACT_OK;
+        bpf_sk_release(sk);
+    }
+    // Turn the packet around: addressed to our own MAC, it is received as PACKET_HOST.
+    __u8 mac[ETH_ALEN];
+    if (bpf_skb_load_bytes(skb, ETH_ALEN, mac, ETH_ALEN) || bpf_skb_store_bytes(skb, 0, mac, ETH_ALEN, 0))
+        return TC_ACT_SHOT;
+    skb->mark = STEER_MARK;
+    return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+}
+
+SEC("classifier")
+int trellis_ingress(struct __sk_buff *skb)
+{
+    struct flow f = {};
+    if (parse(skb, &f))
+        return TC_ACT_OK;
+    // Marks do not survive a namespace crossing, so only our own egress program sets this one.
+    if (skb->mark == STEER_MARK) {
+        struct bpf_sock *sk = connection(skb, &f.tuple);
+        if (sk) {
+            bpf_sk_assign(skb, sk, 0);
+            bpf_sk_release(sk);
+            return TC_ACT_OK;
+        }
+        if (!f.syn)
+            return TC_ACT_OK; // no socket: delivered locally, the stack answers with a reset
+        return to_listener(skb, f.tuple.ipv4.saddr, OUTBOUND_PORT, STAT_OUTBOUND);
+    }
+    if (!f.syn || f.tuple.ipv4.dport == bpf_htons(HBONE_PORT))
+        return TC_ACT_OK;
+    return to_listener(skb, f.tuple.ipv4.daddr, INBOUND_PLAINTEXT_PORT, STAT_INBOUND);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

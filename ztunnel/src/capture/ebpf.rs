@@ -1,0 +1,236 @@
+//! eBPF capture (`--capture ebpf`, the default): `bpf/capture.c`'s two tc programs on each
+//! enrolled pod's interface, attached with TCX links from inside the pod's namespace.
+//!
+//! Everything persistent lives under the pin directory (`/sys/fs/bpf/trellis`): the statistics
+//! map, and one pinned link per pod and direction (`links/<namespace>_<pod>~{ingress,egress}`).
+//! Pinned links outlive the ztunnel process, so a restarting ztunnel leaves enrolled pods
+//! captured: while nothing listens, their new connections are dropped (fail closed); when it is
+//! back, the same links are pointed at the freshly loaded programs atomically.
+//!
+//! Per pod, besides the links: a policy route (fwmark [`STEER_MARK`] → `local 0.0.0.0/0 dev lo`)
+//! so steered packets for foreign addresses are delivered locally, and `accept_local` on the
+//! interface, because steered packets arrive with the pod's own address as their source.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+
+use crate::netns::Netns;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture.o"));
+
+/// Marks packets the egress program turned around; also the policy routing table's id.
+pub const STEER_MARK: u32 = 0x53a;
+const RULE_PRIORITY: u32 = 100;
+const PROGRAMS: [(&str, TcAttachType, &str); 2] =
+    [("trellis_ingress", TcAttachType::Ingress, "ingress"), ("trellis_egress", TcAttachType::Egress, "egress")];
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+pub struct Programs {
+    bpf: Mutex<Ebpf>,
+    pin_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Programs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Programs").field("pin_dir", &self.pin_dir).finish()
+    }
+}
+
+fn err(what: impl std::fmt::Display) -> impl FnOnce(String) -> io::Error {
+    let what = what.to_string();
+    move |e| io::Error::other(format!("{what}: {e}"))
+}
+
+/// Mounts bpffs at `/sys/fs/bpf` unless something already is.
+fn ensure_bpffs() -> io::Result<()> {
+    let path = c"/sys/fs/bpf";
+    // SAFETY: statfs writes into the zeroed struct we own; the path is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/sys/fs/bpf")?;
+    // SAFETY: plain mount(2) with static, NUL-terminated arguments.
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), path.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(io::Error::other(format!("mounting bpffs at /sys/fs/bpf: {}", io::Error::last_os_error())));
+    }
+    tracing::info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+impl Programs {
+    /// Loads and verifies the programs. Fails with the kernel's reason on an unsupported kernel.
+    pub fn load(pin_dir: &Path, proxy_mark: u32) -> io::Result<Arc<Programs>> {
+        ensure_bpffs()?;
+        std::fs::create_dir_all(pin_dir.join("links"))?;
+        let mut bpf = EbpfLoader::new()
+            .override_global("PROXY_MARK", &proxy_mark, true)
+            .override_global("STEER_MARK", &STEER_MARK, true)
+            .default_map_pin_directory(pin_dir)
+            .load(OBJECT)
+            .map_err(|e| err("loading the eBPF capture object")(e.to_string()))?;
+        for (name, _, _) in PROGRAMS {
+            let p: &mut SchedClassifier = bpf
+                .program_mut(name)
+                .ok_or_else(|| io::Error::other(format!("program {name} missing from the object")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| err(name)(e.to_string()))?;
+            p.load()
+                .map_err(|e| err(format!("loading {name} (kernel with TCX, 6.6 or newer, required)"))(e.to_string()))?;
+        }
+        tracing::info!(pin_dir = %pin_dir.display(), "eBPF capture programs loaded");
+        Ok(Arc::new(Programs { bpf: Mutex::new(bpf), pin_dir: pin_dir.to_path_buf() }))
+    }
+
+    /// bpffs rejects '.' in names (it marks its own special files); Kubernetes names never
+    /// contain '~', so the substitution stays unique.
+    fn pin(&self, key: &str, dir: &str) -> PathBuf {
+        self.pin_dir.join("links").join(format!("{}~{dir}", key.replace('.', "~")))
+    }
+
+    /// Attaches both programs to the pod's interface, or re-points existing pinned links at the
+    /// programs of this process. Runs on the namespace's thread; returns new links to pin.
+    fn attach_here(&self, key: &str) -> io::Result<Vec<(FdLink, PathBuf)>> {
+        let iface = default_route_interface()?;
+        std::fs::write(format!("/proc/sys/net/ipv4/conf/{iface}/accept_local"), "1")?;
+        std::fs::write(format!("/proc/sys/net/ipv4/conf/{iface}/rp_filter"), "0")?;
+        policy_route()?;
+        let mut bpf = self.bpf.lock().unwrap_or_else(|e| e.into_inner());
+        let mut to_pin = Vec::new();
+        for (name, attach, dir) in PROGRAMS {
+            let prog: &mut SchedClassifier = bpf
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .ok_or_else(|| io::Error::other(format!("program {name} not loaded")))?;
+            let pin = self.pin(key, dir);
+            let existing = match PinnedLink::from_pin(&pin) {
+                Ok(l) => SchedClassifierLink::try_from(FdLink::from(l)).ok(),
+                Err(_) => None,
+            };
+            let replaced = existing.is_some();
+            let id = match existing {
+                Some(link) => prog
+                    .attach_to_link(link)
+                    .map_err(|e| err(format!("re-attaching {name} on {iface}"))(e.to_string()))?,
+                None => prog
+                    .attach_with_options(&iface, attach, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                    .map_err(|e| err(format!("attaching {name} to {iface}"))(e.to_string()))?,
+            };
+            // Keep only the pin as a reference, so the link outlives this process.
+            let link = prog.take_link(id).map_err(|e| err(name)(e.to_string()))?;
+            if !replaced {
+                to_pin.push((FdLink::try_from(link).map_err(|e| err(name)(e.to_string()))?, pin));
+            }
+        }
+        Ok(to_pin)
+    }
+
+    pub fn install(self: &Arc<Self>, ns: &Netns, key: &str) -> io::Result<()> {
+        let (me, k) = (self.clone(), key.to_string());
+        for (link, pin) in ns.run_blocking(move || me.attach_here(&k))? {
+            let _ = std::fs::remove_file(&pin); // a stale pin that no longer names a TCX link
+            let pinned = link.pin(&pin).map_err(|e| err(format!("pinning {}", pin.display()))(format!("{e:?}")))?;
+            drop(pinned);
+        }
+        Ok(())
+    }
+
+    /// Detaches by unpinning: the last reference goes, and so does the link. Works whether or
+    /// not the pod's namespace still exists.
+    pub fn remove(&self, ns: Option<&Netns>, key: &str) -> io::Result<()> {
+        for (_, _, dir) in PROGRAMS {
+            let pin = self.pin(key, dir);
+            match PinnedLink::from_pin(&pin) {
+                Ok(link) => drop(link.unpin()?),
+                Err(_) if !pin.exists() => {}
+                Err(_) => std::fs::remove_file(&pin)?,
+            }
+        }
+        if let Some(ns) = ns {
+            // The route and rule only matter to steered packets, which no longer exist; remove
+            // them anyway so an unenrolled pod's namespace is as we found it.
+            let _ = ns.run_blocking(remove_policy_route);
+        }
+        Ok(())
+    }
+}
+
+/// The interface of the namespace's default route (the pod's `CNI_IFNAME`).
+fn default_route_interface() -> io::Result<String> {
+    // thread-self: this thread is in the pod's namespace; the process is not.
+    let table = std::fs::read_to_string("/proc/thread-self/net/route")?;
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?, f.next()?))
+        })
+        .find(|(_, dst)| *dst == "00000000")
+        .map(|(iface, _)| iface.to_string())
+        .ok_or_else(|| io::Error::other("the pod has no default route, so no interface to capture on"))
+}
+
+fn netlink<T>(f: impl AsyncFnOnce(rtnetlink::Handle) -> Result<T, rtnetlink::Error>) -> io::Result<T> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+    rt.block_on(async move {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        f(handle).await.map_err(|e| io::Error::other(format!("netlink: {e}")))
+    })
+}
+
+fn exists(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EEXIST)
+}
+
+fn policy_route() -> io::Result<()> {
+    netlink(async |h| {
+        let rule = h.rule().add().v4().fw_mark(STEER_MARK).table_id(STEER_MARK).priority(RULE_PRIORITY);
+        match rule.action(rtnetlink::packet_route::rule::RuleAction::ToTable).execute().await {
+            Err(e) if !exists(&e) => return Err(e),
+            _ => {}
+        }
+        let lo = 1; // loopback is always ifindex 1 in a namespace
+        let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .output_interface(lo)
+            .table_id(STEER_MARK)
+            .kind(rtnetlink::packet_route::route::RouteType::Local)
+            .scope(rtnetlink::packet_route::route::RouteScope::Host)
+            .build();
+        match h.route().add(route).execute().await {
+            Err(e) if !exists(&e) => Err(e),
+            _ => Ok(()),
+        }
+    })
+}
+
+fn remove_policy_route() -> io::Result<()> {
+    netlink(async |h| {
+        let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .output_interface(1)
+            .table_id(STEER_MARK)
+            .kind(rtnetlink::packet_route::route::RouteType::Local)
+            .scope(rtnetlink::packet_route::route::RouteScope::Host)
+            .build();
+        let _ = h.route().del(route).execute().await;
+        let mut rule = rtnetlink::packet_route::rule::RuleMessage::default();
+        rule.header.family = rtnetlink::packet_route::AddressFamily::Inet;
+        rule.header.table = 0;
+        rule.attributes.push(rtnetlink::packet_route::rule::RuleAttribute::FwMark(STEER_MARK));
+        rule.attributes.push(rtnetlink::packet_route::rule::RuleAttribute::Table(STEER_MARK));
+        rule.attributes.push(rtnetlink::packet_route::rule::RuleAttribute::Priority(RULE_PRIORITY));
+        let _ = h.rule().del(rule).execute().await;
+        Ok(())
+    })
+}
