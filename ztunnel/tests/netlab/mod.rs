@@ -35,11 +35,11 @@ fn ensure_binaries() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let profile = if target_dir().ends_with("release") { vec!["--release"] } else { vec![] };
         let st = Command::new(cargo)
-            .args(["build", "-q", "-p", "istiod-lite", "-p", "meshctl"])
+            .args(["build", "-q", "-p", "istiod-lite", "-p", "meshctl", "-p", "trellis-cni"])
             .args(profile)
             .status()
             .expect("running cargo build");
-        assert!(st.success(), "building istiod-lite and meshctl failed");
+        assert!(st.success(), "building istiod-lite, meshctl and trellis-cni failed");
     });
 }
 
@@ -101,7 +101,7 @@ impl Drop for Lab {
             let _ = c.wait();
         }
         for ns in self.namespaces.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..).rev() {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+            let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
         }
         for i in 1..=self.nodes {
             let _ = std::fs::remove_dir_all(Path::new(BPFFS).join(format!("{}n{i}", self.prefix)));
@@ -112,6 +112,16 @@ impl Drop for Lab {
 impl Lab {
     /// The underlay and `nodes` nodes, routed to each other's pod CIDRs.
     pub fn new(nodes: usize) -> Lab {
+        Lab::build(nodes, true)
+    }
+
+    /// The underlay and `nodes` bare nodes: no pod bridge and no pod routes. `trellis-cni` and
+    /// the overlay build those.
+    pub fn bare(nodes: usize) -> Lab {
+        Lab::build(nodes, false)
+    }
+
+    fn build(nodes: usize, static_pod_network: bool) -> Lab {
         let prefix = format!("tr{}x{}", std::process::id() % 100000, COUNTER.fetch_add(1, Ordering::Relaxed));
         let lab = Lab {
             prefix,
@@ -131,10 +141,15 @@ impl Lab {
             lab.add_netns(&n);
             sh(&format!(
                 "ip -n {u} link add n{i} type veth peer name eth0 netns {n} && ip -n {u} link set n{i} master br0 up && \
-                 ip -n {n} link set lo up && ip -n {n} addr add 172.30.0.{}/24 dev eth0 && ip -n {n} link set eth0 up && \
-                 ip -n {n} link add cni0 type bridge && ip -n {n} addr add 10.244.{i}.1/24 dev cni0 && ip -n {n} link set cni0 up && \
+                 ip -n {n} link set lo up && ip -n {n} addr add 172.30.0.{}/24 dev eth0 && ip -n {n} link set eth0 up",
+                10 + i
+            ));
+            if !static_pod_network {
+                continue;
+            }
+            sh(&format!(
+                "ip -n {n} link add cni0 type bridge && ip -n {n} addr add 10.244.{i}.1/24 dev cni0 && ip -n {n} link set cni0 up && \
                  ip netns exec {n} sysctl -qw net.ipv4.ip_forward=1 && ip -n {u} route add 10.244.{i}.0/24 via 172.30.0.{}",
-                10 + i,
                 10 + i
             ));
             for j in (1..=nodes).filter(|j| *j != i) {
@@ -394,5 +409,144 @@ impl Lab {
     /// A GET against a ztunnel's admin, metrics or readiness port, from its node.
     pub fn ztunnel_get(&self, node: usize, port: u16, path: &str) -> String {
         self.exec_ok(&self.node(node), &format!("curl -sf http://127.0.0.1:{port}{path}"))
+    }
+
+    /// Node objects for every node: InternalIP on the underlay, pod CIDR 10.244.i.0/24.
+    pub fn apply_nodes(&self) {
+        for i in 1..=self.nodes {
+            self.apply(&format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: node{i}}}\nspec: {{podCIDR: 10.244.{i}.0/24}}\n\
+                 status: {{addresses: [{{type: InternalIP, address: 172.30.0.{}}}]}}\n",
+                10 + i
+            ));
+        }
+    }
+
+    /// Node `i`'s CNI network config (a conflist), registering pods with its ztunnel.
+    pub fn cni_conf(&self, i: usize, chained: &[serde_json::Value]) -> serde_json::Value {
+        let mut plugins = vec![serde_json::json!({
+            "type": "trellis-cni",
+            "podCIDR": format!("10.244.{i}.0/24"),
+            "dataDir": self.dir.path().join(format!("cni{i}")).display().to_string(),
+            "mtu": 1450,
+            "agentSocket": self.agent_socket(i).display().to_string(),
+        })];
+        plugins.extend(chained.iter().cloned());
+        // Debian's plugins speak CNI 1.0.0 at most; trellis-cni accepts it.
+        serde_json::json!({"cniVersion": "1.0.0", "name": "trellis", "plugins": plugins})
+    }
+
+    /// Invokes one plugin exactly as a container runtime does: `CNI_*` variables, config on stdin,
+    /// run in the node's namespace. Returns (success, parsed stdout).
+    pub fn cni_plugin(
+        &self,
+        node: usize,
+        plugin: &str,
+        command: &str,
+        container: &str,
+        netns: &str,
+        pod: (&str, &str),
+        conf: &serde_json::Value,
+    ) -> (bool, serde_json::Value) {
+        let path = if plugin == "trellis-cni" { bin("trellis-cni") } else { Path::new("/usr/lib/cni").join(plugin) };
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.node(node)])
+            .arg(path)
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_ARGS", format!("K8S_POD_NAMESPACE={};K8S_POD_NAME={}", pod.0, pod.1))
+            .env("CNI_PATH", "/usr/lib/cni")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cni plugin");
+        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let v = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&out.stderr).into()));
+        (out.status.success(), v)
+    }
+
+    /// Runs a conflist's plugins in order for ADD (each gets the previous result), or in reverse
+    /// for DEL, as libcni does. Returns the final result.
+    pub fn cni_list(
+        &self,
+        node: usize,
+        command: &str,
+        container: &str,
+        netns: &str,
+        pod: (&str, &str),
+        list: &serde_json::Value,
+        runtime: &serde_json::Value,
+    ) -> Result<serde_json::Value, serde_json::Value> {
+        let mut plugins: Vec<serde_json::Value> = list["plugins"].as_array().cloned().unwrap_or_default();
+        if command == "DEL" {
+            plugins.reverse();
+        }
+        let mut prev = serde_json::Value::Null;
+        for p in plugins {
+            let mut conf = p.clone();
+            conf["cniVersion"] = list["cniVersion"].clone();
+            conf["name"] = list["name"].clone();
+            conf["runtimeConfig"] = runtime.clone();
+            if !prev.is_null() {
+                conf["prevResult"] = prev.clone();
+            }
+            let plugin = p["type"].as_str().unwrap().to_string();
+            let (ok, out) = self.cni_plugin(node, &plugin, command, container, netns, pod, &conf);
+            if !ok {
+                return Err(out);
+            }
+            if command == "ADD" {
+                prev = out;
+            }
+        }
+        Ok(prev)
+    }
+
+    /// A pod as a kubelet makes one: a netns, CNI ADD through `list`, then the Pod object with the
+    /// IP the plugin allocated.
+    pub fn cni_pod(
+        &self,
+        node: usize,
+        namespace: &str,
+        name: &str,
+        sa: &str,
+        labels: &str,
+        list: &serde_json::Value,
+        runtime: &serde_json::Value,
+    ) -> Pod {
+        let netns = format!("{}p{}", self.prefix, self.veths.fetch_add(1, Ordering::Relaxed));
+        self.add_netns(&netns);
+        sh(&format!("ip -n {netns} link set lo up"));
+        let path = format!("/var/run/netns/{netns}");
+        let result = self
+            .cni_list(node, "ADD", &netns, &path, (namespace, name), list, runtime)
+            .unwrap_or_else(|e| panic!("CNI ADD for {namespace}/{name}: {e}"));
+        let cidr = result["ips"][0]["address"].as_str().expect("an address in the CNI result");
+        let ip = cidr.split('/').next().unwrap().to_string();
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\n\
+             spec: {{nodeName: node{node}, serviceAccountName: {sa}}}\nstatus: {{podIP: {ip}, phase: Running}}\n"
+        ));
+        Pod { netns, namespace: namespace.into(), name: name.into(), ip, node }
+    }
+
+    /// The node agent's view of a pod: `(enrolled, reason)`.
+    pub fn enrollment(&self, pod: &Pod) -> (bool, String) {
+        let r = self.agent(pod.node, &serde_json::json!({"op": "list"}));
+        let uid = format!("Kubernetes//v1/Pod/{}/{}", pod.namespace, pod.name);
+        let p =
+            r["pods"].as_array().into_iter().flatten().find(|p| p["uid"] == uid.as_str()).cloned().unwrap_or_default();
+        (p["enrolled"] == true, p["reason"].as_str().unwrap_or("not registered").to_string())
+    }
+
+    pub fn wait_enrolled(&self, pod: &Pod, enrolled: bool) {
+        wait_for(&format!("{}/{} enrolled={enrolled}", pod.namespace, pod.name), Duration::from_secs(20), || {
+            (self.enrollment(pod).0 == enrolled).then_some(())
+        });
     }
 }
