@@ -4,25 +4,33 @@ CARGO ?= cargo
 
 .PHONY: deps deps-net build test demo bench-xds bench-l4 clean
 
-# System prerequisites. The Rust toolchain is the machine's; protos compile with protox (pure
-# Rust), so no protoc is needed.
-deps:
+# System prerequisites, as `path:debian-package`: a bare name is a command looked up in PATH.
+# The Rust toolchain is the machine's; protos compile with protox (pure Rust), so no protoc is
+# needed; ztunnel's eBPF programs are C, compiled by clang against libbpf's headers.
+DEPS := curl:curl cc:gcc python3:python3 clang:clang /usr/include/bpf/bpf_helpers.h:libbpf-dev
+# Networking tools for the end-to-end tests and bench-l4 (network namespaces need root), and
+# Debian's CNI plugins, chained after trellis-cni in the tests.
+DEPS_NET := nft:nftables tcpdump:tcpdump iperf3:iperf3 wrk:wrk ip:iproute2 iptables:iptables \
+	/usr/lib/cni/portmap:containernetworking-plugins
+
+define install_missing
 	@command -v $(CARGO) >/dev/null || { echo "cargo is required (Rust 1.88+): https://rustup.rs"; exit 1; }
 	@missing=""; \
-	for p in curl:curl cc:gcc python3:python3; do command -v $${p%%:*} >/dev/null || missing="$$missing $${p##*:}"; done; \
+	for p in $(1); do f=$${p%%:*}; \
+		if [[ $$f == /* ]]; then [ -e $$f ] || missing="$$missing $${p##*:}"; \
+		else command -v $$f >/dev/null || missing="$$missing $${p##*:}"; fi; \
+	done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" != 0 ]; then echo "missing:$$missing; install them (apt-get install$$missing) or run as root"; exit 1; fi; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+endef
 
-# Networking tools for the end-to-end tests and bench-l4 (network namespaces need root).
+deps:
+	$(call install_missing,$(DEPS))
+
 deps-net: deps
-	@missing=""; \
-	for p in nft:nftables tcpdump:tcpdump iperf3:iperf3 wrk:wrk ip:iproute2; do command -v $${p%%:*} >/dev/null || missing="$$missing $${p##*:}"; done; \
-	if [ -n "$$missing" ]; then \
-		if [ "$$(id -u)" != 0 ]; then echo "missing:$$missing; install them (apt-get install$$missing) or run as root"; exit 1; fi; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	fi
+	$(call install_missing,$(DEPS_NET))
 
 build: deps
 	$(CARGO) build --workspace

@@ -2,7 +2,9 @@
 # make bench-l4: raw TCP over a veth/bridge/underlay path versus the same path through two
 # Trellis ztunnels (client pod -> ztunnel node1 -> HBONE -> ztunnel node2 -> server pod), measured
 # side by side in one run. Prints ratios; the last line is
-#   throughput_ratio=<x> rps_ratio=<x> p99_us=<n> rss_idle_mb=<n>
+#   throughput_ratio=<x> rps_ratio=<x> p99_us=<n> rss_idle_mb=<n> ebpf_vs_nftables_rps=<x>
+# The main figures use eBPF capture (ztunnel's default); the same ztunnels are then restarted with
+# --capture nftables for one more wrk run, to compare the two capture modes.
 set -euo pipefail
 
 BIN=${BIN:-target/release}
@@ -17,6 +19,7 @@ cleanup() {
   sleep 0.3
   for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
   for ns in $(ip netns list | awk '{print $1}' | grep "^$P" || true); do ip netns del "$ns"; done
+  umount "$WORK/bpf" 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -79,15 +82,6 @@ metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
 {apiVersion: v1, kind: Pod, metadata: {name: server, namespace: mesh}, spec: {nodeName: node2, serviceAccountName: server}, status: {podIP: 10.244.2.20, phase: Running}}
 YAML
 
-ztpids=()
-for i in 1 2; do
-  mctl create token node node$i > "$WORK/token$i"
-  bg ${P}n$i ztunnel$i "$BIN/ztunnel" --node-name node$i --node-ip 172.30.0.1$i \
-    --xds-address https://172.30.0.1:15012 --root-cert "$WORK/istiod/ca/root-cert.pem" \
-    --token-file "$WORK/token$i" --agent-socket "$WORK/agent$i.sock" --worker-threads "${ZTUNNEL_THREADS:-1}"
-  ztpids+=($!)
-  wait_ok "ztunnel$i" ip netns exec ${P}n$i curl -sf http://127.0.0.1:15021/healthz/ready
-done
 enroll() { # enroll NODE POD NETNS
   python3 - "$WORK/agent$1.sock" "$2" "/var/run/netns/$3" <<'PY'
 import json, socket, sys
@@ -97,8 +91,29 @@ r = json.loads(s.makefile().readline())
 sys.exit(0 if r.get("ok") else "enroll failed: %s" % r)
 PY
 }
-enroll 1 client ${P}meshc
-enroll 2 server ${P}meshs
+# Pins live on a bpffs in the host's mount namespace (`ip netns exec` hides /sys/fs/bpf).
+mkdir -p "$WORK/bpf"; mount -t bpf bpf "$WORK/bpf"
+for i in 1 2; do mctl create token node node$i > "$WORK/token$i"; done
+ztpids=()
+start_ztunnels() { # start_ztunnels CAPTURE
+  ztpids=()
+  for i in 1 2; do
+    bg ${P}n$i ztunnel$i-$1 "$BIN/ztunnel" --node-name node$i --node-ip 172.30.0.1$i --overlay none \
+      --xds-address https://172.30.0.1:15012 --root-cert "$WORK/istiod/ca/root-cert.pem" \
+      --token-file "$WORK/token$i" --agent-socket "$WORK/agent$i.sock" --worker-threads "${ZTUNNEL_THREADS:-1}" \
+      --capture "$1" --bpf-pin-dir "$WORK/bpf/n$i"
+    ztpids+=($!)
+    wait_ok "ztunnel$i" ip netns exec ${P}n$i curl -sf http://127.0.0.1:15021/healthz/ready
+  done
+  enroll 1 client ${P}meshc
+  enroll 2 server ${P}meshs
+}
+stop_ztunnels() { # and release the eBPF capture they pinned
+  for pid in "${ztpids[@]}"; do kill "$pid"; done
+  for pid in "${ztpids[@]}"; do while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done; done
+  rm -f "$WORK"/bpf/n*/links/*
+}
+start_ztunnels ebpf
 
 rss_mb() { # total RSS of both ztunnels, in MB (max of the two is what a node pays)
   local m=0
@@ -151,7 +166,16 @@ echo "raw      ${RAW_RPS} req/s  p50 ${RAW_P50}us  p99 ${RAW_P99}us"
 echo "trellis  ${MESH_RPS} req/s  p50 ${MESH_P50}us  p99 ${MESH_P99}us"
 echo "== ztunnel RSS (largest of the two): idle ${RSS_IDLE} MB, under load ${RSS_LOAD} MB"
 
+echo "== capture modes: the same wrk run with --capture nftables"
+stop_ztunnels
+start_ztunnels nftables
+wait_ok "mesh path (nftables)" ip netns exec ${P}meshc curl -sf --max-time 2 http://10.244.2.20:8080/
+wrk_run meshc 10.244.2.20; NFT_RPS=$RPS; NFT_P99=$P99
+echo "ebpf      ${MESH_RPS} req/s  p99 ${MESH_P99}us"
+echo "nftables  ${NFT_RPS} req/s  p99 ${NFT_P99}us"
+CAPTURE_RATIO=$(python3 -c "print('%.2f' % ($MESH_RPS / $NFT_RPS))")
+
 TPUT_RATIO=$(python3 -c "print('%.2f' % ($MESH_GBPS / $RAW_GBPS))")
 RPS_RATIO=$(python3 -c "print('%.2f' % ($MESH_RPS / $RAW_RPS))")
 echo "targets: throughput >= 0.45, rps >= 0.25, p99 <= 600us, idle RSS <= 15 MB"
-echo "throughput_ratio=${TPUT_RATIO} rps_ratio=${RPS_RATIO} p99_us=${MESH_P99} rss_idle_mb=${RSS_IDLE}"
+echo "throughput_ratio=${TPUT_RATIO} rps_ratio=${RPS_RATIO} p99_us=${MESH_P99} rss_idle_mb=${RSS_IDLE} ebpf_vs_nftables_rps=${CAPTURE_RATIO}"

@@ -112,6 +112,8 @@ impl Admin {
             "policies": policies,
             "certificates": certificates,
             "pods": self.pods.list(),
+            "capture": self.pods.capture_mode(),
+            "nodes": self.state.read().unwrap_or_else(|e| e.into_inner()).nodes().cloned().collect::<Vec<_>>(),
             "connections": {
                 "active": self.metrics.active.get(),
                 "pooled_hbone": self.proxy.pooled_connections(),

@@ -141,7 +141,13 @@ fn main() -> anyhow::Result<()> {
     let capture = match args.capture {
         CaptureMode::Nftables => Capture::Nftables { mark: args.mark },
         CaptureMode::Ebpf => match ebpf::Programs::load(&args.bpf_pin_dir, args.mark) {
-            Ok(p) => Capture::Ebpf(p),
+            Ok(p) => {
+                // Loading parsed the kernel's BTF (megabytes, now freed); hand it back to the OS,
+                // which the raised trim threshold would otherwise prevent.
+                // SAFETY: malloc_trim only releases free heap memory.
+                unsafe { libc::malloc_trim(0) };
+                Capture::Ebpf(p)
+            }
             Err(e) if args.capture_fallback_nftables => {
                 tracing::warn!(error = %e, "eBPF capture unavailable; falling back to nftables as configured");
                 Capture::Nftables { mark: args.mark }

@@ -16,9 +16,16 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// POSTs the secret from `from` to `to` while capturing the underlay (VXLAN included); returns
-/// the server's answer and whether the secret was visible on the wire.
-fn post_and_sniff(lab: &Lab, from: &Pod, to: &Pod) -> (String, bool) {
+struct Sniffed {
+    answer: String,
+    /// The payload was visible on the wire.
+    plaintext: bool,
+    /// Packets to or from port 15008 inside the VXLAN encapsulation.
+    hbone: bool,
+}
+
+/// POSTs the secret from `from` to `to` while capturing the underlay (VXLAN included).
+fn post_and_sniff(lab: &Lab, from: &Pod, to: &Pod) -> Sniffed {
     let pcap = lab.dir.path().join(format!(
         "underlay-{}.pcap",
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
@@ -36,9 +43,11 @@ fn post_and_sniff(lab: &Lab, from: &Pod, to: &Pod) -> (String, bool) {
     std::thread::sleep(Duration::from_millis(500));
     lab.stop("tcpdump");
     let seen = contains(&std::fs::read(&pcap).expect("capture"), SECRET.as_bytes());
-    let vxlan = netlab::sh(&format!("tcpdump -nn -r {pcap} 'udp port 4789' 2>/dev/null | wc -l"));
-    assert!(vxlan.trim().parse::<u32>().unwrap() > 0, "pod traffic did not cross the underlay in VXLAN");
-    (String::from_utf8_lossy(&out.stdout).trim().to_string(), seen)
+    // tcpdump decodes VXLAN on 4789 and prints the inner packets.
+    let decoded = netlab::sh(&format!("tcpdump -nn -r {pcap} 'udp port 4789' 2>/dev/null"));
+    assert!(decoded.contains("VXLAN"), "pod traffic did not cross the underlay in VXLAN:\n{decoded}");
+    let hbone = decoded.lines().any(|l| l.contains(&format!("{}.15008", to.ip)));
+    Sniffed { answer: String::from_utf8_lossy(&out.stdout).trim().to_string(), plaintext: seen, hbone }
 }
 
 fn metric_count(lab: &Lab, node: usize, needle: &str) -> usize {
@@ -78,9 +87,9 @@ fn overlay_pods_switch_to_hbone_live_with_namespace_labels() {
     // Unlabelled: registered but not meshed; plaintext over VXLAN.
     let (enrolled, reason) = lab.enrollment(&client);
     assert!(!enrolled && reason.contains("istio.io/dataplane-mode=ambient"), "{reason}");
-    let (answer, seen) = post_and_sniff(&lab, &client, &server);
-    assert_eq!(answer, "server");
-    assert!(seen, "unmeshed traffic should be plaintext on the wire (the positive control)");
+    let w = post_and_sniff(&lab, &client, &server);
+    assert_eq!(w.answer, "server");
+    assert!(w.plaintext && !w.hbone, "unmeshed traffic should be plaintext on the wire (the positive control)");
 
     // Labelling the namespace meshes the running pods: TLS on the wire, mutual_tls in metrics.
     let out = lab.meshctl("label namespace demo istio.io/dataplane-mode=ambient", "");
@@ -89,9 +98,10 @@ fn overlay_pods_switch_to_hbone_live_with_namespace_labels() {
     lab.wait_enrolled(&server, true);
     assert!(!lab.enrollment(&opted_out).0, "the pod label `none` overrides the namespace");
     let before = metric_count(&lab, 2, "connection_security_policy=\"mutual_tls\"");
-    let (answer, seen) = post_and_sniff(&lab, &client, &server);
-    assert_eq!(answer, "server");
-    assert!(!seen, "meshed traffic must not show the payload on the wire");
+    let w = post_and_sniff(&lab, &client, &server);
+    assert_eq!(w.answer, "server");
+    assert!(!w.plaintext, "meshed traffic must not show the payload on the wire");
+    assert!(w.hbone, "meshed traffic must travel as HBONE (TLS to 15008) inside VXLAN");
     wait_for("mutual_tls metric", Duration::from_secs(5), || {
         (metric_count(&lab, 2, "connection_security_policy=\"mutual_tls\"") > before).then_some(())
     });
@@ -102,9 +112,9 @@ fn overlay_pods_switch_to_hbone_live_with_namespace_labels() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     lab.wait_enrolled(&client, false);
     lab.wait_enrolled(&server, false);
-    let (answer, seen) = post_and_sniff(&lab, &client, &server);
-    assert_eq!(answer, "server");
-    assert!(seen, "after unlabelling, traffic is plain again");
+    let w = post_and_sniff(&lab, &client, &server);
+    assert_eq!(w.answer, "server");
+    assert!(w.plaintext && !w.hbone, "after unlabelling, traffic is plain again");
     let pins = std::fs::read_dir(lab.bpf_pin_dir(1).join("links")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(pins, 0, "released pods keep no pinned links");
 
@@ -179,4 +189,49 @@ fn chained_portmap_gc_del_and_ztunnel_restart() {
     let (enrolled, reason) = lab.enrollment(&server);
     assert!(!enrolled && reason == "not registered", "DEL unregisters the pod: {reason}");
     lab.cni_list(1, "DEL", &server.netns, &path, ("demo", "server"), &conf, &ports).expect("DEL is idempotent");
+}
+
+#[test]
+fn ebpf_load_failure_is_clear_and_falls_back_only_when_asked() {
+    let lab = Lab::bare(1);
+    lab.start_istiod();
+    // A pin directory that is not on bpffs makes loading fail, as an unsupported kernel would.
+    let not_bpffs = lab.dir.path().join("not-bpffs");
+    let token = lab.token(1);
+    let run = |extra: &[&str]| {
+        let mut args: Vec<String> = vec![
+            "netns".into(),
+            "exec".into(),
+            lab.node(1),
+            netlab::bin("ztunnel").display().to_string(),
+            "--node-name".into(),
+            "node1".into(),
+            "--node-ip".into(),
+            "172.30.0.11".into(),
+            "--xds-address".into(),
+            format!("https://{}:15012", netlab::ISTIOD_IP),
+            "--root-cert".into(),
+            lab.state_dir().join("ca/root-cert.pem").display().to_string(),
+            "--token-file".into(),
+            token.display().to_string(),
+            "--agent-socket".into(),
+            lab.agent_socket(1).display().to_string(),
+            "--bpf-pin-dir".into(),
+            not_bpffs.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let out = std::process::Command::new("ip").args(run(&[])).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "ztunnel must not start without its capture");
+    assert!(stderr.contains("--capture ebpf") && stderr.contains("--capture nftables"), "{stderr}");
+
+    let args = run(&["--capture-fallback-nftables"]);
+    let args: Vec<&str> = args.iter().skip(4).map(String::as_str).collect();
+    lab.spawn("ztunnel1", &lab.node(1), &netlab::bin("ztunnel"), &args);
+    wait_for("ztunnel ready on nftables", Duration::from_secs(20), || {
+        lab.exec(&lab.node(1), "curl -sf http://127.0.0.1:15021/healthz/ready").status.success().then_some(())
+    });
+    assert!(lab.log("ztunnel1").contains("falling back to nftables"), "{}", lab.log("ztunnel1"));
 }

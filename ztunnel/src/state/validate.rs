@@ -70,6 +70,30 @@ pub fn authorization(name: &str, bytes: &[u8]) -> Result<Authorization, String> 
     Ok(a)
 }
 
+fn ipv4(b: &[u8]) -> Option<std::net::Ipv4Addr> {
+    <[u8; 4]>::try_from(b).ok().map(Into::into)
+}
+
+pub fn node(name: &str, bytes: &[u8]) -> Result<Node, String> {
+    let n = node_pb::Node::decode(bytes).map_err(|e| format!("{name}: not a trellis.node.v1.Node: {e}"))?;
+    if n.name != name {
+        return Err(format!("{name}: node is named {:?}", n.name));
+    }
+    let underlay_ip = ipv4(&n.underlay_ip).ok_or_else(|| {
+        format!("{name}: underlay_ip of {} bytes is not IPv4 (the overlay is IPv4 only)", n.underlay_ip.len())
+    })?;
+    let mut pod_cidrs = Vec::new();
+    for (i, c) in n.pod_cidrs.iter().enumerate() {
+        match ipv4(&c.address) {
+            Some(a) if c.length <= 32 => pod_cidrs.push((a, c.length as u8)),
+            // An IPv6 pod CIDR on a dual-stack node is not routed by this overlay; skip it.
+            None if c.address.len() == 16 && c.length <= 128 => {}
+            _ => return Err(format!("{name}: pod_cidrs[{i}] is not a valid CIDR")),
+        }
+    }
+    Ok(Node { name: name.to_string(), underlay_ip, pod_cidrs })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,28 +154,24 @@ mod tests {
             assert!(err.contains(want), "{name}: {err}");
         }
     }
-}
 
-fn ipv4(b: &[u8]) -> Option<std::net::Ipv4Addr> {
-    <[u8; 4]>::try_from(b).ok().map(Into::into)
-}
-
-pub fn node(name: &str, bytes: &[u8]) -> Result<Node, String> {
-    let n = node_pb::Node::decode(bytes).map_err(|e| format!("{name}: not a trellis.node.v1.Node: {e}"))?;
-    if n.name != name {
-        return Err(format!("{name}: node is named {:?}", n.name));
+    #[test]
+    fn nodes_are_checked() {
+        let enc = |n: node_pb::Node| n.encode_to_vec();
+        let ok = node_pb::Node {
+            name: "n2".into(),
+            underlay_ip: vec![172, 30, 0, 12],
+            pod_cidrs: vec![node_pb::Cidr { address: vec![10, 244, 2, 0], length: 24 }],
+        };
+        let n = node("n2", &enc(ok.clone())).expect("valid");
+        assert_eq!(
+            (n.underlay_ip.octets(), n.pod_cidrs.clone()),
+            ([172, 30, 0, 12], vec![([10, 244, 2, 0].into(), 24)])
+        );
+        assert!(node("n3", &enc(ok.clone())).unwrap_err().contains("named"));
+        let v6 = node_pb::Node { underlay_ip: vec![0; 16], ..ok.clone() };
+        assert!(node("n2", &enc(v6)).unwrap_err().contains("IPv4"));
+        let bad = node_pb::Node { pod_cidrs: vec![node_pb::Cidr { address: vec![10, 244, 2, 0], length: 33 }], ..ok };
+        assert!(node("n2", &enc(bad)).unwrap_err().contains("pod_cidrs[0]"));
     }
-    let underlay_ip = ipv4(&n.underlay_ip).ok_or_else(|| {
-        format!("{name}: underlay_ip of {} bytes is not IPv4 (the overlay is IPv4 only)", n.underlay_ip.len())
-    })?;
-    let mut pod_cidrs = Vec::new();
-    for (i, c) in n.pod_cidrs.iter().enumerate() {
-        match ipv4(&c.address) {
-            Some(a) if c.length <= 32 => pod_cidrs.push((a, c.length as u8)),
-            // An IPv6 pod CIDR on a dual-stack node is not routed by this overlay; skip it.
-            None if c.address.len() == 16 && c.length <= 128 => {}
-            _ => return Err(format!("{name}: pod_cidrs[{i}] is not a valid CIDR")),
-        }
-    }
-    Ok(Node { name: name.to_string(), underlay_ip, pod_cidrs })
 }
