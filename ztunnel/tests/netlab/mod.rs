@@ -438,6 +438,7 @@ impl Lab {
 
     /// Invokes one plugin exactly as a container runtime does: `CNI_*` variables, config on stdin,
     /// run in the node's namespace. Returns (success, parsed stdout).
+    #[allow(clippy::too_many_arguments)] // one argument per CNI_* variable a runtime sets
     pub fn cni_plugin(
         &self,
         node: usize,
@@ -472,6 +473,7 @@ impl Lab {
 
     /// Runs a conflist's plugins in order for ADD (each gets the previous result), or in reverse
     /// for DEL, as libcni does. Returns the final result.
+    #[allow(clippy::too_many_arguments)] // one argument per CNI_* variable a runtime sets
     pub fn cni_list(
         &self,
         node: usize,
@@ -509,6 +511,7 @@ impl Lab {
 
     /// A pod as a kubelet makes one: a netns, CNI ADD through `list`, then the Pod object with the
     /// IP the plugin allocated.
+    #[allow(clippy::too_many_arguments)] // one argument per CNI_* variable a runtime sets
     pub fn cni_pod(
         &self,
         node: usize,
