@@ -41,8 +41,8 @@ pub struct Config {
     pub mark: u32,
     pub worker_threads: usize,
     pub max_connections: usize,
-    /// Program the VXLAN overlay to other nodes (`--overlay vxlan`).
-    pub overlay: bool,
+    /// With `--overlay vxlan`: this node's VTEP (underlay) address.
+    pub overlay: Option<std::net::Ipv4Addr>,
     pub capture: crate::capture::Capture,
     /// Where the pod registry is persisted across restarts (`None`: memory only).
     pub registry_file: Option<PathBuf>,
@@ -123,14 +123,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         synced.clone(),
     ));
     let pod_changes = xds_client.changes();
-    let overlay_cfg = if cfg.overlay {
-        let node_ip = cfg.node_ip.parse().with_context(|| {
-            format!("--node-ip {:?} is not an IPv4 address (the overlay is IPv4 only)", cfg.node_ip)
-        })?;
-        Some((overlay::Config { node_name: cfg.node_name.clone(), node_ip }, state.clone(), xds_client.changes()))
-    } else {
-        None
-    };
+    let overlay = cfg.overlay.map(|node_ip| {
+        let c = overlay::Config { node_name: cfg.node_name.clone(), node_ip };
+        overlay::run(c, state.clone(), xds_client.changes())
+    });
     let admin = Admin {
         node: cfg.node_name.clone(),
         state,
@@ -153,8 +149,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let agent_l = agent::bind(&cfg.agent_socket)
             .with_context(|| format!("binding the agent socket {}", cfg.agent_socket.display()))?;
         tokio::spawn(xds_client.run());
-        if let Some((c, state, changes)) = overlay_cfg {
-            tokio::spawn(overlay::run(c, state, changes));
+        if let Some(overlay) = overlay {
+            tokio::spawn(overlay);
         }
         tokio::spawn(pods.clone().run(pod_changes));
         tokio::spawn(agent::serve(agent_l, pods));

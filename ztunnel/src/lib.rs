@@ -13,6 +13,7 @@ pub mod app;
 pub mod capture;
 pub mod identity;
 pub mod metrics;
+pub mod netlink;
 pub mod netns;
 pub mod overlay;
 pub mod pods;

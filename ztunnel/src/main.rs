@@ -131,13 +131,16 @@ fn main() -> anyhow::Result<()> {
     if !ca_address.starts_with("https://") {
         anyhow::bail!("--ca-address {ca_address:?} must be https:// (the CA is only served over TLS)");
     }
-    let overlay = args.overlay == Overlay::Vxlan;
-    if overlay && args.node_ip.parse::<std::net::Ipv4Addr>().map_or(true, |ip| ip.is_unspecified()) {
-        anyhow::bail!(
-            "--overlay vxlan needs --node-ip set to this node's IPv4 underlay address (got {:?}); or pass --overlay none",
-            args.node_ip
-        );
-    }
+    let overlay = match args.overlay {
+        Overlay::None => None,
+        Overlay::Vxlan => match args.node_ip.parse::<std::net::Ipv4Addr>() {
+            Ok(ip) if !ip.is_unspecified() => Some(ip),
+            _ => anyhow::bail!(
+                "--overlay vxlan needs --node-ip set to this node's IPv4 underlay address (got {:?}); or pass --overlay none",
+                args.node_ip
+            ),
+        },
+    };
     let capture = match args.capture {
         CaptureMode::Nftables => Capture::Nftables { mark: args.mark },
         CaptureMode::Ebpf => match ebpf::Programs::load(&args.bpf_pin_dir, args.mark) {

@@ -19,13 +19,14 @@ use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 use tokio::sync::watch;
 
+use crate::netlink::errno;
 use crate::state::{Node, State};
 
 pub const DEVICE: &str = "trellis.vxlan";
@@ -84,21 +85,15 @@ pub fn desired(nodes: &[Node], me: &str, my_ip: Ipv4Addr) -> Vec<Entry> {
     out
 }
 
-fn code(e: &rtnetlink::Error) -> i32 {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => m.raw_code(),
-        _ => 0,
-    }
+fn mtu(l: &LinkMessage) -> u32 {
+    l.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None }).unwrap_or(1500)
 }
 
 async fn link_index(h: &Handle, name: &str) -> Result<Option<(u32, u32)>, OverlayError> {
     match h.link().get().match_name(name.to_string()).execute().try_next().await {
-        Ok(Some(l)) => {
-            let mtu = l.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None });
-            Ok(Some((l.header.index, mtu.unwrap_or(1500))))
-        }
+        Ok(Some(l)) => Ok(Some((l.header.index, mtu(&l)))),
         Ok(None) => Ok(None),
-        Err(e) if code(&e) == -libc::ENODEV => Ok(None),
+        Err(e) if errno(&e) == -libc::ENODEV => Ok(None),
         Err(e) => Err(nl(format!("looking up {name}"))(e)),
     }
 }
@@ -111,8 +106,7 @@ async fn underlay(h: &Handle, ip: Ipv4Addr) -> Result<(u32, u32), OverlayError> 
         if holds {
             let mut links = h.link().get().match_index(a.header.index).execute();
             if let Some(l) = links.try_next().await.map_err(nl("looking up the underlay link"))? {
-                let mtu = l.attributes.iter().find_map(|x| if let LinkAttribute::Mtu(m) = x { Some(*m) } else { None });
-                return Ok((a.header.index, mtu.unwrap_or(1500)));
+                return Ok((a.header.index, mtu(&l)));
             }
         }
     }
@@ -138,7 +132,7 @@ async fn ensure_device(h: &Handle, cfg: &Config) -> Result<u32, OverlayError> {
         .build();
     match h.link().add(msg).execute().await {
         Ok(()) => {}
-        Err(e) if code(&e) == -libc::EEXIST => {}
+        Err(e) if errno(&e) == -libc::EEXIST => {}
         Err(e) => return Err(nl(format!("creating {DEVICE}"))(e)),
     }
     let (idx, _) = link_index(h, DEVICE).await?.ok_or_else(|| OverlayError::Setup(format!("{DEVICE} vanished")))?;
@@ -219,11 +213,7 @@ pub async fn reconcile(h: &Handle, cfg: &Config, want: &[Entry]) -> Result<(usiz
             continue;
         }
         let mac = neighbour_lladdr(&n).and_then(|m| <[u8; 6]>::try_from(m).ok());
-        let dst = n.attributes.iter().find_map(|a| match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => Some(*d),
-            _ => None,
-        });
-        match (mac, dst) {
+        match (mac, neighbour_dst(&n)) {
             (Some(m), Some(d)) if want_macs.contains(&m) => {
                 have_fdb.insert((m, d));
             }
@@ -235,7 +225,7 @@ pub async fn reconcile(h: &Handle, cfg: &Config, want: &[Entry]) -> Result<(usiz
     for n in stale {
         match h.neighbours().del(n).execute().await {
             Ok(()) => removed += 1,
-            Err(e) if code(&e) == -libc::ENOENT => {}
+            Err(e) if errno(&e) == -libc::ENOENT => {}
             Err(e) => return Err(nl("deleting a stale overlay neighbour")(e)),
         }
     }

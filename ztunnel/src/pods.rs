@@ -53,7 +53,7 @@ impl Drop for Enrolled {
 }
 
 /// A pod the CNI plugin told us about.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 struct Registered {
     namespace: String,
     name: String,
@@ -61,7 +61,13 @@ struct Registered {
     /// Capture may still be installed in its namespace (from this run or a previous one).
     #[serde(default)]
     captured: bool,
+    /// Why the pod is (not) enrolled, from the last reconcile pass; `None` before the first.
+    #[serde(skip)]
+    reason: Option<String>,
 }
+
+/// The reason while an enrollment is under way; `add` waits past it.
+const ENROLLING: &str = "enrolling";
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct PodInfo {
@@ -90,7 +96,6 @@ pub struct Pods {
     registry_file: Option<PathBuf>,
     registered: Mutex<BTreeMap<String, Registered>>,
     enrolled: Mutex<HashMap<String, Enrolled>>,
-    reasons: Mutex<HashMap<String, String>>,
     in_progress: AtomicUsize,
     /// Wakes the reconciler on registry changes; it also wakes on xDS changes.
     kick: Notify,
@@ -129,7 +134,6 @@ impl Pods {
             registry_file,
             registered: Mutex::new(registered),
             enrolled: Mutex::default(),
-            reasons: Mutex::default(),
             in_progress: AtomicUsize::new(0),
             kick: Notify::new(),
             passes: watch::channel(0).0,
@@ -153,12 +157,11 @@ impl Pods {
     pub fn list(&self) -> Vec<PodInfo> {
         let registered = lock(&self.registered).clone();
         let enrolled = lock(&self.enrolled);
-        let reasons = lock(&self.reasons);
         registered
             .into_iter()
             .map(|(uid, r)| PodInfo {
                 enrolled: enrolled.contains_key(&uid),
-                reason: reasons.get(&uid).cloned().unwrap_or_else(|| "waiting for the first reconcile".into()),
+                reason: r.reason.unwrap_or_else(|| "waiting for the first reconcile".into()),
                 netns: r.netns.display().to_string(),
                 uid,
             })
@@ -173,24 +176,25 @@ impl Pods {
             return Err(format!("pod {namespace}/{name}: netns {} does not exist", netns.display()));
         }
         let uid = self.uid(namespace, name);
+        let fresh = Registered {
+            namespace: namespace.into(),
+            name: name.into(),
+            netns: netns.into(),
+            captured: false,
+            reason: None,
+        };
         let replaced = {
             let mut reg = lock(&self.registered);
-            let old = reg.insert(
-                uid.clone(),
-                Registered { namespace: namespace.into(), name: name.into(), netns: netns.into(), captured: false },
-            );
-            match old {
-                Some(o) if o.netns != netns => true,
-                Some(o) => {
-                    // Same pod again (a retried ADD): keep what we know about its capture.
-                    reg.get_mut(&uid).expect("just inserted").captured = o.captured;
-                    false
-                }
-                None => false,
+            match reg.get(&uid) {
+                // Same pod again (a retried ADD): keep what we know.
+                Some(o) if o.netns == netns => None,
+                _ => reg.insert(uid.clone(), fresh),
             }
         };
-        if replaced {
-            lock(&self.enrolled).remove(&uid);
+        if let Some(old) = replaced {
+            // The pod was recreated: its old capture (pinned under the same name) must go, or
+            // the new enrollment would re-point links of an interface that no longer exists.
+            self.unenroll(&uid, &old).await;
         }
         self.persist();
         let mut passes = self.passes.subscribe();
@@ -199,7 +203,9 @@ impl Pods {
         // snapshot): the pod stays registered and is enrolled as soon as it is known.
         let _ = tokio::time::timeout(ADD_WAIT, async {
             let _ = passes.changed().await;
-            while lock(&self.reasons).get(&uid).is_none_or(|r| r.starts_with("enrolling")) {
+            let pending =
+                || lock(&self.registered).get(&uid).is_some_and(|r| r.reason.as_deref().is_none_or(|r| r == ENROLLING));
+            while pending() {
                 if passes.changed().await.is_err() {
                     return;
                 }
@@ -214,7 +220,6 @@ impl Pods {
         let uid = self.uid(namespace, name);
         let Some(r) = lock(&self.registered).remove(&uid) else { return false };
         self.persist();
-        lock(&self.reasons).remove(&uid);
         self.unenroll(&uid, &r).await;
         tracing::info!(pod = uid, "pod unregistered");
         true
@@ -254,7 +259,7 @@ impl Pods {
             match want {
                 Ok(_) if enrolled => self.reason(&uid, "meshed"),
                 Ok(id) => {
-                    self.reason(&uid, "enrolling");
+                    self.reason(&uid, ENROLLING);
                     match self.enroll(&uid, &r, &id).await {
                         Ok(()) => self.reason(&uid, "meshed"),
                         Err(e) => {
@@ -275,7 +280,9 @@ impl Pods {
     }
 
     fn reason(&self, uid: &str, why: &str) {
-        lock(&self.reasons).insert(uid.to_string(), why.to_string());
+        if let Some(r) = lock(&self.registered).get_mut(uid) {
+            r.reason = Some(why.to_string());
+        }
     }
 
     fn set_captured(&self, uid: &str, captured: bool) {

@@ -50,11 +50,13 @@ fn post_and_sniff(lab: &Lab, from: &Pod, to: &Pod) -> Sniffed {
     Sniffed { answer: String::from_utf8_lossy(&out.stdout).trim().to_string(), plaintext: seen, hbone }
 }
 
-fn metric_count(lab: &Lab, node: usize, needle: &str) -> usize {
+/// Connections opened through a ztunnel, summed over the series whose labels contain `needle`.
+fn opened(lab: &Lab, node: usize, needle: &str) -> f64 {
     lab.ztunnel_get(node, 15020, "/metrics")
         .lines()
         .filter(|l| l.starts_with("istio_tcp_connections_opened_total") && l.contains(needle))
-        .count()
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[test]
@@ -74,6 +76,9 @@ fn overlay_pods_switch_to_hbone_live_with_namespace_labels() {
     });
     let fdb = lab.exec_ok(&lab.node(1), "bridge fdb show dev trellis.vxlan");
     assert!(fdb.contains("dst 172.30.0.12"), "{fdb}");
+    let dump: serde_json::Value = serde_json::from_str(&lab.ztunnel_get(1, 15000, "/config_dump")).unwrap();
+    assert_eq!(dump["capture"], "ebpf", "eBPF is the default capture");
+    assert_eq!(dump["nodes"].as_array().map(Vec::len), Some(2), "{}", dump["nodes"]);
 
     let (c1, c2) = (lab.cni_conf(1, &[]), lab.cni_conf(2, &[]));
     let client = lab.cni_pod(1, "demo", "client", "client", "app: client", &c1, &json!({}));
@@ -97,13 +102,13 @@ fn overlay_pods_switch_to_hbone_live_with_namespace_labels() {
     lab.wait_enrolled(&client, true);
     lab.wait_enrolled(&server, true);
     assert!(!lab.enrollment(&opted_out).0, "the pod label `none` overrides the namespace");
-    let before = metric_count(&lab, 2, "connection_security_policy=\"mutual_tls\"");
+    let before = opened(&lab, 2, "connection_security_policy=\"mutual_tls\"");
     let w = post_and_sniff(&lab, &client, &server);
     assert_eq!(w.answer, "server");
     assert!(!w.plaintext, "meshed traffic must not show the payload on the wire");
     assert!(w.hbone, "meshed traffic must travel as HBONE (TLS to 15008) inside VXLAN");
     wait_for("mutual_tls metric", Duration::from_secs(5), || {
-        (metric_count(&lab, 2, "connection_security_policy=\"mutual_tls\"") > before).then_some(())
+        (opened(&lab, 2, "connection_security_policy=\"mutual_tls\"") > before).then_some(())
     });
     assert_eq!(lab.curl(&client, &format!("http://{}:8080/", opted_out.ip)).as_deref(), Ok("legacy"));
 
@@ -165,6 +170,18 @@ fn chained_portmap_gc_del_and_ztunnel_restart() {
     });
     assert!(lab.enrollment(&client).0);
 
+    // A pod recreated without a DEL (its sandbox died; a new one has the same name) replaces the
+    // old registration: the old capture is dropped and the new sandbox is meshed.
+    let stale = client.netns.clone();
+    netlab::sh(&format!("ip netns del {stale}"));
+    let client = lab.cni_pod(1, "demo", "client", "client", "app: client", &conf, &json!({}));
+    lab.wait_enrolled(&client, true);
+    let before = opened(&lab, 1, "source_workload=\"client\"");
+    assert_eq!(lab.curl(&client, &format!("http://{}:8080/", server.ip)).as_deref(), Ok("server"));
+    wait_for("the new sandbox's connection went through ztunnel", Duration::from_secs(5), || {
+        (opened(&lab, 1, "source_workload=\"client\"") > before).then_some(())
+    });
+
     // GC releases allocations the runtime no longer knows; DEL after the netns is gone succeeds.
     let data = lab.dir.path().join("cni1/trellis");
     let allocated = || {
@@ -174,18 +191,18 @@ fn chained_portmap_gc_del_and_ztunnel_restart() {
             .filter(|n| n.starts_with("10."))
             .count()
     };
-    assert_eq!(allocated(), 2);
+    assert_eq!(allocated(), 3, "server, client, and the dead sandbox's address");
     let gc = json!({"cniVersion": "1.1.0", "name": "trellis", "type": "trellis-cni", "podCIDR": "10.244.1.0/24",
         "dataDir": lab.dir.path().join("cni1").display().to_string(),
-        "cni.dev/valid-attachments": [{"containerID": server.netns, "ifname": "eth0"}]});
+        "cni.dev/valid-attachments": [{"containerID": server.netns, "ifname": "eth0"}, {"containerID": client.netns, "ifname": "eth0"}]});
     let (ok, out) = lab.cni_plugin(1, "trellis-cni", "GC", "", "", ("", ""), &gc);
     assert!(ok, "{out}");
-    assert_eq!(allocated(), 1, "the client's allocation was not in valid-attachments");
+    assert_eq!(allocated(), 2, "the dead sandbox's allocation was not in valid-attachments");
     netlab::sh(&format!("ip netns del {}", server.netns));
     let path = format!("/var/run/netns/{}", server.netns);
     lab.cni_list(1, "DEL", &server.netns, &path, ("demo", "server"), &conf, &ports)
         .expect("DEL after the netns is gone");
-    assert_eq!(allocated(), 0);
+    assert_eq!(allocated(), 1);
     let (enrolled, reason) = lab.enrollment(&server);
     assert!(!enrolled && reason == "not registered", "DEL unregisters the pod: {reason}");
     lab.cni_list(1, "DEL", &server.netns, &path, ("demo", "server"), &conf, &ports).expect("DEL is idempotent");

@@ -52,6 +52,13 @@ async fn syncs_follows_changes_survives_an_outage_and_resyncs() {
     let (client, mut synced) = Client::new(cfg, state.clone());
     let task = tokio::spawn(client.run());
     tokio::time::timeout(Duration::from_secs(10), synced.wait_for(|s| *s)).await.expect("synced").unwrap();
+    // istiod-lite translates writes asynchronously, so the first snapshot may predate them.
+    eventually("the pod", &state, |s| {
+        s.workload_by_ip(ip("10.244.1.2")).is_some()
+            && s.service_by_vip(ip("10.96.0.9")).is_some()
+            && s.policy("demo/p").is_some()
+    })
+    .await;
     {
         let s = state.read().unwrap();
         let w = s.workload_by_ip(ip("10.244.1.2")).expect("pod indexed by IP");

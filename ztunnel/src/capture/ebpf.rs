@@ -189,7 +189,20 @@ fn netlink<T>(f: impl AsyncFnOnce(rtnetlink::Handle) -> Result<T, rtnetlink::Err
 }
 
 fn exists(e: &rtnetlink::Error) -> bool {
-    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EEXIST)
+    crate::netlink::errno(e) == -libc::EEXIST
+}
+
+/// `local 0.0.0.0/0 dev lo table STEER_MARK`: steered packets are for this host, whatever the
+/// destination address.
+fn steer_route() -> rtnetlink::packet_route::route::RouteMessage {
+    use rtnetlink::packet_route::route::{RouteScope, RouteType};
+    rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+        .output_interface(1) // loopback is always ifindex 1 in a namespace
+        .table_id(STEER_MARK)
+        .kind(RouteType::Local)
+        .scope(RouteScope::Host)
+        .build()
 }
 
 fn policy_route() -> io::Result<()> {
@@ -199,15 +212,7 @@ fn policy_route() -> io::Result<()> {
             Err(e) if !exists(&e) => return Err(e),
             _ => {}
         }
-        let lo = 1; // loopback is always ifindex 1 in a namespace
-        let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-            .output_interface(lo)
-            .table_id(STEER_MARK)
-            .kind(rtnetlink::packet_route::route::RouteType::Local)
-            .scope(rtnetlink::packet_route::route::RouteScope::Host)
-            .build();
-        match h.route().add(route).execute().await {
+        match h.route().add(steer_route()).execute().await {
             Err(e) if !exists(&e) => Err(e),
             _ => Ok(()),
         }
@@ -216,14 +221,7 @@ fn policy_route() -> io::Result<()> {
 
 fn remove_policy_route() -> io::Result<()> {
     netlink(async |h| {
-        let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-            .output_interface(1)
-            .table_id(STEER_MARK)
-            .kind(rtnetlink::packet_route::route::RouteType::Local)
-            .scope(rtnetlink::packet_route::route::RouteScope::Host)
-            .build();
-        let _ = h.route().del(route).execute().await;
+        let _ = h.route().del(steer_route()).execute().await;
         let mut rule = rtnetlink::packet_route::rule::RuleMessage::default();
         rule.header.family = rtnetlink::packet_route::AddressFamily::Inet;
         rule.header.table = 0;

@@ -51,16 +51,20 @@ pub fn bin(name: &str) -> PathBuf {
     target_dir().join(name)
 }
 
-/// Runs a shell command on the host and panics with its output if it fails.
-pub fn sh(cmd: &str) -> String {
-    let out = Command::new("bash").args(["-c", cmd]).output().expect("bash");
+/// The stdout of a command that must have succeeded; panics with its output otherwise.
+fn stdout_ok(what: &str, out: Output) -> String {
     assert!(
         out.status.success(),
-        "`{cmd}` failed: {}{}",
+        "`{what}` failed: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a shell command on the host and panics with its output if it fails.
+pub fn sh(cmd: &str) -> String {
+    stdout_ok(cmd, Command::new("bash").args(["-c", cmd]).output().expect("bash"))
 }
 
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -220,14 +224,7 @@ impl Lab {
     }
 
     pub fn exec_ok(&self, netns: &str, cmd: &str) -> String {
-        let out = self.exec(netns, cmd);
-        assert!(
-            out.status.success(),
-            "`{cmd}` in {netns} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        stdout_ok(&format!("{cmd} (in {netns})"), self.exec(netns, cmd))
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -344,14 +341,19 @@ impl Lab {
         self.spawn(&format!("ztunnel{i}"), &self.node(i), &bin("ztunnel"), &args);
     }
 
-    /// A pod: its Pod object in istiod-lite, a network namespace wired to the node's bridge, and
-    /// (if `enroll`) enrollment with the node's ztunnel, as the CNI plugin would do.
-    pub fn add_pod(&self, node: usize, namespace: &str, name: &str, sa: &str, labels: &str, host: u8) -> Pod {
-        let ip = format!("10.244.{node}.{host}");
+    /// The Pod object, running on node `node` with address `ip`.
+    fn apply_pod(&self, node: usize, namespace: &str, name: &str, sa: &str, labels: &str, ip: &str) {
         self.apply(&format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\n\
              spec: {{nodeName: node{node}, serviceAccountName: {sa}}}\nstatus: {{podIP: {ip}, phase: Running}}\n"
         ));
+    }
+
+    /// A pod: its Pod object in istiod-lite, a network namespace wired to the node's bridge, and
+    /// (if `enroll`) enrollment with the node's ztunnel, as the CNI plugin would do.
+    pub fn add_pod(&self, node: usize, namespace: &str, name: &str, sa: &str, labels: &str, host: u8) -> Pod {
+        let ip = format!("10.244.{node}.{host}");
+        self.apply_pod(node, namespace, name, sa, labels, &ip);
         let netns = format!("{}p{}", self.prefix, self.veths.fetch_add(1, Ordering::Relaxed));
         self.add_netns(&netns);
         let n = self.node(node);
@@ -531,10 +533,7 @@ impl Lab {
             .unwrap_or_else(|e| panic!("CNI ADD for {namespace}/{name}: {e}"));
         let cidr = result["ips"][0]["address"].as_str().expect("an address in the CNI result");
         let ip = cidr.split('/').next().unwrap().to_string();
-        self.apply(&format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\n\
-             spec: {{nodeName: node{node}, serviceAccountName: {sa}}}\nstatus: {{podIP: {ip}, phase: Running}}\n"
-        ));
+        self.apply_pod(node, namespace, name, sa, labels, &ip);
         Pod { netns, namespace: namespace.into(), name: name.into(), ip, node }
     }
 
