@@ -26,6 +26,11 @@ pub mod trellis {
             include!(concat!(env!("OUT_DIR"), "/trellis.node.v1.rs"));
         }
     }
+    pub mod echo {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/trellis.echo.v1.rs"));
+        }
+    }
 }
 
 pub use envoy_types::pb as envoy;
