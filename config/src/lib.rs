@@ -9,6 +9,7 @@ pub mod duration;
 pub mod error;
 pub mod kind;
 pub mod load;
+pub mod mesh;
 pub mod meta;
 pub mod object;
 pub mod selector;

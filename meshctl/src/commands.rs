@@ -72,6 +72,14 @@ pub enum Command {
         #[command(subcommand)]
         what: CreateCommand,
     },
+    /// A local multi-node mesh in network namespaces (needs root).
+    Lab {
+        /// Where the lab records what it created (and keeps logs).
+        #[arg(long, global = true, default_value = crate::lab::DEFAULT_STATE_DIR)]
+        state_dir: std::path::PathBuf,
+        #[command(subcommand)]
+        command: crate::lab::LabCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,6 +110,7 @@ fn label_of(kind: Kind, name: &str) -> String {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.server)?;
     match cli.command {
+        Command::Lab { state_dir, command } => crate::lab::run(command, &state_dir).await,
         Command::Apply { file, namespace } => apply(&client, &file, &namespace).await,
         Command::Delete { file, kind, name, namespace, ignore_not_found } => {
             delete(&client, file, kind, name, &namespace, ignore_not_found).await

@@ -91,6 +91,7 @@ impl Admin {
             .collect();
         policies.sort_by_key(|p| p["name"].as_str().map(str::to_string));
         drop(state);
+        let (open, recent) = self.metrics.connections.snapshot();
         let now = SystemTime::now();
         let mut certificates: Vec<Value> = self
             .certs
@@ -117,6 +118,8 @@ impl Admin {
             "connections": {
                 "active": self.metrics.active.get(),
                 "pooled_hbone": self.proxy.pooled_connections(),
+                "open": open,
+                "recent": recent,
             },
         })
     }

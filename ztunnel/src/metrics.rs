@@ -50,6 +50,8 @@ pub struct Metrics {
     pub received: Family<TcpLabels, Counter>,
     pub rejected: Family<RejectLabels, Counter>,
     pub active: Gauge,
+    /// Per-connection detail for the admin endpoint; the counters above are the aggregate.
+    pub connections: crate::proxy::conn::Table,
     pub registry: Registry,
 }
 
@@ -63,6 +65,7 @@ impl Metrics {
             received: Family::default(),
             rejected: Family::default(),
             active: Gauge::default(),
+            connections: Default::default(),
             registry: Registry::default(),
         };
         registry.register("istio_tcp_connections_opened", "TCP connections opened", m.opened.clone());

@@ -1,13 +1,16 @@
 //! Per-connection accounting: metrics when a connection opens and closes, and one access log line
 //! when it ends, whatever way it ends.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
+
+use serde_json::{json, Value};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -46,8 +49,44 @@ impl Record {
     }
 }
 
+/// How many finished connections the admin endpoint remembers.
+const RECENT: usize = 64;
+
+/// The connections in flight and the last [`RECENT`] finished ones, for `/config_dump` (and so
+/// `meshctl ztunnel-config connections`). Holds only weak references: it never keeps a
+/// connection's accounting alive.
+#[derive(Default)]
+pub struct Table {
+    inner: Mutex<TableInner>,
+}
+
+#[derive(Default)]
+struct TableInner {
+    next_id: u64,
+    live: BTreeMap<u64, Weak<Tracker>>,
+    recent: VecDeque<Value>,
+}
+
+impl Table {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TableInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `(open, recently closed)`, oldest first.
+    pub fn snapshot(&self) -> (Vec<Value>, Vec<Value>) {
+        let (live, recent): (Vec<Arc<Tracker>>, Vec<Value>) = {
+            let t = self.lock();
+            (t.live.values().filter_map(Weak::upgrade).collect(), t.recent.iter().cloned().collect())
+        };
+        // Outside the lock: dropping the last reference here runs Tracker::drop, which takes it.
+        (live.iter().map(|c| c.describe("open")).collect(), recent)
+    }
+}
+
 /// Live accounting for one admitted connection; reported when dropped.
 pub struct Tracker {
+    id: u64,
+    opened_at: SystemTime,
     record: Record,
     labels: TcpLabels,
     metrics: Arc<Metrics>,
@@ -61,13 +100,44 @@ impl Tracker {
         let labels = record.labels();
         metrics.opened.get_or_create(&labels).inc();
         metrics.active.inc();
-        Arc::new(Tracker {
+        let mut table = metrics.connections.lock();
+        table.next_id += 1;
+        let id = table.next_id;
+        let t = Arc::new(Tracker {
+            id,
+            opened_at: SystemTime::now(),
             record,
             labels,
-            metrics,
+            metrics: metrics.clone(),
             started: Instant::now(),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
+        });
+        table.live.insert(id, Arc::downgrade(&t));
+        t
+    }
+
+    fn describe(&self, state: &str) -> Value {
+        let r = &self.record;
+        let workload = |p: &Peer| if p.name.is_empty() { String::new() } else { format!("{}/{}", p.namespace, p.name) };
+        let id = |p: &Peer| p.identity.as_ref().map(|i| i.to_string()).unwrap_or_default();
+        json!({
+            "state": state,
+            "direction": r.direction,
+            "src": r.src.to_string(),
+            "src_workload": workload(&r.src_peer),
+            "src_identity": id(&r.src_peer),
+            "dst": r.dst.to_string(),
+            "dst_workload": workload(&r.dst_peer),
+            "dst_identity": id(&r.dst_peer),
+            "service": r.service,
+            "mtls": r.mtls,
+            "bytes_sent": self.sent.load(Ordering::Relaxed),
+            "bytes_received": self.received.load(Ordering::Relaxed),
+            "opened": time::OffsetDateTime::from(self.opened_at)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            "duration_ms": self.started.elapsed().as_millis() as u64,
         })
     }
 }
@@ -80,6 +150,15 @@ impl Drop for Tracker {
         m.sent.get_or_create(&self.labels).inc_by(sent);
         m.received.get_or_create(&self.labels).inc_by(received);
         m.active.dec();
+        {
+            let summary = self.describe("closed");
+            let mut table = m.connections.lock();
+            table.live.remove(&self.id);
+            if table.recent.len() == RECENT {
+                table.recent.pop_front();
+            }
+            table.recent.push_back(summary);
+        }
         let r = &self.record;
         let id = |p: &Peer| p.identity.as_ref().map(|i| i.to_string()).unwrap_or_default();
         tracing::info!(

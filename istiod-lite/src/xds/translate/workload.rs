@@ -12,7 +12,7 @@ use trellis_proto::istio::workload as wl;
 use super::world::World;
 use super::{policy, Settings};
 
-pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+pub use trellis_config::mesh::DATAPLANE_MODE;
 
 /// What a Pod or a WorkloadEntry contributes to a Workload.
 struct Source<'a> {
@@ -45,11 +45,7 @@ pub fn service_name(settings: &Settings, key: &ObjectKey) -> String {
 
 /// Ambient enrollment: the workload's own label wins (`none` opts out), else the namespace label.
 pub fn enrolled(labels: &BTreeMap<String, String>, namespace_labels: &BTreeMap<String, String>) -> bool {
-    match labels.get(DATAPLANE_MODE).map(String::as_str) {
-        Some("ambient") => true,
-        Some(_) => false,
-        None => namespace_labels.get(DATAPLANE_MODE).map(String::as_str) == Some("ambient"),
-    }
+    trellis_config::mesh::enrollment("", labels, namespace_labels).enrolled
 }
 
 fn canonical(labels: &BTreeMap<String, String>, keys: &[&str], fallback: &str) -> String {
