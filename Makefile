@@ -38,8 +38,11 @@ build: deps
 test: deps-net
 	$(CARGO) test --workspace
 
-demo: deps
-	$(CARGO) build --release -p istiod-lite -p meshctl
+# The lab needs root (network namespaces, veth, VXLAN, eBPF): say so before a long build.
+demo:
+	@[ "$$(id -u)" = 0 ] || { echo "make demo needs root: the lab creates network namespaces, veth and VXLAN links and loads eBPF programs (run: sudo make demo)"; exit 1; }
+	@$(MAKE) --no-print-directory deps-net
+	$(CARGO) build --release -p istiod-lite -p ztunnel -p trellis-cni -p trellis-echo -p meshctl
 	bash scripts/demo.sh
 
 # Last line: snapshot_s=<x> change_p99_ms=<x> rss_mb=<x>

@@ -1,45 +1,70 @@
 #!/usr/bin/env bash
-# Starts istiod-lite with the sample config and shows what it serves. DEMO_KEEP=1 leaves it running.
+# `make demo`: a 2-node Trellis mesh in network namespaces, the sample app, an mTLS request, and a
+# deny policy. Leaves the lab running to explore; `meshctl lab down` removes it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=target/release
-STATE=${DEMO_STATE:-demo-state}
-API=127.0.0.1:15014
-export TRELLIS_SERVER=http://$API
-
-if curl -sf "http://$API/ready" >/dev/null 2>&1; then
-  echo "Something already serves $API (a running istiod-lite?). Stop it, or run: pkill istiod-lite" >&2
-  exit 1
-fi
-rm -rf "$STATE"
-"$BIN/istiod-lite" --state-dir "$STATE" --config-dir manifests/sample --api-addr "$API" >"$STATE.log" 2>&1 &
-PID=$!
-if [ "${DEMO_KEEP:-0}" != 1 ]; then trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null || true' EXIT; fi
-for _ in $(seq 1 100); do curl -sf "http://$API/ready" >/dev/null && break; sleep 0.1; done
-curl -sf "http://$API/ready" >/dev/null || { echo "istiod-lite did not start; see $STATE.log" >&2; cat "$STATE.log" >&2; exit 1; }
+BIN=$PWD/target/release
+M="$BIN/meshctl"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-step "istiod-lite is up (pid $PID): config API $API, xDS :15010 (plain) and :15012 (TLS, CA)"
-step "meshctl get namespaces";          "$BIN/meshctl" get namespaces
-step "meshctl get pods -A";             "$BIN/meshctl" get pods -A
-step "meshctl get services -A";         "$BIN/meshctl" get services -A
-step "meshctl get authorizationpolicies,peerauthentications";  "$BIN/meshctl" get ap -A; "$BIN/meshctl" get pa -A
-step "Invalid config is refused with the field and reason (nothing is written)"
-printf 'apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad, namespace: demo}\nspec:\n  rules:\n  - from:\n    - source: {ipBlocks: ["10.0.0.0/33"]}\n' | "$BIN/meshctl" apply -f - || true
-step "Workload discovery resources served (GET /debug/xdsz)"
-curl -s "http://$API/debug/xdsz" | python3 -c '
-import json,sys
-for t, items in json.load(sys.stdin).items():
-    print(t)
-    for i in items: print("   %-45s version %s (%d bytes)" % (i["name"], i["version"], i["bytes"]))'
-step "Enrol namespace default live: meshctl label namespace default istio.io/dataplane-mode=ambient"
-"$BIN/meshctl" apply -f - <<<'{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"default"}}'
-"$BIN/meshctl" label namespace default istio.io/dataplane-mode=ambient
-step "A node token for node1's ztunnel (CA and TLS xDS); the CA root is $STATE/ca/root-cert.pem"
-"$BIN/meshctl" create token node node1
+run() { printf '\033[2m$ %s\033[0m\n' "meshctl ${*}"; "$M" "$@"; }
+
+step "Bring up the lab: istiod-lite, 2 nodes with ztunnel + trellis-cni, namespace demo in the mesh"
+run lab up --sample
+
+step "client -> echo through the mesh (trellis-echo answers with the pod that served it)"
+for _ in 1 2; do
+  run lab exec demo/client -- curl -sS --max-time 5 http://echo/ | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+print("   served by %s/%s, %s %s %s" % (r["namespace"], r["pod"], r["protocol"], r["method"], r["path"]))'
+done
+
+step "Both ztunnels saw those connections, with SPIFFE identities on both ends, over mutual TLS"
+run ztunnel-config connections | tail -n 4
+
+step "Deny demo/client with an AuthorizationPolicy on the echo pods"
+POLICY=$(mktemp)
+trap 'rm -f "$POLICY"' EXIT
+cat >"$POLICY" <<'YAML'
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: demo}
+spec:
+  selector: {matchLabels: {app: echo}}
+  action: DENY
+  rules:
+  - from:
+    - source: {principals: ["cluster.local/ns/demo/sa/client"]}
+YAML
+run apply -f "$POLICY"
+denied=0
+for _ in $(seq 1 50); do
+  if ! "$M" lab exec demo/client -- curl -s --max-time 2 -o /dev/null http://echo/; then denied=1; break; fi
+  sleep 0.2
+done
+[ $denied = 1 ] || { echo "the deny policy did not take effect" >&2; exit 1; }
+printf '\033[2m$ meshctl lab exec demo/client -- curl -sS http://echo/\033[0m\n'
+"$M" lab exec demo/client -- curl -sS --max-time 5 http://echo/ || echo "   -> refused by ztunnel: the policy denies spiffe://cluster.local/ns/demo/sa/client"
+run x describe pod demo/echo-v1 | sed -n '/^Authorization/,/^Services/p' | head -n -1
+
+step "Remove the policy: traffic flows again"
+run delete -f "$POLICY"
+for _ in $(seq 1 50); do
+  "$M" lab exec demo/client -- curl -s --max-time 2 -o /dev/null http://echo/ && break
+  sleep 0.2
+done
+run lab exec demo/client -- curl -sS --max-time 5 -o /dev/null -w '   HTTP %{http_code}\n' http://echo/
+
 step "Explore"
 cat <<EOT
-  TRELLIS_SERVER=$TRELLIS_SERVER $BIN/meshctl get pods -n demo -o yaml
-  curl http://$API/metrics        curl http://$API/debug/syncz
-  Re-run with DEMO_KEEP=1 to keep istiod-lite running; stop it with: pkill istiod-lite
+  $M lab status                          processes, nodes, pods, identities
+  $M ztunnel-config workloads|services|policies|certificates|connections [--node node2]
+  $M proxy-status                        what each ztunnel ACKed from istiod-lite
+  $M x describe pod demo/echo-v2         identity, enrollment, policies, services
+  $M analyze                             misconfigurations, with stable codes
+  $M lab exec demo/client -- curl -s http://echo/
+  Logs: /run/trellis-lab/*.log and /run/trellis-lab/node*/ztunnel.log
+
+Clean up: $M lab down
 EOT

@@ -72,6 +72,41 @@ pub enum Command {
         #[command(subcommand)]
         what: CreateCommand,
     },
+    /// What ztunnels hold, from their admin endpoints (found via Node InternalIPs).
+    ZtunnelConfig {
+        #[arg(value_enum)]
+        view: crate::inspect::ZtunnelView,
+        /// Only this node's ztunnel.
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long, default_value_t = 15000)]
+        admin_port: u16,
+        /// Ask these admin URLs instead (e.g. a port-forward); repeatable.
+        #[arg(long = "ztunnel-admin")]
+        ztunnel_admin: Vec<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Every proxy connected to istiod-lite: last ACKed version per type, and any NACK.
+    ProxyStatus {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Find misconfigurations across objects, from files (-f) or the live config (default).
+    /// Exits 1 when an error or warning is found.
+    Analyze {
+        #[arg(short = 'f', long = "filename", conflicts_with = "live")]
+        file: Option<String>,
+        #[arg(long)]
+        live: bool,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Experimental commands.
+    X {
+        #[command(subcommand)]
+        what: XCommand,
+    },
     /// A local multi-node mesh in network namespaces (needs root).
     Lab {
         /// Where the lab records what it created (and keeps logs).
@@ -79,6 +114,20 @@ pub enum Command {
         state_dir: std::path::PathBuf,
         #[command(subcommand)]
         command: crate::lab::LabCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum XCommand {
+    /// A pod's identity, enrollment and why, applicable policies and their effect, and the
+    /// Services it backs: `x describe pod demo/echo-v1`.
+    Describe {
+        kind: String,
+        target: String,
+        #[arg(long, default_value_t = 15000)]
+        admin_port: u16,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Format,
     },
 }
 
@@ -111,6 +160,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.server)?;
     match cli.command {
         Command::Lab { state_dir, command } => crate::lab::run(command, &state_dir).await,
+        Command::ZtunnelConfig { view, node, admin_port, ztunnel_admin, output } => {
+            crate::inspect::ztunnel_config(&client, view, node.as_deref(), admin_port, &ztunnel_admin, output).await
+        }
+        Command::ProxyStatus { output } => crate::inspect::proxy_status(&client, output).await,
+        Command::Analyze { file, live: _, output } => analyze(&client, file.as_deref(), output).await,
+        Command::X { what: XCommand::Describe { kind, target, admin_port, output } } => {
+            crate::describe::run(&client, &kind, &target, admin_port, output).await
+        }
         Command::Apply { file, namespace } => apply(&client, &file, &namespace).await,
         Command::Delete { file, kind, name, namespace, ignore_not_found } => {
             delete(&client, file, kind, name, &namespace, ignore_not_found).await
@@ -336,4 +393,29 @@ async fn label(
         }
     }
     bail!("{}: kept conflicting with concurrent writers; try again", label_of(kind, name))
+}
+
+async fn analyze(client: &Client, file: Option<&str>, output: Format) -> anyhow::Result<()> {
+    let cluster = match file {
+        Some(f) => crate::cluster::Cluster { objects: load(f, "default")?.into_iter().map(|l| l.object).collect() },
+        None => crate::cluster::Cluster::fetch(client).await?,
+    };
+    let findings = crate::analyze::analyze(&cluster);
+    match output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&findings)?),
+        Format::Yaml => print!("{}", serde_yaml::to_string(&findings)?),
+        Format::Table if findings.is_empty() => println!("No problems found."),
+        Format::Table => {
+            let rows: Vec<Vec<String>> = findings
+                .iter()
+                .map(|f| vec![f.code.to_string(), format!("{:?}", f.severity), f.resource.clone(), f.message.clone()])
+                .collect();
+            print!("{}", render_table(&["CODE", "SEVERITY", "RESOURCE", "MESSAGE"], &rows));
+        }
+    }
+    let serious = findings.iter().filter(|f| f.severity != crate::analyze::Severity::Info).count();
+    if serious > 0 {
+        bail!("{serious} problem(s) found");
+    }
+    Ok(())
 }
