@@ -84,7 +84,10 @@ fn selectors(c: &Cluster, out: &mut Vec<Finding>) {
 }
 
 fn routes(c: &Cluster, out: &mut Vec<Finding>) {
-    let mut check = |kind: Kind, meta: &trellis_config::ObjectMeta, parents: &[ParentReference], backends: Vec<&BackendRef>| {
+    let mut check = |kind: Kind,
+                     meta: &trellis_config::ObjectMeta,
+                     parents: &[ParentReference],
+                     backends: Vec<&BackendRef>| {
         let ns = meta.namespace.as_deref().unwrap_or_default();
         for p in parents {
             let pns = p.namespace.as_deref().unwrap_or(ns);
@@ -204,7 +207,8 @@ fn vips(c: &Cluster, out: &mut Vec<Finding>) {
     }
     for (vip, owners) in by_vip.into_iter().filter(|(_, o)| o.len() > 1) {
         for (i, owner) in owners.iter().enumerate() {
-            let others: Vec<&str> = owners.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, o)| o.as_str()).collect();
+            let others: Vec<&str> =
+                owners.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, o)| o.as_str()).collect();
             let (ns, name) = owner.split_once('/').unwrap_or(("", owner));
             out.push(Finding {
                 code: codes::DUPLICATE_VIP,

@@ -90,14 +90,23 @@ pub fn describe_pod(c: &Cluster, pod: &Pod, ztunnel: Option<Value>) -> Value {
     let services: Vec<Value> = c
         .services()
         .filter(|s| s.metadata.namespace.as_deref() == Some(ns))
-        .filter(|s| s.spec.selector.as_ref().is_some_and(|sel| !sel.is_empty() && sel.iter().all(|(k, v)| labels.get(k) == Some(v))))
+        .filter(|s| {
+            s.spec
+                .selector
+                .as_ref()
+                .is_some_and(|sel| !sel.is_empty() && sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        })
         .map(|s| {
             let ports: Vec<String> = s
                 .spec
                 .ports
                 .iter()
                 .map(|p| match &p.target_port {
-                    Some(t) => format!("{}->{}", p.port, serde_json::to_value(t).map(|v| v.to_string().replace('"', "")).unwrap_or_default()),
+                    Some(t) => format!(
+                        "{}->{}",
+                        p.port,
+                        serde_json::to_value(t).map(|v| v.to_string().replace('"', "")).unwrap_or_default()
+                    ),
                     None => p.port.to_string(),
                 })
                 .collect();
@@ -160,9 +169,13 @@ fn print_text(d: &Value) {
 async fn ztunnel_view(client: &Client, pod: &Pod, admin_port: u16) -> Option<Value> {
     let node = pod.spec.node_name.as_deref()?;
     let node_obj = client.ok(Method::GET, &format!("/api/v1/nodes/{node}"), None).await.ok()?.body;
-    let ip = node_obj["status"]["addresses"].as_array()?.iter().find(|a| a["type"] == "InternalIP")?["address"].as_str()?.to_string();
-    let dump = Client::new(&format!("http://{ip}:{admin_port}")).ok()?.call(Method::GET, "/config_dump", None).await.ok()?;
-    let uid = format!("Kubernetes//v1/Pod/{}/{}", pod.metadata.namespace.as_deref().unwrap_or_default(), pod.metadata.name);
+    let ip = node_obj["status"]["addresses"].as_array()?.iter().find(|a| a["type"] == "InternalIP")?["address"]
+        .as_str()?
+        .to_string();
+    let dump =
+        Client::new(&format!("http://{ip}:{admin_port}")).ok()?.call(Method::GET, "/config_dump", None).await.ok()?;
+    let uid =
+        format!("Kubernetes//v1/Pod/{}/{}", pod.metadata.namespace.as_deref().unwrap_or_default(), pod.metadata.name);
     dump.body["pods"].as_array()?.iter().find(|p| p["uid"] == uid.as_str()).cloned().or(Some(json!({
         "enrolled": false, "reason": "not registered with the node agent (no CNI ADD seen)"
     })))

@@ -52,7 +52,10 @@ async fn ztunnels(client: &Client, node: Option<&str>, admin_port: u16) -> anyho
     }
     if let Some(want) = node {
         if out.is_empty() {
-            bail!("no node {want:?} with an InternalIP; nodes: {}", if names.is_empty() { "(none)".into() } else { names.join(", ") });
+            bail!(
+                "no node {want:?} with an InternalIP; nodes: {}",
+                if names.is_empty() { "(none)".into() } else { names.join(", ") }
+            );
         }
     }
     if out.is_empty() {
@@ -97,7 +100,10 @@ pub async fn ztunnel_config(
         }
     }
     if dumps.is_empty() {
-        bail!("no ztunnel answered (tried {})", targets.iter().map(|z| z.admin.as_str()).collect::<Vec<_>>().join(", "));
+        bail!(
+            "no ztunnel answered (tried {})",
+            targets.iter().map(|z| z.admin.as_str()).collect::<Vec<_>>().join(", ")
+        );
     }
     if !view.per_node() && targets.len() > 1 && output == Format::Table {
         eprintln!("(from the ztunnel on {}; --node picks another)", dumps[0].0);
@@ -111,7 +117,13 @@ pub async fn ztunnel_config(
             ZtunnelView::Certificates => d["certificates"].as_array().cloned().unwrap_or_default(),
             ZtunnelView::Connections => {
                 let c = &d["connections"];
-                c["open"].as_array().into_iter().flatten().chain(c["recent"].as_array().into_iter().flatten()).cloned().collect()
+                c["open"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .chain(c["recent"].as_array().into_iter().flatten())
+                    .cloned()
+                    .collect()
             }
         };
         for mut v in list {
@@ -189,12 +201,27 @@ fn ztunnel_table(view: ZtunnelView, items: &[Value]) -> String {
                 .iter()
                 .map(|c| {
                     let secs = c["expires_in_s"].as_u64().unwrap_or(0);
-                    vec![s(&c["node"]), s(&c["identity"]), s(&c["expires"]), format!("{}h{:02}m", secs / 3600, secs / 60 % 60)]
+                    vec![
+                        s(&c["node"]),
+                        s(&c["identity"]),
+                        s(&c["expires"]),
+                        format!("{}h{:02}m", secs / 3600, secs / 60 % 60),
+                    ]
                 })
                 .collect(),
         ),
         ZtunnelView::Connections => (
-            &["NODE", "STATE", "DIRECTION", "SOURCE", "SOURCE-IDENTITY", "DESTINATION", "DESTINATION-IDENTITY", "MTLS", "BYTES-SENT/RECV"],
+            &[
+                "NODE",
+                "STATE",
+                "DIRECTION",
+                "SOURCE",
+                "SOURCE-IDENTITY",
+                "DESTINATION",
+                "DESTINATION-IDENTITY",
+                "MTLS",
+                "BYTES-SENT/RECV",
+            ],
             items
                 .iter()
                 .map(|c| {
@@ -253,10 +280,8 @@ pub async fn proxy_status(client: &Client, output: Format) -> anyhow::Result<()>
                 eprintln!("No proxies are connected to istiod-lite.");
                 return Ok(());
             }
-            let mut types: Vec<String> = list
-                .iter()
-                .flat_map(|p| p["types"].as_object().into_iter().flat_map(|m| m.keys().cloned()))
-                .collect();
+            let mut types: Vec<String> =
+                list.iter().flat_map(|p| p["types"].as_object().into_iter().flat_map(|m| m.keys().cloned())).collect();
             types.sort();
             types.dedup();
             let mut headers = vec!["NAME".to_string(), "PEER".into(), "CONNECTED".into()];
@@ -264,7 +289,8 @@ pub async fn proxy_status(client: &Client, output: Format) -> anyhow::Result<()>
             let rows: Vec<Vec<String>> = list
                 .iter()
                 .map(|p| {
-                    let name = p["node_name"].as_str().filter(|n| !n.is_empty()).or(p["node_id"].as_str()).unwrap_or("-");
+                    let name =
+                        p["node_name"].as_str().filter(|n| !n.is_empty()).or(p["node_id"].as_str()).unwrap_or("-");
                     let mut row = vec![name.to_string(), s(&p["peer"]), crate::output::age(p["connected_at"].as_str())];
                     row.extend(types.iter().map(|t| p["types"].get(t).map(sync_state).unwrap_or_else(|| "-".into())));
                     row
@@ -286,7 +312,9 @@ mod tests {
         assert_eq!(sync_state(&json!({"sent_version": "7", "acked_version": "7"})), "SYNCED 7");
         assert_eq!(sync_state(&json!({"sent_version": "8", "acked_version": "7"})), "STALE (sent 8, acked 7)");
         assert_eq!(
-            sync_state(&json!({"sent_version": "8", "acked_version": "7", "last_nack": {"version": "8", "error": "bad"}})),
+            sync_state(
+                &json!({"sent_version": "8", "acked_version": "7", "last_nack": {"version": "8", "error": "bad"}})
+            ),
             "NACKED 8 (bad)"
         );
         assert_eq!(short_type("type.googleapis.com/istio.workload.Address"), "ADDRESS");
