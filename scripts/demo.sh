@@ -7,7 +7,7 @@ BIN=$PWD/target/release
 M="$BIN/meshctl"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-run() { printf '\033[2m$ %s\033[0m\n' "meshctl ${*}"; "$M" "$@"; }
+run() { printf '\033[2m$ %s\033[0m\n' "meshctl ${*}" >&2; "$M" "$@"; }
 
 step "Bring up the lab: istiod-lite, 2 nodes with ztunnel + trellis-cni, namespace demo in the mesh"
 run lab up --sample
@@ -21,7 +21,7 @@ print("   served by %s/%s, %s %s %s" % (r["namespace"], r["pod"], r["protocol"],
 done
 
 step "Both ztunnels saw those connections, with SPIFFE identities on both ends, over mutual TLS"
-run ztunnel-config connections | tail -n 4
+run ztunnel-config connections | { IFS= read -r header; echo "$header"; tail -n 4; }
 
 step "Deny demo/client with an AuthorizationPolicy on the echo pods"
 POLICY=$(mktemp)
@@ -56,15 +56,15 @@ for _ in $(seq 1 50); do
 done
 run lab exec demo/client -- curl -sS --max-time 5 -o /dev/null -w '   HTTP %{http_code}\n' http://echo/
 
-step "Explore"
-cat <<EOT
-  $M lab status                          processes, nodes, pods, identities
-  $M ztunnel-config workloads|services|policies|certificates|connections [--node node2]
-  $M proxy-status                        what each ztunnel ACKed from istiod-lite
-  $M x describe pod demo/echo-v2         identity, enrollment, policies, services
-  $M analyze                             misconfigurations, with stable codes
-  $M lab exec demo/client -- curl -s http://echo/
+step "Explore (meshctl is $M; export PATH=\"$BIN:\$PATH\")"
+cat <<'EOT'
+  meshctl lab status                       processes, nodes, pods, identities
+  meshctl ztunnel-config workloads|services|policies|certificates|connections [--node node2]
+  meshctl proxy-status                     what each ztunnel ACKed from istiod-lite
+  meshctl x describe pod demo/echo-v2      identity, enrollment, policies, services
+  meshctl analyze                          misconfigurations, with stable codes
+  meshctl lab exec demo/client -- curl -s http://echo/
   Logs: /run/trellis-lab/*.log and /run/trellis-lab/node*/ztunnel.log
 
-Clean up: $M lab down
+Clean up: meshctl lab down
 EOT

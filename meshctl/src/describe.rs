@@ -65,9 +65,16 @@ pub fn describe_pod(c: &Cluster, pod: &Pod, ztunnel: Option<Value>) -> Value {
     let verdict = if !enrollment.enrolled {
         "not enforced: the pod is outside the mesh, so ztunnel does not see its traffic".to_string()
     } else {
-        let d = if deny > 0 { format!("{deny} DENY polic(ies) are checked first; ") } else { String::new() };
+        let policies = |n: usize, action: &str| {
+            if n == 1 {
+                format!("1 {action} policy")
+            } else {
+                format!("{n} {action} policies")
+            }
+        };
+        let d = if deny > 0 { format!("{} checked first; ", policies(deny, "DENY")) } else { String::new() };
         if allow > 0 {
-            format!("{d}{allow} ALLOW polic(ies) apply, so inbound traffic matching none of them is denied")
+            format!("{d}{} apply, so inbound traffic matching none of them is denied", policies(allow, "ALLOW"))
         } else {
             format!("{d}no ALLOW policy applies, so inbound traffic is allowed unless a DENY policy matches")
         }
@@ -199,4 +206,35 @@ pub async fn run(client: &Client, kind: &str, target: &str, admin_port: u16, out
         Format::Table => print_text(&d),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(spec: &str) -> AuthorizationPolicy {
+        let yaml = format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: demo}}\nspec: {spec}\n");
+        match trellis_config::load::load_text("t", &yaml, "demo").unwrap().remove(0).object {
+            trellis_config::Object::AuthorizationPolicy(p) => p,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn policy_effects_follow_istio_semantics() {
+        let cases = [
+            ("{}", "allows nothing (no rules): on its own it denies all traffic"),
+            ("{rules: [{}]}", "allows all traffic"),
+            (
+                "{rules: [{from: [{source: {principals: [a]}}]}, {to: [{operation: {ports: ['80']}}]}]}",
+                "allows traffic matching 2 rule(s)",
+            ),
+            ("{action: DENY, rules: [{}]}", "denies all traffic"),
+            ("{action: DENY, rules: [{from: [{source: {namespaces: [x]}}]}]}", "denies traffic matching 1 rule(s)"),
+            ("{action: AUDIT, rules: [{}]}", "audits matching traffic (no effect on decisions)"),
+        ];
+        for (spec, want) in cases {
+            assert_eq!(policy_effect(&policy(spec)), want, "{spec}");
+        }
+    }
 }

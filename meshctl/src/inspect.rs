@@ -133,6 +133,10 @@ pub async fn ztunnel_config(
             items.push(v);
         }
     }
+    if view == ZtunnelView::Connections {
+        // One timeline across nodes, oldest first: the newest connections end the listing.
+        items.sort_by(|a, b| a["opened"].as_str().cmp(&b["opened"].as_str()));
+    }
     match output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&items)?),
         Format::Yaml => print!("{}", to_yaml(&Value::Array(items))),

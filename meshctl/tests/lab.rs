@@ -145,6 +145,16 @@ fn lab_up_inspect_and_down() {
     build_binaries();
     let lab = Lab::new();
 
+    // Not root: one sentence saying why, and nothing created.
+    let user = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_meshctl"), "lab", "--state-dir"])
+        .arg(&lab.state)
+        .arg("up")
+        .output()
+        .expect("setpriv");
+    assert!(!user.status.success() && stdout_of(&user).contains("meshctl lab needs root"), "{}", stdout_of(&user));
+    assert!(!lab.state.exists());
+
     // ---- up, and up again -------------------------------------------------------------------
     let out = lab.up(&["--sample"]);
     let text = stdout_of(&out);

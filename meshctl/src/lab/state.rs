@@ -143,3 +143,33 @@ pub fn owner_file(prefix: &str) -> PathBuf {
 pub fn owner(prefix: &str) -> Option<PathBuf> {
     std::fs::read_to_string(owner_file(prefix)).ok().map(|s| PathBuf::from(s.trim()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn down_only_touches_names_the_lab_makes() {
+        let lab: Lab = serde_json::from_value(serde_json::json!({
+            "prefix": "trellis", "state_dir": "/run/x", "underlay": "172.29.0.0", "pod_net": [10, 245],
+            "api": "127.0.0.1:15014", "bin_dir": "/b", "istiod": null, "nodes": [], "pods": [], "complete": false,
+        }))
+        .unwrap();
+        for ours in ["trellis-underlay", "trellis-node1", "trellis-node12", "trellis-pod-demo-client"] {
+            assert!(lab.owns_netns(ours), "{ours}");
+        }
+        for theirs in [
+            "trellis",
+            "trellis-nodes",
+            "trellis-node",
+            "trellis-underlay2",
+            "trellisx-node1",
+            "other-node1",
+            "trellis-cni",
+        ] {
+            assert!(!lab.owns_netns(theirs), "{theirs}");
+        }
+        assert_eq!(lab.node_ip(2).to_string(), "172.29.0.12");
+        assert_eq!(lab.host_link(), "trellis-lab");
+    }
+}

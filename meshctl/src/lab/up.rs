@@ -14,7 +14,7 @@ use hyper::Method;
 use serde_json::{json, Value};
 
 use super::sample::{self, App, PodSpec};
-use super::state::{self, Lab, Node, Pod};
+use super::state::{self, Lab, Node, Pod, Proc};
 use super::sys;
 use crate::client::Client;
 
@@ -161,14 +161,19 @@ fn underlay(lab: &Lab) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_http(url_base: &str, path: &str, what: &str, log: &Path) -> anyhow::Result<()> {
+/// Polls a readiness URL; gives up early, with the log, if the process exits.
+async fn wait_http(url_base: &str, path: &str, what: &str, proc_: &Proc) -> anyhow::Result<()> {
     let client = Client::new(url_base)?;
     let deadline = Instant::now() + READY_TIMEOUT;
+    let log = &proc_.log;
     loop {
         if let Ok(r) = client.call(Method::GET, path, None).await {
             if r.status.is_success() {
                 return Ok(());
             }
+        }
+        if !sys::alive(proc_) {
+            bail!("{what} exited during startup; the end of its log ({}):\n{}", log.display(), log_tail(log, 15));
         }
         if Instant::now() > deadline {
             let tail = log_tail(log, 15);
@@ -204,9 +209,9 @@ async fn start_istiod(lab: &mut Lab) -> anyhow::Result<Client> {
     ];
     let log = lab.state_dir.join("istiod-lite.log");
     let p = sys::spawn(None, &lab.bin_dir.join("istiod-lite"), &args, &[], &log)?;
-    lab.istiod = Some(p);
+    lab.istiod = Some(p.clone());
     lab.save()?;
-    wait_http(&format!("http://{}", lab.api), "/ready", "istiod-lite", &log).await?;
+    wait_http(&format!("http://{}", lab.api), "/ready", "istiod-lite", &p).await?;
     Client::new(&format!("http://{}", lab.api))
 }
 
@@ -316,9 +321,9 @@ async fn add_node(lab: &mut Lab, client: &Client, i: u8) -> anyhow::Result<()> {
     .collect();
     let log = dir.join("ztunnel.log");
     let p = sys::spawn(Some(&netns), &lab.bin_dir.join("ztunnel"), &args, &[("RUST_LOG", "info")], &log)?;
-    lab.nodes.last_mut().expect("just pushed").ztunnel = Some(p);
+    lab.nodes.last_mut().expect("just pushed").ztunnel = Some(p.clone());
     lab.save()?;
-    wait_http(&format!("http://{ip}:{ZTUNNEL_READY_PORT}"), "/healthz/ready", &format!("ztunnel on {name}"), &log).await
+    wait_http(&format!("http://{ip}:{ZTUNNEL_READY_PORT}"), "/healthz/ready", &format!("ztunnel on {name}"), &p).await
 }
 
 /// Creates a pod the way a kubelet does: the Pod object, a sandbox netns, CNI ADD through the
