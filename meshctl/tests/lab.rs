@@ -145,13 +145,20 @@ fn lab_up_inspect_and_down() {
     build_binaries();
     let lab = Lab::new();
 
-    // Not root: one sentence saying why, and nothing created.
+    // Not root: one sentence saying why, and nothing created. The binary is copied where an
+    // unprivileged user can run it, whatever the checkout's permissions.
+    let copy = PathBuf::from(format!("/tmp/meshctl-nonroot-{}", std::process::id()));
+    std::fs::copy(env!("CARGO_BIN_EXE_meshctl"), &copy).unwrap();
+    std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let user = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_meshctl"), "lab", "--state-dir"])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&copy)
+        .args(["lab", "--state-dir"])
         .arg(&lab.state)
         .arg("up")
         .output()
         .expect("setpriv");
+    let _ = std::fs::remove_file(&copy);
     assert!(!user.status.success() && stdout_of(&user).contains("meshctl lab needs root"), "{}", stdout_of(&user));
     assert!(!lab.state.exists());
 

@@ -42,10 +42,10 @@ pub enum LabCommand {
         #[arg(long, default_value = DEFAULT_PREFIX)]
         prefix: String,
         /// The underlay /24 (the host's end is .1, node i is .(10+i)).
-        #[arg(long, default_value = "172.29.0.0")]
+        #[arg(long, default_value = "172.30.0.0")]
         underlay: Ipv4Addr,
         /// Pod CIDRs are A.B.<node>.0/24 for --pod-net A.B.0.0.
-        #[arg(long, default_value = "10.245.0.0")]
+        #[arg(long, default_value = "10.244.0.0")]
         pod_net: Ipv4Addr,
         /// Where istiod-lite's config API listens (on the host).
         #[arg(long, default_value = "127.0.0.1:15014")]
