@@ -16,6 +16,13 @@ pub struct Entry {
     seq: u64,
 }
 
+impl Entry {
+    /// An entry built outside the cache (a per-client variant of a cached resource).
+    pub fn new(body: Bytes) -> Entry {
+        Entry { version: version_of(&body), body, seq: 0 }
+    }
+}
+
 #[derive(Default)]
 struct TypeCache {
     entries: HashMap<String, Entry>,
@@ -127,6 +134,16 @@ impl Cache {
             }
         }
         (out, inner.seq)
+    }
+
+    /// The named resources of a type that exist, and the sequence they were read at.
+    pub fn get_many<'a>(&self, type_url: &str, names: impl Iterator<Item = &'a str>) -> (Vec<(String, Entry)>, u64) {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let list = match inner.types.get(type_url) {
+            Some(tc) => names.filter_map(|n| tc.entries.get(n).map(|e| (n.to_string(), e.clone()))).collect(),
+            None => Vec::new(),
+        };
+        (list, inner.seq)
     }
 
     /// Every current resource of a type, for a fresh subscription.

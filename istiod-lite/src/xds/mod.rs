@@ -1,5 +1,6 @@
-//! Workload discovery: translate the store into Istio's `Address` and `Authorization` resources
-//! ([`translate`]), keep them versioned ([`cache`]), and serve them over delta ADS ([`server`]).
+//! Discovery: translate the store into Istio's `Address` and `Authorization` resources and the
+//! Envoy LDS/RDS/CDS/EDS resources proxyless gRPC reads ([`translate`]), keep them versioned
+//! ([`cache`]), and serve them over delta ADS ([`server`]) and state-of-the-world ADS ([`sotw`]).
 //!
 //! Data flow: store watch → [`translate::Translator`] recomputes only what an event affects →
 //! [`cache::Cache`] stores changed resources under a content-hash version and bumps its sequence →
@@ -7,13 +8,29 @@
 
 pub mod cache;
 pub mod server;
+pub mod sotw;
 pub mod status;
 pub mod sync;
 pub mod translate;
 
-pub use trellis_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, NODE_TYPE_URL};
+pub use trellis_proto::{
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, LISTENER_TYPE_URL, NODE_TYPE_URL,
+    ROUTE_TYPE_URL,
+};
 
 /// The types this server publishes, in the order they are pushed (policies before the workloads
-/// that reference them). Nodes are Trellis's own type, for the overlay; a client that does not
-/// subscribe to it (Istio's ztunnel) never sees it.
-pub const TYPES: [&str; 3] = [AUTHORIZATION_TYPE_URL, ADDRESS_TYPE_URL, NODE_TYPE_URL];
+/// that reference them; for gRPC, clusters and endpoints before the listeners and routes that
+/// use them). Nodes are Trellis's own type, for the overlay; a client that does not subscribe to
+/// it (Istio's ztunnel) never sees it.
+pub const TYPES: [&str; 7] = [
+    AUTHORIZATION_TYPE_URL,
+    ADDRESS_TYPE_URL,
+    NODE_TYPE_URL,
+    CLUSTER_TYPE_URL,
+    ENDPOINT_TYPE_URL,
+    LISTENER_TYPE_URL,
+    ROUTE_TYPE_URL,
+];
+
+/// The Envoy types served to proxyless gRPC over state-of-the-world ADS.
+pub const GRPC_TYPES: [&str; 4] = [LISTENER_TYPE_URL, ROUTE_TYPE_URL, CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL];

@@ -27,16 +27,16 @@ use crate::ca::tokens::NodeTokens;
 use crate::metrics::Metrics;
 
 /// Responses queued per stream before the client counts as not reading.
-const OUTBOUND_QUEUE: usize = 16;
+pub(crate) const OUTBOUND_QUEUE: usize = 16;
 /// How long a push may wait on a client that does not read, by default.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Unacknowledged responses remembered per type; older ones are forgotten (a client that never
 /// ACKs must not grow server memory).
-const MAX_PENDING: usize = 64;
+pub(crate) const MAX_PENDING: usize = 64;
 /// Minimum time between two pushes on one stream. The first change after a quiet period is pushed
 /// at once (no added latency); changes arriving faster are coalesced into the next push, which is
 /// what keeps a bulk apply from becoming thousands of tiny responses per client.
-const MIN_PUSH_INTERVAL: Duration = Duration::from_millis(50);
+pub(crate) const MIN_PUSH_INTERVAL: Duration = Duration::from_millis(50);
 /// Split large pushes so every message stays well under gRPC's default 4 MiB decode limit.
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
@@ -61,9 +61,30 @@ impl AggregatedDiscoveryService for AdsServer {
 
     async fn stream_aggregated_resources(
         &self,
-        _req: Request<Streaming<DiscoveryRequest>>,
+        req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<SotwStream>, Status> {
-        Err(Status::unimplemented("workload discovery is served over DeltaAggregatedResources"))
+        if let Some(tokens) = &self.tokens {
+            if crate::ca::service::bearer(&req).and_then(|t| tokens.verify(t)).is_none() {
+                return Err(Status::unauthenticated("a valid node bearer token is required on this port"));
+            }
+        }
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let stream = super::sotw::SotwStreamTask::new(
+            self.cache.clone(),
+            self.registry.clone(),
+            self.metrics.clone(),
+            tx,
+            self.send_timeout,
+        );
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stream.run(req.into_inner(), peer) => {}
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn delta_aggregated_resources(
@@ -131,10 +152,10 @@ struct DeltaStreamTask {
 }
 
 /// Removes the stream from the registry however the task ends.
-struct Connected {
-    id: u64,
-    registry: Arc<Registry>,
-    metrics: Arc<Metrics>,
+pub(crate) struct Connected {
+    pub id: u64,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Drop for Connected {
@@ -144,9 +165,12 @@ impl Drop for Connected {
     }
 }
 
-fn metadata_string(req: &DeltaDiscoveryRequest, key: &str) -> Option<String> {
+pub(crate) fn metadata_string(
+    node: Option<&trellis_proto::envoy::envoy::config::core::v3::Node>,
+    key: &str,
+) -> Option<String> {
     use trellis_proto::envoy::google::protobuf::value::Kind;
-    let v = req.node.as_ref()?.metadata.as_ref()?.fields.get(key)?;
+    let v = node?.metadata.as_ref()?.fields.get(key)?;
     match &v.kind {
         Some(Kind::StringValue(s)) => Some(s.clone()),
         _ => None,
@@ -177,7 +201,7 @@ impl DeltaStreamTask {
                     };
                     if guard.is_none() {
                         let node_id = req.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
-                        let node_name = metadata_string(&req, "NODE_NAME").unwrap_or_default();
+                        let node_name = metadata_string(req.node.as_ref(), "NODE_NAME").unwrap_or_default();
                         if let Some(auth) = &authenticated_node {
                             if !node_name.is_empty() && node_name != *auth {
                                 tracing::warn!(token_node = auth, node_name, "xDS client claims another node's name; closing");

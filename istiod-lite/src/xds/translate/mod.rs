@@ -5,6 +5,7 @@
 //! then drops the ones whose bytes did not change, so a one-pod change reaches clients as one
 //! resource.
 
+pub mod grpc;
 pub mod node;
 pub mod policy;
 #[cfg(test)]
@@ -12,7 +13,7 @@ mod tests;
 pub mod workload;
 pub mod world;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -62,11 +63,13 @@ pub type Output = (&'static str, String, Option<Bytes>);
 pub struct Translator {
     world: World,
     settings: Settings,
+    /// gRPC resources last rendered per namespace, so a re-render can also report removals.
+    grpc_rendered: HashMap<String, BTreeSet<(&'static str, String)>>,
 }
 
 impl Translator {
     pub fn new(settings: Settings) -> Self {
-        Translator { world: World::default(), settings }
+        Translator { world: World::default(), settings, grpc_rendered: HashMap::new() }
     }
 
     /// Loads a full snapshot and renders everything.
@@ -76,12 +79,32 @@ impl Translator {
             targets.insert(self.own_target(&o));
             self.world.upsert(o);
         }
-        targets.into_iter().filter_map(|t| self.render(&t)).collect()
+        let mut out: Vec<Output> = targets.into_iter().filter_map(|t| self.render(&t)).collect();
+        let namespaces: BTreeSet<String> = self.world.namespaces().collect();
+        out.extend(self.render_grpc(namespaces));
+        out
+    }
+
+    /// Re-renders the gRPC resources of `namespaces`; names no longer produced are removals.
+    fn render_grpc(&mut self, namespaces: BTreeSet<String>) -> Vec<Output> {
+        let mut out = Vec::new();
+        for ns in namespaces {
+            let rendered = grpc::render_namespace(&self.world, &self.settings, &ns);
+            let names: BTreeSet<(&'static str, String)> = rendered.iter().map(|(t, n, _)| (*t, n.clone())).collect();
+            let previous = self.grpc_rendered.remove(&ns).unwrap_or_default();
+            out.extend(previous.difference(&names).map(|(t, n)| (*t, n.clone(), None)));
+            out.extend(rendered);
+            if !names.is_empty() {
+                self.grpc_rendered.insert(ns, names);
+            }
+        }
+        out
     }
 
     /// Applies a batch of store events and renders what they affect.
     pub fn apply(&mut self, events: &[Event]) -> Vec<Output> {
         let mut targets = BTreeSet::new();
+        let mut grpc_namespaces = BTreeSet::new();
         for ev in events {
             // Dependents are found against both the old and the new state: a workload that stops
             // matching a selector must be re-rendered as much as one that starts.
@@ -92,6 +115,7 @@ impl Translator {
             };
             if let Some(o) = &old {
                 self.dependents(o, &mut targets);
+                grpc::affected_namespaces(&self.world, &self.settings, o, &mut grpc_namespaces);
             }
             match ev.kind {
                 EventType::Deleted => self.world.remove(&ev.object.key()),
@@ -99,9 +123,12 @@ impl Translator {
             }
             if ev.kind != EventType::Deleted {
                 self.dependents(&ev.object, &mut targets);
+                grpc::affected_namespaces(&self.world, &self.settings, &ev.object, &mut grpc_namespaces);
             }
         }
-        targets.into_iter().filter_map(|t| self.render(&t)).collect()
+        let mut out: Vec<Output> = targets.into_iter().filter_map(|t| self.render(&t)).collect();
+        out.extend(self.render_grpc(grpc_namespaces));
+        out
     }
 
     fn own_target(&self, o: &Object) -> Target {

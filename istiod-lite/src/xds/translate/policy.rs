@@ -371,3 +371,25 @@ pub fn selected_policies(
     }
     out
 }
+
+/// The mTLS mode for traffic to `port` of a workload: its own PeerAuthentication (port level
+/// first), then the namespace's, then the mesh's, then PERMISSIVE.
+pub fn effective_mode(
+    world: &World,
+    settings: &Settings,
+    ns: &str,
+    labels: &BTreeMap<String, String>,
+    port: u32,
+) -> Mode {
+    let inherited = || inherited_mode(world, settings, ns);
+    match workload_pa(world, ns, labels) {
+        Some(pa) => pa
+            .spec
+            .port_level_mtls
+            .get(&port.to_string())
+            .and_then(|m| mode_of(&m.mode))
+            .or_else(|| pa_mode(pa))
+            .unwrap_or_else(inherited),
+        None => inherited(),
+    }
+}

@@ -14,16 +14,40 @@ use super::{policy, Settings};
 
 pub use trellis_config::mesh::DATAPLANE_MODE;
 
-/// What a Pod or a WorkloadEntry contributes to a Workload.
-struct Source<'a> {
-    labels: &'a BTreeMap<String, String>,
-    service_account: &'a str,
-    node: &'a str,
-    addresses: Vec<IpAddr>,
-    hostname: String,
-    healthy: bool,
-    named_port: Box<dyn Fn(&str) -> Option<u32> + 'a>,
-    network: &'a str,
+/// What a Pod or a WorkloadEntry contributes to a Workload (and to proxyless gRPC endpoints).
+pub(crate) struct Source<'a> {
+    pub labels: &'a BTreeMap<String, String>,
+    pub service_account: &'a str,
+    /// Whether the service account was set explicitly (a gRPC bootstrap requires it).
+    pub explicit_service_account: bool,
+    pub node: &'a str,
+    pub addresses: Vec<IpAddr>,
+    pub hostname: String,
+    pub healthy: bool,
+    pub named_port: Box<dyn Fn(&str) -> Option<u32> + 'a>,
+    pub network: &'a str,
+    /// `region/zone/subzone`, any part possibly empty.
+    pub locality: &'a str,
+    /// Relative load-balancing weight (WorkloadEntry `weight`), at least 1.
+    pub weight: u32,
+}
+
+/// The addressable view of a Pod or WorkloadEntry; `None` for other kinds or when it has no IP.
+pub(crate) fn source(obj: &Object) -> Option<Source<'_>> {
+    match obj {
+        Object::Pod(p) => pod_source(p),
+        Object::WorkloadEntry(w) => Some(entry_source(w)),
+        _ => None,
+    }
+}
+
+/// Resolves a Service port's target port for one endpoint; `None` when a named port is unknown.
+pub(crate) fn target_port(p: &trellis_config::types::ServicePort, src: &Source<'_>) -> Option<u32> {
+    match &p.target_port {
+        None => Some(p.port as u32),
+        Some(IntOrString::Int(t)) => Some(*t as u32),
+        Some(IntOrString::String(n)) => (src.named_port)(n),
+    }
 }
 
 /// Resource name (and uid) of a workload, e.g. `Kubernetes//v1/Pod/demo/client`.
@@ -68,11 +92,7 @@ fn container_port(pod: &Pod, name: &str) -> Option<u32> {
 /// Builds the Address for a Pod or WorkloadEntry, or `None` when it has nothing addressable.
 pub fn workload(world: &World, settings: &Settings, obj: &Object) -> Option<wl::Workload> {
     let key = obj.key();
-    let src = match obj {
-        Object::Pod(p) => pod_source(p)?,
-        Object::WorkloadEntry(w) => entry_source(w),
-        _ => return None,
-    };
+    let src = source(obj)?;
     let ns_labels = world.namespace_labels(&key.namespace);
     let tunnel = if enrolled(src.labels, &ns_labels) { wl::TunnelProtocol::Hbone } else { wl::TunnelProtocol::None };
     let mut services = std::collections::HashMap::new();
@@ -86,14 +106,7 @@ pub fn workload(world: &World, settings: &Settings, obj: &Object) -> Option<wl::
             .spec
             .ports
             .iter()
-            .filter_map(|p| {
-                let target = match &p.target_port {
-                    None => p.port as u32,
-                    Some(IntOrString::Int(t)) => *t as u32,
-                    Some(IntOrString::String(n)) => (src.named_port)(n)?,
-                };
-                Some(wl::Port { service_port: p.port as u32, target_port: target })
-            })
+            .filter_map(|p| Some(wl::Port { service_port: p.port as u32, target_port: target_port(p, &src)? }))
             .collect();
         services.insert(service_name(settings, &svc.key()), wl::PortList { ports });
     }
@@ -144,12 +157,15 @@ fn pod_source(p: &Pod) -> Option<Source<'_>> {
     Some(Source {
         labels: &p.metadata.labels,
         service_account: p.spec.service_account_name.as_deref().unwrap_or("default"),
+        explicit_service_account: p.spec.service_account_name.is_some(),
         node: p.spec.node_name.as_deref().unwrap_or_default(),
         addresses,
         hostname: String::new(),
         healthy: matches!(status.phase.as_deref(), None | Some("Running")),
         named_port: Box::new(move |n| container_port(p, n)),
         network: "",
+        locality: "",
+        weight: 1,
     })
 }
 
@@ -163,12 +179,15 @@ fn entry_source(w: &WorkloadEntry) -> Source<'_> {
     Source {
         labels,
         service_account: w.spec.service_account.as_deref().unwrap_or("default"),
+        explicit_service_account: w.spec.service_account.is_some(),
         node: "",
         addresses,
         hostname,
         healthy: true,
         named_port: Box::new(move |n| w.spec.ports.get(n).map(|p| *p as u32)),
         network: w.spec.network.as_deref().unwrap_or_default(),
+        locality: w.spec.locality.as_deref().unwrap_or_default(),
+        weight: w.spec.weight.map(|v| v.clamp(1, u32::MAX as i64) as u32).unwrap_or(1),
     }
 }
 

@@ -47,6 +47,13 @@ impl World {
         v.into_iter().map(|(_, o)| o).collect()
     }
 
+    /// Every namespace that holds at least one namespaced object.
+    pub fn namespaces(&self) -> impl Iterator<Item = String> + '_ {
+        let set: BTreeSet<&String> =
+            self.by_namespace.iter().filter(|(k, v)| !k.1.is_empty() && !v.is_empty()).map(|(k, _)| &k.1).collect();
+        set.into_iter().cloned()
+    }
+
     pub fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
         match self.objects.get(&ObjectKey::new(Kind::Namespace, "", ns)).map(|o| o.as_ref()) {
             Some(Object::Namespace(n)) => n.metadata.labels.clone(),

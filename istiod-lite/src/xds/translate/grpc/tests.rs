@@ -1,0 +1,1 @@
+//! Table tests of the gRPC translation live here (added with the translation's test suite).
