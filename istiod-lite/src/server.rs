@@ -122,6 +122,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         proxies: registry.clone(),
         tokens: tokens.clone(),
         cache: cache.clone(),
+        authority: authority.clone(),
+        max_cert_ttl: cfg.max_cert_ttl,
     });
     let mut rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {

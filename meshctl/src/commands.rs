@@ -129,6 +129,24 @@ pub enum XCommand {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Format,
     },
+    /// Write a proxyless gRPC bootstrap (GRPC_XDS_BOOTSTRAP) and the workload's certificate, key
+    /// and root (mode 0600) for grpcio and grpc-js-xds: `x grpc-bootstrap --workload demo/echo`.
+    GrpcBootstrap {
+        /// NAMESPACE/NAME of a Pod or WorkloadEntry; it must have a service account.
+        #[arg(long)]
+        workload: String,
+        #[arg(long, default_value = ".")]
+        out: std::path::PathBuf,
+        /// Keep running and renew the certificate at half its lifetime.
+        #[arg(long)]
+        watch: bool,
+        /// xDS server for the bootstrap; default: the --server host, port 15010.
+        #[arg(long)]
+        xds_address: Option<String>,
+        /// Requested certificate lifetime (istiod-lite caps it at its --max-cert-ttl).
+        #[arg(long, default_value = "24h", value_parser = trellis_config::duration::parse_duration)]
+        cert_ttl: std::time::Duration,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -158,6 +176,7 @@ fn label_of(kind: Kind, name: &str) -> String {
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.server)?;
+    let server = cli.server;
     match cli.command {
         Command::Lab { state_dir, command } => crate::lab::run(command, &state_dir).await,
         Command::ZtunnelConfig { view, node, admin_port, ztunnel_admin, output } => {
@@ -167,6 +186,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Analyze { file, live: _, output } => analyze(&client, file.as_deref(), output).await,
         Command::X { what: XCommand::Describe { kind, target, admin_port, output } } => {
             crate::describe::run(&client, &kind, &target, admin_port, output).await
+        }
+        Command::X { what: XCommand::GrpcBootstrap { workload, out, watch, xds_address, cert_ttl } } => {
+            let options =
+                crate::bootstrap::Options { workload, out, watch, xds_address, cert_ttl, server: server.clone() };
+            crate::bootstrap::run(&client, options).await
         }
         Command::Apply { file, namespace } => apply(&client, &file, &namespace).await,
         Command::Delete { file, kind, name, namespace, ignore_not_found } => {

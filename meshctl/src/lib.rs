@@ -2,6 +2,7 @@
 //! that speaks HTTP.
 
 pub mod analyze;
+pub mod bootstrap;
 pub mod client;
 pub mod cluster;
 pub mod commands;

@@ -3,6 +3,7 @@
 //! Writes are validated with the same code `meshctl` uses, then handed to the store; a body that
 //! does not parse is 400, one that parses but is invalid is 422, a stale `resourceVersion` is 409.
 
+mod certs;
 mod path;
 pub mod status;
 mod watch;
@@ -37,6 +38,8 @@ pub struct ApiState {
     pub proxies: Arc<Registry>,
     pub tokens: Arc<NodeTokens>,
     pub cache: Arc<crate::xds::cache::Cache>,
+    pub authority: Arc<crate::ca::Authority>,
+    pub max_cert_ttl: std::time::Duration,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -46,6 +49,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/debug/syncz", get(syncz))
         .route("/debug/xdsz", get(xdsz))
         .route("/apis/trellis.dev/v1/nodetokens/{node}", put(create_node_token))
+        .route("/apis/trellis.dev/v1/namespaces/{ns}/workloadcertificates", axum::routing::post(certs::create))
         .fallback(resource)
         .with_state(state)
 }

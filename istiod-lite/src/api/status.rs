@@ -41,6 +41,18 @@ impl ApiError {
     pub fn already_exists(message: impl Into<String>) -> Self {
         ApiError { code: StatusCode::CONFLICT, reason: "AlreadyExists", message: message.into(), details: None }
     }
+    /// 422 for a request that names an object unfit for it; names the field and the reason.
+    pub fn unprocessable(kind: &str, name: &str, field: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        ApiError {
+            code: StatusCode::UNPROCESSABLE_ENTITY,
+            reason: "Invalid",
+            details: Some(
+                json!({"kind": kind, "name": name, "causes": [{"reason": "FieldValueInvalid", "field": field, "message": message}]}),
+            ),
+            message,
+        }
+    }
     pub fn gone(message: impl Into<String>) -> Self {
         ApiError { code: StatusCode::GONE, reason: "Expired", message: message.into(), details: None }
     }

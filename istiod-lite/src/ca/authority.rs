@@ -163,6 +163,22 @@ impl Authority {
         self.finish(params, &checked.params.public_key, ttl)
     }
 
+    /// Signs `identity` for a CSR from an admin of the config API: the identity is the server's
+    /// choice, so the CSR may leave its URI SAN out; if it names one, it must be `identity`.
+    pub fn sign_for_admin(&self, csr_pem: &str, identity: &str, ttl: Duration) -> Result<Vec<String>, CaError> {
+        let checked = csr::check(csr_pem).map_err(CaError::BadCsr)?;
+        if !checked.uris.is_empty() {
+            return self.sign_workload(csr_pem, identity, ttl);
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names =
+            vec![SanType::URI(identity.try_into().map_err(|e: rcgen::Error| CaError::BadCsr(e.to_string()))?)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        self.finish(params, &checked.params.public_key, ttl)
+    }
+
     /// istiod-lite's own TLS certificate for :15012, issued by the mesh CA.
     pub fn issue_server_cert(
         &self,

@@ -18,8 +18,6 @@ pub use trellis_config::mesh::DATAPLANE_MODE;
 pub(crate) struct Source<'a> {
     pub labels: &'a BTreeMap<String, String>,
     pub service_account: &'a str,
-    /// Whether the service account was set explicitly (a gRPC bootstrap requires it).
-    pub explicit_service_account: bool,
     pub node: &'a str,
     pub addresses: Vec<IpAddr>,
     pub hostname: String,
@@ -157,7 +155,6 @@ fn pod_source(p: &Pod) -> Option<Source<'_>> {
     Some(Source {
         labels: &p.metadata.labels,
         service_account: p.spec.service_account_name.as_deref().unwrap_or("default"),
-        explicit_service_account: p.spec.service_account_name.is_some(),
         node: p.spec.node_name.as_deref().unwrap_or_default(),
         addresses,
         hostname: String::new(),
@@ -179,7 +176,6 @@ fn entry_source(w: &WorkloadEntry) -> Source<'_> {
     Source {
         labels,
         service_account: w.spec.service_account.as_deref().unwrap_or("default"),
-        explicit_service_account: w.spec.service_account.is_some(),
         node: "",
         addresses,
         hostname,
