@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: deps deps-net build test demo bench-xds bench-l4 clean
+.PHONY: deps deps-net deps-interop build test demo bench-xds bench-l4 bench-grpc-xds clean
 
 # System prerequisites, as `path:debian-package`: a bare name is a command looked up in PATH.
 # The Rust toolchain is the machine's; protos compile with protox (pure Rust), so no protoc is
@@ -32,10 +32,25 @@ deps:
 deps-net: deps
 	$(call install_missing,$(DEPS_NET))
 
+# The real gRPC libraries the interop tests drive: grpcio from PyPI, grpc-js-xds from npm (pinned
+# in interop/grpc; never vendored). Both installs are no-ops when already satisfied.
+deps-interop: deps
+	@command -v node >/dev/null && command -v npm >/dev/null || { \
+		[ "$$(id -u)" = 0 ] || { echo "missing: nodejs npm; install them or run as root"; exit 1; }; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
+	@python3 -m pip --version >/dev/null 2>&1 || { \
+		[ "$$(id -u)" = 0 ] || { echo "missing: python3-pip; install it or run as root"; exit 1; }; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip; }
+	@python3 -c 'import grpc, sys; sys.exit(grpc.__version__ != "1.85.1")' 2>/dev/null || \
+		python3 -m pip install -q --disable-pip-version-check -r interop/grpc/requirements.txt || \
+		python3 -m pip install -q --disable-pip-version-check --break-system-packages -r interop/grpc/requirements.txt
+	@[ -d interop/grpc/node_modules/@grpc/grpc-js-xds ] || \
+		npm --prefix interop/grpc ci --no-audit --no-fund --loglevel=error
+
 build: deps
 	$(CARGO) build --workspace
 
-test: deps-net
+test: deps-net deps-interop
 	$(CARGO) test --workspace
 
 # The lab needs root (network namespaces, veth, VXLAN, eBPF): say so before a long build.
