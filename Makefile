@@ -65,6 +65,11 @@ bench-xds: deps
 	$(CARGO) build --release -p istiod-lite -p trellis-benches
 	target/release/xds-scale target/release/istiod-lite
 
+# Last line: change_to_all_ms=<x> cpu_s=<x> rss_mb=<x>
+bench-grpc-xds: deps
+	$(CARGO) build --release -p istiod-lite -p trellis-benches
+	target/release/grpc-xds-scale target/release/istiod-lite
+
 # Last line: throughput_ratio=<x> rps_ratio=<x> p99_us=<n> rss_idle_mb=<n>
 bench-l4: deps-net
 	$(CARGO) build --release -p istiod-lite -p meshctl -p ztunnel -p trellis-benches
