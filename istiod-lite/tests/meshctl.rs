@@ -100,3 +100,44 @@ async fn create_token_accepts_only_node_tokens() {
     meshctl(&s, &["create", "token", "node", "node7"]).await.unwrap();
     assert!(meshctl(&s, &["create", "token", "user", "x"]).await.is_err());
 }
+
+#[tokio::test]
+async fn grpc_bootstrap_writes_a_bootstrap_and_0600_secrets_and_refuses_bad_workloads() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Istiod::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: app, namespace: demo}\nspec: {serviceAccountName: app-sa}\nstatus: {podIP: 10.0.0.7}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: no-sa, namespace: demo}\nstatus: {podIP: 10.0.0.8}\n";
+    std::fs::write(dir.path().join("m.yaml"), manifests).unwrap();
+    meshctl(&s, &["apply", "-f", dir.path().join("m.yaml").to_str().unwrap()]).await.unwrap();
+    let out = dir.path().join("boot");
+    let out_s = out.to_str().unwrap();
+    meshctl(&s, &["x", "grpc-bootstrap", "--workload", "demo/app", "--out", out_s, "--xds-address", "10.0.0.1:15010"])
+        .await
+        .unwrap();
+    let b: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("bootstrap.json")).unwrap()).unwrap();
+    assert_eq!(b["xds_servers"][0]["server_uri"], "10.0.0.1:15010");
+    assert_eq!(b["xds_servers"][0]["channel_creds"][0]["type"], "insecure");
+    assert_eq!(b["xds_servers"][0]["server_features"][0], "xds_v3");
+    assert_eq!(b["node"]["id"], "sidecar~10.0.0.7~app.demo~demo.svc.cluster.local");
+    assert!(b["node"]["locality"].is_object(), "grpc-js requires node.locality");
+    assert_eq!(b["server_listener_resource_name_template"], "xds.istio.io/grpc/lds/inbound/%s");
+    assert_eq!(b["certificate_providers"]["default"]["plugin_name"], "file_watcher");
+    for f in ["cert-chain.pem", "key.pem", "root-cert.pem"] {
+        let mode = std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    // The certificate carries the workload's identity and chains to the mesh root.
+    let chain = std::fs::read_to_string(out.join("cert-chain.pem")).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(chain.as_bytes()).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let san = format!("{:?}", cert.subject_alternative_name().unwrap().unwrap().value);
+    assert!(san.contains("spiffe://cluster.local/ns/demo/sa/app-sa"), "{san}");
+    assert_eq!(std::fs::read_to_string(out.join("root-cert.pem")).unwrap(), s.root_pem());
+
+    let err = meshctl(&s, &["x", "grpc-bootstrap", "--workload", "demo/ghost", "--out", out_s]).await.unwrap_err();
+    assert!(err.to_string().contains("workload demo/ghost: no Pod or WorkloadEntry of that name"), "{err}");
+    let err = meshctl(&s, &["x", "grpc-bootstrap", "--workload", "demo/no-sa", "--out", out_s]).await.unwrap_err();
+    assert!(err.to_string().contains("Pod demo/no-sa has no spec.serviceAccountName"), "{err}");
+    let err = meshctl(&s, &["x", "grpc-bootstrap", "--workload", "justaname", "--out", out_s]).await.unwrap_err();
+    assert!(err.to_string().contains("expected NAMESPACE/NAME"), "{err}");
+}
