@@ -33,6 +33,9 @@ pub mod codes {
     pub const ROUTE_PARENT_NOT_FOUND: &str = "TR0201";
     /// A route's backendRef names a Service that does not exist.
     pub const ROUTE_BACKEND_NOT_FOUND: &str = "TR0202";
+    /// Routes that conflict on one Service: an HTTPRoute and a GRPCRoute (never merged), or two
+    /// GRPCRoutes with an identical match (the older wins).
+    pub const ROUTES_CONFLICT: &str = "TR0203";
     /// STRICT mTLS where workloads outside the mesh would be clients.
     pub const STRICT_WITH_NON_MESH_CLIENTS: &str = "TR0301";
     /// A pod's dataplane-mode label overrides its namespace's.
@@ -52,6 +55,7 @@ pub fn analyze(c: &Cluster) -> Vec<Finding> {
     let mut out = Vec::new();
     selectors(c, &mut out);
     routes(c, &mut out);
+    conflicts(c, &mut out);
     strict(c, &mut out);
     overrides(c, &mut out);
     vips(c, &mut out);
@@ -135,6 +139,100 @@ fn routes(c: &Cluster, out: &mut Vec<Finding>) {
                 r.spec.rules.iter().flat_map(|x| x.backend_refs.iter()).collect(),
             ),
             _ => {}
+        }
+    }
+}
+
+/// The Services (namespace, name, port) a route attaches to.
+fn service_parents<'a>(
+    ns: &'a str,
+    parents: &'a [ParentReference],
+) -> impl Iterator<Item = (&'a str, &'a str, Option<i64>)> {
+    parents
+        .iter()
+        .filter(|p| p.kind.as_deref() == Some("Service"))
+        .map(move |p| (p.namespace.as_deref().unwrap_or(ns), p.name.as_str(), p.port))
+}
+
+fn same_parent(a: (&str, &str, Option<i64>), b: (&str, &str, Option<i64>)) -> bool {
+    a.0 == b.0 && a.1 == b.1 && (a.2.is_none() || b.2.is_none() || a.2 == b.2)
+}
+
+fn conflicts(c: &Cluster, out: &mut Vec<Finding>) {
+    let mut grpc: Vec<&trellis_config::object::GrpcRoute> =
+        c.objects.iter().filter_map(|o| if let Object::GrpcRoute(r) = o { Some(r) } else { None }).collect();
+    grpc.sort_by(|a, b| {
+        (&a.metadata.creation_timestamp, &a.metadata.namespace, &a.metadata.name).cmp(&(
+            &b.metadata.creation_timestamp,
+            &b.metadata.namespace,
+            &b.metadata.name,
+        ))
+    });
+    let ns_of = |m: &trellis_config::ObjectMeta| m.namespace.clone().unwrap_or_default();
+    for o in &c.objects {
+        let Object::HttpRoute(h) = o else { continue };
+        let hns = ns_of(&h.metadata);
+        for g in &grpc {
+            let gns = ns_of(&g.metadata);
+            let shared = service_parents(&hns, &h.spec.parent_refs)
+                .find(|hp| service_parents(&gns, &g.spec.parent_refs).any(|gp| same_parent(*hp, gp)));
+            if let Some((sns, sname, _)) = shared {
+                out.push(Finding {
+                    code: codes::ROUTES_CONFLICT,
+                    severity: Severity::Warning,
+                    resource: resource(Kind::HttpRoute, Some(&hns), &h.metadata.name),
+                    message: format!(
+                        "GRPCRoute {gns}/{} also attaches to Service {sns}/{sname}; HTTPRoutes and GRPCRoutes are never merged, so proxyless gRPC clients follow the GRPCRoute and ignore this route",
+                        g.metadata.name
+                    ),
+                });
+            }
+        }
+    }
+    for (i, newer) in grpc.iter().enumerate() {
+        let nns = ns_of(&newer.metadata);
+        for older in &grpc[..i] {
+            let ons = ns_of(&older.metadata);
+            let shared = service_parents(&nns, &newer.spec.parent_refs)
+                .any(|np| service_parents(&ons, &older.spec.parent_refs).any(|op| same_parent(np, op)));
+            if !shared {
+                continue;
+            }
+            let matches = |r: &trellis_config::object::GrpcRoute| -> Vec<_> {
+                r.spec
+                    .rules
+                    .iter()
+                    .flat_map(
+                        |rule| {
+                            if rule.matches.is_empty() {
+                                vec![Default::default()]
+                            } else {
+                                rule.matches.clone()
+                            }
+                        },
+                    )
+                    .collect::<Vec<trellis_config::types::GrpcRouteMatch>>()
+            };
+            let theirs = matches(older);
+            if let Some(m) = matches(newer).into_iter().find(|m| theirs.contains(m)) {
+                let what = match &m.method {
+                    Some(mm) => format!(
+                        "method {}/{}",
+                        mm.service.as_deref().unwrap_or("*"),
+                        mm.method.as_deref().unwrap_or("*")
+                    ),
+                    None => "every method".to_string(),
+                };
+                out.push(Finding {
+                    code: codes::ROUTES_CONFLICT,
+                    severity: Severity::Warning,
+                    resource: resource(Kind::GrpcRoute, Some(&nns), &newer.metadata.name),
+                    message: format!(
+                        "GRPCRoute {ons}/{} (older) has an identical match for {what} on the same Service; it wins and this rule never applies",
+                        older.metadata.name
+                    ),
+                });
+            }
         }
     }
 }
@@ -272,6 +370,21 @@ spec: {selector: {app: echo}, clusterIP: 10.96.0.20, ports: [{port: 80}]}
                 "selector in another namespace does not count",
                 "apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: pa, namespace: other}\nspec: {selector: {matchLabels: {app: echo}}, mtls: {mode: PERMISSIVE}}\n",
                 vec![(codes::SELECTOR_MATCHES_NOTHING, "PeerAuthentication other/pa")],
+            ),
+            (
+                "an HTTPRoute and a GRPCRoute on one Service conflict",
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: h, namespace: demo}\nspec: {parentRefs: [{group: '', kind: Service, name: echo}], rules: [{backendRefs: [{name: echo, port: 80}]}]}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: demo}\nspec: {parentRefs: [{group: '', kind: Service, name: echo, port: 80}], rules: [{backendRefs: [{name: echo, port: 80}]}]}\n",
+                vec![(codes::ROUTES_CONFLICT, "HTTPRoute demo/h")],
+            ),
+            (
+                "two GRPCRoutes with an identical match: the newer is shadowed",
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: a-old, namespace: demo, creationTimestamp: '2026-01-01T00:00:00Z'}\nspec: {parentRefs: [{group: '', kind: Service, name: echo}], rules: [{matches: [{method: {service: pkg.S, method: M}}], backendRefs: [{name: echo, port: 80}]}]}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: b-new, namespace: demo, creationTimestamp: '2026-02-01T00:00:00Z'}\nspec: {parentRefs: [{group: '', kind: Service, name: echo}], rules: [{matches: [{method: {service: pkg.S, method: M}}], backendRefs: [{name: echo, port: 80}]}]}\n",
+                vec![(codes::ROUTES_CONFLICT, "GRPCRoute demo/b-new")],
+            ),
+            (
+                "GRPCRoutes with different methods do not conflict",
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: a, namespace: demo}\nspec: {parentRefs: [{group: '', kind: Service, name: echo}], rules: [{matches: [{method: {service: pkg.S, method: M}}], backendRefs: [{name: echo, port: 80}]}]}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: b, namespace: demo}\nspec: {parentRefs: [{group: '', kind: Service, name: echo}], rules: [{matches: [{method: {service: pkg.S, method: N}}], backendRefs: [{name: echo, port: 80}]}]}\n",
+                vec![],
             ),
             (
                 "route parent Service missing",
