@@ -428,3 +428,59 @@ async fn a_resource_the_client_rejects_is_nacked_and_shown_in_proxy_status() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_bootstrap_watch_renews_certificates_that_running_apps_reload() {
+    let mesh = Mesh::start(45).await;
+    let p1 = free_port();
+    mesh.service("echo", "echo").await;
+    mesh.workload("echo-py", 1, p1, "echo", "echo").await;
+    mesh.workload("client", 9, 1, "client", "client").await;
+    mesh.apply(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: grpc}\n\
+         spec: {mtls: {mode: STRICT}}\n",
+    )
+    .await;
+    // 8 s certificates, renewed every 4 s by `--watch`; file_watcher re-reads every 5 s.
+    const TTL: Duration = Duration::from_secs(8);
+    let mut watchers = Vec::new();
+    let mut boots = Vec::new();
+    for w in ["echo-py", "client"] {
+        boots.push(mesh.bootstrap(w).await);
+        let options = meshctl::bootstrap::Options {
+            workload: format!("{NS}/{w}"),
+            out: mesh.dir.path().join(format!("bootstrap-{w}")),
+            watch: true,
+            xds_address: Some(mesh.xds()),
+            cert_ttl: TTL,
+            server: String::new(),
+        };
+        let api = meshctl::client::Client::new(&format!("http://{}", mesh.running.api_addr)).unwrap();
+        watchers.push(tokio::spawn(async move { meshctl::bootstrap::run(&api, options).await }));
+    }
+    let chain = mesh.dir.path().join("bootstrap-client/cert-chain.pem");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let first = std::fs::read(&chain).unwrap();
+    let _py = start_server(Lang::Python, "echo-py", &format!("{}:{p1}", mesh.ip(1)), &boots[0], &[]);
+    let mut py = Client::start(Lang::Python, &boots[1], &[]);
+    py.call_until(5, SETTLE, |r| only(r, &["echo-py"]));
+    // Keep calling until well past the first certificates' expiry. The running client's connection
+    // may outlive that expiry; the fresh client below is what needs the server's renewed one.
+    let start = Instant::now();
+    while start.elapsed() < TTL * 2 + Duration::from_secs(2) {
+        let r = py.run(&format!("plain {}:{p1} 1 1", mesh.ip(1)));
+        assert_eq!(errors(&r, "UNAVAILABLE"), 1, "plaintext stays refused: {r}");
+        let r = py.call(3);
+        assert!(only(&r, &["echo-py"]), "mTLS calls keep working across renewals: {r}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_ne!(std::fs::read(&chain).unwrap(), first, "the certificate was renewed on disk");
+    // The server has run since before its first certificate expired: a fresh client's handshake
+    // succeeds only if the server's file_watcher picked up a renewed one.
+    let mut fresh = Client::start(Lang::Python, &boots[1], &[]);
+    fresh.call_until(3, SETTLE, |r| only(r, &["echo-py"]));
+    for w in watchers {
+        assert!(!w.is_finished(), "--watch keeps running");
+        w.abort();
+    }
+}

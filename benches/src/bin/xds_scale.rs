@@ -18,6 +18,7 @@ use hyper::Method;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use trellis_benches::{cpu_s, free_port, peak_rss_mb};
 use trellis_proto::envoy::envoy::config::core::v3::Node;
 use trellis_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use trellis_proto::envoy::envoy::service::discovery::v3::DeltaDiscoveryRequest;
@@ -30,10 +31,6 @@ const POLICIES: usize = 1_000;
 const DEFAULT_SUBSCRIBERS: usize = 100;
 const CHANGES: usize = 50;
 const IN_FLIGHT: usize = 64;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0)).unwrap_or(0)
-}
 
 fn objects() -> Vec<(String, serde_json::Value)> {
     let mut out = Vec::new();
@@ -115,25 +112,6 @@ async fn subscriber(
         .await?;
     }
     Ok(())
-}
-
-/// istiod-lite's user+system CPU seconds so far (the bench's own clients share the 2 cores, so
-/// wall time alone overstates the server's cost).
-fn cpu_s(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-    let ticks: f64 = fields.get(11..13).map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()).unwrap_or(0.0);
-    ticks / 100.0
-}
-
-fn peak_rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
 }
 
 #[tokio::main]

@@ -61,7 +61,9 @@ fn issue(s: &ApiState, ns: &str, body: &[u8]) -> Result<serde_json::Value, ApiEr
         Object::WorkloadEntry(w) => {
             ("WorkloadEntry", w.spec.service_account.clone(), "spec.serviceAccount", vec![w.spec.address.clone()])
         }
-        _ => unreachable!("only workload kinds are looked up"),
+        other => {
+            return Err(ApiError::bad_request(format!("{} {ns}/{} is not a workload", other.kind().name(), req.name)))
+        }
     };
     let Some(sa) = service_account.filter(|sa| !sa.is_empty()) else {
         return Err(ApiError::unprocessable(

@@ -154,13 +154,7 @@ impl Authority {
                 checked.uris
             )));
         }
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names =
-            vec![SanType::URI(identity.try_into().map_err(|e: rcgen::Error| CaError::BadCsr(e.to_string()))?)];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        self.finish(params, &checked.params.public_key, ttl)
+        self.finish(workload_params(identity)?, &checked.params.public_key, ttl)
     }
 
     /// Signs `identity` for a CSR from an admin of the config API: the identity is the server's
@@ -170,13 +164,7 @@ impl Authority {
         if !checked.uris.is_empty() {
             return self.sign_workload(csr_pem, identity, ttl);
         }
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names =
-            vec![SanType::URI(identity.try_into().map_err(|e: rcgen::Error| CaError::BadCsr(e.to_string()))?)];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        self.finish(params, &checked.params.public_key, ttl)
+        self.finish(workload_params(identity)?, &checked.params.public_key, ttl)
     }
 
     /// istiod-lite's own TLS certificate for :15012, issued by the mesh CA.
@@ -220,6 +208,17 @@ impl Authority {
         chain.extend(self.chain.iter().cloned());
         Ok(chain)
     }
+}
+
+/// A workload leaf: the SPIFFE URI SAN only, usable as client and server (mutual TLS).
+fn workload_params(identity: &str) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names =
+        vec![SanType::URI(identity.try_into().map_err(|e: rcgen::Error| CaError::BadCsr(e.to_string()))?)];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    Ok(params)
 }
 
 fn write_public(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

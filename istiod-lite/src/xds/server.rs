@@ -165,6 +165,37 @@ impl Drop for Connected {
     }
 }
 
+/// Records a client's answer to one response: an ACK moves its acknowledged version, a NACK is
+/// logged, counted and kept (with the client's reason) until a later ACK. Shared by delta and
+/// state-of-the-world streams.
+pub(crate) fn record_ack_or_nack(
+    registry: &Registry,
+    metrics: &Metrics,
+    stream: u64,
+    type_url: &str,
+    nonce: &str,
+    version: String,
+    error: Option<&trellis_proto::envoy::google::rpc::Status>,
+) {
+    let nonce = nonce.to_string();
+    match error {
+        Some(err) => {
+            metrics.xds_rejects.get_or_create(&Metrics::type_label(type_url)).inc();
+            tracing::warn!(stream, type_url, nonce, error = err.message, "xDS client rejected a response (NACK)");
+            let nack = Nack { nonce, version, error: err.message.clone(), at: crate::store::file::now_rfc3339() };
+            registry.update(stream, type_url, |s| {
+                s.last_nack = Some(nack);
+                s.nacks_total += 1;
+            });
+        }
+        None => registry.update(stream, type_url, |s| {
+            s.acked_version = version;
+            s.acked_nonce = nonce;
+            s.last_nack = None;
+        }),
+    }
+}
+
 pub(crate) fn metadata_string(
     node: Option<&trellis_proto::envoy::envoy::config::core::v3::Node>,
     key: &str,
@@ -304,29 +335,15 @@ impl DeltaStreamTask {
             Some(i) => sub.pending.remove(i).map(|(_, v)| v).unwrap_or_default(),
             None => String::new(),
         };
-        let nonce = req.response_nonce.clone();
-        match &req.error_detail {
-            Some(err) => {
-                self.metrics.xds_rejects.get_or_create(&Metrics::type_label(type_url)).inc();
-                tracing::warn!(
-                    stream = self.id,
-                    type_url,
-                    nonce,
-                    error = err.message,
-                    "xDS client rejected a response (NACK)"
-                );
-                let nack = Nack { nonce, version, error: err.message.clone(), at: crate::store::file::now_rfc3339() };
-                self.registry.update(self.id, type_url, |s| {
-                    s.last_nack = Some(nack);
-                    s.nacks_total += 1;
-                });
-            }
-            None => self.registry.update(self.id, type_url, |s| {
-                s.acked_version = version;
-                s.acked_nonce = nonce;
-                s.last_nack = None;
-            }),
-        }
+        record_ack_or_nack(
+            &self.registry,
+            &self.metrics,
+            self.id,
+            type_url,
+            &req.response_nonce,
+            version,
+            req.error_detail.as_ref(),
+        );
     }
 
     /// Sends what the client is missing for one type. `full` compares against the whole cache

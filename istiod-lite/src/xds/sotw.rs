@@ -23,8 +23,8 @@ use trellis_proto::envoy::envoy::service::discovery::v3::{DiscoveryRequest, Disc
 use trellis_proto::envoy::google::protobuf::Any;
 
 use super::cache::{version_of, Cache, Entry};
-use super::server::{metadata_string, Connected, MAX_PENDING, MIN_PUSH_INTERVAL};
-use super::status::{Nack, Registry};
+use super::server::{metadata_string, record_ack_or_nack, Connected, MAX_PENDING, MIN_PUSH_INTERVAL};
+use super::status::Registry;
 use super::translate::grpc::{inbound, inbound_name, INBOUND_PREFIX};
 use super::{CLUSTER_TYPE_URL, LISTENER_TYPE_URL, TYPES};
 use crate::metrics::Metrics;
@@ -208,29 +208,15 @@ impl SotwStreamTask {
             // A nonce this stream no longer tracks: the client answers an older response.
             None => return,
         };
-        let nonce = req.response_nonce.clone();
-        match &req.error_detail {
-            Some(err) => {
-                self.metrics.xds_rejects.get_or_create(&Metrics::type_label(type_url)).inc();
-                tracing::warn!(
-                    stream = self.id,
-                    type_url,
-                    nonce,
-                    error = err.message,
-                    "xDS client rejected a response (NACK)"
-                );
-                let nack = Nack { nonce, version, error: err.message.clone(), at: crate::store::file::now_rfc3339() };
-                self.registry.update(self.id, type_url, |s| {
-                    s.last_nack = Some(nack);
-                    s.nacks_total += 1;
-                });
-            }
-            None => self.registry.update(self.id, type_url, |s| {
-                s.acked_version = version;
-                s.acked_nonce = nonce;
-                s.last_nack = None;
-            }),
-        }
+        record_ack_or_nack(
+            &self.registry,
+            &self.metrics,
+            self.id,
+            type_url,
+            &req.response_nonce,
+            version,
+            req.error_detail.as_ref(),
+        );
     }
 
     /// The resources this subscription currently sees, by requested name.

@@ -160,9 +160,10 @@ where
     v
 }
 
-/// A candidate route with its precedence key; lower sorts first.
+/// A candidate route with its precedence key; lower sorts first: (match kind, longer path first,
+/// method match first, more headers first, then route age and rule order).
 struct Ranked {
-    key: (u8, std::cmp::Reverse<usize>, u8, std::cmp::Reverse<usize>, std::cmp::Reverse<usize>, usize),
+    key: (u8, std::cmp::Reverse<usize>, u8, std::cmp::Reverse<usize>, usize),
     route: route::Route,
 }
 
@@ -341,13 +342,11 @@ fn grpc_match(m: &GrpcRouteMatch, action: route::RouteAction, order: usize) -> R
                         2
                     },
                 ),
-                #[allow(unreachable_patterns)]
-                _ => (PathSpecifier::Prefix("/".into()), 3),
             }
         }
     };
     Ranked {
-        key: (specificity, std::cmp::Reverse(0), 0, std::cmp::Reverse(m.headers.len()), std::cmp::Reverse(0), order),
+        key: (specificity, std::cmp::Reverse(0), 0, std::cmp::Reverse(m.headers.len()), order),
         route: route::Route {
             r#match: Some(route::RouteMatch {
                 path_specifier: Some(path),
@@ -402,14 +401,7 @@ fn http_match(m: &HttpRouteMatch, action: route::RouteAction, order: usize) -> O
         });
     }
     Some(Ranked {
-        key: (
-            rank,
-            std::cmp::Reverse(len),
-            u8::from(m.method.is_none()),
-            std::cmp::Reverse(m.headers.len()),
-            std::cmp::Reverse(0),
-            order,
-        ),
+        key: (rank, std::cmp::Reverse(len), u8::from(m.method.is_none()), std::cmp::Reverse(m.headers.len()), order),
         route: route::Route {
             r#match: Some(route::RouteMatch { path_specifier: Some(path), headers, ..Default::default() }),
             action: Some(route::route::Action::Route(action)),
