@@ -10,8 +10,10 @@ pub mod identity;
 pub mod pool;
 pub mod server;
 pub mod settings;
+mod splice;
 mod stream;
 pub mod tls;
 
 pub use identity::Identity;
+pub use splice::splice;
 pub use stream::H2Stream;

@@ -148,6 +148,12 @@ pub struct PooledStream {
     _slot: Slot,
 }
 
+impl AsMut<H2Stream> for PooledStream {
+    fn as_mut(&mut self) -> &mut H2Stream {
+        &mut self.stream
+    }
+}
+
 impl AsyncRead for PooledStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)

@@ -14,8 +14,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::stream::H2Stream;
 use crate::Identity;
 
-/// Per-direction splice buffer; larger than tokio's 8 KiB default so one read fills a TLS record.
-const COPY_BUFFER: usize = 64 << 10;
 const PREFACE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A tunnel request, after the method and authority have been checked.
@@ -63,13 +61,9 @@ where
                 Err(code) => {
                     let _ = respond.send_response(status(code), true);
                 }
-                Ok(mut upstream) => {
+                Ok(upstream) => {
                     let Ok(send) = respond.send_response(status(StatusCode::OK), false) else { return };
-                    let mut tunnel = H2Stream::new(send, body);
-                    if let Err(e) =
-                        tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, COPY_BUFFER, COPY_BUFFER)
-                            .await
-                    {
+                    if let Err(e) = crate::splice(upstream, H2Stream::new(send, body)).await {
                         tracing::debug!(error = %e, %authority, "HBONE tunnel ended with an error");
                     }
                 }

@@ -11,8 +11,8 @@ use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub struct H2Stream {
-    send: SendStream<Bytes>,
-    recv: RecvStream,
+    pub(crate) send: SendStream<Bytes>,
+    pub(crate) recv: RecvStream,
     pending: Bytes,
 }
 
@@ -22,11 +22,17 @@ impl H2Stream {
     }
 }
 
-fn h2_io(e: h2::Error) -> io::Error {
+pub(crate) fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"))
     } else {
         io::Error::other(e)
+    }
+}
+
+impl AsMut<H2Stream> for H2Stream {
+    fn as_mut(&mut self) -> &mut H2Stream {
+        self
     }
 }
 

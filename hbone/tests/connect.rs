@@ -143,6 +143,42 @@ async fn tunnel_carries_bytes_both_ways_with_hbone_headers() {
     assert_eq!((parts.len(), parts[0], parts[1].len(), parts[2].len(), parts[3]), (4, "00", 32, 16, "01"), "{tp}");
 }
 
+/// `hbone::splice`, as ztunnel's outbound path uses it: an app's socket spliced into a tunnel
+/// (and, on the server, the tunnel spliced into the upstream socket). Bytes arrive intact beyond
+/// the stream window and the read chunk, and a half-close travels through: the app shuts down
+/// its write side while the echo is still sending and still reads everything back, then EOF.
+#[tokio::test]
+async fn spliced_tunnel_carries_bytes_both_ways_and_half_closes() {
+    let h = harness().await;
+    let conn = client(&h).await;
+    let app_side = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app_side.local_addr().unwrap();
+    let echo = h.echo;
+    let proxy = tokio::spawn(async move {
+        let (pod_conn, _) = app_side.accept().await.unwrap();
+        let stream = conn.open(&tunnel(echo)).await.unwrap();
+        hbone::splice(pod_conn, stream).await
+    });
+    let payload: Vec<u8> = (0..9 << 20).map(|i| (i % 253) as u8).collect();
+    let app = TcpStream::connect(app_addr).await.unwrap();
+    let (mut r, mut w) = app.into_split();
+    let to_send = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&to_send).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    // A lost END_STREAM or shutdown would leave the app waiting for EOF forever.
+    tokio::time::timeout(std::time::Duration::from_secs(30), r.read_to_end(&mut back))
+        .await
+        .expect("EOF reaches the app")
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), payload.len());
+    assert!(back == payload, "echoed bytes differ");
+    proxy.await.unwrap().expect("splice ends cleanly once both directions are done");
+}
+
 #[tokio::test]
 async fn tunnels_share_one_connection() {
     let h = harness().await;

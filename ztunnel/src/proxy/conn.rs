@@ -180,15 +180,34 @@ impl Drop for Tracker {
     }
 }
 
-/// The destination-facing side of a proxied connection: writes count as sent, reads as received.
+/// One socket of a proxied connection, counting what passes through it. On the destination side
+/// writes are bytes sent and reads bytes received; on the client side it is the other way round.
 pub struct Tracked<S> {
     inner: S,
     tracker: Arc<Tracker>,
+    client_side: bool,
 }
 
 impl<S> Tracked<S> {
+    /// Wraps the socket facing the destination.
     pub fn new(inner: S, tracker: Arc<Tracker>) -> Tracked<S> {
-        Tracked { inner, tracker }
+        Tracked { inner, tracker, client_side: false }
+    }
+
+    /// Wraps the socket facing the client: used when the destination side is an HBONE tunnel,
+    /// which is spliced without a byte-stream wrapper.
+    pub fn client_side(inner: S, tracker: Arc<Tracker>) -> Tracked<S> {
+        Tracked { inner, tracker, client_side: true }
+    }
+
+    fn count_read(&self, n: u64) {
+        let counter = if self.client_side { &self.tracker.sent } else { &self.tracker.received };
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn count_written(&self, n: u64) {
+        let counter = if self.client_side { &self.tracker.received } else { &self.tracker.sent };
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -196,8 +215,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        self.tracker.received.fetch_add(n, Ordering::Relaxed);
+        self.count_read((buf.filled().len() - before) as u64);
         r
     }
 }
@@ -206,7 +224,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
-            self.tracker.sent.fetch_add(n as u64, Ordering::Relaxed);
+            self.count_written(n as u64);
         }
         r
     }

@@ -86,7 +86,9 @@ impl Proxy {
                 match self.pool.open(&key, &tunnel, dial).await {
                     Ok(stream) => {
                         let tracker = Tracker::open(record(authority, peer, service, true), self.metrics.clone());
-                        splice(client, Tracked::new(stream, tracker)).await;
+                        if let Err(e) = hbone::splice(Tracked::client_side(client, tracker), stream).await {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(%src, %dst, via = %addr, error = %e, "HBONE tunnel failed");
