@@ -1,9 +1,10 @@
 //! HBONE building blocks shared by ztunnel and the waypoint.
 //!
-//! This first slice owns identity and transport security: [`Identity`] (SPIFFE IDs),
+//! Identity and transport security: [`Identity`] (SPIFFE IDs),
 //! [`tls`] (TLS 1.3-only configs with the two HBONE suites and ALPN `h2`, SPIFFE verifiers, and a
 //! certificate slot that can be swapped without dropping connections), and the HTTP/2 CONNECT
-//! [`client`] and [`server`] with HBONE's [`settings`], and the connection [`pool`].
+//! [`client`] and [`server`] with HBONE's [`settings`], the connection [`pool`], and [`splice`], which
+//! joins a socket to a tunnel without copying payload in user space.
 
 pub mod client;
 pub mod identity;
