@@ -235,3 +235,55 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn record() -> Record {
+        Record {
+            direction: "outbound",
+            reporter: Reporter::source,
+            src: "10.244.1.10:40000".parse().unwrap(),
+            dst: "10.244.2.10:8080".parse().unwrap(),
+            src_peer: Peer::default(),
+            dst_peer: Peer::default(),
+            service: String::new(),
+            mtls: true,
+        }
+    }
+
+    /// Writes 5 bytes into the wrapped socket and reads 3 back; returns the metric lines.
+    async fn exchange(client_side: bool) -> String {
+        let metrics = Arc::new(Metrics::new());
+        let (ours, mut peer) = tokio::io::duplex(64);
+        let tracker = Tracker::open(record(), metrics.clone());
+        let mut s = if client_side { Tracked::client_side(ours, tracker) } else { Tracked::new(ours, tracker) };
+        s.write_all(b"hello").await.unwrap();
+        peer.write_all(b"abc").await.unwrap();
+        let mut got = [0u8; 3];
+        s.read_exact(&mut got).await.unwrap();
+        drop(s);
+        let text = metrics.encode();
+        text.lines()
+            .filter(|l| l.starts_with("istio_tcp_") && l.contains("_bytes_total{"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[tokio::test]
+    async fn destination_side_counts_writes_as_sent_and_client_side_counts_reads_as_sent() {
+        let dst = exchange(false).await;
+        assert!(
+            dst.contains("istio_tcp_sent_bytes_total{")
+                && dst.lines().any(|l| l.starts_with("istio_tcp_sent") && l.ends_with(" 5")),
+            "{dst}"
+        );
+        assert!(dst.lines().any(|l| l.starts_with("istio_tcp_received") && l.ends_with(" 3")), "{dst}");
+        let client = exchange(true).await;
+        assert!(client.lines().any(|l| l.starts_with("istio_tcp_sent") && l.ends_with(" 3")), "{client}");
+        assert!(client.lines().any(|l| l.starts_with("istio_tcp_received") && l.ends_with(" 5")), "{client}");
+    }
+}
