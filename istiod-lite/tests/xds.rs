@@ -207,6 +207,31 @@ async fn tls_port_requires_a_node_token() {
     let mut stream = c.delta_aggregated_resources(req).await.unwrap().into_inner();
     let first = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap().unwrap();
     assert_eq!(first.type_url, ADDRESS_TYPE_URL);
+
+    // A valid token does not let a client pose as another node through NODE_NAME.
+    let mut claims_node2 = node().unwrap();
+    let name = string_value("node2");
+    claims_node2.metadata = Some(trellis_proto::envoy::google::protobuf::Struct {
+        fields: [("NODE_NAME".to_string(), name)].into_iter().collect(),
+    });
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(claims_node2),
+        type_url: ADDRESS_TYPE_URL.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut stream = c.delta_aggregated_resources(req).await.unwrap().into_inner();
+    let err = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+}
+
+fn string_value(s: &str) -> trellis_proto::envoy::google::protobuf::Value {
+    use trellis_proto::envoy::google::protobuf::value::Kind;
+    trellis_proto::envoy::google::protobuf::Value { kind: Some(Kind::StringValue(s.into())) }
 }
 
 #[tokio::test]

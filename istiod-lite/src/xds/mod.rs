@@ -7,6 +7,7 @@
 //! each stream wakes, asks the cache for changes since the sequence it last sent, and pushes them.
 
 pub mod cache;
+mod drive;
 pub mod server;
 pub mod sotw;
 pub mod status;

@@ -12,8 +12,8 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
+use trellis_proto::envoy::envoy::config::core::v3::Node;
 use trellis_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use trellis_proto::envoy::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
@@ -21,6 +21,7 @@ use trellis_proto::envoy::envoy::service::discovery::v3::{
 use trellis_proto::envoy::google::protobuf::Any;
 
 use super::cache::{Cache, Entry};
+use super::drive::{drive, AdsStream, Shared};
 use super::status::{Nack, Registry};
 use super::TYPES;
 use crate::ca::tokens::NodeTokens;
@@ -52,6 +53,12 @@ pub struct AdsServer {
 }
 
 type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+impl AdsServer {
+    fn shared(&self) -> Shared {
+        Shared { cache: self.cache.clone(), registry: self.registry.clone(), metrics: self.metrics.clone() }
+    }
+}
+
 type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -77,10 +84,11 @@ impl AggregatedDiscoveryService for AdsServer {
             tx,
             self.send_timeout,
         );
+        let shared = self.shared();
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             tokio::select! {
-                _ = stream.run(req.into_inner(), peer) => {}
+                _ = drive(stream, shared, req.into_inner(), peer) => {}
                 _ = shutdown.wait_for(|s| *s) => {}
             }
         });
@@ -110,11 +118,13 @@ impl AggregatedDiscoveryService for AdsServer {
             subs: HashMap::new(),
             id: 0,
             nonce: 0,
+            authenticated_node,
         };
+        let shared = self.shared();
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             tokio::select! {
-                _ = stream.run(req.into_inner(), peer, authenticated_node) => {}
+                _ = drive(stream, shared, req.into_inner(), peer) => {}
                 _ = shutdown.wait_for(|s| *s) => {}
             }
         });
@@ -149,6 +159,8 @@ struct DeltaStreamTask {
     subs: HashMap<&'static str, Subscription>,
     id: u64,
     nonce: u64,
+    /// The node named by the bearer token on the secure port; the client may not claim another.
+    authenticated_node: Option<String>,
 }
 
 /// Removes the stream from the registry however the task ends.
@@ -208,75 +220,45 @@ pub(crate) fn metadata_string(
     }
 }
 
-impl DeltaStreamTask {
-    async fn run(
-        mut self,
-        mut inbound: Streaming<DeltaDiscoveryRequest>,
-        peer: String,
-        authenticated_node: Option<String>,
-    ) {
-        let mut seq_rx = self.cache.subscribe();
-        let mut guard = None;
-        let mut dirty = false;
-        let mut next_push = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                msg = inbound.next() => {
-                    let req = match msg {
-                        Some(Ok(r)) => r,
-                        Some(Err(e)) => {
-                            tracing::debug!(stream = self.id, error = %e, "xDS stream ended with error");
-                            break;
-                        }
-                        None => break,
-                    };
-                    if guard.is_none() {
-                        let node_id = req.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
-                        let node_name = metadata_string(req.node.as_ref(), "NODE_NAME").unwrap_or_default();
-                        if let Some(auth) = &authenticated_node {
-                            if !node_name.is_empty() && node_name != *auth {
-                                tracing::warn!(token_node = auth, node_name, "xDS client claims another node's name; closing");
-                                let _ = self.tx.send(Err(Status::permission_denied("NODE_NAME does not match the token's node"))).await;
-                                break;
-                            }
-                        }
-                        self.id = self.registry.connect(node_id.clone(), node_name, peer.clone());
-                        self.metrics.xds_connections.inc();
-                        guard = Some(Connected { id: self.id, registry: self.registry.clone(), metrics: self.metrics.clone() });
-                        tracing::info!(stream = self.id, node = node_id, peer, "xDS client connected");
-                    }
-                    if self.on_request(req).await.is_err() {
-                        break;
-                    }
-                }
-                changed = seq_rx.changed(), if !dirty => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    dirty = true;
-                }
-                _ = tokio::time::sleep_until(next_push), if dirty => {
-                    dirty = false;
-                    next_push = tokio::time::Instant::now() + MIN_PUSH_INTERVAL;
-                    let types: Vec<&'static str> = TYPES.iter().copied().filter(|t| self.subs.contains_key(t)).collect();
-                    let mut failed = false;
-                    for t in types {
-                        if self.push(t, false).await.is_err() {
-                            failed = true;
-                            break;
-                        }
-                    }
-                    if failed {
-                        break;
-                    }
-                }
+impl AdsStream for DeltaStreamTask {
+    type Request = DeltaDiscoveryRequest;
+    const PROTOCOL: &'static str = "delta";
+
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
+    async fn admit(&mut self, node: Option<&Node>) -> Result<(), ()> {
+        let node_name = metadata_string(node, "NODE_NAME").unwrap_or_default();
+        match &self.authenticated_node {
+            Some(auth) if !node_name.is_empty() && node_name != *auth => {
+                tracing::warn!(token_node = auth, node_name, "xDS client claims another node's name; closing");
+                let _ = self.tx.send(Err(Status::permission_denied("NODE_NAME does not match the token's node"))).await;
+                Err(())
             }
+            _ => Ok(()),
         }
-        tracing::info!(stream = self.id, "xDS client disconnected");
-        drop(guard);
     }
 
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), ()> {
+        self.handle_request(req).await
+    }
+
+    async fn push_changes(&mut self, type_url: &'static str) -> Result<(), ()> {
+        self.push(type_url, false).await
+    }
+
+    fn is_subscribed(&self, type_url: &str) -> bool {
+        self.subs.contains_key(type_url)
+    }
+
+    fn set_id(&mut self, id: u64) {
+        self.id = id;
+    }
+}
+
+impl DeltaStreamTask {
+    async fn handle_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), ()> {
         let Some(type_url) = TYPES.iter().copied().find(|t| *t == req.type_url) else {
             tracing::debug!(
                 stream = self.id,

@@ -16,14 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
-use tonic::{Status, Streaming};
+use tonic::Status;
 use trellis_proto::envoy::envoy::config::core::v3::Node;
 use trellis_proto::envoy::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use trellis_proto::envoy::google::protobuf::Any;
 
 use super::cache::{version_of, Cache, Entry};
-use super::server::{metadata_string, record_ack_or_nack, Connected, MAX_PENDING, MIN_PUSH_INTERVAL};
+use super::drive::AdsStream;
+use super::server::{metadata_string, record_ack_or_nack, MAX_PENDING};
 use super::status::Registry;
 use super::translate::grpc::{inbound, inbound_name, INBOUND_PREFIX};
 use super::{CLUSTER_TYPE_URL, LISTENER_TYPE_URL, TYPES};
@@ -89,63 +89,39 @@ impl SotwStreamTask {
             node_ip: None,
         }
     }
+}
 
-    pub(crate) async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>, peer: String) {
-        let mut seq_rx = self.cache.subscribe();
-        let mut guard = None;
-        let mut dirty = false;
-        let mut next_push = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                msg = inbound.next() => {
-                    let req = match msg {
-                        Some(Ok(r)) => r,
-                        Some(Err(e)) => {
-                            tracing::debug!(stream = self.id, error = %e, "xDS stream ended with error");
-                            break;
-                        }
-                        None => break,
-                    };
-                    if guard.is_none() {
-                        let node_id = req.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
-                        let node_name = metadata_string(req.node.as_ref(), "NODE_NAME").unwrap_or_default();
-                        self.node_ip = node_ip(req.node.as_ref());
-                        self.id = self.registry.connect(node_id.clone(), node_name, peer.clone());
-                        self.metrics.xds_connections.inc();
-                        guard = Some(Connected { id: self.id, registry: self.registry.clone(), metrics: self.metrics.clone() });
-                        tracing::info!(stream = self.id, node = node_id, peer, "state-of-the-world xDS client connected");
-                    }
-                    if self.on_request(req).await.is_err() {
-                        break;
-                    }
-                }
-                changed = seq_rx.changed(), if !dirty => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    dirty = true;
-                }
-                _ = tokio::time::sleep_until(next_push), if dirty => {
-                    dirty = false;
-                    next_push = tokio::time::Instant::now() + MIN_PUSH_INTERVAL;
-                    let types: Vec<&'static str> = TYPES.iter().copied().filter(|t| self.subs.contains_key(t)).collect();
-                    let mut failed = false;
-                    for t in types {
-                        if self.push(t, false).await.is_err() {
-                            failed = true;
-                            break;
-                        }
-                    }
-                    if failed {
-                        break;
-                    }
-                }
-            }
-        }
-        tracing::info!(stream = self.id, "state-of-the-world xDS client disconnected");
-        drop(guard);
+impl AdsStream for SotwStreamTask {
+    type Request = DiscoveryRequest;
+    const PROTOCOL: &'static str = "state-of-the-world";
+
+    fn node(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
     }
 
+    async fn admit(&mut self, node: Option<&Node>) -> Result<(), ()> {
+        self.node_ip = node_ip(node);
+        Ok(())
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), ()> {
+        self.handle_request(req).await
+    }
+
+    async fn push_changes(&mut self, type_url: &'static str) -> Result<(), ()> {
+        self.push(type_url, false).await
+    }
+
+    fn is_subscribed(&self, type_url: &str) -> bool {
+        self.subs.contains_key(type_url)
+    }
+
+    fn set_id(&mut self, id: u64) {
+        self.id = id;
+    }
+}
+
+impl SotwStreamTask {
     /// Maps a requested name to the cache's: a wildcard-address server listener becomes the
     /// listener of this node's IP.
     fn resolve(&self, type_url: &str, name: &str) -> String {
@@ -159,7 +135,7 @@ impl SotwStreamTask {
         name.to_string()
     }
 
-    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), ()> {
+    async fn handle_request(&mut self, req: DiscoveryRequest) -> Result<(), ()> {
         let Some(type_url) = TYPES.iter().copied().find(|t| *t == req.type_url) else {
             tracing::debug!(stream = self.id, type_url = req.type_url, "ignoring a type this server does not serve");
             return Ok(());
