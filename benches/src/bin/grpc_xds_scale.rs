@@ -9,17 +9,16 @@
 //! measured on its own (a burst is coalesced into fewer pushes, which `bench-xds` covers).
 //! Last line: `change_to_all_ms=<median> cpu_s=<x> rss_mb=<x>`.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use hyper::Method;
 use prost::Message;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use trellis_benches::{cpu_s, free_port, peak_rss_mb};
+use trellis_benches::{cpu_s, peak_rss_mb, Istiod};
 use trellis_proto::envoy::envoy::config::core::v3::Node;
 use trellis_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use trellis_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -105,33 +104,11 @@ async fn subscriber(xds: u16, id: usize, report: mpsc::UnboundedSender<(usize, u
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let bin = std::env::args().nth(1).unwrap_or_else(|| "target/release/istiod-lite".into());
-    let dir = tempfile::tempdir()?;
-    let (api, xds, sec) = (free_port(), free_port(), free_port());
-    let mut child = Command::new(&bin)
-        .args(["--state-dir", &dir.path().join("state").display().to_string()])
-        .args(["--api-addr", &format!("127.0.0.1:{api}"), "--xds-addr", &format!("127.0.0.1:{xds}")])
-        .args(["--secure-addr", &format!("127.0.0.1:{sec}")])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {bin}"))?;
-    let pid = child.id();
-    let result = run(api, xds, pid).await;
-    let _ = child.kill();
-    let _ = child.wait();
-    result
+    let (istiod, client) = Istiod::start(&bin).await?;
+    run(client, istiod.xds, istiod.pid()).await
 }
 
-async fn run(api: u16, xds: u16, pid: u32) -> anyhow::Result<()> {
-    let client = meshctl::client::Client::new(&format!("http://127.0.0.1:{api}"))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.call(Method::GET, "/ready", None).await.map(|r| !r.status.is_success()).unwrap_or(true) {
-        if Instant::now() > deadline {
-            bail!("istiod-lite did not become ready");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn run(client: meshctl::client::Client, xds: u16, pid: u32) -> anyhow::Result<()> {
     client
         .ok(
             Method::PUT,

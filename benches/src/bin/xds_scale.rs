@@ -8,7 +8,6 @@
 //! Last line: `snapshot_s=<x> change_p99_ms=<x> rss_mb=<x>`.
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +17,7 @@ use hyper::Method;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use trellis_benches::{cpu_s, free_port, peak_rss_mb};
+use trellis_benches::{cpu_s, peak_rss_mb, Istiod};
 use trellis_proto::envoy::envoy::config::core::v3::Node;
 use trellis_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use trellis_proto::envoy::envoy::service::discovery::v3::DeltaDiscoveryRequest;
@@ -117,42 +116,15 @@ async fn subscriber(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let bin = std::env::args().nth(1).unwrap_or_else(|| "target/release/istiod-lite".into());
-    let dir = tempfile::tempdir()?;
-    let (api, xds, sec) = (free_port(), free_port(), free_port());
-    let mut child = Command::new(&bin)
-        .args(["--state-dir", &dir.path().join("state").display().to_string()])
-        .args([
-            "--api-addr",
-            &format!("127.0.0.1:{api}"),
-            "--xds-addr",
-            &format!("127.0.0.1:{xds}"),
-            "--secure-addr",
-            &format!("127.0.0.1:{sec}"),
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {bin}"))?;
-    let pid = child.id();
-    let result = run(api, xds, pid).await;
-    let _ = child.kill();
-    let _ = child.wait();
-    result
+    let (istiod, client) = Istiod::start(&bin).await?;
+    run(client, istiod.xds, istiod.pid()).await
 }
 
-async fn run(api: u16, xds: u16, pid: u32) -> anyhow::Result<()> {
+async fn run(client: meshctl::client::Client, xds: u16, pid: u32) -> anyhow::Result<()> {
     // BENCH_SUBSCRIBERS lets a developer separate apply cost from push cost; the reported run uses 100.
     let subscribers: usize =
         std::env::var("BENCH_SUBSCRIBERS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_SUBSCRIBERS);
-    let client = Arc::new(meshctl::client::Client::new(&format!("http://127.0.0.1:{api}"))?);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.call(Method::GET, "/ready", None).await.map(|r| !r.status.is_success()).unwrap_or(true) {
-        if Instant::now() > deadline {
-            bail!("istiod-lite did not become ready");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let client = Arc::new(client);
     let held: Arc<Vec<AtomicUsize>> = Arc::new((0..subscribers).map(|_| AtomicUsize::new(0)).collect());
     let (probe_tx, mut probe_rx) = mpsc::unbounded_channel();
     for id in 0..subscribers {
