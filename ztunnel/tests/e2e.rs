@@ -266,6 +266,19 @@ fn cert_expiry(lab: &Lab, node: usize, identity: &str) -> u64 {
     t.unix_timestamp() as u64
 }
 
+/// `Some` once the `hold` client logged `want`; panics with its log as soon as it has failed, so a
+/// broken connection reports why instead of timing out.
+fn held_connection_state(lab: &Lab, label: &str, want: &str) -> Option<()> {
+    let exited = lab.exited(label);
+    // Read the log after the exit check: a client that printed `want` and then exited passes.
+    let log = lab.log(label);
+    if log.contains(want) {
+        return Some(());
+    }
+    assert!(!exited && !log.contains("mismatch"), "held connection {label} failed:\n{log}");
+    None
+}
+
 /// A connection held for 45 s over certificates that live 30 s, while istiod-lite restarts;
 /// then a policy applied after the restart proves ztunnel resynced; then SIGTERM drains.
 #[test]
@@ -287,9 +300,7 @@ fn long_connection_survives_rotation_and_istiod_restart_then_drains() {
     lab.start_istiod();
     assert_eq!(lab.curl(&client, &url_b).as_deref(), Ok("server-b"));
 
-    wait_for("the held connection to finish", Duration::from_secs(60), || {
-        lab.log("hold").contains("ok 45").then_some(())
-    });
+    wait_for("the held connection to finish", Duration::from_secs(60), || held_connection_state(&lab, "hold", "ok 45"));
     let renewed = cert_expiry(&lab, 1, client_id);
     assert!(renewed >= first_expiry + 15, "certificate not renewed: expiry {first_expiry} then {renewed}");
     assert!(lab.log("ztunnel1").contains("certificate renewed"));
@@ -305,12 +316,20 @@ fn long_connection_survives_rotation_and_istiod_restart_then_drains() {
 
     // SIGTERM: the open connection finishes, new ones are refused, then the process exits.
     lab.spawn("hold2", &client.netns, std::path::Path::new("python3"), &[script, "hold", &server_b.ip, "9000", "4"]);
-    std::thread::sleep(Duration::from_millis(500));
+    // SIGTERM only once the connection is up: on a loaded host python can take over a second to
+    // start, and a connection opened after SIGTERM is refused by design.
+    wait_for("the second held connection to open", Duration::from_secs(20), || {
+        held_connection_state(&lab, "hold2", "connected")
+    });
     netlab::sh(&format!("kill -TERM {}", lab.pid("ztunnel1").expect("ztunnel1 running")));
+    wait_for("ztunnel to start draining", Duration::from_secs(10), || {
+        lab.log("ztunnel1").contains("draining: no new connections").then_some(())
+    });
+    // The accept loops see the drain signal on the data runtime, a moment after the log line.
     std::thread::sleep(Duration::from_millis(300));
     assert!(lab.curl(&client, &url_b).is_err(), "a draining ztunnel accepted a new connection");
-    wait_for("the held connection to finish", Duration::from_secs(15), || {
-        lab.log("hold2").contains("ok 4").then_some(())
+    wait_for("the second held connection to finish", Duration::from_secs(15), || {
+        held_connection_state(&lab, "hold2", "ok 4")
     });
     wait_for("ztunnel to exit", Duration::from_secs(10), || {
         lab.log("ztunnel1").contains("drained; exiting").then_some(())

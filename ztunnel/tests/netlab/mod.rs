@@ -214,6 +214,13 @@ impl Lab {
         self.procs.lock().unwrap().iter().find(|(l, _)| l == label).map(|(_, c)| c.id())
     }
 
+    /// Whether a process started with [`spawn`](Self::spawn) has exited.
+    pub fn exited(&self, label: &str) -> bool {
+        let mut procs = self.procs.lock().unwrap();
+        let child = procs.iter_mut().find(|(l, _)| l == label).map(|(_, c)| c);
+        child.is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
     pub fn log(&self, label: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{label}.log"))).unwrap_or_default()
     }
