@@ -2,7 +2,7 @@
 //! the original destination of a captured connection.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -48,13 +48,20 @@ pub async fn listen(ns: &Netns, addr: SocketAddr, mark: u32) -> io::Result<TcpLi
 }
 
 /// Connects to `dst` from inside `ns`, with the proxy mark so capture does not loop it back.
-pub async fn connect(ns: &Netns, dst: SocketAddr, mark: u32) -> io::Result<TcpStream> {
+///
+/// With a `source`, the connection leaves from that address (`IP_TRANSPARENT`, any port), so an
+/// inbound connection reaches the pod from the client's own address, as it would without a
+/// mesh. Capture routes the pod's replies back to this socket.
+pub async fn connect(ns: &Netns, source: Option<IpAddr>, dst: SocketAddr, mark: u32) -> io::Result<TcpStream> {
     let std = ns
         .run(move || {
             let s = Socket::new(domain(&dst), Type::STREAM, Some(Protocol::TCP))?;
             s.set_mark(mark)?;
             s.set_nonblocking(true)?;
             s.set_tcp_nodelay(true)?;
+            if let Some(ip) = source.filter(|ip| ip.is_ipv4() == dst.is_ipv4() && !ip.is_unspecified()) {
+                bind_transparent(&s, ip).map_err(|e| io::Error::new(e.kind(), format!("binding to {ip}: {e}")))?;
+            }
             Ok(std::net::TcpStream::from(s))
         })
         .await?;
@@ -62,6 +69,38 @@ pub async fn connect(ns: &Netns, dst: SocketAddr, mark: u32) -> io::Result<TcpSt
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {dst} timed out"))),
+    }
+}
+
+fn bind_transparent(s: &Socket, ip: IpAddr) -> io::Result<()> {
+    if ip.is_ipv4() {
+        s.set_ip_transparent_v4(true)?;
+        // Pick the port at connect time, from the whole 4-tuple: many connections from one
+        // client address to different destinations then share ports, as they would anyway.
+        set_bind_address_no_port(s)?;
+    } else {
+        s.set_ip_transparent_v6(true)?;
+    }
+    s.bind(&SocketAddr::new(ip, 0).into())
+}
+
+fn set_bind_address_no_port(s: &Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a c_int option value of the advertised size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

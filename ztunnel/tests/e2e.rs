@@ -75,6 +75,10 @@ fn pod_to_pod_and_vip_over_hbone_with_l4_policy() {
 
     // Pod to pod across nodes, and the reply names the server.
     assert_eq!(lab.curl(&client, &url_b).as_deref(), Ok("server-b"));
+    // The server sees its caller's own address, over HBONE and over PERMISSIVE plaintext alike.
+    let peer_b = format!("{url_b}peer");
+    assert_eq!(lab.curl(&client, &peer_b), Ok(client.ip.clone()), "source address over HBONE");
+    assert_eq!(lab.curl(&outsider, &peer_b), Ok(outsider.ip.clone()), "source address over plaintext");
 
     // On the wire between the nodes: only TLS to 15008, never the payload. The outsider's
     // plaintext request is the positive control that the capture would have seen it.
@@ -225,6 +229,28 @@ spec:
         BTreeSet::from(["spiffe://cluster.local/ns/demo/sa/client", "spiffe://cluster.local/ns/demo/sa/server"])
     );
     assert!(dump["certificates"][0]["expires_in_s"].as_u64().unwrap() > 3600);
+}
+
+/// The fallback capture carries the same traffic: HBONE pod to pod and through a VIP, PERMISSIVE
+/// plaintext, and the server still sees each caller's own address (its replies reach ztunnel's
+/// transparent socket through the `route` chain and the policy route).
+#[test]
+fn nftables_capture_carries_mesh_and_plaintext_traffic_with_the_callers_address() {
+    let Mesh { lab, client, outsider, server_b, .. } = mesh(&["--capture", "nftables"]);
+    let dump: serde_json::Value = serde_json::from_str(&lab.ztunnel_get(2, 15000, "/config_dump")).unwrap();
+    assert_eq!(dump["capture"], "nftables");
+    let url_b = format!("http://{}:8080/", server_b.ip);
+    assert_eq!(lab.curl(&client, &url_b).as_deref(), Ok("server-b"));
+    assert_eq!(lab.curl(&client, &format!("{url_b}peer")), Ok(client.ip.clone()));
+    assert_eq!(lab.curl(&outsider, &format!("{url_b}peer")), Ok(outsider.ip.clone()));
+    assert!(lab.curl(&client, "http://10.96.0.10:80/").is_ok_and(|b| b.starts_with("server-")));
+    let m = lab.ztunnel_get(2, 15020, "/metrics");
+    assert!(
+        m.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+            && l.contains("reporter=\"destination\"")
+            && l.contains("connection_security_policy=\"mutual_tls\"")),
+        "{m}"
+    );
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {

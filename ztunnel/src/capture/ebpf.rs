@@ -12,7 +12,6 @@
 //! interface, because steered packets arrive with the pod's own address as their source.
 
 use std::io;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -21,13 +20,12 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 
+use super::local_route;
 use crate::netns::Netns;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture.o"));
 
-/// Marks packets the egress program turned around; also the policy routing table's id.
-pub const STEER_MARK: u32 = 0x53a;
-const RULE_PRIORITY: u32 = 100;
+pub use super::local_route::STEER_MARK;
 const PROGRAMS: [(&str, TcAttachType, &str); 2] =
     [("trellis_ingress", TcAttachType::Ingress, "ingress"), ("trellis_egress", TcAttachType::Egress, "egress")];
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -102,7 +100,7 @@ impl Programs {
         let iface = default_route_interface()?;
         std::fs::write(format!("/proc/sys/net/ipv4/conf/{iface}/accept_local"), "1")?;
         std::fs::write(format!("/proc/sys/net/ipv4/conf/{iface}/rp_filter"), "0")?;
-        policy_route()?;
+        local_route::install()?;
         let mut bpf = self.bpf.lock().unwrap_or_else(|e| e.into_inner());
         let mut to_pin = Vec::new();
         for (name, attach, dir) in PROGRAMS {
@@ -157,7 +155,7 @@ impl Programs {
         if let Some(ns) = ns {
             // The route and rule only matter to steered packets, which no longer exist; remove
             // them anyway so an unenrolled pod's namespace is as we found it.
-            let _ = ns.run_blocking(remove_policy_route);
+            let _ = ns.run_blocking(local_route::remove);
         }
         Ok(())
     }
@@ -177,58 +175,4 @@ fn default_route_interface() -> io::Result<String> {
         .find(|(_, dst)| *dst == "00000000")
         .map(|(iface, _)| iface.to_string())
         .ok_or_else(|| io::Error::other("the pod has no default route, so no interface to capture on"))
-}
-
-fn netlink<T>(f: impl AsyncFnOnce(rtnetlink::Handle) -> Result<T, rtnetlink::Error>) -> io::Result<T> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
-    rt.block_on(async move {
-        let (conn, handle, _) = rtnetlink::new_connection()?;
-        tokio::spawn(conn);
-        f(handle).await.map_err(|e| io::Error::other(format!("netlink: {e}")))
-    })
-}
-
-fn exists(e: &rtnetlink::Error) -> bool {
-    crate::netlink::errno(e) == -libc::EEXIST
-}
-
-/// `local 0.0.0.0/0 dev lo table STEER_MARK`: steered packets are for this host, whatever the
-/// destination address.
-fn steer_route() -> rtnetlink::packet_route::route::RouteMessage {
-    use rtnetlink::packet_route::route::{RouteScope, RouteType};
-    rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-        .output_interface(1) // loopback is always ifindex 1 in a namespace
-        .table_id(STEER_MARK)
-        .kind(RouteType::Local)
-        .scope(RouteScope::Host)
-        .build()
-}
-
-fn policy_route() -> io::Result<()> {
-    netlink(async |h| {
-        let rule = h.rule().add().v4().fw_mark(STEER_MARK).table_id(STEER_MARK).priority(RULE_PRIORITY);
-        match rule.action(rtnetlink::packet_route::rule::RuleAction::ToTable).execute().await {
-            Err(e) if !exists(&e) => return Err(e),
-            _ => {}
-        }
-        match h.route().add(steer_route()).execute().await {
-            Err(e) if !exists(&e) => Err(e),
-            _ => Ok(()),
-        }
-    })
-}
-
-fn remove_policy_route() -> io::Result<()> {
-    netlink(async |h| {
-        let _ = h.route().del(steer_route()).execute().await;
-        let mut rule = rtnetlink::packet_route::rule::RuleMessage::default();
-        rule.header.family = rtnetlink::packet_route::AddressFamily::Inet;
-        rule.header.table = 0;
-        rule.attributes.push(rtnetlink::packet_route::rule::RuleAttribute::FwMark(STEER_MARK));
-        rule.attributes.push(rtnetlink::packet_route::rule::RuleAttribute::Table(STEER_MARK));
-        rule.attributes.push(rtnetlink::packet_route::rule::RuleAttribute::Priority(RULE_PRIORITY));
-        let _ = h.rule().del(rule).execute().await;
-        Ok(())
-    })
 }

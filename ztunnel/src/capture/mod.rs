@@ -6,6 +6,7 @@
 //! after the listeners exist, and removed before they close.
 
 pub mod ebpf;
+pub mod local_route;
 pub mod nftables;
 
 use std::io;

@@ -11,6 +11,11 @@
 //!
 //! Only the first packet of a connection traverses `nat` chains, so replies and established
 //! flows are untouched. The table is replaced atomically (one `nft -f` transaction).
+//!
+//! ztunnel opens its connections to the pod from the client's address (`IP_TRANSPARENT`), so
+//! the pod's replies are addressed to a host elsewhere. A `route` chain marks them
+//! [`STEER_MARK`](super::local_route::STEER_MARK): conntrack remembers which connections
+//! ztunnel opened (they carry its mark), and the policy route delivers marked packets locally.
 
 use std::io::{self, Write};
 use std::process::{Command, Stdio};
@@ -20,10 +25,16 @@ use crate::netns::Netns;
 pub const TABLE: &str = "trellis";
 
 pub fn ruleset(mark: u32) -> String {
+    let steer = super::local_route::STEER_MARK;
     format!(
         r#"table inet {TABLE}
 delete table inet {TABLE}
 table inet {TABLE} {{
+  chain replies_to_ztunnel {{
+    type route hook output priority mangle; policy accept;
+    meta mark {mark:#x} ct state new ct mark set {mark:#x}
+    ct direction reply ct mark {mark:#x} meta mark set {steer:#x}
+  }}
   chain output {{
     type nat hook output priority -100; policy accept;
     meta mark {mark:#x} return
@@ -62,10 +73,12 @@ fn nft(ns: &Netns, script: String) -> io::Result<()> {
 
 /// Installs (or replaces) the capture table in `ns`.
 pub(super) fn install(ns: &Netns, mark: u32) -> io::Result<()> {
+    ns.run_blocking(super::local_route::install)?;
     nft(ns, ruleset(mark))
 }
 
 /// Removes the capture table; a missing table is not an error.
 pub(super) fn remove(ns: &Netns) -> io::Result<()> {
-    nft(ns, format!("table inet {TABLE}\ndelete table inet {TABLE}\n"))
+    nft(ns, format!("table inet {TABLE}\ndelete table inet {TABLE}\n"))?;
+    ns.run_blocking(super::local_route::remove)
 }

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::identity::{CertError, CertManager, Issued};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Reporter};
 use crate::netns::Netns;
 use crate::sockets;
 use crate::state::policy::{self, Decision};
@@ -136,10 +136,12 @@ impl Proxy {
     }
 
     /// Connects to `record.dst` from inside the pod's namespace (marked, so capture lets it
-    /// through) and starts accounting for the connection. A failure is logged and counted as an
-    /// `upstream` rejection.
+    /// through) and starts accounting for the connection. Inbound connections leave from the
+    /// client's address (`record.src`), so the pod sees its real caller. A failure is logged and
+    /// counted as an `upstream` rejection.
     async fn connect_tracked(&self, pod: &Pod, record: conn::Record) -> Option<conn::Tracked<TcpStream>> {
-        match sockets::connect(&pod.ns, record.dst, self.settings.mark).await {
+        let source = (record.reporter == Reporter::destination).then(|| record.src.ip());
+        match sockets::connect(&pod.ns, source, record.dst, self.settings.mark).await {
             Ok(up) => Some(conn::Tracked::new(up, conn::Tracker::open(record, self.metrics.clone()))),
             Err(e) => {
                 tracing::info!(dst = %record.dst, direction = record.direction, error = %e, "upstream connect failed");

@@ -117,7 +117,7 @@ impl Proxy {
         cert: Issued,
         identities: Vec<Identity>,
     ) -> Result<Connection, HboneError> {
-        let tcp = sockets::connect(&ns, addr, self.settings.mark).await?;
+        let tcp = sockets::connect(&ns, None, addr, self.settings.mark).await?;
         let cfg = hbone::tls::client_config(cert.slot, self.roots.clone(), identities)
             .map_err(|e| HboneError::Tls(e.to_string()))?;
         let tls = tokio::time::timeout(
