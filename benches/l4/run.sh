@@ -159,6 +159,11 @@ median() { python3 -c 'import statistics,sys; print(statistics.median(map(float,
 # 10 s run can differ from the next by 30% (host steal, where the scheduler puts four busy
 # processes). Each figure is the median over the rounds; every round is printed.
 R_RAW_GBPS=(); R_MESH_GBPS=(); R_RAW_RPS=(); R_MESH_RPS=(); R_RAW_P50=(); R_MESH_P50=(); R_RAW_P99=(); R_MESH_P99=()
+# On a VM, how an idle vCPU waits decides what every sleep/wake-up costs, and a proxied request
+# has three times as many as a direct one: print it so runs on different hosts can be compared.
+halt_poll=$(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns 2>/dev/null || echo n/a)
+echo "== host: $(nproc) CPUs, cpuidle $(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo n/a)," \
+  "guest_halt_poll_ns=${halt_poll} (0: an idle vCPU halts at once and each wake-up exits to the hypervisor)"
 echo "== ${ROUNDS} rounds of: iperf3 single stream, then wrk with 4 keep-alive connections; ${DURATION}s each"
 for round in $(seq 1 "$ROUNDS"); do
   R_RAW_GBPS+=("$(iperf rawc 10.244.2.10)")
