@@ -90,7 +90,10 @@ fn pod_to_pod_and_vip_over_hbone_with_l4_policy() {
         std::path::Path::new("tcpdump"),
         &["-i", "eth0", "-U", "--immediate-mode", "-s", "0", "-w", &pcap.to_string(), "tcp"],
     );
-    std::thread::sleep(Duration::from_millis(800));
+    // tcpdump says "listening on" once its capture is open: only then can it see the request.
+    wait_for("tcpdump listening", Duration::from_secs(15), || {
+        lab.log("tcpdump").contains("listening on").then_some(())
+    });
     let secret = "trellis-secret-payload-4711";
     let post = |pod: &Pod| lab.exec_ok(&pod.netns, &format!("curl -sS --max-time 5 -d {secret} {url_b}"));
     assert_eq!(post(&client).trim(), "server-b");

@@ -35,17 +35,25 @@ fn post_and_sniff(lab: &Lab, from: &Pod, to: &Pod) -> Sniffed {
         "tcpdump",
         &lab.underlay(),
         std::path::Path::new("tcpdump"),
-        &["-i", "br0", "-U", "-s", "0", "-w", &pcap],
+        &["-i", "br0", "-U", "--immediate-mode", "-s", "0", "-w", &pcap],
     );
-    wait_for("tcpdump running", Duration::from_secs(5), || std::path::Path::new(&pcap).exists().then_some(()));
-    std::thread::sleep(Duration::from_millis(500));
+    // tcpdump says "listening on" once its capture is open: only then can it see the request.
+    wait_for("tcpdump listening", Duration::from_secs(15), || {
+        lab.log("tcpdump").contains("listening on").then_some(())
+    });
     let out = lab.exec(&from.netns, &format!("curl -sS --max-time 5 -d {SECRET} http://{}:8080/", to.ip));
     std::thread::sleep(Duration::from_millis(500));
     lab.stop("tcpdump");
     let seen = contains(&std::fs::read(&pcap).expect("capture"), SECRET.as_bytes());
     // tcpdump decodes VXLAN on 4789 and prints the inner packets.
     let decoded = netlab::sh(&format!("tcpdump -nn -r {pcap} 'udp port 4789' 2>/dev/null"));
-    assert!(decoded.contains("VXLAN"), "pod traffic did not cross the underlay in VXLAN:\n{decoded}");
+    assert!(
+        decoded.contains("VXLAN"),
+        "pod traffic did not cross the underlay in VXLAN:\n{decoded}\ncurl: {}{}\ntcpdump: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        lab.log("tcpdump")
+    );
     let hbone = decoded.lines().any(|l| l.contains(&format!("{}.15008", to.ip)));
     Sniffed { answer: String::from_utf8_lossy(&out.stdout).trim().to_string(), plaintext: seen, hbone }
 }
