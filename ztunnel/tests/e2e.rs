@@ -118,12 +118,8 @@ fn pod_to_pod_and_vip_over_hbone_with_l4_policy() {
     assert_eq!(lab.curl(&client, &format!("http://{}:8080/", outsider.ip)).as_deref(), Ok("outsider"));
     assert!(lab.curl(&client, &format!("http://{}:15014/ready", netlab::ISTIOD_IP)).is_ok());
     let dump = lab.ztunnel_get(1, 15020, "/metrics");
-    assert!(
-        dump.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total{")
-            && l.contains("destination_workload=\"outsider\"")
-            && l.contains("connection_security_policy=\"unknown\"")),
-        "{dump}"
-    );
+    let outsider_opened = ["destination_workload=\"outsider\"", "connection_security_policy=\"unknown\""];
+    assert!(metric_line(&dump, "istio_tcp_connections_opened_total", &outsider_opened).is_some(), "{dump}");
 
     // The Service VIP spreads over both endpoints, on the target port.
     let mut seen = BTreeSet::new();
@@ -134,13 +130,8 @@ fn pod_to_pod_and_vip_over_hbone_with_l4_policy() {
 
     // Metrics on the destination side carry identities and mutual_tls.
     let m = lab.ztunnel_get(2, 15020, "/metrics");
-    let line = m
-        .lines()
-        .find(|l| {
-            l.starts_with("istio_tcp_connections_opened_total{")
-                && l.contains("reporter=\"destination\"")
-                && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")
-        })
+    let client_opened = ["reporter=\"destination\"", "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\""];
+    let line = metric_line(&m, "istio_tcp_connections_opened_total", &client_opened)
         .unwrap_or_else(|| panic!("no destination-side metric for the client:\n{m}"));
     assert!(line.contains("connection_security_policy=\"mutual_tls\""), "{line}");
     assert!(line.contains("destination_workload=\"server-b\""), "{line}");
@@ -210,12 +201,8 @@ spec:
     expect_reachable(&lab, &outsider, &url_a, false);
     assert_eq!(lab.curl(&client, &url_a).as_deref(), Ok("server-a"));
     let m = lab.ztunnel_get(1, 15020, "/metrics");
-    assert!(
-        m.lines().any(|l| l.starts_with("trellis_connections_rejected_total{")
-            && l.contains("direction=\"inbound_plaintext\"")
-            && l.contains("reason=\"policy\"")),
-        "{m}"
-    );
+    let rejected = ["direction=\"inbound_plaintext\"", "reason=\"policy\""];
+    assert!(metric_line(&m, "trellis_connections_rejected_total", &rejected).is_some(), "{m}");
     lab.delete(strict);
     expect_reachable(&lab, &outsider, &url_a, true);
 
@@ -248,12 +235,15 @@ fn nftables_capture_carries_mesh_and_plaintext_traffic_with_the_callers_address(
     assert_eq!(lab.curl(&outsider, &format!("{url_b}peer")), Ok(outsider.ip.clone()));
     assert!(lab.curl(&client, "http://10.96.0.10:80/").is_ok_and(|b| b.starts_with("server-")));
     let m = lab.ztunnel_get(2, 15020, "/metrics");
-    assert!(
-        m.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total{")
-            && l.contains("reporter=\"destination\"")
-            && l.contains("connection_security_policy=\"mutual_tls\"")),
-        "{m}"
-    );
+    let mtls_opened = ["reporter=\"destination\"", "connection_security_policy=\"mutual_tls\""];
+    assert!(metric_line(&m, "istio_tcp_connections_opened_total", &mtls_opened).is_some(), "{m}");
+}
+
+/// The first sample of metric `name` in Prometheus `text` whose labels include every one of `labels`.
+fn metric_line<'a>(text: &'a str, name: &str, labels: &[&str]) -> Option<&'a str> {
+    text.lines().find(|l| {
+        l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{')) && labels.iter().all(|x| l.contains(x))
+    })
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
