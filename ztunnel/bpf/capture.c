@@ -9,7 +9,8 @@
 // ingress: a steered SYN is assigned to the 15001 listener with bpf_sk_assign; the destination
 //          stays intact, so the accepted socket's local address is the original destination.
 //          A SYN from outside goes to the 15006 listener, except HBONE on 15008, which reaches
-//          its listener directly. Steered packets of established flows go to their socket.
+//          its listener directly, and the node's own probes (source-NATed to PROBE_SOURCE on the
+//          node, see capture/probes.rs), which reach the pod untouched. Steered packets of established flows go to their socket.
 //          STEER_MARK selects a policy route `local 0.0.0.0/0 dev lo`, so the stack delivers
 //          packets for foreign addresses locally, as TPROXY does.
 //
@@ -27,6 +28,8 @@
 // Set by the loader.
 volatile const __u32 PROXY_MARK = 0x539;
 volatile const __u32 STEER_MARK = 0x53a;
+// 169.254.7.127, network byte order.
+volatile const __u32 PROBE_SOURCE = 0x7f07fea9;
 
 #define OUTBOUND_PORT 15001
 #define INBOUND_PLAINTEXT_PORT 15006
@@ -36,6 +39,7 @@ enum stat {
     STAT_OUTBOUND = 0,   // outbound connections steered to 15001
     STAT_INBOUND = 1,    // inbound plaintext connections steered to 15006
     STAT_NO_LISTENER = 2,// SYNs dropped because ztunnel was not listening
+    STAT_PROBE = 3,      // probes from the node, passed to the pod
     STAT_MAX = 4,
 };
 
@@ -157,6 +161,10 @@ int trellis_ingress(struct __sk_buff *skb)
     }
     if (!f.syn || f.tuple.ipv4.dport == bpf_htons(HBONE_PORT))
         return TC_ACT_OK;
+    if (f.tuple.ipv4.saddr == PROBE_SOURCE) {
+        count(STAT_PROBE);
+        return TC_ACT_OK;
+    }
     return to_listener(skb, f.tuple.ipv4.daddr, INBOUND_PLAINTEXT_PORT, STAT_INBOUND);
 }
 

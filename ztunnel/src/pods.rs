@@ -17,9 +17,10 @@
 //! the first xDS snapshot the pod is enrolled again, or released if it was unlabelled meanwhile.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use trellis_proto::istio::workload::TunnelProtocol;
 
-use crate::capture::Capture;
+use crate::capture::{probes, Capture};
 use crate::identity::CertManager;
 use crate::netns::Netns;
 use crate::proxy::{route, Proxy};
@@ -41,6 +42,8 @@ const ADD_WAIT: Duration = Duration::from_secs(3);
 
 struct Enrolled {
     ns: Arc<Netns>,
+    /// The pod's IPv4 address, which the node's probe table must know.
+    ip: Option<Ipv4Addr>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -103,6 +106,10 @@ pub struct Pods {
     passes: watch::Sender<u64>,
     /// Reconciling before the first snapshot would unmesh every pod.
     synced: watch::Receiver<bool>,
+    /// The meshed pods' addresses last written to the node's probe table; `None` until the
+    /// table is installed, which each pass retries.
+    probe_targets: Mutex<Option<Vec<Ipv4Addr>>>,
+    probe_table_warned: AtomicBool,
 }
 
 impl Pods {
@@ -138,6 +145,8 @@ impl Pods {
             kick: Notify::new(),
             passes: watch::channel(0).0,
             synced,
+            probe_targets: Mutex::default(),
+            probe_table_warned: AtomicBool::new(false),
         }
     }
 
@@ -252,15 +261,25 @@ impl Pods {
                         "not meshed: label the namespace {} istio.io/dataplane-mode=ambient (or the pod, to override)",
                         r.namespace
                     )),
-                    Some(w) => route::identity(w).ok_or_else(|| "no service account".to_string()),
+                    Some(w) => route::identity(w)
+                        .map(|id| {
+                            (
+                                id,
+                                w.addresses.iter().find_map(|a| match crate::state::ip(a) {
+                                    Some(IpAddr::V4(v4)) => Some(v4),
+                                    _ => None,
+                                }),
+                            )
+                        })
+                        .ok_or_else(|| "no service account".to_string()),
                 }
             };
             let enrolled = lock(&self.enrolled).contains_key(&uid);
             match want {
                 Ok(_) if enrolled => self.reason(&uid, "meshed"),
-                Ok(id) => {
+                Ok((id, ip)) => {
                     self.reason(&uid, ENROLLING);
-                    match self.enroll(&uid, &r, &id).await {
+                    match self.enroll(&uid, &r, &id, ip).await {
                         Ok(()) => self.reason(&uid, "meshed"),
                         Err(e) => {
                             tracing::warn!(pod = uid, error = %e, "enrollment failed; will retry");
@@ -276,6 +295,42 @@ impl Pods {
                     self.reason(&uid, &why);
                 }
             }
+        }
+        self.sync_probe_table().await;
+    }
+
+    /// Points the node's probe SNAT at exactly the enrolled pods, installing the table first if
+    /// this run has not yet.
+    async fn sync_probe_table(&self) {
+        let mut want: Vec<Ipv4Addr> = lock(&self.enrolled).values().filter_map(|e| e.ip).collect();
+        want.sort_unstable();
+        let current = lock(&self.probe_targets).clone();
+        if current.as_ref() == Some(&want) {
+            return;
+        }
+        let install = current.is_none();
+        let list = want.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            if install {
+                probes::install()?;
+            }
+            probes::sync(&list)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match written {
+            Ok(()) => {
+                if install {
+                    tracing::info!(table = probes::TABLE, source = %probes::PROBE_SOURCE, "node probes to meshed pods bypass capture");
+                }
+                *lock(&self.probe_targets) = Some(want);
+            }
+            Err(e) if !self.probe_table_warned.swap(true, Ordering::Relaxed) => tracing::warn!(
+                error = %e,
+                "node probe table not installed: probes from this node to meshed pods count as plaintext, \
+                 so STRICT rejects them; retrying"
+            ),
+            Err(e) => tracing::debug!(error = %e, "node probe table still not installed"),
         }
     }
 
@@ -298,7 +353,13 @@ impl Pods {
         }
     }
 
-    async fn enroll(&self, uid: &str, r: &Registered, id: &hbone::Identity) -> Result<(), String> {
+    async fn enroll(
+        &self,
+        uid: &str,
+        r: &Registered,
+        id: &hbone::Identity,
+        ip: Option<Ipv4Addr>,
+    ) -> Result<(), String> {
         self.in_progress.fetch_add(1, Ordering::AcqRel);
         let _guard = InProgress(&self.in_progress);
         let cert = self.certs.get(id).await.map_err(|e| format!("certificate: {e}"))?;
@@ -317,7 +378,7 @@ impl Pods {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("listeners: {e}"))?;
-        let enrolled = Enrolled { ns: ns.clone(), tasks };
+        let enrolled = Enrolled { ns: ns.clone(), ip, tasks };
         // Mark before installing: if we crash in between, the next run cleans up.
         self.set_captured(uid, true);
         let capture = self.capture.clone();

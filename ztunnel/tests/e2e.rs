@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use netlab::{wait_for, Lab, Pod};
+use ztunnel::capture::probes::PROBE_SOURCE;
 
 const MESH: &str = r#"
 apiVersion: v1
@@ -196,14 +197,13 @@ spec:
     // clients keep working.
     let url_a = format!("http://{}:8080/", server_a.ip);
     assert_eq!(lab.curl(&outsider, &url_a).as_deref(), Ok("server-a"));
-    let strict = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: demo}\nspec: {mtls: {mode: STRICT}}\n";
-    lab.apply(strict);
+    lab.apply(STRICT_DEMO);
     expect_reachable(&lab, &outsider, &url_a, false);
     assert_eq!(lab.curl(&client, &url_a).as_deref(), Ok("server-a"));
     let m = lab.ztunnel_get(1, 15020, "/metrics");
     let rejected = ["direction=\"inbound_plaintext\"", "reason=\"policy\""];
     assert!(metric_line(&m, "trellis_connections_rejected_total", &rejected).is_some(), "{m}");
-    lab.delete(strict);
+    lab.delete(STRICT_DEMO);
     expect_reachable(&lab, &outsider, &url_a, true);
 
     // The admin view has the workloads, the service, and a certificate per local identity.
@@ -221,9 +221,69 @@ spec:
     assert!(dump["certificates"][0]["expires_in_s"].as_u64().unwrap() > 3600);
 }
 
+const STRICT_DEMO: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: demo}\nspec: {mtls: {mode: STRICT}}\n";
+
+/// `GET /peer` from `node` itself, as the kubelet probes a pod: the address the pod sees.
+fn probe_from_node(lab: &Lab, node: usize, pod: &Pod) -> String {
+    lab.exec_ok(&lab.node(node), &format!("curl -sS --max-time 5 http://{}:8080/peer", pod.ip)).trim().to_string()
+}
+
+/// The node's own probes (kubelet's) reach meshed pods under STRICT, from the probe address,
+/// while the same plaintext from a pod is rejected. A pod that spoofs the probe address is
+/// dropped on the node, whether its packet is bridged (same node) or routed (other node).
+#[test]
+fn node_probes_pass_strict_and_the_probe_address_cannot_be_spoofed() {
+    let Mesh { lab, outsider, server_a, server_b, .. } = mesh(&[]);
+    lab.apply(STRICT_DEMO);
+    expect_reachable(&lab, &outsider, &format!("http://{}:8080/", server_a.ip), false);
+    assert_eq!(probe_from_node(&lab, 1, &server_a), PROBE_SOURCE.to_string());
+    assert_eq!(probe_from_node(&lab, 2, &server_b), PROBE_SOURCE.to_string());
+    // A pod outside the mesh keeps seeing the node's own address.
+    lab.app(&outsider, &["http", "outsider", "8080"], 8080);
+    assert_eq!(probe_from_node(&lab, 1, &outsider), "10.244.1.1");
+
+    // Sniff SYNs from the probe address inside both servers' namespaces (before capture runs).
+    let servers = [(&server_a, 1), (&server_b, 2)];
+    for (server, _) in servers {
+        let pcap = lab.dir.path().join(format!("{}.pcap", server.name));
+        let filter =
+            format!("tcp[tcpflags] & tcp-syn != 0 and tcp[tcpflags] & tcp-ack == 0 and src host {PROBE_SOURCE}");
+        let label = format!("tcpdump-{}", server.name);
+        let args = ["-i", "eth0", "-U", "--immediate-mode", "-w", &pcap.display().to_string(), &filter];
+        lab.spawn(&label, &server.netns, std::path::Path::new("tcpdump"), &args);
+        wait_for("tcpdump listening", Duration::from_secs(15), || {
+            lab.log(&label).contains("listening on").then_some(())
+        });
+    }
+    // Positive control: one real probe each, which the sniffers must see.
+    for (server, node) in servers {
+        assert_eq!(probe_from_node(&lab, node, server), PROBE_SOURCE.to_string());
+    }
+    lab.exec_ok(&outsider.netns, &format!("ip addr add {PROBE_SOURCE}/32 dev eth0"));
+    for (server, _) in servers {
+        let spoofed = lab.exec(
+            &outsider.netns,
+            &format!("curl -sS --max-time 2 --interface {PROBE_SOURCE} http://{}:8080/peer", server.ip),
+        );
+        assert!(!spoofed.status.success(), "a spoofed probe reached {}", server.name);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for (server, _) in servers {
+        lab.stop(&format!("tcpdump-{}", server.name));
+        let pcap = lab.dir.path().join(format!("{}.pcap", server.name));
+        let syns = netlab::sh(&format!("tcpdump -nn -r {} 2>/dev/null", pcap.display()));
+        assert_eq!(
+            syns.lines().count(),
+            1,
+            "SYNs from the probe address at {}: only the node's own\n{syns}",
+            server.name
+        );
+    }
+}
+
 /// The fallback capture carries the same traffic: HBONE pod to pod and through a VIP, PERMISSIVE
 /// plaintext, and the server still sees each caller's own address (its replies reach ztunnel's
-/// transparent socket through the `route` chain and the policy route).
+/// transparent socket through the `route` chain and the policy route). Node probes pass STRICT.
 #[test]
 fn nftables_capture_carries_mesh_and_plaintext_traffic_with_the_callers_address() {
     let Mesh { lab, client, outsider, server_b, .. } = mesh(&["--capture", "nftables"]);
@@ -234,6 +294,10 @@ fn nftables_capture_carries_mesh_and_plaintext_traffic_with_the_callers_address(
     assert_eq!(lab.curl(&client, &format!("{url_b}peer")), Ok(client.ip.clone()));
     assert_eq!(lab.curl(&outsider, &format!("{url_b}peer")), Ok(outsider.ip.clone()));
     assert!(lab.curl(&client, "http://10.96.0.10:80/").is_ok_and(|b| b.starts_with("server-")));
+    // Under STRICT the outsider's plaintext is rejected, and the node's probe still passes.
+    lab.apply(STRICT_DEMO);
+    expect_reachable(&lab, &outsider, &url_b, false);
+    assert_eq!(probe_from_node(&lab, 2, &server_b), PROBE_SOURCE.to_string());
     let m = lab.ztunnel_get(2, 15020, "/metrics");
     let mtls_opened = ["reporter=\"destination\"", "connection_security_policy=\"mutual_tls\""];
     assert!(metric_line(&m, "istio_tcp_connections_opened_total", &mtls_opened).is_some(), "{m}");

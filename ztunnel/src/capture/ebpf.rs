@@ -21,6 +21,7 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 
 use super::local_route;
+use super::probes::PROBE_SOURCE;
 use crate::netns::Netns;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture.o"));
@@ -72,6 +73,7 @@ impl Programs {
         let mut bpf = EbpfLoader::new()
             .override_global("PROXY_MARK", &proxy_mark, true)
             .override_global("STEER_MARK", &STEER_MARK, true)
+            .override_global("PROBE_SOURCE", &u32::from_ne_bytes(PROBE_SOURCE.octets()), true)
             .default_map_pin_directory(pin_dir)
             .load(OBJECT)
             .map_err(|e| err("loading the eBPF capture object")(e.to_string()))?;

@@ -2,12 +2,14 @@
 //!
 //! Both modes work in the pod's own network namespace (the in-pod model): outbound connections
 //! go to 15001, inbound plaintext to 15006, and HBONE on 15008 reaches its listener directly.
-//! ztunnel's own sockets carry the proxy mark and are never captured. Capture is installed only
-//! after the listeners exist, and removed before they close.
+//! ztunnel's own sockets carry the proxy mark and are never captured, and the node's own probes
+//! pass untouched ([`probes`]). Capture is installed only after the listeners exist, and removed
+//! before they close.
 
 pub mod ebpf;
 pub mod local_route;
 pub mod nftables;
+pub mod probes;
 
 use std::io;
 use std::sync::Arc;

@@ -7,7 +7,8 @@
 //! - outbound: every TCP connection the pod opens, except over loopback and except ztunnel's own
 //!   (marked) sockets, goes to 15001;
 //! - inbound: TCP arriving from outside goes to 15006 (plaintext), except HBONE on 15008, which
-//!   ztunnel's 15008 listener receives directly.
+//!   ztunnel's 15008 listener receives directly, and the node's own probes, which arrive from
+//!   [`PROBE_SOURCE`](super::probes::PROBE_SOURCE) and go to the pod untouched.
 //!
 //! Only the first packet of a connection traverses `nat` chains, so replies and established
 //! flows are untouched. The table is replaced atomically (one `nft -f` transaction).
@@ -26,6 +27,7 @@ pub const TABLE: &str = "trellis";
 
 pub fn ruleset(mark: u32) -> String {
     let steer = super::local_route::STEER_MARK;
+    let probe = super::probes::PROBE_SOURCE;
     format!(
         r#"table inet {TABLE}
 delete table inet {TABLE}
@@ -44,6 +46,7 @@ table inet {TABLE} {{
   chain prerouting {{
     type nat hook prerouting priority -100; policy accept;
     iifname "lo" return
+    ip saddr {probe} return
     tcp dport 15008 return
     meta l4proto tcp redirect to :15006
   }}
@@ -52,23 +55,26 @@ table inet {TABLE} {{
     )
 }
 
+/// Applies `script` as one `nft -f` transaction in the calling thread's network namespace.
+pub(super) fn apply(script: &str) -> io::Result<()> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| io::Error::new(e.kind(), format!("running nft (is nftables installed?): {e}")))?;
+    child.stdin.take().ok_or_else(|| io::Error::other("nft stdin"))?.write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!("nft failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(())
+}
+
 fn nft(ns: &Netns, script: String) -> io::Result<()> {
-    ns.run_blocking(move || {
-        // Spawned from the namespace worker thread, so `nft` runs inside the pod's namespace.
-        let mut child = Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("running nft (is nftables installed?): {e}")))?;
-        child.stdin.take().ok_or_else(|| io::Error::other("nft stdin"))?.write_all(script.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            return Err(io::Error::other(format!("nft failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
-        }
-        Ok(())
-    })
+    // Spawned from the namespace worker thread, so `nft` runs inside the pod's namespace.
+    ns.run_blocking(move || apply(&script))
 }
 
 /// Installs (or replaces) the capture table in `ns`.
