@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/istio/security/authorization.proto",
         "proto/istio/security/citadel.proto",
         "proto/trellis/node/v1/node.proto",
+        "proto/trellis/pod/v1/pod.proto",
         "proto/trellis/echo/v1/echo.proto",
     ];
     for f in &files {

@@ -100,7 +100,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
         return Err(CniError::new(error::NETNS, format!("netns {} does not exist", netns.display())));
     }
     let ip = ipam(conf).allocate(&env.container_id, &env.ifname)?;
-    match wire(env, conf, netns, ip).and_then(|v| register(env, conf, netns).map(|_| v)) {
+    match wire(env, conf, netns, ip).and_then(|v| register(env, conf, netns, ip).map(|_| v)) {
         Ok(v) => Ok(v),
         Err(e) => {
             // Leave nothing behind: no veth, no allocation.
@@ -140,10 +140,12 @@ fn wire(env: &Env, conf: &NetConf, netns: &Path, ip: std::net::Ipv4Addr) -> Resu
 }
 
 /// Tells the node agent about the new pod; it decides whether to mesh it.
-fn register(env: &Env, conf: &NetConf, netns: &Path) -> Result<(), CniError> {
+fn register(env: &Env, conf: &NetConf, netns: &Path, ip: std::net::Ipv4Addr) -> Result<(), CniError> {
     let Some(sock) = &conf.agent_socket else { return Ok(()) };
     let (namespace, name) = pod_key(env)?;
-    let req = json!({"op": "add", "namespace": namespace, "name": name, "netns": netns.display().to_string()});
+    // The control plane learns the IP only after ADD; the agent needs it to capture the pod now.
+    let req =
+        json!({"op": "add", "namespace": namespace, "name": name, "netns": netns.display().to_string(), "ip": ip});
     agent_call(sock, &req).map(drop).map_err(|e| CniError::new(TRY_AGAIN_LATER, format!("{e}; try again later")))
 }
 

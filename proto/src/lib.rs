@@ -26,6 +26,11 @@ pub mod trellis {
             include!(concat!(env!("OUT_DIR"), "/trellis.node.v1.rs"));
         }
     }
+    pub mod pod {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/trellis.pod.v1.rs"));
+        }
+    }
     pub mod echo {
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/trellis.echo.v1.rs"));
@@ -41,6 +46,9 @@ pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
 /// Type URL of `trellis.node.v1.Node` resources: Trellis's own, for the overlay.
 pub const NODE_TYPE_URL: &str = "type.googleapis.com/trellis.node.v1.Node";
+/// Type URL of `trellis.pod.v1.PodMembership` resources: Trellis's own, so the node agent can
+/// capture a meshed pod before the pod has an IP.
+pub const POD_MEMBERSHIP_TYPE_URL: &str = "type.googleapis.com/trellis.pod.v1.PodMembership";
 
 /// Envoy xDS type URLs served to proxyless gRPC clients.
 pub const LISTENER_TYPE_URL: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";

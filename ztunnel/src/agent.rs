@@ -3,14 +3,15 @@
 //! One JSON object per line, one answer per line:
 //!
 //! ```text
-//! {"op":"add","namespace":"demo","name":"client","netns":"/var/run/netns/client"}
+//! {"op":"add","namespace":"demo","name":"client","netns":"/var/run/netns/client","ip":"10.244.1.5"}
 //! {"op":"remove","namespace":"demo","name":"client"}
 //! {"op":"list"}
 //! → {"ok":true,"pods":[{uid,netns,enrolled,reason}]} | {"ok":false,"error":"…"}
 //! ```
 //!
 //! `add` registers the pod; whether it is meshed follows its labels (see [`crate::pods`]), and
-//! the answer says which. The socket is created with mode 0600: registering a pod changes its
+//! the answer says which. `ip` (optional) is the address the CNI plugin assigned, which the
+//! control plane learns only later. The socket is created with mode 0600: registering a pod changes its
 //! traffic, so only root may.
 
 use std::os::unix::fs::PermissionsExt;
@@ -30,8 +31,17 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Deserialize, Serialize, Debug)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
-    Add { namespace: String, name: String, netns: PathBuf },
-    Remove { namespace: String, name: String },
+    Add {
+        namespace: String,
+        name: String,
+        netns: PathBuf,
+        #[serde(default)]
+        ip: Option<std::net::Ipv4Addr>,
+    },
+    Remove {
+        namespace: String,
+        name: String,
+    },
     List,
 }
 
@@ -101,7 +111,7 @@ async fn handle(line: &str, pods: &Pods) -> Response {
         Err(e) => return fail(format!("invalid request: {e}")),
     };
     match req {
-        Request::Add { namespace, name, netns } => match pods.add(&namespace, &name, &netns).await {
+        Request::Add { namespace, name, netns, ip } => match pods.add(&namespace, &name, &netns, ip).await {
             Ok(p) => Response { ok: true, pods: Some(vec![p]), ..Default::default() },
             Err(e) => {
                 tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "registration refused");

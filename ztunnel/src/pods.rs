@@ -6,6 +6,11 @@
 //! its own label does not say otherwise. [`Pods::run`] reconciles after every xDS update, so a
 //! label change meshes or unmeshes running pods without restarting them.
 //!
+//! A new pod has no IP, and so no workload, until its CNI ADD is done. istiod-lite therefore also
+//! publishes each scheduled pod's membership (`trellis.pod.v1.PodMembership`: meshed or not, and
+//! its service account); with it and the IP the CNI plugin passes, a meshed pod is enrolled
+//! before ADD returns, so it never runs uncaptured. Once the workload exists it is authoritative.
+//!
 //! Enrolling is ordered so that traffic is never captured before something listens: obtain the
 //! workload certificate, open the three listeners inside the pod's namespace, and only then
 //! install the capture. Unenrolling removes the capture first, then closes the listeners;
@@ -61,6 +66,9 @@ struct Registered {
     namespace: String,
     name: String,
     netns: PathBuf,
+    /// The address the CNI plugin gave the pod, before the control plane knows it.
+    #[serde(default)]
+    ip: Option<Ipv4Addr>,
     /// Capture may still be installed in its namespace (from this run or a previous one).
     #[serde(default)]
     captured: bool,
@@ -180,7 +188,13 @@ impl Pods {
     /// Registers pod `namespace/name` whose network namespace is at `netns`. A new path for a
     /// known pod (it was recreated) replaces the old registration. Waits briefly for the outcome
     /// and returns the pod's state.
-    pub async fn add(&self, namespace: &str, name: &str, netns: &Path) -> Result<PodInfo, String> {
+    pub async fn add(
+        &self,
+        namespace: &str,
+        name: &str,
+        netns: &Path,
+        ip: Option<Ipv4Addr>,
+    ) -> Result<PodInfo, String> {
         if !netns.exists() {
             return Err(format!("pod {namespace}/{name}: netns {} does not exist", netns.display()));
         }
@@ -189,6 +203,7 @@ impl Pods {
             namespace: namespace.into(),
             name: name.into(),
             netns: netns.into(),
+            ip,
             captured: false,
             reason: None,
         };
@@ -255,23 +270,24 @@ impl Pods {
         for (uid, r) in registered {
             let want = {
                 let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-                match state.workload_by_uid(&uid) {
-                    None => Err("not known to the control plane (no Pod with an IP yet)".to_string()),
-                    Some(w) if w.tunnel_protocol != TunnelProtocol::Hbone as i32 => Err(format!(
+                let not_meshed = || {
+                    Err(format!(
                         "not meshed: label the namespace {} istio.io/dataplane-mode=ambient (or the pod, to override)",
                         r.namespace
-                    )),
-                    Some(w) => route::identity(w)
-                        .map(|id| {
-                            (
-                                id,
-                                w.addresses.iter().find_map(|a| match crate::state::ip(a) {
-                                    Some(IpAddr::V4(v4)) => Some(v4),
-                                    _ => None,
-                                }),
-                            )
-                        })
+                    ))
+                };
+                // The workload, once there is one, is authoritative; until the pod has an IP its
+                // membership says whether to capture it, so a meshed pod is captured from the start.
+                match (state.workload_by_uid(&uid), state.membership(&uid)) {
+                    (Some(w), _) if w.tunnel_protocol != TunnelProtocol::Hbone as i32 => not_meshed(),
+                    (Some(w), _) => route::identity(w)
+                        .map(|id| (id, w.addresses.iter().find_map(|a| ipv4(a)).or(r.ip)))
                         .ok_or_else(|| "no service account".to_string()),
+                    (None, Some(m)) if !m.meshed => not_meshed(),
+                    (None, Some(m)) => route::identity_of(&m.trust_domain, &m.namespace, &m.service_account)
+                        .map(|id| (id, r.ip))
+                        .ok_or_else(|| "no service account".to_string()),
+                    (None, None) => Err("not known to the control plane (no Pod scheduled to this node)".to_string()),
                 }
             };
             let enrolled = lock(&self.enrolled).contains_key(&uid);
@@ -425,6 +441,13 @@ impl Pods {
 }
 
 /// A stable name for a pod's capture objects (BPF pins).
+fn ipv4(bytes: &[u8]) -> Option<Ipv4Addr> {
+    match crate::state::ip(bytes)? {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    }
+}
+
 fn capture_key(r: &Registered) -> String {
     format!("{}_{}", r.namespace, r.name)
 }

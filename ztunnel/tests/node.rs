@@ -152,10 +152,22 @@ fn chained_portmap_gc_del_and_ztunnel_restart() {
     let conf = lab.cni_conf(1, &[json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true})]);
     let ports = json!({"portMappings": [{"hostPort": 18080, "containerPort": 8080, "protocol": "tcp"}]});
     let server = lab.cni_pod(1, "demo", "server", "server", "app: server", &conf, &ports);
-    let client = lab.cni_pod(1, "demo", "client", "client", "app: client", &conf, &json!({}));
     lab.wait_enrolled(&server, true);
-    lab.wait_enrolled(&client, true);
     lab.app(&server, &["http", "server", "8080"], 8080);
+    // A meshed pod is captured before ADD returns, while the control plane does not yet know its
+    // IP (so it has no workload): its membership is enough, and its first connection is mTLS.
+    let client = lab.cni_add(1, "demo", "client", "client", "app: client", &conf, &json!({}));
+    assert_eq!(lab.enrollment(&client), (true, "meshed".to_string()), "enrolled when ADD returns");
+    let dump: serde_json::Value = serde_json::from_str(&lab.ztunnel_get(1, 15000, "/config_dump")).unwrap();
+    let names: Vec<&str> = dump["workloads"].as_array().unwrap().iter().filter_map(|w| w["name"].as_str()).collect();
+    assert!(!names.contains(&"client"), "the client must not be a workload yet: {names:?}");
+    let mtls = "connection_security_policy=\"mutual_tls\"";
+    let before = opened(&lab, 1, mtls);
+    assert_eq!(lab.curl(&client, &format!("http://{}:8080/", server.ip)).as_deref(), Ok("server"));
+    wait_for("the first connection went over mTLS", Duration::from_secs(5), || {
+        (opened(&lab, 1, mtls) > before).then_some(())
+    });
+    lab.report_pod_ip(&client, "client", "app: client");
     let via_hostport = lab.exec(&lab.underlay(), "curl -sS --max-time 5 http://172.30.0.11:18080/");
     assert_eq!(
         String::from_utf8_lossy(&via_hostport.stdout).trim(),

@@ -16,17 +16,18 @@ pub mod translate;
 
 pub use trellis_proto::{
     ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, LISTENER_TYPE_URL, NODE_TYPE_URL,
-    ROUTE_TYPE_URL,
+    POD_MEMBERSHIP_TYPE_URL, ROUTE_TYPE_URL,
 };
 
 /// The types this server publishes, in the order they are pushed (policies before the workloads
 /// that reference them; for gRPC, clusters and endpoints before the listeners and routes that
-/// use them). Nodes are Trellis's own type, for the overlay; a client that does not subscribe to
-/// it (Istio's ztunnel) never sees it.
-pub const TYPES: [&str; 7] = [
+/// use them). Nodes and pod memberships are Trellis's own types, for the node agent; a client
+/// that does not subscribe to them (Istio's ztunnel) never sees them.
+pub const TYPES: [&str; 8] = [
     AUTHORIZATION_TYPE_URL,
     ADDRESS_TYPE_URL,
     NODE_TYPE_URL,
+    POD_MEMBERSHIP_TYPE_URL,
     CLUSTER_TYPE_URL,
     ENDPOINT_TYPE_URL,
     LISTENER_TYPE_URL,

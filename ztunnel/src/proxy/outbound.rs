@@ -34,7 +34,10 @@ impl Proxy {
         let (source, workload_baggage, route) = {
             let state = self.state.read().unwrap_or_else(|e| e.into_inner());
             let w = state.workload_by_uid(&pod.uid);
-            (w.map(Peer::of), w.map(baggage), route::outbound(&state, dst, self.next_pick()))
+            // Until its IP reaches the control plane a new pod has no workload, but its
+            // membership already names the identity it is enrolled as.
+            let membership = || state.membership(&pod.uid).filter(|m| m.meshed).map(Peer::of_membership);
+            (w.map(Peer::of).or_else(membership), w.map(baggage), route::outbound(&state, dst, self.next_pick()))
         };
         // Fail closed: a pod whose workload vanished from config has no identity to send as.
         let Some(source) = source else {

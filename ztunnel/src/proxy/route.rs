@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use hbone::Identity;
 use trellis_proto::istio::workload::{Service, TunnelProtocol, Workload, WorkloadStatus};
+use trellis_proto::trellis::pod::v1::PodMembership;
 
 use crate::state::{ip, State};
 
@@ -32,19 +33,30 @@ impl Peer {
             identity: identity(w),
         }
     }
+
+    /// A meshed pod not yet known as a workload (it has no IP in the control plane yet).
+    pub fn of_membership(m: &PodMembership) -> Peer {
+        Peer {
+            name: m.name.clone(),
+            namespace: m.namespace.clone(),
+            app: String::new(),
+            identity: identity_of(&m.trust_domain, &m.namespace, &m.service_account),
+        }
+    }
 }
 
 /// The SPIFFE identity a workload's certificate carries.
 pub fn identity(w: &Workload) -> Option<Identity> {
-    if w.service_account.is_empty() || w.namespace.is_empty() {
+    identity_of(&w.trust_domain, &w.namespace, &w.service_account)
+}
+
+/// The SPIFFE identity of a service account; an empty trust domain means `cluster.local`.
+pub fn identity_of(trust_domain: &str, namespace: &str, service_account: &str) -> Option<Identity> {
+    if service_account.is_empty() || namespace.is_empty() {
         return None;
     }
-    let td = if w.trust_domain.is_empty() { "cluster.local" } else { &w.trust_domain };
-    Some(Identity {
-        trust_domain: td.into(),
-        namespace: w.namespace.clone(),
-        service_account: w.service_account.clone(),
-    })
+    let td = if trust_domain.is_empty() { "cluster.local" } else { trust_domain };
+    Some(Identity { trust_domain: td.into(), namespace: namespace.into(), service_account: service_account.into() })
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use trellis_proto::istio::security::Authorization;
 use trellis_proto::istio::workload::{address, Service, Workload};
+use trellis_proto::trellis::pod::v1::PodMembership;
 
 pub mod policy;
 pub mod validate;
@@ -20,6 +21,8 @@ pub struct State {
     /// Service name → uids of the workloads that back it.
     endpoints: HashMap<String, BTreeSet<String>>,
     nodes: BTreeMap<String, Node>,
+    /// Pod uid → membership, known before the pod has an IP (and so a workload).
+    memberships: HashMap<String, PodMembership>,
 }
 
 /// A cluster node as the overlay needs it (IPv4 only).
@@ -87,6 +90,18 @@ impl State {
 
     pub fn remove_node(&mut self, name: &str) {
         self.nodes.remove(name);
+    }
+
+    pub fn membership(&self, uid: &str) -> Option<&PodMembership> {
+        self.memberships.get(uid)
+    }
+
+    pub fn upsert_membership(&mut self, m: PodMembership) {
+        self.memberships.insert(m.uid.clone(), m);
+    }
+
+    pub fn remove_membership(&mut self, uid: &str) {
+        self.memberships.remove(uid);
     }
 
     /// (workloads, services, policies)

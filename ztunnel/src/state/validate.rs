@@ -5,6 +5,7 @@ use prost::Message;
 use trellis_proto::istio::security::Authorization;
 use trellis_proto::istio::workload::{address, Address};
 use trellis_proto::trellis::node::v1 as node_pb;
+use trellis_proto::trellis::pod::v1::PodMembership;
 
 use super::Node;
 
@@ -72,6 +73,21 @@ pub fn authorization(name: &str, bytes: &[u8]) -> Result<Authorization, String> 
 
 fn ipv4(b: &[u8]) -> Option<std::net::Ipv4Addr> {
     <[u8; 4]>::try_from(b).ok().map(Into::into)
+}
+
+/// A pod's membership: named by its uid, and with what enrolling it needs.
+pub fn membership(name: &str, bytes: &[u8]) -> Result<PodMembership, String> {
+    let m = PodMembership::decode(bytes).map_err(|e| format!("{name}: not a trellis.pod.v1.PodMembership: {e}"))?;
+    if m.uid != name {
+        return Err(format!("{name}: membership has uid {:?}", m.uid));
+    }
+    if m.namespace.is_empty() || m.name.is_empty() {
+        return Err(format!("{name}: membership without namespace or name"));
+    }
+    if m.meshed && m.service_account.is_empty() {
+        return Err(format!("{name}: meshed pod without service_account (no identity to enroll it as)"));
+    }
+    Ok(m)
 }
 
 pub fn node(name: &str, bytes: &[u8]) -> Result<Node, String> {
@@ -173,5 +189,28 @@ mod tests {
         assert!(node("n2", &enc(v6)).unwrap_err().contains("IPv4"));
         let bad = node_pb::Node { pod_cidrs: vec![node_pb::Cidr { address: vec![10, 244, 2, 0], length: 33 }], ..ok };
         assert!(node("n2", &enc(bad)).unwrap_err().contains("pod_cidrs[0]"));
+    }
+
+    #[test]
+    fn memberships_are_checked() {
+        let uid = "Kubernetes//v1/Pod/demo/client";
+        let ok = PodMembership {
+            uid: uid.into(),
+            namespace: "demo".into(),
+            name: "client".into(),
+            node: "node1".into(),
+            service_account: "client".into(),
+            trust_domain: "cluster.local".into(),
+            meshed: true,
+        };
+        assert_eq!(membership(uid, &ok.encode_to_vec()), Ok(ok.clone()));
+        assert!(membership("other", &ok.encode_to_vec()).unwrap_err().contains("uid"));
+        let no_sa = PodMembership { service_account: String::new(), ..ok.clone() };
+        assert!(membership(uid, &no_sa.encode_to_vec()).unwrap_err().contains("service_account"));
+        let unmeshed = PodMembership { meshed: false, ..no_sa };
+        assert!(membership(uid, &unmeshed.encode_to_vec()).is_ok(), "an unmeshed pod needs no identity");
+        let anonymous = PodMembership { namespace: String::new(), ..ok };
+        assert!(membership(uid, &anonymous.encode_to_vec()).unwrap_err().contains("namespace"));
+        assert!(membership(uid, b"\xff\xff").unwrap_err().contains("not a trellis.pod.v1.PodMembership"));
     }
 }

@@ -16,12 +16,12 @@ use trellis_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_se
 use trellis_proto::envoy::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use trellis_proto::envoy::google::protobuf::{value::Kind, Struct, Value};
 use trellis_proto::envoy::google::rpc::Status as RpcStatus;
-use trellis_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, NODE_TYPE_URL};
+use trellis_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, NODE_TYPE_URL, POD_MEMBERSHIP_TYPE_URL};
 
 use crate::state::{validate, State};
 
 /// Nodes are Trellis's own type: the overlay's routes.
-const TYPES: [&str; 3] = [AUTHORIZATION_TYPE_URL, ADDRESS_TYPE_URL, NODE_TYPE_URL];
+const TYPES: [&str; 4] = [AUTHORIZATION_TYPE_URL, ADDRESS_TYPE_URL, NODE_TYPE_URL, POD_MEMBERSHIP_TYPE_URL];
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -175,6 +175,7 @@ impl Client {
             Address(trellis_proto::istio::workload::address::Type),
             Policy(trellis_proto::istio::security::Authorization),
             Node(crate::state::Node),
+            Membership(trellis_proto::trellis::pod::v1::PodMembership),
         }
         let mut parsed = Vec::with_capacity(resp.resources.len());
         for r in &resp.resources {
@@ -182,6 +183,7 @@ impl Client {
             let p = match t {
                 ADDRESS_TYPE_URL => Parsed::Address(validate::address(&r.name, body)?),
                 NODE_TYPE_URL => Parsed::Node(validate::node(&r.name, body)?),
+                POD_MEMBERSHIP_TYPE_URL => Parsed::Membership(validate::membership(&r.name, body)?),
                 _ => Parsed::Policy(validate::authorization(&r.name, body)?),
             };
             parsed.push((r.name.clone(), r.version.clone(), p));
@@ -192,6 +194,7 @@ impl Client {
             match t {
                 ADDRESS_TYPE_URL => state.remove_address(name),
                 NODE_TYPE_URL => state.remove_node(name),
+                POD_MEMBERSHIP_TYPE_URL => state.remove_membership(name),
                 _ => state.remove_policy(name),
             }
             versions.remove(name);
@@ -201,6 +204,7 @@ impl Client {
                 Parsed::Address(a) => state.upsert_address(&name, a),
                 Parsed::Policy(a) => state.upsert_policy(&name, a),
                 Parsed::Node(n) => state.upsert_node(n),
+                Parsed::Membership(m) => state.upsert_membership(m),
             }
             versions.insert(name, version);
         }

@@ -348,11 +348,12 @@ impl Lab {
         self.spawn(&format!("ztunnel{i}"), &self.node(i), &bin("ztunnel"), &args);
     }
 
-    /// The Pod object, running on node `node` with address `ip`.
-    fn apply_pod(&self, node: usize, namespace: &str, name: &str, sa: &str, labels: &str, ip: &str) {
+    /// The Pod object, scheduled to node `node`, and running with address `ip` once it has one.
+    fn apply_pod(&self, node: usize, namespace: &str, name: &str, sa: &str, labels: &str, ip: Option<&str>) {
+        let status = ip.map(|ip| format!("status: {{podIP: {ip}, phase: Running}}\n")).unwrap_or_default();
         self.apply(&format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\n\
-             spec: {{nodeName: node{node}, serviceAccountName: {sa}}}\nstatus: {{podIP: {ip}, phase: Running}}\n"
+             spec: {{nodeName: node{node}, serviceAccountName: {sa}}}\n{status}"
         ));
     }
 
@@ -360,7 +361,7 @@ impl Lab {
     /// (if `enroll`) enrollment with the node's ztunnel, as the CNI plugin would do.
     pub fn add_pod(&self, node: usize, namespace: &str, name: &str, sa: &str, labels: &str, host: u8) -> Pod {
         let ip = format!("10.244.{node}.{host}");
-        self.apply_pod(node, namespace, name, sa, labels, &ip);
+        self.apply_pod(node, namespace, name, sa, labels, Some(&ip));
         let netns = format!("{}p{}", self.prefix, self.veths.fetch_add(1, Ordering::Relaxed));
         self.add_netns(&netns);
         let n = self.node(node);
@@ -518,8 +519,8 @@ impl Lab {
         Ok(prev)
     }
 
-    /// A pod as a kubelet makes one: a netns, CNI ADD through `list`, then the Pod object with the
-    /// IP the plugin allocated.
+    /// A pod as a kubelet makes one: [`Lab::cni_add`], then the Pod's status with the IP the
+    /// plugin allocated.
     #[allow(clippy::too_many_arguments)] // one argument per CNI_* variable a runtime sets
     pub fn cni_pod(
         &self,
@@ -531,6 +532,31 @@ impl Lab {
         list: &serde_json::Value,
         runtime: &serde_json::Value,
     ) -> Pod {
+        let pod = self.cni_add(node, namespace, name, sa, labels, list, runtime);
+        self.report_pod_ip(&pod, sa, labels);
+        pod
+    }
+
+    /// Writes the pod's IP to its status, as the kubelet does once ADD has returned.
+    pub fn report_pod_ip(&self, pod: &Pod, sa: &str, labels: &str) {
+        self.apply_pod(pod.node, &pod.namespace, &pod.name, sa, labels, Some(&pod.ip));
+    }
+
+    /// The first half of [`Lab::cni_pod`]: the Pod object as the scheduler leaves it (bound to
+    /// the node, no IP), a netns, and CNI ADD through `list`. The control plane does not know the
+    /// pod's IP yet.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cni_add(
+        &self,
+        node: usize,
+        namespace: &str,
+        name: &str,
+        sa: &str,
+        labels: &str,
+        list: &serde_json::Value,
+        runtime: &serde_json::Value,
+    ) -> Pod {
+        self.apply_pod(node, namespace, name, sa, labels, None);
         let netns = format!("{}p{}", self.prefix, self.veths.fetch_add(1, Ordering::Relaxed));
         self.add_netns(&netns);
         sh(&format!("ip -n {netns} link set lo up"));
@@ -540,7 +566,6 @@ impl Lab {
             .unwrap_or_else(|e| panic!("CNI ADD for {namespace}/{name}: {e}"));
         let cidr = result["ips"][0]["address"].as_str().expect("an address in the CNI result");
         let ip = cidr.split('/').next().unwrap().to_string();
-        self.apply_pod(node, namespace, name, sa, labels, &ip);
         Pod { netns, namespace: namespace.into(), name: name.into(), ip, node }
     }
 

@@ -6,6 +6,7 @@
 //! resource.
 
 pub mod grpc;
+pub mod membership;
 pub mod node;
 pub mod policy;
 #[cfg(test)]
@@ -21,7 +22,7 @@ use prost::Message;
 use trellis_config::{selector, Kind, Object, ObjectKey};
 use trellis_proto::istio::workload as wl;
 
-use super::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, NODE_TYPE_URL};
+use super::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, NODE_TYPE_URL, POD_MEMBERSHIP_TYPE_URL};
 use crate::store::{Event, EventType};
 pub use world::World;
 
@@ -50,6 +51,8 @@ impl Default for Settings {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Target {
     Workload(ObjectKey),
+    /// A Pod's [`membership`], rendered alongside its workload.
+    Membership(ObjectKey),
     Service(ObjectKey),
     Policy(ObjectKey),
     PeerPolicy(ObjectKey),
@@ -77,6 +80,9 @@ impl Translator {
         let mut targets = BTreeSet::from([Target::StaticStrict]);
         for o in objects {
             targets.insert(self.own_target(&o));
+            if o.kind() == Kind::Pod {
+                targets.insert(Target::Membership(o.key()));
+            }
             self.world.upsert(o);
         }
         let mut out: Vec<Output> = targets.into_iter().filter_map(|t| self.render(&t)).collect();
@@ -162,7 +168,11 @@ impl Translator {
         let key = o.key();
         let root = self.settings.root_namespace.clone();
         match o {
-            Object::Pod(_) | Object::WorkloadEntry(_) => {
+            Object::Pod(_) => {
+                out.insert(Target::Membership(key.clone()));
+                out.insert(Target::Workload(key));
+            }
+            Object::WorkloadEntry(_) => {
                 out.insert(Target::Workload(key));
             }
             Object::Service(s) => {
@@ -171,7 +181,10 @@ impl Translator {
                     self.workloads_in(Some(&key.namespace), |w| selector::matches(&sel, workload_labels(w)), out);
                 }
             }
-            Object::Namespace(_) => self.workloads_in(Some(&key.name), |_| true, out),
+            Object::Namespace(_) => {
+                self.workloads_in(Some(&key.name), |_| true, out);
+                out.extend(self.world.in_namespace(Kind::Pod, &key.name).map(|p| Target::Membership(p.key())));
+            }
             Object::Node(_) => {
                 out.insert(Target::Node(key));
             }
@@ -201,6 +214,13 @@ impl Translator {
                         Bytes::from(wl::Address { r#type: Some(wl::address::Type::Workload(w)) }.encode_to_vec())
                     });
                 (ADDRESS_TYPE_URL, name, body)
+            }
+            Target::Membership(key) => {
+                let body = match self.world.get(key).map(|o| o.as_ref()) {
+                    Some(Object::Pod(p)) => membership::membership(&self.world, s, key, p),
+                    _ => None,
+                };
+                (POD_MEMBERSHIP_TYPE_URL, workload::uid(s, key), body.map(|m| Bytes::from(m.encode_to_vec())))
             }
             Target::Service(key) => {
                 let name = workload::service_name(s, key);

@@ -267,8 +267,9 @@ fn a_one_pod_change_renders_one_resource() {
     assert_eq!(publish(out), vec!["Kubernetes//v1/Pod/demo/b"]);
     let out = t.apply(&[Event { kind: EventType::Deleted, object: old, previous: None, revision: 10 }]);
     let workload_outputs: Vec<&Output> = out.iter().filter(|o| !crate::xds::GRPC_TYPES.contains(&o.0)).collect();
-    assert_eq!(workload_outputs.len(), 1);
-    assert!(workload_outputs[0].2.is_none(), "a deleted pod renders as a removal");
+    let types: Vec<&str> = workload_outputs.iter().map(|o| o.0).collect();
+    assert_eq!(types, vec![ADDRESS_TYPE_URL, POD_MEMBERSHIP_TYPE_URL], "the pod's workload and membership");
+    assert!(workload_outputs.iter().all(|o| o.2.is_none()), "a deleted pod renders as removals");
 }
 
 #[test]
@@ -286,4 +287,46 @@ fn nodes_render_only_when_routable() {
     for name in ["no-ip", "no-cidr"] {
         assert!(nodes.iter().find(|o| o.1 == name).expect("target").2.is_none(), "{name} must not render");
     }
+}
+
+fn membership(out: &[Output], name: &str) -> Option<trellis_proto::trellis::pod::v1::PodMembership> {
+    let o = out.iter().find(|(t, n, _)| *t == POD_MEMBERSHIP_TYPE_URL && n.ends_with(&format!("/{name}")))?;
+    o.2.clone().map(|b| Message::decode(b).expect("decodes"))
+}
+
+/// Membership is published once a pod is scheduled, before it has an IP (and so before it has a
+/// workload), and follows the namespace label.
+#[test]
+fn membership_is_known_before_the_pod_has_an_ip() {
+    let unscheduled = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: pending, namespace: demo}\nspec: {}\n";
+    let host = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: host, namespace: demo}\nspec: {nodeName: node1, hostNetwork: true}\n";
+    let yaml = format!(
+        "{NS}{}{}{unscheduled}{host}",
+        pod("demo", "new", "app: new", "").replace("status: {podIP: }\n", ""),
+        pod("plain", "other", "app: other", "").replace("status: {podIP: }\n", ""),
+    );
+    let mut t = Translator::new(Settings::default());
+    let out = t.load(objects(&yaml));
+    assert!(
+        !out.iter().any(|(t, n, b)| *t == ADDRESS_TYPE_URL && n.ends_with("/new") && b.is_some()),
+        "no IP, no workload"
+    );
+    let m = membership(&out, "new").expect("scheduled pod has a membership");
+    assert_eq!(
+        (m.uid.as_str(), m.namespace.as_str(), m.node.as_str(), m.service_account.as_str(), m.meshed),
+        ("Kubernetes//v1/Pod/demo/new", "demo", "node1", "sa-new", true)
+    );
+    assert_eq!(m.trust_domain, "cluster.local");
+    assert!(!membership(&out, "other").expect("rendered").meshed, "namespace plain is not ambient");
+    assert!(membership(&out, "pending").is_none(), "not scheduled yet");
+    assert!(membership(&out, "host").is_none(), "host network is never captured");
+
+    // Labelling the namespace re-renders its pods' memberships.
+    let plain = objects("apiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n").remove(0);
+    let labelled = objects(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: plain, labels: {istio.io/dataplane-mode: ambient}}\n",
+    )
+    .remove(0);
+    let out = t.apply(&[Event { kind: EventType::Modified, object: labelled, previous: Some(plain), revision: 2 }]);
+    assert!(membership(&out, "other").expect("re-rendered").meshed);
 }
