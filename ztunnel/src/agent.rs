@@ -42,7 +42,9 @@ pub enum Request {
         namespace: String,
         name: String,
     },
-    List,
+    /// A struct variant, so that `deny_unknown_fields` applies to it too: a unit variant of an
+    /// internally tagged enum accepts any extra field.
+    List {},
 }
 
 #[derive(Deserialize, Serialize, Debug, Default)]
@@ -122,6 +124,29 @@ async fn handle(line: &str, pods: &Pods) -> Response {
             pods.remove(&namespace, &name).await;
             Response { ok: true, ..Default::default() }
         }
-        Request::List => Response { ok: true, pods: Some(pods.list()), ..Default::default() },
+        Request::List {} => Response { ok: true, pods: Some(pods.list()), ..Default::default() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_strictly() {
+        let add = r#"{"op":"add","namespace":"demo","name":"client","netns":"/var/run/netns/c","ip":"10.244.1.5"}"#;
+        match serde_json::from_str::<Request>(add) {
+            Ok(Request::Add { ip, .. }) => assert_eq!(ip, Some([10, 244, 1, 5].into())),
+            other => panic!("{other:?}"),
+        }
+        let no_ip = r#"{"op":"add","namespace":"demo","name":"client","netns":"/var/run/netns/c"}"#;
+        assert!(matches!(serde_json::from_str::<Request>(no_ip), Ok(Request::Add { ip: None, .. })));
+        let bad_ip = r#"{"op":"add","namespace":"demo","name":"client","netns":"/n","ip":"10.244.1"}"#;
+        assert!(serde_json::from_str::<Request>(bad_ip).unwrap_err().to_string().contains("invalid IPv4 address"));
+        assert!(matches!(serde_json::from_str::<Request>(r#"{"op":"list"}"#), Ok(Request::List {})));
+        for unknown in [r#"{"op":"list","verbose":true}"#, r#"{"op":"remove","namespace":"d","name":"c","force":1}"#] {
+            let r = serde_json::from_str::<Request>(unknown);
+            assert!(r.as_ref().is_err_and(|e| e.to_string().contains("unknown field")), "{unknown}: {r:?}");
+        }
     }
 }
