@@ -47,8 +47,8 @@ const ADD_WAIT: Duration = Duration::from_secs(3);
 
 struct Enrolled {
     ns: Arc<Netns>,
-    /// The pod's IPv4 address, which the node's probe table must know.
-    ip: Option<Ipv4Addr>,
+    /// The address the CNI plugin gave the pod, for the probe table until its workload has one.
+    cni_ip: Option<Ipv4Addr>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -280,12 +280,9 @@ impl Pods {
                 // membership says whether to capture it, so a meshed pod is captured from the start.
                 match (state.workload_by_uid(&uid), state.membership(&uid)) {
                     (Some(w), _) if w.tunnel_protocol != TunnelProtocol::Hbone as i32 => not_meshed(),
-                    (Some(w), _) => route::identity(w)
-                        .map(|id| (id, w.addresses.iter().find_map(|a| ipv4(a)).or(r.ip)))
-                        .ok_or_else(|| "no service account".to_string()),
+                    (Some(w), _) => route::identity(w).ok_or_else(|| "no service account".to_string()),
                     (None, Some(m)) if !m.meshed => not_meshed(),
                     (None, Some(m)) => route::identity_of(&m.trust_domain, &m.namespace, &m.service_account)
-                        .map(|id| (id, r.ip))
                         .ok_or_else(|| "no service account".to_string()),
                     (None, None) => Err("not known to the control plane (no Pod scheduled to this node)".to_string()),
                 }
@@ -293,9 +290,9 @@ impl Pods {
             let enrolled = lock(&self.enrolled).contains_key(&uid);
             match want {
                 Ok(_) if enrolled => self.reason(&uid, "meshed"),
-                Ok((id, ip)) => {
+                Ok(id) => {
                     self.reason(&uid, ENROLLING);
-                    match self.enroll(&uid, &r, &id, ip).await {
+                    match self.enroll(&uid, &r, &id).await {
                         Ok(()) => self.reason(&uid, "meshed"),
                         Err(e) => {
                             tracing::warn!(pod = uid, error = %e, "enrollment failed; will retry");
@@ -318,7 +315,11 @@ impl Pods {
     /// Points the node's probe SNAT at exactly the enrolled pods, installing the table first if
     /// this run has not yet.
     async fn sync_probe_table(&self) {
-        let mut want: Vec<Ipv4Addr> = lock(&self.enrolled).values().filter_map(|e| e.ip).collect();
+        let mut want: Vec<Ipv4Addr> = {
+            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+            let workload_ip = |uid: &str| state.workload_by_uid(uid)?.addresses.iter().find_map(|a| ipv4(a));
+            lock(&self.enrolled).iter().filter_map(|(uid, e)| workload_ip(uid).or(e.cni_ip)).collect()
+        };
         want.sort_unstable();
         let current = lock(&self.probe_targets).clone();
         if current.as_ref() == Some(&want) {
@@ -369,13 +370,7 @@ impl Pods {
         }
     }
 
-    async fn enroll(
-        &self,
-        uid: &str,
-        r: &Registered,
-        id: &hbone::Identity,
-        ip: Option<Ipv4Addr>,
-    ) -> Result<(), String> {
+    async fn enroll(&self, uid: &str, r: &Registered, id: &hbone::Identity) -> Result<(), String> {
         self.in_progress.fetch_add(1, Ordering::AcqRel);
         let _guard = InProgress(&self.in_progress);
         let cert = self.certs.get(id).await.map_err(|e| format!("certificate: {e}"))?;
@@ -394,7 +389,7 @@ impl Pods {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("listeners: {e}"))?;
-        let enrolled = Enrolled { ns: ns.clone(), ip, tasks };
+        let enrolled = Enrolled { ns: ns.clone(), cni_ip: r.ip, tasks };
         // Mark before installing: if we crash in between, the next run cleans up.
         self.set_captured(uid, true);
         let capture = self.capture.clone();
