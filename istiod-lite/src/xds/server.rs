@@ -241,24 +241,6 @@ impl AdsStream for DeltaStreamTask {
     }
 
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), ()> {
-        self.handle_request(req).await
-    }
-
-    async fn push_changes(&mut self, type_url: &'static str) -> Result<(), ()> {
-        self.push(type_url, false).await
-    }
-
-    fn is_subscribed(&self, type_url: &str) -> bool {
-        self.subs.contains_key(type_url)
-    }
-
-    fn set_id(&mut self, id: u64) {
-        self.id = id;
-    }
-}
-
-impl DeltaStreamTask {
-    async fn handle_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), ()> {
         let Some(type_url) = TYPES.iter().copied().find(|t| *t == req.type_url) else {
             tracing::debug!(
                 stream = self.id,
@@ -311,6 +293,20 @@ impl DeltaStreamTask {
         Ok(())
     }
 
+    async fn push_changes(&mut self, type_url: &'static str) -> Result<(), ()> {
+        self.push(type_url, false).await
+    }
+
+    fn is_subscribed(&self, type_url: &str) -> bool {
+        self.subs.contains_key(type_url)
+    }
+
+    fn set_id(&mut self, id: u64) {
+        self.id = id;
+    }
+}
+
+impl DeltaStreamTask {
     fn on_ack_or_nack(&mut self, type_url: &'static str, req: &DeltaDiscoveryRequest) {
         let Some(sub) = self.subs.get_mut(type_url) else { return };
         let version = match sub.pending.iter().position(|(n, _)| *n == req.response_nonce) {

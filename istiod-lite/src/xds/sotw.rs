@@ -105,37 +105,6 @@ impl AdsStream for SotwStreamTask {
     }
 
     async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), ()> {
-        self.handle_request(req).await
-    }
-
-    async fn push_changes(&mut self, type_url: &'static str) -> Result<(), ()> {
-        self.push(type_url, false).await
-    }
-
-    fn is_subscribed(&self, type_url: &str) -> bool {
-        self.subs.contains_key(type_url)
-    }
-
-    fn set_id(&mut self, id: u64) {
-        self.id = id;
-    }
-}
-
-impl SotwStreamTask {
-    /// Maps a requested name to the cache's: a wildcard-address server listener becomes the
-    /// listener of this node's IP.
-    fn resolve(&self, type_url: &str, name: &str) -> String {
-        if type_url == LISTENER_TYPE_URL {
-            if let Some(addr) = name.strip_prefix(INBOUND_PREFIX).and_then(|a| a.parse::<SocketAddr>().ok()) {
-                if let (true, Some(ip)) = (addr.ip().is_unspecified(), self.node_ip) {
-                    return inbound_name(ip, addr.port() as u32);
-                }
-            }
-        }
-        name.to_string()
-    }
-
-    async fn handle_request(&mut self, req: DiscoveryRequest) -> Result<(), ()> {
         let Some(type_url) = TYPES.iter().copied().find(|t| *t == req.type_url) else {
             tracing::debug!(stream = self.id, type_url = req.type_url, "ignoring a type this server does not serve");
             return Ok(());
@@ -175,6 +144,33 @@ impl SotwStreamTask {
             self.push(type_url, true).await?;
         }
         Ok(())
+    }
+
+    async fn push_changes(&mut self, type_url: &'static str) -> Result<(), ()> {
+        self.push(type_url, false).await
+    }
+
+    fn is_subscribed(&self, type_url: &str) -> bool {
+        self.subs.contains_key(type_url)
+    }
+
+    fn set_id(&mut self, id: u64) {
+        self.id = id;
+    }
+}
+
+impl SotwStreamTask {
+    /// Maps a requested name to the cache's: a wildcard-address server listener becomes the
+    /// listener of this node's IP.
+    fn resolve(&self, type_url: &str, name: &str) -> String {
+        if type_url == LISTENER_TYPE_URL {
+            if let Some(addr) = name.strip_prefix(INBOUND_PREFIX).and_then(|a| a.parse::<SocketAddr>().ok()) {
+                if let (true, Some(ip)) = (addr.ip().is_unspecified(), self.node_ip) {
+                    return inbound_name(ip, addr.port() as u32);
+                }
+            }
+        }
+        name.to_string()
     }
 
     fn on_ack_or_nack(&mut self, type_url: &'static str, req: &DiscoveryRequest) {
