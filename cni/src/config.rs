@@ -10,6 +10,9 @@ use crate::error::{CniError, INCOMPATIBLE_VERSION, INVALID_CONFIG};
 pub const SUPPORTED_VERSIONS: &[&str] = &["1.0.0", "1.1.0"];
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/trellis/cni";
 pub const DEFAULT_MTU: u32 = 1450;
+/// Namespaces whose pods are never registered with the node agent. The control plane's own pods
+/// live there: if their start waited on the control plane, a node could never bring it back.
+pub const DEFAULT_EXCLUDE_NAMESPACES: &[&str] = &["kube-system", "istio-system"];
 
 #[derive(Debug, Clone)]
 pub struct NetConf {
@@ -19,6 +22,8 @@ pub struct NetConf {
     pub data_dir: PathBuf,
     pub mtu: u32,
     pub agent_socket: Option<PathBuf>,
+    /// Pods in these namespaces start without the node agent (and so are never meshed).
+    pub exclude_namespaces: Vec<String>,
     /// GC: the attachments the runtime still knows, as (container id, ifname).
     pub valid_attachments: Vec<(String, String)>,
     pub raw: Value,
@@ -77,6 +82,18 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
         },
     };
     let agent_socket = string(&raw, "agentSocket", false)?.map(PathBuf::from);
+    let exclude_namespaces = match raw.get("excludeNamespaces") {
+        None | Some(Value::Null) => DEFAULT_EXCLUDE_NAMESPACES.iter().map(|s| s.to_string()).collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v.as_str() {
+                Some(ns) if is_dns_label(ns) => Ok(ns.to_string()),
+                _ => Err(invalid(&format!("excludeNamespaces[{i}]"), format!("{v} is not a namespace name"))),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => return Err(invalid("excludeNamespaces", format!("must be a list of namespaces, not {other}"))),
+    };
     let mut valid_attachments = Vec::new();
     if let Some(list) = raw.get("cni.dev/valid-attachments") {
         let items = list.as_array().ok_or_else(|| invalid("cni.dev/valid-attachments", "must be a list"))?;
@@ -87,7 +104,15 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
             valid_attachments.push((id, ifname));
         }
     }
-    Ok(NetConf { cni_version, name, pod_cidr, data_dir, mtu, agent_socket, valid_attachments, raw })
+    Ok(NetConf { cni_version, name, pod_cidr, data_dir, mtu, agent_socket, exclude_namespaces, valid_attachments, raw })
+}
+
+/// A Kubernetes namespace name: an RFC 1123 label.
+fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 impl NetConf {
@@ -109,6 +134,11 @@ mod tests {
         assert_eq!(c.pod_cidr.to_string(), "10.244.1.0/24");
         assert_eq!(c.gateway().to_string(), "10.244.1.1");
         assert_eq!((c.mtu, c.agent_socket), (1450, None));
+        assert_eq!(c.exclude_namespaces, ["kube-system", "istio-system"]);
+        let c = parse(GOOD.replace("}", r#","excludeNamespaces":["infra","kube-system"]}"#).as_bytes()).unwrap();
+        assert_eq!(c.exclude_namespaces, ["infra", "kube-system"]);
+        let c = parse(GOOD.replace("}", r#","excludeNamespaces":[]}"#).as_bytes()).unwrap();
+        assert!(c.exclude_namespaces.is_empty());
         let c = parse(GOOD.replace("1.1.0", "1.0.0").as_bytes()).unwrap();
         assert_eq!(c.cni_version, "1.0.0");
     }
@@ -126,6 +156,14 @@ mod tests {
             ("\"name\":\"trellis\"", "\"name\":7", "name", INVALID_CONFIG),
             ("\"cniVersion\":\"1.1.0\"", "\"cniVersion\":\"0.3.1\"", "cniVersion", INCOMPATIBLE_VERSION),
             ("{", "[", "config", INVALID_CONFIG),
+            ("\"mtu\":1450", "\"mtu\":1450,\"excludeNamespaces\":\"kube-system\"", "excludeNamespaces", INVALID_CONFIG),
+            (
+                "\"mtu\":1450",
+                "\"mtu\":1450,\"excludeNamespaces\":[\"ok\",\"Bad_NS\"]",
+                "excludeNamespaces[1]",
+                INVALID_CONFIG,
+            ),
+            ("\"mtu\":1450", "\"mtu\":1450,\"excludeNamespaces\":[7]", "excludeNamespaces[0]", INVALID_CONFIG),
         ];
         for (from, to, field, code) in cases {
             let text = GOOD.replacen(from, to, 1);

@@ -4,8 +4,10 @@
 //! the node bridge `trellis0` (which holds the CIDR's first address, the pods' gateway) and whose
 //! other side becomes `CNI_IFNAME` in the pod, and routes the pod's traffic via the node ([`net`]).
 //! With `agentSocket` set, ADD registers the pod (`K8S_POD_NAMESPACE`/`K8S_POD_NAME` from
-//! `CNI_ARGS`) with the node agent, which meshes it if its labels say so; an unreachable agent
-//! fails ADD with code 11, so a pod is never started unprotected. DEL unregisters it, best effort.
+//! `CNI_ARGS`) with the node agent, which meshes it if its labels say so. An unreachable agent,
+//! or one that cannot yet tell whether the pod is meshed, fails ADD with code 11, so a pod is
+//! never started unprotected. Pods in `excludeNamespaces` (default `kube-system` and
+//! `istio-system`, where the control plane runs) skip the agent. DEL unregisters, best effort.
 
 pub mod config;
 pub mod env;
@@ -90,9 +92,15 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     }
 }
 
+/// The node agent socket, if this pod must be registered with it.
+fn agent_for<'c>(env: &Env, conf: &'c NetConf) -> Result<Option<&'c Path>, CniError> {
+    let Some(sock) = &conf.agent_socket else { return Ok(None) };
+    let (namespace, _) = pod_key(env)?;
+    Ok((!conf.exclude_namespaces.iter().any(|n| n == namespace)).then_some(sock.as_path()))
+}
+
 fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
-    if let Some(p) = &conf.agent_socket {
-        pod_key(env)?;
+    if let Some(p) = agent_for(env, conf)? {
         agent_reachable(p).map_err(|e| CniError::new(TRY_AGAIN_LATER, format!("{e}; try again later")))?;
     }
     let netns = env.netns.as_deref().ok_or_else(|| CniError::new(error::INVALID_ENV, "CNI_NETNS is required"))?;
@@ -141,7 +149,7 @@ fn wire(env: &Env, conf: &NetConf, netns: &Path, ip: std::net::Ipv4Addr) -> Resu
 
 /// Tells the node agent about the new pod; it decides whether to mesh it.
 fn register(env: &Env, conf: &NetConf, netns: &Path, ip: std::net::Ipv4Addr) -> Result<(), CniError> {
-    let Some(sock) = &conf.agent_socket else { return Ok(()) };
+    let Some(sock) = agent_for(env, conf)? else { return Ok(()) };
     let (namespace, name) = pod_key(env)?;
     // The control plane learns the IP only after ADD; the agent needs it to capture the pod now.
     let req =
@@ -152,7 +160,7 @@ fn register(env: &Env, conf: &NetConf, netns: &Path, ip: std::net::Ipv4Addr) -> 
 fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     // Best effort: DEL must succeed even when the agent is down (it forgets pods whose netns is
     // gone when it restarts).
-    if let (Some(sock), Ok((namespace, name))) = (&conf.agent_socket, pod_key(env)) {
+    if let (Ok(Some(sock)), Ok((namespace, name))) = (agent_for(env, conf), pod_key(env)) {
         let _ = agent_call(sock, &json!({"op": "remove", "namespace": namespace, "name": name}));
     }
     let host = net::host_name(&env.container_id, &env.ifname);

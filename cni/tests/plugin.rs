@@ -216,6 +216,14 @@ fn bad_input_fails_cleanly() {
     let (ok, e) = node.cni("ADD", "c4", &q, &agent);
     assert!(!ok && e["code"] == 11, "{e}");
     assert!(node.allocations().iter().all(|a| !a.starts_with("10.250.5.")));
+    // ... unless the pod's namespace is excluded (where the control plane itself runs): it starts
+    // without the agent.
+    let excluded =
+        node.conf("10.250.5.0/24", &format!(r#","agentSocket":"{}","excludeNamespaces":["demo"]"#, sock.display()));
+    let (ok, r) = node.cni("ADD", "c4", &q, &excluded);
+    assert!(ok && r["ips"][0]["address"] == "10.250.5.2/24", "{r}");
+    assert!(node.cni("DEL", "c4", &q, &excluded).0);
+    assert!(node.allocations().iter().all(|a| !a.starts_with("10.250.5.")));
     let (ok, e) = node.cni("STATUS", "", "", &agent);
     assert!(!ok && e["code"] == 50, "{e}");
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();

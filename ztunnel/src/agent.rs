@@ -10,8 +10,9 @@
 //! ```
 //!
 //! `add` registers the pod; whether it is meshed follows its labels (see [`crate::pods`]), and
-//! the answer says which. `ip` (optional) is the address the CNI plugin assigned, which the
-//! control plane learns only later. The socket is created with mode 0600: registering a pod changes its
+//! the answer says which. When ztunnel cannot tell yet (the control plane does not know the pod,
+//! or enrolling it failed), the answer is an error, so the pod does not start uncaptured. `ip`
+//! (optional) is the address the CNI plugin assigned, which the control plane learns only later. The socket is created with mode 0600: registering a pod changes its
 //! traffic, so only root may.
 
 use std::os::unix::fs::PermissionsExt;

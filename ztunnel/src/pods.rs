@@ -10,6 +10,9 @@
 //! publishes each scheduled pod's membership (`trellis.pod.v1.PodMembership`: meshed or not, and
 //! its service account); with it and the IP the CNI plugin passes, a meshed pod is enrolled
 //! before ADD returns, so it never runs uncaptured. Once the workload exists it is authoritative.
+//! An `add` that ztunnel cannot settle within [`ADD_WAIT`] (the pod is unknown because the control
+//! plane is down or behind, or enrolling it failed) is refused and the pod forgotten: ADD fails,
+//! and the kubelet retries until the pod can start captured, or known to be outside the mesh.
 //!
 //! Enrolling is ordered so that traffic is never captured before something listens: obtain the
 //! workload certificate, open the three listeners inside the pod's namespace, and only then
@@ -43,7 +46,7 @@ use crate::state::State;
 /// Reconcile at least this often, to retry failed enrollments (e.g. the CA was unreachable).
 const RETRY: Duration = Duration::from_secs(5);
 /// How long an `add` waits for a meshed pod to be enrolled before answering.
-const ADD_WAIT: Duration = Duration::from_secs(3);
+const ADD_WAIT: Duration = Duration::from_secs(5);
 
 struct Enrolled {
     ns: Arc<Netns>,
@@ -72,13 +75,51 @@ struct Registered {
     /// Capture may still be installed in its namespace (from this run or a previous one).
     #[serde(default)]
     captured: bool,
-    /// Why the pod is (not) enrolled, from the last reconcile pass; `None` before the first.
+    /// Where the pod stands after the last reconcile pass.
     #[serde(skip)]
-    reason: Option<String>,
+    standing: Standing,
 }
 
-/// The reason while an enrollment is under way; `add` waits past it.
-const ENROLLING: &str = "enrolling";
+/// Where a registered pod stands, as of the last reconcile pass that looked at it.
+#[derive(Clone, Debug, Default, PartialEq)]
+enum Standing {
+    /// No pass has looked at it yet (ztunnel has no snapshot yet, or the pass is still running).
+    #[default]
+    Pending,
+    Enrolling,
+    Meshed,
+    /// The control plane says the pod is outside the mesh; the namespace is for the hint.
+    NotMeshed {
+        namespace: String,
+    },
+    /// Neither a workload nor a membership names the pod.
+    Unknown,
+    /// It should be meshed but cannot be (yet): no identity, no certificate, no listeners, ...
+    Failed(String),
+}
+
+impl Standing {
+    /// Whether ztunnel knows for sure what to do with the pod: capture it (and has), or leave it.
+    fn is_settled(&self) -> bool {
+        matches!(self, Standing::Meshed | Standing::NotMeshed { .. })
+    }
+}
+
+impl std::fmt::Display for Standing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Standing::Pending => f.write_str("waiting for the first reconcile"),
+            Standing::Enrolling => f.write_str("enrolling"),
+            Standing::Meshed => f.write_str("meshed"),
+            Standing::NotMeshed { namespace } => write!(
+                f,
+                "not meshed: label the namespace {namespace} istio.io/dataplane-mode=ambient (or the pod, to override)"
+            ),
+            Standing::Unknown => f.write_str("not known to the control plane (no Pod scheduled to this node)"),
+            Standing::Failed(e) => write!(f, "enrolling failed: {e}"),
+        }
+    }
+}
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct PodInfo {
@@ -178,7 +219,7 @@ impl Pods {
             .into_iter()
             .map(|(uid, r)| PodInfo {
                 enrolled: enrolled.contains_key(&uid),
-                reason: r.reason.unwrap_or_else(|| "waiting for the first reconcile".into()),
+                reason: r.standing.to_string(),
                 netns: r.netns.display().to_string(),
                 uid,
             })
@@ -205,7 +246,7 @@ impl Pods {
             netns: netns.into(),
             ip,
             captured: false,
-            reason: None,
+            standing: Standing::Pending,
         };
         let replaced = {
             let mut reg = lock(&self.registered);
@@ -223,20 +264,52 @@ impl Pods {
         self.persist();
         let mut passes = self.passes.subscribe();
         self.kick.notify_one();
-        // Answer once a pass has looked at the pod, or after ADD_WAIT (e.g. before the first
-        // snapshot): the pod stays registered and is enrolled as soon as it is known.
+        let standing = || lock(&self.registered).get(&uid).map(|r| r.standing.clone());
+        // Answer once a pass has settled the pod, or after ADD_WAIT.
         let _ = tokio::time::timeout(ADD_WAIT, async {
             let _ = passes.changed().await;
-            let pending =
-                || lock(&self.registered).get(&uid).is_some_and(|r| r.reason.as_deref().is_none_or(|r| r == ENROLLING));
-            while pending() {
+            while standing().is_some_and(|s| !s.is_settled()) {
                 if passes.changed().await.is_err() {
                     return;
                 }
             }
         })
         .await;
-        self.list().into_iter().find(|p| p.uid == uid).ok_or_else(|| format!("pod {namespace}/{name} was removed"))
+        match standing() {
+            Some(s) if s.is_settled() => self
+                .list()
+                .into_iter()
+                .find(|p| p.uid == uid)
+                .ok_or_else(|| format!("pod {namespace}/{name} was removed")),
+            // Fail closed: a pod that ztunnel cannot yet say is outside the mesh must not start,
+            // or it would run uncaptured. The CNI plugin fails ADD and the kubelet retries.
+            Some(s) => {
+                self.forget(&uid, netns).await;
+                Err(format!(
+                    "pod {namespace}/{name}: {}; not starting it until ztunnel knows whether to capture it",
+                    match s {
+                        Standing::Pending => "ztunnel has no configuration from the control plane yet".to_string(),
+                        s => s.to_string(),
+                    }
+                ))
+            }
+            None => Err(format!("pod {namespace}/{name} was removed while it was being added")),
+        }
+    }
+
+    /// Unregisters a pod whose ADD failed, unless a newer ADD (another netns) has replaced it.
+    async fn forget(&self, uid: &str, netns: &Path) {
+        let removed = {
+            let mut reg = lock(&self.registered);
+            match reg.get(uid) {
+                Some(r) if r.netns == netns => reg.remove(uid),
+                _ => None,
+            }
+        };
+        if let Some(r) = removed {
+            self.persist();
+            self.unenroll(uid, &r).await;
+        }
     }
 
     /// Forgets a pod and removes its capture. Unknown pods are not an error (DEL is idempotent).
@@ -270,42 +343,44 @@ impl Pods {
         for (uid, r) in registered {
             let want = {
                 let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-                let not_meshed = || {
-                    Err(format!(
-                        "not meshed: label the namespace {} istio.io/dataplane-mode=ambient (or the pod, to override)",
-                        r.namespace
-                    ))
-                };
+                let not_meshed = || Err(Standing::NotMeshed { namespace: r.namespace.clone() });
+                let no_identity = || Standing::Failed("no service account".into());
                 // The workload, once there is one, is authoritative; until the pod has an IP its
                 // membership says whether to capture it, so a meshed pod is captured from the start.
                 match (state.workload_by_uid(&uid), state.membership(&uid)) {
                     (Some(w), _) if w.tunnel_protocol != TunnelProtocol::Hbone as i32 => not_meshed(),
-                    (Some(w), _) => route::identity(w).ok_or_else(|| "no service account".to_string()),
+                    (Some(w), _) => route::identity(w).ok_or_else(no_identity),
                     (None, Some(m)) if !m.meshed => not_meshed(),
-                    (None, Some(m)) => route::identity_of(&m.trust_domain, &m.namespace, &m.service_account)
-                        .ok_or_else(|| "no service account".to_string()),
-                    (None, None) => Err("not known to the control plane (no Pod scheduled to this node)".to_string()),
+                    (None, Some(m)) => {
+                        route::identity_of(&m.trust_domain, &m.namespace, &m.service_account).ok_or_else(no_identity)
+                    }
+                    (None, None) => Err(Standing::Unknown),
                 }
             };
             let enrolled = lock(&self.enrolled).contains_key(&uid);
             match want {
-                Ok(_) if enrolled => self.reason(&uid, "meshed"),
+                Ok(_) if enrolled => self.set_standing(&uid, Standing::Meshed),
                 Ok(id) => {
-                    self.reason(&uid, ENROLLING);
+                    self.set_standing(&uid, Standing::Enrolling);
                     match self.enroll(&uid, &r, &id).await {
-                        Ok(()) => self.reason(&uid, "meshed"),
+                        // The pod may have been removed (DEL, or a failed ADD) while this pass
+                        // enrolled it; its removal could not see an enrollment not yet recorded.
+                        Ok(()) if lock(&self.registered).get(&uid).is_none_or(|now| now.netns != r.netns) => {
+                            self.unenroll(&uid, &r).await;
+                        }
+                        Ok(()) => self.set_standing(&uid, Standing::Meshed),
                         Err(e) => {
                             tracing::warn!(pod = uid, error = %e, "enrollment failed; will retry");
-                            self.reason(&uid, &format!("enrolling failed: {e}"));
+                            self.set_standing(&uid, Standing::Failed(e));
                         }
                     }
                 }
-                Err(why) => {
+                Err(standing) => {
                     if enrolled || r.captured {
                         self.unenroll(&uid, &r).await;
                         self.set_captured(&uid, false);
                     }
-                    self.reason(&uid, &why);
+                    self.set_standing(&uid, standing);
                 }
             }
         }
@@ -351,9 +426,9 @@ impl Pods {
         }
     }
 
-    fn reason(&self, uid: &str, why: &str) {
+    fn set_standing(&self, uid: &str, standing: Standing) {
         if let Some(r) = lock(&self.registered).get_mut(uid) {
-            r.reason = Some(why.to_string());
+            r.standing = standing;
         }
     }
 

@@ -177,6 +177,35 @@ fn chained_portmap_gc_del_and_ztunnel_restart() {
     );
     assert_eq!(lab.curl(&client, &format!("http://{}:8080/", server.ip)).as_deref(), Ok("server"));
 
+    // A pod the control plane does not know (istiod-lite down, or its Pod watch behind) must not
+    // start, since ztunnel cannot tell whether to capture it: ADD fails with "try again later"
+    // (11) naming the pod and why, and leaves no address, veth or registration. Once the Pod is
+    // bound to the node, the kubelet's retry succeeds with the pod meshed.
+    let data = lab.dir.path().join("cni1/trellis");
+    let allocated = || {
+        std::fs::read_dir(&data)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("10."))
+            .count()
+    };
+    let veths = || netlab::sh(&format!("ip -n {} -o link show type veth | wc -l", lab.node(1)));
+    let (addresses, links) = (allocated(), veths());
+    let refused = lab.sandbox_add(1, "demo", "late", &conf, &json!({})).map(|p| p.ip);
+    let msg = refused.as_ref().err().and_then(|e| e["msg"].as_str()).unwrap_or_default().to_string();
+    assert!(
+        refused.as_ref().is_err_and(|e| e["code"] == 11)
+            && msg.contains("pod demo/late: not known to the control plane")
+            && msg.contains("try again later"),
+        "{refused:?}"
+    );
+    assert_eq!(allocated(), addresses, "the refused sandbox's address was released");
+    assert_eq!(veths(), links, "and its veth deleted");
+    let listed = lab.agent(1, &json!({"op": "list"}));
+    assert!(!listed.to_string().contains("/late"), "the refused pod is not registered: {listed}");
+    let late = lab.cni_pod(1, "demo", "late", "late", "app: late", &conf, &json!({}));
+    assert_eq!(lab.enrollment(&late), (true, "meshed".to_string()), "the retried ADD meshes the pod");
+
     // A ztunnel restart fails closed: while it is down, the pinned capture stays and drops new
     // connections instead of letting them out unprotected; once it is back the pods are enrolled
     // again from its registry, without any CNI call.
@@ -203,26 +232,19 @@ fn chained_portmap_gc_del_and_ztunnel_restart() {
     });
 
     // GC releases allocations the runtime no longer knows; DEL after the netns is gone succeeds.
-    let data = lab.dir.path().join("cni1/trellis");
-    let allocated = || {
-        std::fs::read_dir(&data)
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| n.starts_with("10."))
-            .count()
-    };
-    assert_eq!(allocated(), 3, "server, client, and the dead sandbox's address");
+    assert_eq!(allocated(), 4, "server, client, late, and the dead sandbox's address");
     let gc = json!({"cniVersion": "1.1.0", "name": "trellis", "type": "trellis-cni", "podCIDR": "10.244.1.0/24",
         "dataDir": lab.dir.path().join("cni1").display().to_string(),
-        "cni.dev/valid-attachments": [{"containerID": server.netns, "ifname": "eth0"}, {"containerID": client.netns, "ifname": "eth0"}]});
+        "cni.dev/valid-attachments": [{"containerID": server.netns, "ifname": "eth0"}, {"containerID": client.netns, "ifname": "eth0"},
+            {"containerID": late.netns, "ifname": "eth0"}]});
     let (ok, out) = lab.cni_plugin(1, "trellis-cni", "GC", "", "", ("", ""), &gc);
     assert!(ok, "{out}");
-    assert_eq!(allocated(), 2, "the dead sandbox's allocation was not in valid-attachments");
+    assert_eq!(allocated(), 3, "the dead sandbox's allocation was not in valid-attachments");
     netlab::sh(&format!("ip netns del {}", server.netns));
     let path = format!("/var/run/netns/{}", server.netns);
     lab.cni_list(1, "DEL", &server.netns, &path, ("demo", "server"), &conf, &ports)
         .expect("DEL after the netns is gone");
-    assert_eq!(allocated(), 1);
+    assert_eq!(allocated(), 2);
     let (enrolled, reason) = lab.enrollment(&server);
     assert!(!enrolled && reason == "not registered", "DEL unregisters the pod: {reason}");
     lab.cni_list(1, "DEL", &server.netns, &path, ("demo", "server"), &conf, &ports).expect("DEL is idempotent");

@@ -557,16 +557,28 @@ impl Lab {
         runtime: &serde_json::Value,
     ) -> Pod {
         self.apply_pod(node, namespace, name, sa, labels, None);
+        self.sandbox_add(node, namespace, name, list, runtime)
+            .unwrap_or_else(|e| panic!("CNI ADD for {namespace}/{name}: {e}"))
+    }
+
+    /// A new sandbox (netns) for pod `namespace/name` and CNI ADD through `list`, whatever the
+    /// control plane knows of the pod. `Err` is the failing plugin's error result.
+    pub fn sandbox_add(
+        &self,
+        node: usize,
+        namespace: &str,
+        name: &str,
+        list: &serde_json::Value,
+        runtime: &serde_json::Value,
+    ) -> Result<Pod, serde_json::Value> {
         let netns = format!("{}p{}", self.prefix, self.veths.fetch_add(1, Ordering::Relaxed));
         self.add_netns(&netns);
         sh(&format!("ip -n {netns} link set lo up"));
         let path = format!("/var/run/netns/{netns}");
-        let result = self
-            .cni_list(node, "ADD", &netns, &path, (namespace, name), list, runtime)
-            .unwrap_or_else(|e| panic!("CNI ADD for {namespace}/{name}: {e}"));
+        let result = self.cni_list(node, "ADD", &netns, &path, (namespace, name), list, runtime)?;
         let cidr = result["ips"][0]["address"].as_str().expect("an address in the CNI result");
         let ip = cidr.split('/').next().unwrap().to_string();
-        Pod { netns, namespace: namespace.into(), name: name.into(), ip, node }
+        Ok(Pod { netns, namespace: namespace.into(), name: name.into(), ip, node })
     }
 
     /// The node agent's view of a pod: `(enrolled, reason)`.
