@@ -16,7 +16,7 @@ use trellis_proto::envoy::envoy::config::core::v3::Node;
 use trellis_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use trellis_proto::envoy::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use trellis_proto::envoy::google::rpc::Status as RpcStatus;
-use trellis_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use trellis_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, POD_MEMBERSHIP_TYPE_URL};
 
 struct Client {
     tx: mpsc::Sender<DeltaDiscoveryRequest>,
@@ -273,4 +273,73 @@ async fn a_client_that_never_reads_is_cut_off_without_stalling_others() {
     }
     assert!(cut, "the non-reading stream was closed after the send timeout");
     drop(stuck);
+}
+
+/// A membership stream as a ztunnel on `node` opens it (`None`: a client that names no node).
+async fn memberships(addr: std::net::SocketAddr, node: Option<&str>) -> Client {
+    let mut c = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await.unwrap();
+    let mut n = self::node().unwrap();
+    if let Some(name) = node {
+        n.metadata = Some(trellis_proto::envoy::google::protobuf::Struct {
+            fields: [("NODE_NAME".to_string(), string_value(name))].into_iter().collect(),
+        });
+    }
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(DeltaDiscoveryRequest { node: Some(n), type_url: POD_MEMBERSHIP_TYPE_URL.into(), ..Default::default() })
+        .await
+        .unwrap();
+    let rx = c.delta_aggregated_resources(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    Client { tx, rx }
+}
+
+/// The membership names a client holds after its next response.
+async fn held_after_next(c: &mut Client, held: &mut std::collections::BTreeSet<String>) {
+    let r = c.next().await;
+    assert_eq!(r.type_url, POD_MEMBERSHIP_TYPE_URL);
+    held.extend(r.resources.iter().map(|x| x.name.clone()));
+    for n in &r.removed_resources {
+        held.remove(n);
+    }
+    c.ack(&r).await;
+}
+
+#[tokio::test]
+async fn each_node_agent_gets_only_its_own_pods_memberships() {
+    let s = Istiod::start().await;
+    seed(&s).await; // a and b on node1
+    let api = s.api();
+    let on_node2 = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "c"}, "spec": {"nodeName": "node2"}});
+    api.ok(Method::PUT, "/api/v1/namespaces/demo/pods/c", Some(&on_node2)).await.unwrap();
+    const C: &str = "Kubernetes//v1/Pod/demo/c";
+    let addr = s.running.xds_addr.unwrap();
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<std::collections::BTreeSet<_>>();
+
+    let (mut n1, mut n2, mut all) =
+        (memberships(addr, Some("node1")).await, memberships(addr, Some("node2")).await, memberships(addr, None).await);
+    let (mut h1, mut h2, mut h_all) = Default::default();
+    held_after_next(&mut n1, &mut h1).await;
+    held_after_next(&mut n2, &mut h2).await;
+    held_after_next(&mut all, &mut h_all).await;
+    assert_eq!((&h1, &h2), (&names(&[A, B]), &names(&[C])), "each node's pods only");
+    assert_eq!(h_all, names(&[A, B, C]), "a client naming no node sees every pod");
+
+    // Pod b is recreated on node2: it leaves node1's scope (removed there) and enters node2's.
+    let b_on_node2 =
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "b"}, "spec": {"nodeName": "node2"}});
+    api.ok(Method::DELETE, "/api/v1/namespaces/demo/pods/b", None).await.unwrap();
+    api.ok(Method::PUT, "/api/v1/namespaces/demo/pods/b", Some(&b_on_node2)).await.unwrap();
+    while h1 != names(&[A]) {
+        held_after_next(&mut n1, &mut h1).await;
+    }
+    while h2 != names(&[B, C]) {
+        held_after_next(&mut n2, &mut h2).await;
+    }
+    // An update in place that moves it (the file store allows it) is handled the same way.
+    api.ok(Method::PUT, "/api/v1/namespaces/demo/pods/b", Some(&pod("b", "10.244.1.3"))).await.unwrap();
+    while h2 != names(&[C]) {
+        held_after_next(&mut n2, &mut h2).await;
+    }
+    while h1 != names(&[A, B]) {
+        held_after_next(&mut n1, &mut h1).await;
+    }
 }

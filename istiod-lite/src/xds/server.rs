@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -19,11 +20,12 @@ use trellis_proto::envoy::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use trellis_proto::envoy::google::protobuf::Any;
+use trellis_proto::trellis::pod::v1::PodMembership;
 
 use super::cache::{Cache, Entry};
 use super::drive::{drive, AdsStream, Shared};
 use super::status::{Nack, Registry};
-use super::TYPES;
+use super::{POD_MEMBERSHIP_TYPE_URL, TYPES};
 use crate::ca::tokens::NodeTokens;
 use crate::metrics::Metrics;
 
@@ -119,6 +121,7 @@ impl AggregatedDiscoveryService for AdsServer {
             id: 0,
             nonce: 0,
             authenticated_node,
+            node_name: None,
         };
         let shared = self.shared();
         let mut shutdown = self.shutdown.clone();
@@ -161,6 +164,18 @@ struct DeltaStreamTask {
     nonce: u64,
     /// The node named by the bearer token on the secure port; the client may not claim another.
     authenticated_node: Option<String>,
+    /// The client's node (from its token, else its `NODE_NAME`), which scopes pod memberships.
+    node_name: Option<String>,
+}
+
+/// Whether a resource is for a client on `node`. A pod's membership is for the node agent of
+/// the pod's node only, so each ztunnel holds the pods it hosts rather than every pod of the
+/// cluster. A client that names no node (a debugging client on the plaintext port) sees all.
+fn in_scope(node: Option<&str>, type_url: &str, body: &[u8]) -> bool {
+    match node {
+        Some(node) if type_url == POD_MEMBERSHIP_TYPE_URL => PodMembership::decode(body).is_ok_and(|m| m.node == node),
+        _ => true,
+    }
 }
 
 /// Removes the stream from the registry however the task ends.
@@ -236,7 +251,10 @@ impl AdsStream for DeltaStreamTask {
                 let _ = self.tx.send(Err(Status::permission_denied("NODE_NAME does not match the token's node"))).await;
                 Err(())
             }
-            _ => Ok(()),
+            _ => {
+                self.node_name = self.authenticated_node.clone().or((!node_name.is_empty()).then_some(node_name));
+                Ok(())
+            }
         }
     }
 
@@ -328,19 +346,28 @@ impl DeltaStreamTask {
     /// (new subscription); otherwise only the change log since the last push is read.
     async fn push(&mut self, type_url: &'static str, full: bool) -> Result<(), ()> {
         let Some(sub) = self.subs.get_mut(type_url) else { return Ok(()) };
+        let node = self.node_name.as_deref();
         let mut updated: Vec<(String, Entry)> = Vec::new();
         let mut removed: Vec<String> = Vec::new();
         let seq = if full {
-            let (all, seq) = self.cache.all(type_url);
+            let (mut all, seq) = self.cache.all(type_url);
+            all.retain(|(_, e)| in_scope(node, type_url, &e.body));
             let present: HashSet<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
             removed.extend(sub.sent.keys().filter(|n| !present.contains(n.as_str())).cloned());
             updated.extend(all.iter().filter(|(n, e)| sub.wants(n) && sub.sent.get(n) != Some(&e.version)).cloned());
             seq
         } else {
             let (changes, seq) = self.cache.changes_since(type_url, sub.synced);
-            updated.extend(
-                changes.updated.into_iter().filter(|(n, e)| sub.wants(n) && sub.sent.get(n) != Some(&e.version)),
-            );
+            for (n, e) in changes.updated {
+                if !in_scope(node, type_url, &e.body) {
+                    // It left this client's scope (a pod recreated on another node).
+                    if sub.sent.contains_key(&n) {
+                        removed.push(n);
+                    }
+                } else if sub.wants(&n) && sub.sent.get(&n) != Some(&e.version) {
+                    updated.push((n, e));
+                }
+            }
             removed.extend(changes.removed.into_iter().filter(|n| sub.sent.contains_key(n)));
             seq
         };

@@ -476,35 +476,40 @@ impl<'a> Endpoints<'a> {
         name: &str,
         port: &trellis_config::types::ServicePort,
     ) -> endpoint::ClusterLoadAssignment {
-        // Locality string → endpoints. gRPC needs every locality present with a weight > 0.
-        let mut by_locality: BTreeMap<&str, Vec<endpoint::LbEndpoint>> = BTreeMap::new();
+        // Locality string → (address, port, healthy, weight), sorted so the output is stable.
+        // gRPC needs every locality present with a weight > 0.
+        type Member = (std::net::IpAddr, u32, bool, u32);
+        let mut by_locality: BTreeMap<&str, Vec<Member>> = BTreeMap::new();
         for m in &self.members {
             let Some(target) = workload::target_port(port, m) else { continue };
             for ip in &m.addresses {
-                let address = core::Address {
-                    address: Some(core::address::Address::SocketAddress(core::SocketAddress {
-                        address: ip.to_string(),
-                        port_specifier: Some(core::socket_address::PortSpecifier::PortValue(target)),
-                        ..Default::default()
-                    })),
-                };
-                let health = if m.healthy { core::HealthStatus::Healthy } else { core::HealthStatus::Unhealthy };
-                by_locality.entry(m.locality).or_default().push(endpoint::LbEndpoint {
-                    host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(endpoint::Endpoint {
-                        address: Some(address),
-                        ..Default::default()
-                    })),
-                    health_status: health as i32,
-                    load_balancing_weight: Some(UInt32Value { value: m.weight.max(1) }),
-                    ..Default::default()
-                });
+                by_locality.entry(m.locality).or_default().push((*ip, target, m.healthy, m.weight.max(1)));
             }
         }
+        let endpoint = |&(ip, port, healthy, weight): &Member| {
+            let address = core::Address {
+                address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                    address: ip.to_string(),
+                    port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port)),
+                    ..Default::default()
+                })),
+            };
+            let health = if healthy { core::HealthStatus::Healthy } else { core::HealthStatus::Unhealthy };
+            endpoint::LbEndpoint {
+                host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(endpoint::Endpoint {
+                    address: Some(address),
+                    ..Default::default()
+                })),
+                health_status: health as i32,
+                load_balancing_weight: Some(UInt32Value { value: weight }),
+                ..Default::default()
+            }
+        };
         let endpoints = by_locality
             .into_iter()
-            .map(|(loc, mut lb_endpoints)| {
-                lb_endpoints
-                    .sort_by(|a, b| format!("{:?}", a.host_identifier).cmp(&format!("{:?}", b.host_identifier)));
+            .map(|(loc, mut members)| {
+                members.sort_unstable();
+                let lb_endpoints: Vec<endpoint::LbEndpoint> = members.iter().map(endpoint).collect();
                 let mut parts = loc.splitn(3, '/');
                 let weight: u32 = lb_endpoints
                     .iter()
