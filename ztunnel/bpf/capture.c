@@ -10,7 +10,8 @@
 //          stays intact, so the accepted socket's local address is the original destination.
 //          A SYN from outside goes to the 15006 listener, except HBONE on 15008, which reaches
 //          its listener directly, and the node's own probes (source-NATed to PROBE_SOURCE on the
-//          node, see capture/probes.rs), which reach the pod untouched. Steered packets of established flows go to their socket.
+//          node, see capture/probes.rs), which reach the pod untouched. Steered packets of
+//          established flows go to their socket.
 //          STEER_MARK selects a policy route `local 0.0.0.0/0 dev lo`, so the stack delivers
 //          packets for foreign addresses locally, as TPROXY does.
 //

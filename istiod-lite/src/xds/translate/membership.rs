@@ -8,14 +8,13 @@ use trellis_config::object::Pod;
 use trellis_config::ObjectKey;
 use trellis_proto::trellis::pod::v1 as pb;
 
-use super::workload::{enrolled, uid};
+use super::workload::{capturable, enrolled, service_account, uid};
 use super::{Settings, World};
 
 /// `None` for a pod not yet scheduled, finished, or on the host network (never captured).
 pub fn membership(world: &World, settings: &Settings, key: &ObjectKey, pod: &Pod) -> Option<pb::PodMembership> {
     let node = pod.spec.node_name.as_deref().filter(|n| !n.is_empty())?;
-    let finished = matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
-    if finished || pod.spec.host_network == Some(true) {
+    if !capturable(pod) {
         return None;
     }
     Some(pb::PodMembership {
@@ -23,7 +22,7 @@ pub fn membership(world: &World, settings: &Settings, key: &ObjectKey, pod: &Pod
         namespace: key.namespace.clone(),
         name: key.name.clone(),
         node: node.to_string(),
-        service_account: pod.spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+        service_account: service_account(pod).to_string(),
         trust_domain: settings.trust_domain.clone(),
         meshed: enrolled(&pod.metadata.labels, &world.namespace_labels(&key.namespace)),
     })

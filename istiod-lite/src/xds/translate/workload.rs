@@ -140,9 +140,20 @@ pub fn workload(world: &World, settings: &Settings, obj: &Object) -> Option<wl::
     })
 }
 
+/// Whether the mesh may ever capture this pod: not finished, and not on the host's network.
+pub fn capturable(p: &Pod) -> bool {
+    let finished = matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
+    !finished && p.spec.host_network != Some(true)
+}
+
+/// The pod's service account, which names its identity (Kubernetes defaults it to `default`).
+pub fn service_account(p: &Pod) -> &str {
+    p.spec.service_account_name.as_deref().unwrap_or("default")
+}
+
 fn pod_source(p: &Pod) -> Option<Source<'_>> {
     let status = p.status.as_ref()?;
-    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) || p.spec.host_network == Some(true) {
+    if !capturable(p) {
         return None;
     }
     let mut addresses: Vec<IpAddr> = status.pod_ips.iter().filter_map(|a| a.ip.parse().ok()).collect();
@@ -154,7 +165,7 @@ fn pod_source(p: &Pod) -> Option<Source<'_>> {
     }
     Some(Source {
         labels: &p.metadata.labels,
-        service_account: p.spec.service_account_name.as_deref().unwrap_or("default"),
+        service_account: service_account(p),
         node: p.spec.node_name.as_deref().unwrap_or_default(),
         addresses,
         hostname: String::new(),
