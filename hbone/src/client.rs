@@ -1,6 +1,8 @@
 //! HBONE client: one HTTP/2 connection over mutual TLS, many CONNECT tunnels on it.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -87,27 +89,81 @@ fn forwarded(source: SocketAddr) -> String {
     }
 }
 
+/// HTTP/2 PINGs on an open connection. A peer whose node vanished without a FIN or RST would
+/// otherwise keep the connection, and every tunnel on it, hanging until TCP gives up (minutes).
+#[derive(Clone, Copy, Debug)]
+pub struct Keepalive {
+    /// Time between PINGs.
+    pub interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive { interval: Duration::from_secs(10), timeout: Duration::from_secs(10) }
+    }
+}
+
 /// An established HBONE connection. Cheap to clone; each clone opens streams on the same
 /// connection.
 #[derive(Clone)]
 pub struct Connection {
     send: h2::client::SendRequest<Bytes>,
+    /// Cleared when the connection's task ends: the peer closed it, it failed, or keepalive
+    /// gave up on it.
+    open: Arc<AtomicBool>,
 }
 
 impl Connection {
     /// Runs the HTTP/2 handshake over an established (mutual TLS) stream and drives the
-    /// connection in a background task until it closes.
+    /// connection in a background task until it closes, with the default [`Keepalive`].
     pub async fn handshake<IO>(io: IO) -> Result<Connection, HboneError>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (send, conn) = crate::settings::client().handshake(io).await.map_err(HboneError::Handshake)?;
+        Self::handshake_with(io, Keepalive::default()).await
+    }
+
+    pub async fn handshake_with<IO>(io: IO, keepalive: Keepalive) -> Result<Connection, HboneError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (send, mut conn) = crate::settings::client().handshake(io).await.map_err(HboneError::Handshake)?;
+        let open = Arc::new(AtomicBool::new(true));
+        let mut pings = conn.ping_pong();
+        let flag = open.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "HBONE connection ended");
+            let unanswered = async {
+                let Some(pings) = pings.as_mut() else { return std::future::pending().await };
+                loop {
+                    tokio::time::sleep(keepalive.interval).await;
+                    match tokio::time::timeout(keepalive.timeout, pings.ping(h2::Ping::opaque())).await {
+                        Ok(Ok(_)) => {}
+                        // The connection failed; `conn` reports why.
+                        Ok(Err(_)) => return std::future::pending().await,
+                        Err(_) => return,
+                    }
+                }
+            };
+            tokio::select! {
+                r = &mut conn => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "HBONE connection ended");
+                    }
+                }
+                () = unanswered => {
+                    tracing::warn!(timeout = ?keepalive.timeout, "HBONE peer did not answer a PING; closing the connection");
+                }
             }
+            flag.store(false, Ordering::Release);
         });
-        Ok(Connection { send })
+        Ok(Connection { send, open })
+    }
+
+    /// False once the connection has ended; a pool must not hand it out again.
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
     }
 
     /// Opens one tunnel. Anything but 200 is a failure carrying the status.

@@ -1,6 +1,6 @@
 //! The HBONE connection pool: tunnels with the same [`PoolKey`] share HTTP/2 connections, at most
 //! [`settings::MAX_STREAMS`](crate::settings::MAX_STREAMS) at a time on each; a connection idle
-//! for the idle timeout (5 minutes by default) is released.
+//! for the idle timeout (5 minutes by default) is released, and a closed one is never handed out.
 //!
 //! The key includes both identities, so a connection authenticated as one workload is never
 //! reused for another, and the destination address, so it only ever reaches the peer whose
@@ -33,8 +33,19 @@ pub struct PoolKey {
 
 struct Pooled {
     conn: Connection,
-    active: Arc<AtomicUsize>,
-    idle_since: Instant,
+    usage: Arc<Usage>,
+}
+
+/// Streams in use on one pooled connection, and when the last one ended.
+struct Usage {
+    active: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl Usage {
+    fn new() -> Arc<Usage> {
+        Arc::new(Usage { active: AtomicUsize::new(1), idle_since: Mutex::new(Instant::now()) })
+    }
 }
 
 pub struct Pool {
@@ -67,65 +78,72 @@ impl Pool {
         self.conns.lock().unwrap_or_else(|e| e.into_inner()).values().map(Vec::len).sum()
     }
 
+    /// Drops closed connections, and open ones without streams for the idle timeout.
     fn release_idle(&self) {
         let now = Instant::now();
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         for list in conns.values_mut() {
-            for p in list.iter_mut() {
-                if p.active.load(Ordering::Acquire) > 0 {
-                    p.idle_since = now;
-                }
-            }
             list.retain(|p| {
-                p.active.load(Ordering::Acquire) > 0 || now.duration_since(p.idle_since) < self.idle_timeout
+                let idle = *p.usage.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+                p.conn.is_open()
+                    && (p.usage.active.load(Ordering::Acquire) > 0 || now.duration_since(idle) < self.idle_timeout)
             });
         }
         conns.retain(|_, l| !l.is_empty());
     }
 
-    /// Reserves a stream slot on a pooled connection with room, if any.
-    fn reserve(&self, key: &PoolKey) -> Option<(Connection, Arc<AtomicUsize>)> {
-        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.get(key)?.iter().find_map(|p| {
-            p.active
+    /// Reserves a stream slot on an open pooled connection with room, if any, dropping closed
+    /// ones on the way.
+    fn reserve(&self, key: &PoolKey) -> Option<(Connection, Arc<Usage>)> {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let list = conns.get_mut(key)?;
+        list.retain(|p| p.conn.is_open());
+        list.iter().find_map(|p| {
+            p.usage
+                .active
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max_streams).then_some(n + 1))
                 .ok()
-                .map(|_| (p.conn.clone(), p.active.clone()))
+                .map(|_| (p.conn.clone(), p.usage.clone()))
         })
     }
 
-    fn forget(&self, key: &PoolKey, active: &Arc<AtomicUsize>) {
+    fn forget(&self, key: &PoolKey, usage: &Arc<Usage>) {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(list) = conns.get_mut(key) {
-            list.retain(|p| !Arc::ptr_eq(&p.active, active));
+            list.retain(|p| !Arc::ptr_eq(&p.usage, usage));
         }
     }
 
     /// Opens a tunnel on a pooled connection for `key`, dialing a new one (with `dial`) when none
-    /// has a free stream.
+    /// has a free stream. A pooled connection that turns out to be dead (the peer went away or
+    /// sent GOAWAY since its last use) is forgotten and the tunnel is retried once on a new one:
+    /// the CONNECT never reached an upstream, so the retry is invisible to the application.
     pub async fn open<F, Fut>(&self, key: &PoolKey, tunnel: &Tunnel, dial: F) -> Result<PooledStream, HboneError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Connection, HboneError>>,
     {
-        let (conn, active) = match self.reserve(key) {
-            Some(r) => r,
-            None => {
-                let conn = dial().await?;
-                let active = Arc::new(AtomicUsize::new(1));
-                let pooled = Pooled { conn: conn.clone(), active: active.clone(), idle_since: Instant::now() };
-                self.conns.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().push(pooled);
-                (conn, active)
+        if let Some((conn, usage)) = self.reserve(key) {
+            let slot = Slot(usage.clone());
+            match conn.open(tunnel).await {
+                Ok(stream) => return Ok(PooledStream { stream, _slot: slot }),
+                Err(e) if !is_connection_failure(&conn, &e) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "pooled HBONE connection is gone; dialing a new one");
+                    self.forget(key, &usage);
+                }
             }
-        };
-        let guard = Slot(active.clone());
+        }
+        let conn = dial().await?;
+        let usage = Usage::new();
+        let pooled = Pooled { conn: conn.clone(), usage: usage.clone() };
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().push(pooled);
+        let slot = Slot(usage.clone());
         match conn.open(tunnel).await {
-            Ok(stream) => Ok(PooledStream { stream, _slot: guard }),
+            Ok(stream) => Ok(PooledStream { stream, _slot: slot }),
             Err(e) => {
-                // A refused tunnel (non-200) leaves the connection healthy; a protocol or I/O
-                // failure means it is broken and must not be handed out again.
-                if !matches!(e, HboneError::Status(_)) {
-                    self.forget(key, &active);
+                if is_connection_failure(&conn, &e) {
+                    self.forget(key, &usage);
                 }
                 Err(e)
             }
@@ -133,12 +151,21 @@ impl Pool {
     }
 }
 
-/// Frees the stream slot when the tunnel ends.
-struct Slot(Arc<AtomicUsize>);
+/// Whether a failed CONNECT means the whole connection is unusable. A refusal (non-200), a slow
+/// upstream (timeout) or a reset of this one stream leave the other tunnels on it healthy.
+fn is_connection_failure(conn: &Connection, e: &HboneError) -> bool {
+    !conn.is_open() || matches!(e, HboneError::H2(e) if e.is_io() || e.is_go_away())
+}
+
+/// Frees the stream slot when the tunnel ends; the last one out starts the idle clock.
+struct Slot(Arc<Usage>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let mut idle_since = self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *idle_since = Instant::now();
+        }
     }
 }
 

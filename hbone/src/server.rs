@@ -25,10 +25,13 @@ pub struct Inbound {
     pub peer: Option<Identity>,
 }
 
-/// Serves one HBONE connection until the peer closes it.
-pub async fn serve<IO, H, F, U>(io: IO, peer: Option<Identity>, handler: H) -> Result<(), h2::Error>
+/// Serves one HBONE connection until the peer closes it, or, once `drain` completes, until the
+/// tunnels already open have finished: the peer gets a GOAWAY, so it opens new tunnels elsewhere
+/// instead of on a connection that is about to go.
+pub async fn serve<IO, D, H, F, U>(io: IO, peer: Option<Identity>, drain: D, handler: H) -> Result<(), h2::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    D: Future<Output = ()>,
     H: Fn(Inbound) -> F + Clone + Send + 'static,
     F: Future<Output = Result<U, StatusCode>> + Send + 'static,
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -42,7 +45,21 @@ where
                 return Ok(());
             }
         };
-    while let Some(accepted) = conn.accept().await {
+    let drain = std::pin::pin!(drain);
+    let mut drain = Some(drain);
+    loop {
+        let accepted = match drain.as_mut() {
+            Some(d) => tokio::select! {
+                a = conn.accept() => a,
+                () = d.as_mut() => {
+                    conn.graceful_shutdown();
+                    drain = None;
+                    continue;
+                }
+            },
+            None => conn.accept().await,
+        };
+        let Some(accepted) = accepted else { break };
         let (req, mut respond) = accepted?;
         let (handler, peer) = (handler.clone(), peer.clone());
         tokio::spawn(async move {

@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::Ca;
-use hbone::client::{Baggage, Connection, HboneError, Tunnel};
+use hbone::client::{Baggage, Connection, HboneError, Keepalive, Tunnel};
 use hbone::server::{serve, Inbound};
 use hbone::tls::{client_config, peer_identity, server_config};
 use hbone::Identity;
 use http::StatusCode;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -32,6 +32,29 @@ struct Harness {
     ca: Ca,
     connections: Arc<AtomicUsize>,
     seen: Seen,
+    live: Arc<Mutex<Vec<LiveConnection>>>,
+}
+
+/// A server-side connection the test can drain (GOAWAY) or kill (drop without a word).
+struct LiveConnection {
+    drain: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Harness {
+    fn drain_connections(&self) {
+        for c in self.live.lock().unwrap().iter_mut() {
+            if let Some(d) = c.drain.take() {
+                let _ = d.send(());
+            }
+        }
+    }
+
+    fn kill_connections(&self) {
+        for c in self.live.lock().unwrap().drain(..) {
+            c.task.abort();
+        }
+    }
 }
 
 async fn echo_upstream() -> SocketAddr {
@@ -59,16 +82,23 @@ async fn harness() -> Harness {
     let hbone = l.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let seen: Seen = Arc::default();
-    let (c2, s2) = (connections.clone(), seen.clone());
+    let live: Arc<Mutex<Vec<LiveConnection>>> = Arc::default();
+    let (c2, s2, l2) = (connections.clone(), seen.clone(), live.clone());
     tokio::spawn(async move {
         loop {
             let (tcp, _) = l.accept().await.unwrap();
             c2.fetch_add(1, Ordering::SeqCst);
             let (acceptor, seen) = (acceptor.clone(), s2.clone());
-            tokio::spawn(async move {
+            let (drain, drained) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
                 let peer = peer_identity(tls.get_ref().1);
-                let _ = serve(tls, peer, move |inbound: Inbound| {
+                let drained = async move {
+                    if drained.await.is_err() {
+                        std::future::pending::<()>().await
+                    }
+                };
+                let _ = serve(tls, peer, drained, move |inbound: Inbound| {
                     let seen = seen.clone();
                     async move {
                         let target = inbound.authority;
@@ -82,9 +112,10 @@ async fn harness() -> Harness {
                 })
                 .await;
             });
+            l2.lock().unwrap().push(LiveConnection { drain: Some(drain), task: task.abort_handle() });
         }
     });
-    Harness { hbone, echo: echo_upstream().await, ca, connections, seen }
+    Harness { hbone, echo: echo_upstream().await, ca, connections, seen, live }
 }
 
 async fn client(h: &Harness) -> Connection {
@@ -295,5 +326,140 @@ mod pool {
         assert_eq!(pool.connections(), 0, "idle connection released");
         let _s = pool.open(&k, &tunnel(h.echo), || dial(&h)).await.unwrap();
         assert_eq!(h.connections.load(Ordering::SeqCst), 2, "a new connection is dialled after release");
+    }
+    async fn echo_once(s: &mut (impl AsyncRead + AsyncWrite + Unpin), msg: &[u8]) {
+        s.write_all(msg).await.unwrap();
+        let mut b = vec![0u8; msg.len()];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(b, msg);
+    }
+
+    #[tokio::test]
+    async fn short_tunnels_between_sweeps_keep_a_connection_from_idling_out() {
+        let h = harness().await;
+        let pool = Pool::new(100, Duration::from_millis(200));
+        let k = key(&h, CLIENT);
+        // Three idle timeouts of tunnels that each last a moment: a sweep (every 50 ms) almost
+        // never sees one open, yet the connection was never idle for 200 ms.
+        let until = std::time::Instant::now() + Duration::from_millis(600);
+        while std::time::Instant::now() < until {
+            let mut s = pool.open(&k, &tunnel(h.echo), || dial(&h)).await.unwrap();
+            echo_once(&mut s, b"short").await;
+            drop(s);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(h.connections.load(Ordering::SeqCst), 1, "a busy connection is never released as idle");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_peer_dropped_is_replaced_not_handed_out() {
+        let h = harness().await;
+        let pool = Pool::new(100, Duration::from_secs(300));
+        let k = key(&h, CLIENT);
+        let mut s = pool.open(&k, &tunnel(h.echo), || dial(&h)).await.unwrap();
+        echo_once(&mut s, b"before").await;
+        drop(s);
+        h.kill_connections();
+        // Whether or not the client has seen the close yet, the next tunnel opens on a new one.
+        let mut s = pool.open(&k, &tunnel(h.echo), || dial(&h)).await.unwrap();
+        echo_once(&mut s, b"after").await;
+        assert_eq!(h.connections.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.connections(), 1, "the dead connection left the pool");
+    }
+
+    #[tokio::test]
+    async fn a_draining_peer_finishes_open_tunnels_while_new_ones_go_to_a_new_connection() {
+        let h = harness().await;
+        let pool = Pool::new(100, Duration::from_secs(300));
+        let k = key(&h, CLIENT);
+        let mut old = pool.open(&k, &tunnel(h.echo), || dial(&h)).await.unwrap();
+        echo_once(&mut old, b"before the drain").await;
+        h.drain_connections();
+        // Time for the GOAWAY to arrive (a tunnel opened before then is, correctly, still
+        // served). The pooled connection stays open for its tunnel, so this goes through the
+        // retry on a new connection.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut new = pool.open(&k, &tunnel(h.echo), || dial(&h)).await.unwrap();
+        echo_once(&mut new, b"new tunnel").await;
+        assert_eq!(h.connections.load(Ordering::SeqCst), 2, "the draining connection took no new tunnel");
+        echo_once(&mut old, b"the open tunnel keeps working").await;
+        old.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        old.read_to_end(&mut rest).await.unwrap();
+        drop(old);
+        // With its last tunnel gone, the draining connection closes and leaves the pool.
+        for _ in 0..100 {
+            let _ = pool.open(&k, &tunnel(h.echo), || dial(&h)).await.unwrap();
+            if pool.connections() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(pool.connections(), 1);
+        assert_eq!(h.connections.load(Ordering::SeqCst), 2);
+    }
+
+    /// A relay to `to` that, once `frozen` is set, stops forwarding in both directions but keeps
+    /// both sockets open: what a peer whose node vanished looks like.
+    async fn freezable_relay(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+        async fn pump(
+            mut r: tokio::net::tcp::OwnedReadHalf,
+            mut w: tokio::net::tcp::OwnedWriteHalf,
+            frozen: Arc<std::sync::atomic::AtomicBool>,
+        ) {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if frozen.load(Ordering::SeqCst) {
+                    let _held = (r, w);
+                    return std::future::pending().await;
+                }
+                if w.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = frozen.clone();
+        tokio::spawn(async move {
+            let (client, _) = l.accept().await.unwrap();
+            let server = TcpStream::connect(to).await.unwrap();
+            let ((cr, cw), (sr, sw)) = (client.into_split(), server.into_split());
+            tokio::spawn(pump(cr, sw, f.clone()));
+            pump(sr, cw, f).await;
+        });
+        (addr, frozen)
+    }
+
+    #[tokio::test]
+    async fn keepalive_closes_a_connection_whose_peer_went_silent() {
+        let h = harness().await;
+        let (relay, frozen) = freezable_relay(h.hbone).await;
+        let cfg = client_config(h.ca.slot(CLIENT), h.ca.roots(), vec![Identity::parse(SERVER).unwrap()]).unwrap();
+        let tcp = TcpStream::connect(relay).await.unwrap();
+        let tls =
+            TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(relay.ip().into()), tcp).await.unwrap();
+        let keepalive = Keepalive { interval: Duration::from_millis(100), timeout: Duration::from_millis(300) };
+        let conn = Connection::handshake_with(tls, keepalive).await.unwrap();
+        let mut s = conn.open(&tunnel(h.echo)).await.unwrap();
+        echo_once(&mut s, b"ping").await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(conn.is_open(), "a peer that answers PINGs keeps the connection");
+        frozen.store(true, Ordering::SeqCst);
+        let mut waited = Duration::ZERO;
+        while conn.is_open() && waited < Duration::from_secs(3) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            waited += Duration::from_millis(20);
+        }
+        assert!(!conn.is_open(), "an unanswered PING closes the connection");
+        // Tunnels on it end rather than hang.
+        let mut b = [0u8; 8];
+        let ended = tokio::time::timeout(Duration::from_secs(1), s.read(&mut b)).await;
+        assert!(matches!(ended, Ok(Err(_)) | Ok(Ok(0))), "the tunnel must end with the connection: {ended:?}");
     }
 }

@@ -35,11 +35,12 @@ impl Proxy {
         };
         let peer = hbone::tls::peer_identity(tls.get_ref().1);
         let me = self.clone();
+        let drained = self.drained();
         let handler = move |req: Inbound| {
             let (me, pod) = (me.clone(), pod.clone());
             async move { me.tunnel(&pod, src, req).await }
         };
-        if let Err(e) = hbone::server::serve(tls, peer, handler).await {
+        if let Err(e) = hbone::server::serve(tls, peer, drained, handler).await {
             tracing::debug!(%src, error = %e, "HBONE connection ended with an error");
         }
     }

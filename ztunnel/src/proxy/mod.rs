@@ -186,11 +186,16 @@ impl Proxy {
             .collect())
     }
 
-    async fn accept_loop(self: Arc<Self>, pod: Arc<Pod>, port: u16, listener: TcpListener) {
+    /// Completes when ztunnel starts draining (at once if it already has).
+    fn drained(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut draining = self.draining.clone();
-        let drained = async move {
+        async move {
             let _ = draining.wait_for(|d| *d).await;
-        };
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, pod: Arc<Pod>, port: u16, listener: TcpListener) {
+        let drained = self.drained();
         tokio::pin!(drained);
         loop {
             let (tcp, _) = tokio::select! {

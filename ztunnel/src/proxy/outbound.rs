@@ -6,6 +6,7 @@ use std::sync::Arc;
 use hbone::client::{Baggage, Connection, HboneError, Tunnel};
 use hbone::pool::PoolKey;
 use hbone::Identity;
+use http::StatusCode;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -95,8 +96,7 @@ impl Proxy {
                     }
                     Err(e) => {
                         tracing::warn!(%src, %dst, via = %addr, error = %e, "HBONE tunnel failed");
-                        self.metrics
-                            .reject(DIRECTION, if matches!(e, HboneError::Status(_)) { "policy" } else { "upstream" });
+                        self.metrics.reject(DIRECTION, rejection_reason(&e));
                         sockets::reset(client);
                     }
                 }
@@ -142,5 +142,15 @@ fn baggage(w: &trellis_proto::istio::workload::Workload) -> Baggage {
         workload_name: w.name.clone(),
         service_name: w.canonical_name.clone(),
         service_version: w.canonical_revision.clone(),
+    }
+}
+
+/// The `reason` label for a tunnel that did not open, from the peer's status code (PROTOCOLS.md):
+/// only 401 is a policy decision; 503 means the peer could not reach the pod.
+fn rejection_reason(e: &HboneError) -> &'static str {
+    match e {
+        HboneError::Status(StatusCode::UNAUTHORIZED) => "policy",
+        HboneError::Status(StatusCode::BAD_REQUEST) => "bad_request",
+        _ => "upstream",
     }
 }
