@@ -16,5 +16,5 @@ mod stream;
 pub mod tls;
 
 pub use identity::Identity;
-pub use splice::splice;
+pub use splice::{splice, Abort};
 pub use stream::H2Stream;

@@ -34,7 +34,7 @@ where
     D: Future<Output = ()>,
     H: Fn(Inbound) -> F + Clone + Send + 'static,
     F: Future<Output = Result<U, StatusCode>> + Send + 'static,
-    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + crate::Abort + 'static,
 {
     // A peer that completes TLS but never sends the HTTP/2 preface must not hold the connection.
     let mut conn =

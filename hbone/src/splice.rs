@@ -28,17 +28,33 @@ use crate::stream::{h2_io, H2Stream};
 /// 9-byte straggler (which costs its own record, write and TCP segment).
 const READ_CHUNK: usize = (64 << 10) - 9;
 
+/// A socket whose close can be made abortive. A failure on one side of a proxied connection
+/// must reach the other side as a failure: closed with a FIN instead, a response cut short by a
+/// crashed server would look complete to a client that reads until end of file.
+pub trait Abort {
+    /// Makes the coming close send a reset (RST) instead of a FIN.
+    fn abort_on_close(&self);
+}
+
+impl Abort for tokio::net::TcpStream {
+    fn abort_on_close(&self) {
+        // Zero linger never blocks: the close discards unsent data and sends RST at once.
+        let _ = self.set_zero_linger();
+    }
+}
+
 /// Copies `io` into `tunnel` and `tunnel` into `io` until both directions have finished: end of
 /// file from `io` becomes END_STREAM, and END_STREAM from the peer becomes a write shutdown of
-/// `io`. The first error ends both directions; dropping the tunnel then resets the stream.
+/// `io`. The first error ends both directions: `io` is reset and dropping the tunnel resets the
+/// stream, so each end sees the failure as one.
 pub async fn splice<S, T>(mut io: S, mut tunnel: T) -> io::Result<()>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Abort,
     T: AsMut<H2Stream>,
 {
     let tunnel = tunnel.as_mut();
     let (mut up, mut down) = (ToTunnel::default(), FromTunnel::default());
-    poll_fn(|cx| {
+    let done = poll_fn(|cx| {
         let up_done = up.poll(cx, &mut io, &mut tunnel.send)?.is_ready();
         let down_done = down.poll(cx, &mut io, &mut tunnel.recv)?.is_ready();
         if up_done && down_done {
@@ -47,7 +63,11 @@ where
             Poll::Pending
         }
     })
-    .await
+    .await;
+    if done.is_err() {
+        io.abort_on_close();
+    }
+    done
 }
 
 /// Socket to tunnel.

@@ -57,20 +57,30 @@ impl Harness {
     }
 }
 
-async fn echo_upstream() -> SocketAddr {
+/// A loopback TCP server that runs `serve_one` on each connection it accepts.
+async fn upstream<F, Fut>(serve_one: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(serve_one(s));
         }
     });
     addr
+}
+
+async fn echo_upstream() -> SocketAddr {
+    upstream(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
 }
 
 /// An HBONE endpoint whose handler denies DENIED_PORT with 401 and answers 503 when the upstream
@@ -208,6 +218,40 @@ async fn spliced_tunnel_carries_bytes_both_ways_and_half_closes() {
     assert_eq!(back.len(), payload.len());
     assert!(back == payload, "echoed bytes differ");
     proxy.await.unwrap().expect("splice ends cleanly once both directions are done");
+}
+
+/// An upstream that answers part of a response and then crashes (resets its socket).
+async fn crashing_upstream() -> SocketAddr {
+    upstream(|mut s| async move {
+        s.write_all(b"partial").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        s.set_zero_linger().unwrap();
+    })
+    .await
+}
+
+/// A reset on one end of a tunnel arrives as a reset at the other (server socket → RST_STREAM →
+/// client socket), not as a clean end of file that would make a cut-short response look whole.
+#[tokio::test]
+async fn an_upstream_reset_reaches_the_app_as_a_reset() {
+    let h = harness().await;
+    let conn = client(&h).await;
+    let app_side = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app_side.local_addr().unwrap();
+    let upstream = crashing_upstream().await;
+    let proxy = tokio::spawn(async move {
+        let (pod_conn, _) = app_side.accept().await.unwrap();
+        let stream = conn.open(&tunnel(upstream)).await.unwrap();
+        hbone::splice(pod_conn, stream).await
+    });
+    let mut app = TcpStream::connect(app_addr).await.unwrap();
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(10), app.read_to_end(&mut got))
+        .await
+        .expect("the app learns how the connection ended");
+    assert_eq!(got, b"partial");
+    assert_eq!(end.expect_err("a reset, not end of file").kind(), std::io::ErrorKind::ConnectionReset);
+    assert!(proxy.await.unwrap().is_err(), "the splice reports the failure");
 }
 
 #[tokio::test]

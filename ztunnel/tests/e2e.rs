@@ -122,6 +122,15 @@ fn pod_to_pod_and_vip_over_hbone_with_l4_policy() {
     let outsider_opened = ["destination_workload=\"outsider\"", "connection_security_policy=\"unknown\""];
     assert!(metric_line(&dump, "istio_tcp_connections_opened_total", &outsider_opened).is_some(), "{dump}");
 
+    // A server that dies mid-response: its reset reaches the client as a reset, over HBONE and
+    // over plain TCP alike, so the cut-short response cannot pass for a whole one.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/app.py");
+    for server in [&server_b, &outsider] {
+        lab.app(server, &["crash", "9099"], 9099);
+        let ended = lab.exec_ok(&client.netns, &format!("python3 {script} fetch {} 9099", server.ip));
+        assert_eq!(ended.trim(), "partial reset", "to {}", server.name);
+    }
+
     // The Service VIP spreads over both endpoints, on the target port.
     let mut seen = BTreeSet::new();
     for _ in 0..20 {

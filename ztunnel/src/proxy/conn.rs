@@ -211,6 +211,12 @@ impl<S> Tracked<S> {
     }
 }
 
+impl<S: hbone::Abort> hbone::Abort for Tracked<S> {
+    fn abort_on_close(&self) {
+        self.inner.abort_on_close();
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();

@@ -234,15 +234,18 @@ impl Proxy {
     }
 }
 
-/// Splices the client and the destination until both directions finish.
+/// Splices the client and the destination until both directions finish. An error on either
+/// side resets both, so neither mistakes the failure for a clean end.
 async fn splice<A, B>(mut client: A, mut upstream: B)
 where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + hbone::Abort,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + hbone::Abort,
 {
     if let Err(e) = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER).await
     {
         tracing::debug!(error = %e, "connection ended with an error");
+        client.abort_on_close();
+        upstream.abort_on_close();
     }
 }
 
