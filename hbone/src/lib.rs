@@ -14,6 +14,7 @@ pub mod settings;
 mod splice;
 mod stream;
 pub mod tls;
+mod usage;
 
 pub use identity::Identity;
 pub use splice::{splice, Abort};

@@ -11,14 +11,14 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::client::{Connection, HboneError, Tunnel};
+use crate::usage::{Slot, Usage};
 use crate::{H2Stream, Identity};
 
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -34,18 +34,6 @@ pub struct PoolKey {
 struct Pooled {
     conn: Connection,
     usage: Arc<Usage>,
-}
-
-/// Streams in use on one pooled connection, and when the last one ended.
-struct Usage {
-    active: AtomicUsize,
-    idle_since: Mutex<Instant>,
-}
-
-impl Usage {
-    fn new() -> Arc<Usage> {
-        Arc::new(Usage { active: AtomicUsize::new(1), idle_since: Mutex::new(Instant::now()) })
-    }
 }
 
 pub struct Pool {
@@ -80,31 +68,20 @@ impl Pool {
 
     /// Drops closed connections, and open ones without streams for the idle timeout.
     fn release_idle(&self) {
-        let now = Instant::now();
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         for list in conns.values_mut() {
-            list.retain(|p| {
-                let idle = *p.usage.idle_since.lock().unwrap_or_else(|e| e.into_inner());
-                p.conn.is_open()
-                    && (p.usage.active.load(Ordering::Acquire) > 0 || now.duration_since(idle) < self.idle_timeout)
-            });
+            list.retain(|p| p.conn.is_open() && p.usage.idle_for().is_none_or(|idle| idle < self.idle_timeout));
         }
         conns.retain(|_, l| !l.is_empty());
     }
 
     /// Reserves a stream slot on an open pooled connection with room, if any, dropping closed
     /// ones on the way.
-    fn reserve(&self, key: &PoolKey) -> Option<(Connection, Arc<Usage>)> {
+    fn reserve(&self, key: &PoolKey) -> Option<(Connection, Arc<Usage>, Slot)> {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let list = conns.get_mut(key)?;
         list.retain(|p| p.conn.is_open());
-        list.iter().find_map(|p| {
-            p.usage
-                .active
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max_streams).then_some(n + 1))
-                .ok()
-                .map(|_| (p.conn.clone(), p.usage.clone()))
-        })
+        list.iter().find_map(|p| Some((p.conn.clone(), p.usage.clone(), p.usage.try_enter(self.max_streams)?)))
     }
 
     fn forget(&self, key: &PoolKey, usage: &Arc<Usage>) {
@@ -123,8 +100,7 @@ impl Pool {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Connection, HboneError>>,
     {
-        if let Some((conn, usage)) = self.reserve(key) {
-            let slot = Slot(usage.clone());
+        if let Some((conn, usage, slot)) = self.reserve(key) {
             match conn.open(tunnel).await {
                 Ok(stream) => return Ok(PooledStream { stream, _slot: slot }),
                 Err(e) if !is_connection_failure(&conn, &e) => return Err(e),
@@ -136,9 +112,9 @@ impl Pool {
         }
         let conn = dial().await?;
         let usage = Usage::new();
+        let slot = usage.enter();
         let pooled = Pooled { conn: conn.clone(), usage: usage.clone() };
         self.conns.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().push(pooled);
-        let slot = Slot(usage.clone());
         match conn.open(tunnel).await {
             Ok(stream) => Ok(PooledStream { stream, _slot: slot }),
             Err(e) => {
@@ -155,18 +131,6 @@ impl Pool {
 /// upstream (timeout) or a reset of this one stream leave the other tunnels on it healthy.
 fn is_connection_failure(conn: &Connection, e: &HboneError) -> bool {
     !conn.is_open() || matches!(e, HboneError::H2(e) if e.is_io() || e.is_go_away())
-}
-
-/// Frees the stream slot when the tunnel ends; the last one out starts the idle clock.
-struct Slot(Arc<Usage>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut idle_since = self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner());
-        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *idle_since = Instant::now();
-        }
-    }
 }
 
 /// A tunnel opened through the pool; dropping it frees its stream slot.

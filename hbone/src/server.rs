@@ -6,15 +6,17 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::stream::H2Stream;
+use crate::usage::Usage;
 use crate::Identity;
 
-const PREFACE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A tunnel request, after the method and authority have been checked.
 #[derive(Debug)]
@@ -25,10 +27,32 @@ pub struct Inbound {
     pub peer: Option<Identity>,
 }
 
-/// Serves one HBONE connection until the peer closes it, or, once `drain` completes, until the
-/// tunnels already open have finished: the peer gets a GOAWAY, so it opens new tunnels elsewhere
-/// instead of on a connection that is about to go.
-pub async fn serve<IO, D, H, F, U>(io: IO, peer: Option<Identity>, drain: D, handler: H) -> Result<(), h2::Error>
+/// Limits on one served connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// A connection without tunnels for this long is closed. Twice the client pool's idle
+    /// timeout, so a well-behaved client normally lets go first; an idle peer cannot hold a
+    /// connection (and its share of ztunnel's connection limit) forever.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { idle_timeout: 2 * crate::pool::IDLE_TIMEOUT }
+    }
+}
+
+/// Serves one HBONE connection until the peer closes it. Once `drain` completes, or the
+/// connection has carried no tunnel for the idle timeout, the peer gets a GOAWAY and the tunnels
+/// already open finish: the peer opens new tunnels elsewhere instead of on a connection that is
+/// about to go.
+pub async fn serve<IO, D, H, F, U>(
+    io: IO,
+    peer: Option<Identity>,
+    limits: Limits,
+    drain: D,
+    handler: H,
+) -> Result<(), h2::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     D: Future<Output = ()>,
@@ -45,15 +69,24 @@ where
                 return Ok(());
             }
         };
-    let drain = std::pin::pin!(drain);
-    let mut drain = Some(drain);
+    let tunnels = Usage::new();
+    let closing = {
+        let (tunnels, peer) = (tunnels.clone(), peer.clone());
+        async move {
+            tokio::select! {
+                () = drain => tracing::debug!(?peer, "draining: GOAWAY"),
+                () = tunnels.idle(limits.idle_timeout) => tracing::debug!(?peer, "idle: GOAWAY"),
+            }
+        }
+    };
+    let mut closing = Some(std::pin::pin!(closing));
     loop {
-        let accepted = match drain.as_mut() {
-            Some(d) => tokio::select! {
+        let accepted = match closing.as_mut() {
+            Some(c) => tokio::select! {
                 a = conn.accept() => a,
-                () = d.as_mut() => {
+                () = c.as_mut() => {
                     conn.graceful_shutdown();
-                    drain = None;
+                    closing = None;
                     continue;
                 }
             },
@@ -62,7 +95,9 @@ where
         let Some(accepted) = accepted else { break };
         let (req, mut respond) = accepted?;
         let (handler, peer) = (handler.clone(), peer.clone());
+        let tunnel = tunnels.enter();
         tokio::spawn(async move {
+            let _tunnel = tunnel;
             let authority = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
             let authority = match (req.method(), authority) {
                 (&Method::CONNECT, Some(a)) => a,

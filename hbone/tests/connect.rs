@@ -7,10 +7,11 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use common::Ca;
 use hbone::client::{Baggage, Connection, HboneError, Keepalive, Tunnel};
-use hbone::server::{serve, Inbound};
+use hbone::server::{serve, Inbound, Limits};
 use hbone::tls::{client_config, peer_identity, server_config};
 use hbone::Identity;
 use http::StatusCode;
@@ -86,6 +87,10 @@ async fn echo_upstream() -> SocketAddr {
 /// An HBONE endpoint whose handler denies DENIED_PORT with 401 and answers 503 when the upstream
 /// cannot be reached — the decisions ztunnel's inbound path makes.
 async fn harness() -> Harness {
+    harness_with(Limits::default()).await
+}
+
+async fn harness_with(limits: Limits) -> Harness {
     let ca = Ca::new("mesh root");
     let acceptor = TlsAcceptor::from(Arc::new(server_config(ca.slot(SERVER), ca.roots(), "cluster.local").unwrap()));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -108,7 +113,7 @@ async fn harness() -> Harness {
                         std::future::pending::<()>().await
                     }
                 };
-                let _ = serve(tls, peer, drained, move |inbound: Inbound| {
+                let _ = serve(tls, peer, limits, drained, move |inbound: Inbound| {
                     let seen = seen.clone();
                     async move {
                         let target = inbound.authority;
@@ -220,6 +225,28 @@ async fn spliced_tunnel_carries_bytes_both_ways_and_half_closes() {
     proxy.await.unwrap().expect("splice ends cleanly once both directions are done");
 }
 
+/// The server closes a connection that has carried no tunnel for its idle timeout, and only
+/// then: a long tunnel keeps it open however quiet it is.
+#[tokio::test]
+async fn the_server_closes_a_connection_idle_for_its_timeout() {
+    let h = harness_with(Limits { idle_timeout: Duration::from_millis(300) }).await;
+    let conn = client(&h).await;
+    let mut held = conn.open(&tunnel(h.echo)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(conn.is_open(), "an open tunnel keeps the connection");
+    held.write_all(b"still here").await.unwrap();
+    let mut b = [0u8; 10];
+    held.read_exact(&mut b).await.unwrap();
+    drop(held);
+    let mut waited = Duration::ZERO;
+    while conn.is_open() && waited < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += Duration::from_millis(20);
+    }
+    assert!(!conn.is_open(), "the server closed the idle connection");
+    assert!(waited >= Duration::from_millis(200), "closed after {waited:?}, before the idle timeout");
+}
+
 /// An upstream that answers part of a response and then crashes (resets its socket).
 async fn crashing_upstream() -> SocketAddr {
     upstream(|mut s| async move {
@@ -310,7 +337,6 @@ async fn non_connect_requests_and_bad_authorities_get_400() {
 }
 
 mod pool {
-    use std::time::Duration;
 
     use hbone::pool::{Pool, PoolKey};
 

@@ -313,6 +313,45 @@ fn nftables_capture_carries_mesh_and_plaintext_traffic_with_the_callers_address(
 }
 
 /// The first sample of metric `name` in Prometheus `text` whose labels include every one of `labels`.
+/// `--max-connections` bounds what a node carries, tunnels included: one HBONE connection carries
+/// up to 100 tunnels, each an upstream socket on the node it lands on, so each takes a slot there.
+#[test]
+fn the_connection_cap_counts_every_tunnel() {
+    let Mesh { lab, client, server_b, .. } = mesh(&["--max-connections", "4"]);
+    lab.app(&server_b, &["echo", "9000"], 9000);
+    // Opens `n` connections, keeping them all open, and counts those that echo a line.
+    let script = lab.dir.path().join("hold_many.py");
+    std::fs::write(
+        &script,
+        r#"import socket, sys
+ok, held = 0, []
+for _ in range(int(sys.argv[2])):
+    try:
+        s = socket.create_connection((sys.argv[1], 9000), timeout=5)
+        s.sendall(b"x\n")
+        if s.recv(8) == b"x\n":
+            ok += 1
+            held.append(s)
+    except OSError:
+        pass
+print(ok)
+"#,
+    )
+    .expect("writing hold_many.py");
+    let hold = |n: usize| {
+        let out = lab.exec_ok(&client.netns, &format!("python3 {} {} {n}", script.display(), server_b.ip));
+        out.trim().parse::<usize>().unwrap_or_else(|_| panic!("hold_many.py printed {out:?}"))
+    };
+    // Node 2 has four slots: the HBONE connection takes one, so three tunnels fit (node 1, where
+    // the four client connections take its four slots, is not the limit).
+    assert_eq!(hold(4), 3, "tunnels beyond node 2's cap are refused");
+    let metrics = lab.ztunnel_get(2, 15020, "/metrics");
+    let overload = ["direction=\"inbound\"", "reason=\"overload\""];
+    assert!(metric_line(&metrics, "trellis_connections_rejected_total", &overload).is_some(), "{metrics}");
+    // Closed tunnels give their slots back.
+    assert_eq!(hold(3), 3);
+}
+
 fn metric_line<'a>(text: &'a str, name: &str, labels: &[&str]) -> Option<&'a str> {
     text.lines().find(|l| {
         l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{')) && labels.iter().all(|x| l.contains(x))

@@ -13,6 +13,7 @@ use std::time::{Instant, SystemTime};
 use serde_json::{json, Value};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::route::Peer;
 use crate::metrics::{Metrics, Reporter, SecurityPolicy, TcpLabels};
@@ -186,18 +187,25 @@ pub struct Tracked<S> {
     inner: S,
     tracker: Arc<Tracker>,
     client_side: bool,
+    /// The node's connection slot this socket holds, if the caller took one for it.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl<S> Tracked<S> {
     /// Wraps the socket facing the destination.
     pub fn new(inner: S, tracker: Arc<Tracker>) -> Tracked<S> {
-        Tracked { inner, tracker, client_side: false }
+        Tracked { inner, tracker, client_side: false, _slot: None }
     }
 
     /// Wraps the socket facing the client: used when the destination side is an HBONE tunnel,
     /// which is spliced without a byte-stream wrapper.
     pub fn client_side(inner: S, tracker: Arc<Tracker>) -> Tracked<S> {
-        Tracked { inner, tracker, client_side: true }
+        Tracked { inner, tracker, client_side: true, _slot: None }
+    }
+
+    /// Holds `slot` until the socket is dropped.
+    pub fn holding(self, slot: OwnedSemaphorePermit) -> Tracked<S> {
+        Tracked { _slot: Some(slot), ..self }
     }
 
     fn count_read(&self, n: u64) {

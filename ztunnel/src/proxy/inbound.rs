@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hbone::server::Inbound;
+use hbone::server::{Inbound, Limits};
 use http::{HeaderMap, StatusCode};
 use tokio::net::TcpStream;
 
@@ -40,7 +40,7 @@ impl Proxy {
             let (me, pod) = (me.clone(), pod.clone());
             async move { me.tunnel(&pod, src, req).await }
         };
-        if let Err(e) = hbone::server::serve(tls, peer, drained, handler).await {
+        if let Err(e) = hbone::server::serve(tls, peer, Limits::default(), drained, handler).await {
             tracing::debug!(%src, error = %e, "HBONE connection ended with an error");
         }
     }
@@ -78,7 +78,11 @@ impl Proxy {
             service: String::new(),
             mtls: true,
         };
-        self.connect_tracked(pod, record).await.ok_or(StatusCode::SERVICE_UNAVAILABLE)
+        // Each tunnel takes a slot of its own: one HBONE connection carries up to 100 of them,
+        // and each is an upstream socket on this node.
+        let slot = self.admit(DIRECTION).ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
+        let upstream = self.connect_tracked(pod, record).await.ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
+        Ok(upstream.holding(slot))
     }
 }
 
