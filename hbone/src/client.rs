@@ -30,6 +30,8 @@ pub enum HboneError {
     Io(#[from] std::io::Error),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("the dial this tunnel waited for failed {1:?} ago: {0}")]
+    DialFailed(String, Duration),
 }
 
 /// Telemetry metadata of the source workload, sent as the `baggage` header.

@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -36,8 +36,12 @@ struct Pooled {
     usage: Arc<Usage>,
 }
 
+/// One dial per key at a time; remembers the last failure for the tunnels queued behind it.
+type DialGate = Arc<tokio::sync::Mutex<Option<(Instant, String)>>>;
+
 pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    dials: Mutex<HashMap<PoolKey, DialGate>>,
     max_streams: usize,
     idle_timeout: Duration,
 }
@@ -46,7 +50,12 @@ impl Pool {
     /// Creates a pool and a background task that releases idle connections; the task ends when
     /// the pool is dropped.
     pub fn new(max_streams: usize, idle_timeout: Duration) -> Arc<Pool> {
-        let pool = Arc::new(Pool { conns: Mutex::default(), max_streams: max_streams.max(1), idle_timeout });
+        let pool = Arc::new(Pool {
+            conns: Mutex::default(),
+            dials: Mutex::default(),
+            max_streams: max_streams.max(1),
+            idle_timeout,
+        });
         let weak: Weak<Pool> = Arc::downgrade(&pool);
         let period = (idle_timeout / 4).max(Duration::from_millis(10));
         tokio::spawn(async move {
@@ -73,6 +82,9 @@ impl Pool {
             list.retain(|p| p.conn.is_open() && p.usage.idle_for().is_none_or(|idle| idle < self.idle_timeout));
         }
         conns.retain(|_, l| !l.is_empty());
+        drop(conns);
+        // A gate only matters to the tunnels holding or queued on it.
+        self.dials.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, g| Arc::strong_count(g) > 1);
     }
 
     /// Reserves a stream slot on an open pooled connection with room, if any, dropping closed
@@ -95,26 +107,40 @@ impl Pool {
     /// has a free stream. A pooled connection that turns out to be dead (the peer went away or
     /// sent GOAWAY since its last use) is forgotten and the tunnel is retried once on a new one:
     /// the CONNECT never reached an upstream, so the retry is invisible to the application.
+    ///
+    /// Dials for one key happen one at a time, so tunnels opened together share the connection
+    /// the first of them makes instead of each making its own; those queued behind a dial that
+    /// failed fail with it rather than each waiting out a dial of their own.
     pub async fn open<F, Fut>(&self, key: &PoolKey, tunnel: &Tunnel, dial: F) -> Result<PooledStream, HboneError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Connection, HboneError>>,
     {
-        if let Some((conn, usage, slot)) = self.reserve(key) {
-            match conn.open(tunnel).await {
-                Ok(stream) => return Ok(PooledStream { stream, _slot: slot }),
-                Err(e) if !is_connection_failure(&conn, &e) => return Err(e),
-                Err(e) => {
-                    tracing::debug!(error = %e, "pooled HBONE connection is gone; dialing a new one");
-                    self.forget(key, &usage);
-                }
-            }
+        if let Some(stream) = self.open_pooled(key, tunnel).await? {
+            return Ok(stream);
         }
-        let conn = dial().await?;
+        let queued_at = Instant::now();
+        let gate = self.dials.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().clone();
+        let mut last_failure = gate.lock().await;
+        if let Some(stream) = self.open_pooled(key, tunnel).await? {
+            return Ok(stream);
+        }
+        if let Some((at, why)) = last_failure.as_ref().filter(|(at, _)| *at >= queued_at) {
+            return Err(HboneError::DialFailed(why.clone(), at.elapsed()));
+        }
+        let conn = match dial().await {
+            Ok(c) => c,
+            Err(e) => {
+                *last_failure = Some((Instant::now(), e.to_string()));
+                return Err(e);
+            }
+        };
+        *last_failure = None;
         let usage = Usage::new();
         let slot = usage.enter();
         let pooled = Pooled { conn: conn.clone(), usage: usage.clone() };
         self.conns.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().push(pooled);
+        drop(last_failure);
         match conn.open(tunnel).await {
             Ok(stream) => Ok(PooledStream { stream, _slot: slot }),
             Err(e) => {
@@ -122,6 +148,21 @@ impl Pool {
                     self.forget(key, &usage);
                 }
                 Err(e)
+            }
+        }
+    }
+
+    /// A tunnel on an open pooled connection with room, or `None` when there is none (a dead one
+    /// found on the way is forgotten).
+    async fn open_pooled(&self, key: &PoolKey, tunnel: &Tunnel) -> Result<Option<PooledStream>, HboneError> {
+        let Some((conn, usage, slot)) = self.reserve(key) else { return Ok(None) };
+        match conn.open(tunnel).await {
+            Ok(stream) => Ok(Some(PooledStream { stream, _slot: slot })),
+            Err(e) if !is_connection_failure(&conn, &e) => Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "pooled HBONE connection is gone; dialing a new one");
+                self.forget(key, &usage);
+                Ok(None)
             }
         }
     }

@@ -422,6 +422,40 @@ mod pool {
     }
 
     #[tokio::test]
+    async fn tunnels_opened_together_share_one_dial_and_its_failure() {
+        let h = Arc::new(harness().await);
+        let pool = Pool::new(100, Duration::from_secs(300));
+        let dials = Arc::new(AtomicUsize::new(0));
+        let open_all = |fail: bool| {
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..20 {
+                let (pool, h, dials) = (pool.clone(), h.clone(), dials.clone());
+                set.spawn(async move {
+                    let dial = || async {
+                        dials.fetch_add(1, Ordering::SeqCst);
+                        // Slow enough that all twenty queue up behind the first dial.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        if fail {
+                            return Err(HboneError::Tls("peer certificate rejected".into()));
+                        }
+                        Ok(client(&h).await)
+                    };
+                    pool.open(&key(&h, CLIENT), &tunnel(h.echo), dial).await.map(drop)
+                });
+            }
+            set.join_all()
+        };
+        let failed = open_all(true).await;
+        assert_eq!(dials.load(Ordering::SeqCst), 1, "one dial for twenty tunnels");
+        assert!(failed.iter().all(|r| r.is_err()), "every tunnel shares the dial's failure");
+        assert_eq!(failed.iter().filter(|r| matches!(r, Err(HboneError::DialFailed(..)))).count(), 19);
+        let opened = open_all(false).await;
+        assert!(opened.iter().all(|r| r.is_ok()), "{opened:?}");
+        assert_eq!(dials.load(Ordering::SeqCst), 2, "a new round dials again, once");
+        assert_eq!(h.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
     async fn a_connection_the_peer_dropped_is_replaced_not_handed_out() {
         let h = harness().await;
         let pool = Pool::new(100, Duration::from_secs(300));
