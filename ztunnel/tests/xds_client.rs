@@ -7,11 +7,10 @@ use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use common::{free_port, istiod, Ports};
+use common::{free_port, istiod, start_xds_client, Ports};
 use hyper::Method;
 use serde_json::json;
 use ztunnel::state::State;
-use ztunnel::xds::{self, Client};
 
 fn pod(name: &str, ip: &str) -> serde_json::Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": "echo"}}, "spec": {"nodeName": "node1"}, "status": {"podIP": ip}})
@@ -41,16 +40,7 @@ async fn syncs_follows_changes_survives_an_outage_and_resyncs() {
     api.ok(Method::PUT, "/api/v1/namespaces/demo/services/echo", Some(&json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"}, "spec": {"selector": {"app": "echo"}, "clusterIP": "10.96.0.9", "ports": [{"port": 80, "targetPort": 8080}]}}))).await.unwrap();
     api.ok(Method::PUT, "/apis/security.istio.io/v1/namespaces/demo/authorizationpolicies/p", Some(&json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": {"name": "p"}, "spec": {"selector": {"matchLabels": {"app": "echo"}}, "rules": [{}]}}))).await.unwrap();
 
-    let state = Arc::new(RwLock::new(State::default()));
-    let cfg = xds::Config {
-        address: format!("http://127.0.0.1:{xds_port}"),
-        root_pem: None,
-        token: None,
-        node_id: "ztunnel~10.0.0.1~ztunnel-node1.istio-system~istio-system.svc.cluster.local".into(),
-        node_name: "node1".into(),
-    };
-    let (client, mut synced) = Client::new(cfg, state.clone());
-    let task = tokio::spawn(client.run());
+    let (state, mut synced, task) = start_xds_client(format!("http://127.0.0.1:{xds_port}"));
     tokio::time::timeout(Duration::from_secs(10), synced.wait_for(|s| *s)).await.expect("synced").unwrap();
     // istiod-lite translates writes asynchronously, so the first snapshot may predate them.
     eventually("the pod", &state, |s| {

@@ -1,8 +1,9 @@
 //! Checks on resources received from the control plane. A resource that fails is NACKed with the
-//! reason and the last good state is kept.
+//! reason and the last good state of that resource is kept, except an Authorization, which is
+//! replaced by a deny-all of its scope ([`authorization_or_deny_all`]).
 
 use prost::Message;
-use trellis_proto::istio::security::Authorization;
+use trellis_proto::istio::security::{Action, Authorization, Rule, Scope};
 use trellis_proto::istio::workload::{address, Address};
 use trellis_proto::trellis::node::v1 as node_pb;
 use trellis_proto::trellis::pod::v1::PodMembership;
@@ -42,14 +43,49 @@ pub fn address(name: &str, bytes: &[u8]) -> Result<address::Type, String> {
     }
 }
 
-pub fn authorization(name: &str, bytes: &[u8]) -> Result<Authorization, String> {
-    let a = Authorization::decode(bytes).map_err(|e| format!("{name}: not an istio.security.Authorization: {e}"))?;
+/// The policy to enforce for a received Authorization, and why it was rejected if it was. One
+/// that ztunnel cannot enforce as written is replaced by a DENY matching every connection, with
+/// the scope it declares (GLOBAL when even that is unreadable), so it denies exactly where the
+/// real one could have applied: an unknown policy fails closed, never open.
+pub fn authorization_or_deny_all(name: &str, bytes: &[u8]) -> (Authorization, Option<String>) {
+    let decoded = Authorization::decode(bytes);
+    let reason = match &decoded {
+        Ok(a) => match check_authorization(name, a) {
+            Ok(()) => return (decoded.unwrap_or_default(), None),
+            Err(reason) => reason,
+        },
+        Err(e) => format!("{name}: not an istio.security.Authorization: {e}"),
+    };
+    let (namespace, short) = name.split_once('/').unwrap_or(("", name));
+    let scope = match decoded.ok().and_then(|a| Scope::try_from(a.scope).ok()) {
+        Some(s) if name.split_once('/').is_some() => s,
+        _ => Scope::Global,
+    };
+    let deny_all = Authorization {
+        name: short.to_string(),
+        namespace: namespace.to_string(),
+        scope: scope as i32,
+        action: Action::Deny as i32,
+        // A rule without clauses matches every connection.
+        rules: vec![Rule { clauses: vec![] }],
+    };
+    (deny_all, Some(reason))
+}
+
+fn check_authorization(name: &str, a: &Authorization) -> Result<(), String> {
     if format!("{}/{}", a.namespace, a.name) != name {
         return Err(format!("{name}: policy is named {}/{}", a.namespace, a.name));
+    }
+    if Action::try_from(a.action).is_err() {
+        return Err(format!("{name}: unknown action {}", a.action));
+    }
+    if Scope::try_from(a.scope).is_err() {
+        return Err(format!("{name}: unknown scope {}", a.scope));
     }
     for (i, r) in a.rules.iter().enumerate() {
         for (j, c) in r.clauses.iter().enumerate() {
             for (k, m) in c.matches.iter().enumerate() {
+                let at = format!("{name}: rules[{i}].clauses[{j}].matches[{k}]");
                 let addrs = m
                     .source_ips
                     .iter()
@@ -59,16 +95,21 @@ pub fn authorization(name: &str, bytes: &[u8]) -> Result<Authorization, String> 
                 for a in addrs {
                     let max = if a.address.len() == 4 { 32 } else { 128 };
                     if !ip_len_ok(&a.address) || a.length > max {
-                        return Err(format!("{name}: rules[{i}].clauses[{j}].matches[{k}] has an invalid CIDR"));
+                        return Err(format!("{at} has an invalid CIDR"));
                     }
                 }
                 if m.destination_ports.iter().chain(&m.not_destination_ports).any(|p| *p == 0 || *p > 65535) {
-                    return Err(format!("{name}: rules[{i}].clauses[{j}].matches[{k}] has a port out of range"));
+                    return Err(format!("{at} has a port out of range"));
+                }
+                let strings =
+                    m.namespaces.iter().chain(&m.not_namespaces).chain(&m.principals).chain(&m.not_principals);
+                if strings.into_iter().any(|s| s.match_type.is_none()) {
+                    return Err(format!("{at} has a string match of a kind ztunnel does not know"));
                 }
             }
         }
     }
-    Ok(a)
+    Ok(())
 }
 
 fn ipv4(b: &[u8]) -> Option<std::net::Ipv4Addr> {
@@ -138,7 +179,7 @@ mod tests {
             ("empty address".into(), address("x", &Address::default().encode_to_vec()).unwrap_err()),
             (
                 "bad cidr".into(),
-                authorization(
+                authorization_or_deny_all(
                     "ns/p",
                     &pb::Authorization {
                         name: "p".into(),
@@ -155,7 +196,8 @@ mod tests {
                     }
                     .encode_to_vec(),
                 )
-                .unwrap_err(),
+                .1
+                .expect("rejected"),
             ),
         ];
         let want = [
@@ -168,6 +210,47 @@ mod tests {
         ];
         for ((name, err), want) in bad.iter().zip(want) {
             assert!(err.contains(want), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_policy_that_cannot_be_enforced_becomes_a_deny_all_of_its_scope() {
+        let valid = pb::Authorization {
+            name: "p".into(),
+            namespace: "ns".into(),
+            scope: pb::Scope::Namespace as i32,
+            action: pb::Action::Allow as i32,
+            ..Default::default()
+        };
+        let (kept, err) = authorization_or_deny_all("ns/p", &valid.encode_to_vec());
+        assert_eq!((kept, err), (valid.clone(), None), "a valid policy is enforced as written");
+        let string_match = pb::Match { principals: vec![pb::StringMatch { match_type: None }], ..Default::default() };
+        let with_rule = |m: pb::Match| pb::Authorization {
+            rules: vec![pb::Rule { clauses: vec![pb::Clause { matches: vec![m] }] }],
+            ..valid.clone()
+        };
+        let cases: Vec<(&str, Vec<u8>, &str, pb::Scope)> = vec![
+            (
+                "unknown action",
+                pb::Authorization { action: 7, ..valid.clone() }.encode_to_vec(),
+                "action",
+                pb::Scope::Namespace,
+            ),
+            (
+                "unknown scope",
+                pb::Authorization { scope: 9, ..valid.clone() }.encode_to_vec(),
+                "scope",
+                pb::Scope::Global,
+            ),
+            ("unknown match kind", with_rule(string_match).encode_to_vec(), "string match", pb::Scope::Namespace),
+            ("garbage", b"\xff\xff\xff".to_vec(), "not an istio.security.Authorization", pb::Scope::Global),
+        ];
+        for (what, bytes, reason, scope) in cases {
+            let (p, err) = authorization_or_deny_all("ns/p", &bytes);
+            assert!(err.as_deref().is_some_and(|e| e.contains(reason)), "{what}: {err:?}");
+            assert_eq!((p.namespace.as_str(), p.name.as_str()), ("ns", "p"), "{what}");
+            assert_eq!((p.action, p.scope), (pb::Action::Deny as i32, scope as i32), "{what}");
+            assert_eq!(p.rules, vec![pb::Rule { clauses: vec![] }], "{what}: matches every connection");
         }
     }
 

@@ -1,8 +1,11 @@
 //! The delta xDS client: subscribes to workload and authorization resources, keeps [`State`] in
 //! step, reconnects with backoff, and resumes with `initial_resource_versions`.
 //!
-//! A response with any invalid resource is NACKed with the reason and applied not at all, so the
-//! proxy keeps serving with its last good state. Likewise while istiod-lite is unreachable.
+//! Each resource of a response is checked on its own: valid ones and all removals apply, an
+//! invalid one keeps its last good state, except an Authorization, which is enforced as a deny-all
+//! of its scope (an unknown policy fails closed), and the response is NACKed with every reason.
+//! Applying the valid rest matters: a new DENY must not wait behind someone's broken policy. While
+//! istiod-lite is unreachable the proxy serves with the last state it had.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -27,6 +30,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Responses are chunked by the server; this bounds a single message.
 const MAX_MESSAGE: usize = 64 << 20;
+/// Longest NACK message: the first reasons of a response with many bad resources.
+const MAX_NACK_MESSAGE: usize = 4096;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -77,14 +82,16 @@ impl Client {
     pub async fn run(mut self) {
         let mut backoff = BACKOFF_MIN;
         loop {
-            let synced_before = *self.synced.borrow();
-            match self.session().await {
+            let mut got_snapshot = false;
+            match self.session(&mut got_snapshot).await {
                 Ok(()) => tracing::info!(address = self.cfg.address, "xDS stream closed by the server"),
                 Err(e) => {
                     tracing::warn!(address = self.cfg.address, error = %e, retry_in = ?backoff, "xDS session failed; serving last known state")
                 }
             }
-            if *self.synced.borrow() && !synced_before {
+            // A session that got as far as a full snapshot was a working connection: the next
+            // failure starts the backoff over.
+            if got_snapshot {
                 backoff = BACKOFF_MIN;
             }
             tokio::time::sleep(backoff).await;
@@ -98,7 +105,8 @@ impl Client {
         Node { id: self.cfg.node_id.clone(), metadata: Some(Struct { fields }), ..Default::default() }
     }
 
-    async fn session(&mut self) -> Result<(), XdsError> {
+    /// One stream; `got_snapshot` is set once every type has had a response on it.
+    async fn session(&mut self, got_snapshot: &mut bool) -> Result<(), XdsError> {
         let mut endpoint = Endpoint::from_shared(self.cfg.address.clone())
             .map_err(|e| XdsError::Config(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
@@ -133,21 +141,26 @@ impl Client {
         let mut stream = client.delta_aggregated_resources(req).await?.into_inner();
         let mut seen_types = std::collections::HashSet::new();
         while let Some(resp) = stream.message().await? {
-            let error_detail = match self.apply(&resp) {
-                Ok(()) => {
-                    self.changed.send_modify(|n| *n += 1);
-                    None
-                }
-                Err(reason) => {
+            let (changed, errors) = self.apply(&resp);
+            if changed {
+                self.changed.send_modify(|n| *n += 1);
+            }
+            let error_detail = (!errors.is_empty()).then(|| {
+                for reason in &errors {
                     tracing::warn!(
                         type_url = resp.type_url,
                         nonce = resp.nonce,
                         reason,
-                        "rejecting xDS response (NACK); keeping last good state"
+                        "rejecting an xDS resource (NACK); keeping its last good state, or denying for a policy"
                     );
-                    Some(RpcStatus { code: tonic::Code::InvalidArgument as i32, message: reason, details: vec![] })
                 }
-            };
+                let mut message = errors.join("; ");
+                if message.len() > MAX_NACK_MESSAGE {
+                    message.truncate(message.floor_char_boundary(MAX_NACK_MESSAGE));
+                    message.push_str(" …");
+                }
+                RpcStatus { code: tonic::Code::InvalidArgument as i32, message, details: vec![] }
+            });
             let ack = DeltaDiscoveryRequest {
                 type_url: resp.type_url.clone(),
                 response_nonce: resp.nonce.clone(),
@@ -159,35 +172,21 @@ impl Client {
             }
             seen_types.insert(resp.type_url.clone());
             if seen_types.len() == TYPES.len() {
+                *got_snapshot = true;
                 self.synced.send_replace(true);
             }
         }
         Ok(())
     }
 
-    /// Validates a whole response, then applies it; nothing is applied if anything is invalid.
-    fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Result<(), String> {
+    /// Applies a response resource by resource. Removals always apply. An invalid resource keeps
+    /// its last good state, except a policy, which becomes a deny-all of its scope (fail closed);
+    /// the reasons are returned for the NACK. Whether anything changed is `true` in the result.
+    fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> (bool, Vec<String>) {
         let Some(t) = TYPES.iter().copied().find(|t| *t == resp.type_url) else {
-            return Err(format!("unexpected type {}", resp.type_url));
+            return (false, vec![format!("unexpected type {}", resp.type_url)]);
         };
-        #[allow(clippy::large_enum_variant)] // transient, one per received resource
-        enum Parsed {
-            Address(trellis_proto::istio::workload::address::Type),
-            Policy(trellis_proto::istio::security::Authorization),
-            Node(crate::state::Node),
-            Membership(trellis_proto::trellis::pod::v1::PodMembership),
-        }
-        let mut parsed = Vec::with_capacity(resp.resources.len());
-        for r in &resp.resources {
-            let body = r.resource.as_ref().map(|a| a.value.as_slice()).unwrap_or_default();
-            let p = match t {
-                ADDRESS_TYPE_URL => Parsed::Address(validate::address(&r.name, body)?),
-                NODE_TYPE_URL => Parsed::Node(validate::node(&r.name, body)?),
-                POD_MEMBERSHIP_TYPE_URL => Parsed::Membership(validate::membership(&r.name, body)?),
-                _ => Parsed::Policy(validate::authorization(&r.name, body)?),
-            };
-            parsed.push((r.name.clone(), r.version.clone(), p));
-        }
+        let mut errors = Vec::new();
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         let versions = self.versions.entry(t).or_default();
         for name in &resp.removed_resources {
@@ -199,15 +198,32 @@ impl Client {
             }
             versions.remove(name);
         }
-        for (name, version, p) in parsed {
-            match p {
-                Parsed::Address(a) => state.upsert_address(&name, a),
-                Parsed::Policy(a) => state.upsert_policy(&name, a),
-                Parsed::Node(n) => state.upsert_node(n),
-                Parsed::Membership(m) => state.upsert_membership(m),
+        let mut changed = !resp.removed_resources.is_empty();
+        for r in &resp.resources {
+            let body = r.resource.as_ref().map(|a| a.value.as_slice()).unwrap_or_default();
+            let applied = match t {
+                ADDRESS_TYPE_URL => validate::address(&r.name, body).map(|a| state.upsert_address(&r.name, a)),
+                NODE_TYPE_URL => validate::node(&r.name, body).map(|n| state.upsert_node(n)),
+                POD_MEMBERSHIP_TYPE_URL => validate::membership(&r.name, body).map(|m| state.upsert_membership(m)),
+                _ => {
+                    let (policy, rejected) = validate::authorization_or_deny_all(&r.name, body);
+                    state.upsert_policy(&r.name, policy);
+                    changed = true;
+                    rejected.map_or(Ok(()), Err)
+                }
+            };
+            match applied {
+                Ok(()) => {
+                    changed = true;
+                    versions.insert(r.name.clone(), r.version.clone());
+                }
+                // Not recorded as held: a reconnect asks for it again.
+                Err(reason) => {
+                    versions.remove(&r.name);
+                    errors.push(reason);
+                }
             }
-            versions.insert(name, version);
         }
-        Ok(())
+        (changed, errors)
     }
 }

@@ -33,3 +33,24 @@ pub async fn istiod(dir: &std::path::Path, ports: &Ports, max_cert_ttl: Duration
     .await
     .expect("istiod-lite starts")
 }
+
+/// Starts ztunnel's xDS client for node1 over plaintext against `address`: its state, its
+/// synced signal and its task.
+pub fn start_xds_client(
+    address: String,
+) -> (
+    std::sync::Arc<std::sync::RwLock<ztunnel::state::State>>,
+    tokio::sync::watch::Receiver<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let state = std::sync::Arc::new(std::sync::RwLock::new(ztunnel::state::State::default()));
+    let cfg = ztunnel::xds::Config {
+        address,
+        root_pem: None,
+        token: None,
+        node_id: "ztunnel~10.0.0.1~ztunnel-node1.istio-system~istio-system.svc.cluster.local".into(),
+        node_name: "node1".into(),
+    };
+    let (client, synced) = ztunnel::xds::Client::new(cfg, state.clone());
+    (state, synced, tokio::spawn(client.run()))
+}

@@ -1,0 +1,204 @@
+//! ztunnel's xDS client against a control plane that sends invalid resources (istiod-lite itself
+//! validates everything, so it cannot): valid resources and removals in the same response apply,
+//! an invalid workload keeps its last good state, an invalid policy is enforced as a deny-all of
+//! its scope, and the NACK names every reason.
+
+mod common;
+
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::start_xds_client;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use trellis_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use trellis_proto::envoy::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use trellis_proto::istio::security::{Action, Authorization, Rule, Scope};
+use trellis_proto::istio::workload::{address, Address, Workload};
+use trellis_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, NODE_TYPE_URL, POD_MEMBERSHIP_TYPE_URL};
+use ztunnel::state::policy::{evaluate, Connection, Decision};
+
+type Responses = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+type Sotw = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+/// Answers each subscription with one scripted response per type, then records what comes back.
+struct Scripted {
+    responses: Mutex<Vec<DeltaDiscoveryResponse>>,
+    acks: mpsc::Sender<DeltaDiscoveryRequest>,
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Scripted {
+    type StreamAggregatedResourcesStream = Sotw;
+    type DeltaAggregatedResourcesStream = Responses;
+
+    async fn stream_aggregated_resources(
+        &self,
+        _: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Sotw>, Status> {
+        Err(Status::unimplemented("delta only"))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Responses>, Status> {
+        let responses = std::mem::take(&mut *self.responses.lock().unwrap());
+        let (tx, rx) = mpsc::channel(16);
+        let acks = self.acks.clone();
+        let mut inbound = req.into_inner();
+        tokio::spawn(async move {
+            for r in responses {
+                tx.send(Ok(r)).await.unwrap();
+            }
+            while let Some(Ok(req)) = inbound.next().await {
+                if !req.response_nonce.is_empty() {
+                    let _ = acks.send(req).await;
+                }
+            }
+            drop(tx);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn resource(name: &str, version: &str, type_url: &str, body: Vec<u8>) -> Resource {
+    Resource {
+        name: name.into(),
+        version: version.into(),
+        resource: Some(trellis_proto::envoy::google::protobuf::Any { type_url: type_url.into(), value: body }),
+        ..Default::default()
+    }
+}
+
+fn workload(uid: &str, ns: &str, ip: [u8; 4]) -> Vec<u8> {
+    let w = Workload { uid: uid.into(), namespace: ns.into(), addresses: vec![ip.to_vec()], ..Default::default() };
+    Address { r#type: Some(address::Type::Workload(w)) }.encode_to_vec()
+}
+
+fn response(type_url: &str, nonce: &str, resources: Vec<Resource>, removed: Vec<&str>) -> DeltaDiscoveryResponse {
+    DeltaDiscoveryResponse {
+        type_url: type_url.into(),
+        nonce: nonce.into(),
+        resources,
+        removed_resources: removed.into_iter().map(String::from).collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_resources_are_nacked_while_the_rest_applies_and_bad_policies_deny() {
+    // A namespace-wide DENY whose port is out of range, next to a valid ALLOW in another namespace.
+    let broken_deny = Authorization {
+        name: "broken".into(),
+        namespace: "shop".into(),
+        scope: Scope::Namespace as i32,
+        action: Action::Deny as i32,
+        rules: vec![Rule {
+            clauses: vec![trellis_proto::istio::security::Clause {
+                matches: vec![trellis_proto::istio::security::Match {
+                    destination_ports: vec![70000],
+                    ..Default::default()
+                }],
+            }],
+        }],
+    };
+    let allow = Authorization {
+        name: "open".into(),
+        namespace: "blog".into(),
+        scope: Scope::Namespace as i32,
+        action: Action::Allow as i32,
+        rules: vec![Rule { clauses: vec![] }],
+    };
+    let responses = vec![
+        response(
+            AUTHORIZATION_TYPE_URL,
+            "p1",
+            vec![
+                resource("shop/broken", "1", AUTHORIZATION_TYPE_URL, broken_deny.encode_to_vec()),
+                resource("blog/open", "1", AUTHORIZATION_TYPE_URL, allow.encode_to_vec()),
+            ],
+            vec![],
+        ),
+        response(
+            ADDRESS_TYPE_URL,
+            "a1",
+            vec![
+                resource("shop-pod", "1", ADDRESS_TYPE_URL, workload("shop-pod", "shop", [10, 0, 0, 1])),
+                resource("blog-pod", "1", ADDRESS_TYPE_URL, workload("blog-pod", "blog", [10, 0, 0, 2])),
+                resource("gone", "1", ADDRESS_TYPE_URL, workload("gone", "blog", [10, 0, 0, 3])),
+            ],
+            vec![],
+        ),
+        // The next push: a valid update, a removal, and a broken update of a known workload.
+        response(
+            ADDRESS_TYPE_URL,
+            "a2",
+            vec![
+                resource("blog-pod", "2", ADDRESS_TYPE_URL, workload("blog-pod", "blog", [10, 0, 0, 4])),
+                resource("shop-pod", "2", ADDRESS_TYPE_URL, workload("other-uid", "shop", [10, 0, 0, 9])),
+            ],
+            vec!["gone"],
+        ),
+        response(NODE_TYPE_URL, "n1", vec![], vec![]),
+        response(POD_MEMBERSHIP_TYPE_URL, "m1", vec![], vec![]),
+    ];
+    let (acks_tx, mut acks) = mpsc::channel(16);
+    let server = Scripted { responses: Mutex::new(responses), acks: acks_tx };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (conns_tx, conns) = mpsc::channel(4);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = conns_tx.send(Ok::<_, std::io::Error>(tcp)).await;
+        }
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AggregatedDiscoveryServiceServer::new(server))
+            .serve_with_incoming(ReceiverStream::new(conns)),
+    );
+
+    let (state, mut synced, task) = start_xds_client(format!("http://{addr}"));
+    let mut replies = std::collections::HashMap::new();
+    while replies.len() < 5 {
+        let r = tokio::time::timeout(Duration::from_secs(10), acks.recv()).await.expect("an ACK or NACK").unwrap();
+        replies.insert(r.response_nonce.clone(), r.error_detail.map(|e| e.message));
+    }
+    tokio::time::timeout(Duration::from_secs(5), synced.wait_for(|s| *s)).await.expect("synced").unwrap();
+
+    // NACKs name each bad resource and why; clean responses are ACKed.
+    let policy_nack = replies["p1"].clone().expect("the policy response is NACKed");
+    assert!(policy_nack.contains("shop/broken") && policy_nack.contains("port out of range"), "{policy_nack}");
+    let address_nack = replies["a2"].clone().expect("the second address push is NACKed");
+    assert!(address_nack.contains("shop-pod") && address_nack.contains("does not match"), "{address_nack}");
+    for nonce in ["a1", "n1", "m1"] {
+        assert_eq!(replies[nonce], None, "{nonce} is ACKed");
+    }
+
+    let s = state.read().unwrap();
+    // The valid update and the removal in the NACKed push applied; the broken update did not.
+    assert!(s.workload_by_ip("10.0.0.4".parse().unwrap()).is_some(), "valid update applied");
+    assert!(s.workload_by_ip("10.0.0.3".parse().unwrap()).is_none(), "removal applied");
+    let shop = s.workload_by_ip("10.0.0.1".parse().unwrap()).expect("last good shop-pod kept").clone();
+    assert!(s.workload_by_ip("10.0.0.9".parse().unwrap()).is_none(), "the broken update is not applied");
+    // The broken DENY denies everything in its namespace, and nothing outside it.
+    let conn = |dst: &str| Connection {
+        source: None,
+        source_ip: "10.0.0.7".parse().unwrap(),
+        destination: dst.parse().unwrap(),
+    };
+    assert_eq!(evaluate(&s, &shop, &conn("10.0.0.1:8080")), Decision::Deny("shop/broken".into()));
+    let blog = s.workload_by_ip("10.0.0.4".parse().unwrap()).unwrap().clone();
+    assert_eq!(evaluate(&s, &blog, &conn("10.0.0.4:8080")), Decision::Allow, "other namespaces are untouched");
+    drop(s);
+    task.abort();
+}
