@@ -152,8 +152,8 @@ fn register(env: &Env, conf: &NetConf, netns: &Path, ip: std::net::Ipv4Addr) -> 
     let Some(sock) = agent_for(env, conf)? else { return Ok(()) };
     let (namespace, name) = pod_key(env)?;
     // The control plane learns the IP only after ADD; the agent needs it to capture the pod now.
-    let req =
-        json!({"op": "add", "namespace": namespace, "name": name, "netns": netns.display().to_string(), "ip": ip});
+    let req = json!({"op": "add", "namespace": namespace, "name": name, "netns": netns.display().to_string(), "ip": ip,
+               "container": env.container_id});
     agent_call(sock, &req).map(drop).map_err(|e| CniError::new(TRY_AGAIN_LATER, format!("{e}; try again later")))
 }
 
@@ -161,7 +161,8 @@ fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     // Best effort: DEL must succeed even when the agent is down (it forgets pods whose netns is
     // gone when it restarts).
     if let (Ok(Some(sock)), Ok((namespace, name))) = (agent_for(env, conf), pod_key(env)) {
-        let _ = agent_call(sock, &json!({"op": "remove", "namespace": namespace, "name": name}));
+        let req = json!({"op": "remove", "namespace": namespace, "name": name, "container": env.container_id});
+        let _ = agent_call(sock, &req);
     }
     let host = net::host_name(&env.container_id, &env.ifname);
     net::with_netlink(None, |h| async move { net::del_veth(&h, &host).await })?;

@@ -262,4 +262,5 @@ fn bad_input_fails_cleanly() {
         (Some("add"), Some("demo"), Some("p"))
     );
     assert_eq!(req["netns"].as_str(), Some(format!("/var/run/netns/{q}").as_str()));
+    assert_eq!(req["container"].as_str(), Some("c6"), "the sandbox, so a late DEL of an older one is told apart");
 }

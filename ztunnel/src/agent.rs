@@ -38,10 +38,15 @@ pub enum Request {
         netns: PathBuf,
         #[serde(default)]
         ip: Option<std::net::Ipv4Addr>,
+        /// The sandbox (CNI_CONTAINERID), so that a late remove for an older one is told apart.
+        #[serde(default)]
+        container: Option<String>,
     },
     Remove {
         namespace: String,
         name: String,
+        #[serde(default)]
+        container: Option<String>,
     },
     /// A struct variant, so that `deny_unknown_fields` applies to it too: a unit variant of an
     /// internally tagged enum accepts any extra field.
@@ -114,15 +119,17 @@ async fn handle(line: &str, pods: &Pods) -> Response {
         Err(e) => return fail(format!("invalid request: {e}")),
     };
     match req {
-        Request::Add { namespace, name, netns, ip } => match pods.add(&namespace, &name, &netns, ip).await {
-            Ok(p) => Response { ok: true, pods: Some(vec![p]), ..Default::default() },
-            Err(e) => {
-                tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "registration refused");
-                fail(e)
+        Request::Add { namespace, name, netns, ip, container } => {
+            match pods.add(&namespace, &name, &netns, ip, container).await {
+                Ok(p) => Response { ok: true, pods: Some(vec![p]), ..Default::default() },
+                Err(e) => {
+                    tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "registration refused");
+                    fail(e)
+                }
             }
-        },
-        Request::Remove { namespace, name } => {
-            pods.remove(&namespace, &name).await;
+        }
+        Request::Remove { namespace, name, container } => {
+            pods.remove(&namespace, &name, container.as_deref()).await;
             Response { ok: true, ..Default::default() }
         }
         Request::List {} => Response { ok: true, pods: Some(pods.list()), ..Default::default() },

@@ -75,6 +75,9 @@ struct Registered {
     /// Capture may still be installed in its namespace (from this run or a previous one).
     #[serde(default)]
     captured: bool,
+    /// The sandbox it was added for (CNI_CONTAINERID), when the plugin said.
+    #[serde(default)]
+    container: Option<String>,
     /// Where the pod stands after the last reconcile pass.
     #[serde(skip)]
     standing: Standing,
@@ -235,6 +238,7 @@ impl Pods {
         name: &str,
         netns: &Path,
         ip: Option<Ipv4Addr>,
+        container: Option<String>,
     ) -> Result<PodInfo, String> {
         if !netns.exists() {
             return Err(format!("pod {namespace}/{name}: netns {} does not exist", netns.display()));
@@ -246,6 +250,7 @@ impl Pods {
             netns: netns.into(),
             ip,
             captured: false,
+            container,
             standing: Standing::Pending,
         };
         let replaced = {
@@ -313,9 +318,26 @@ impl Pods {
     }
 
     /// Forgets a pod and removes its capture. Unknown pods are not an error (DEL is idempotent).
-    pub async fn remove(&self, namespace: &str, name: &str) -> bool {
+    /// A remove for another sandbox than the registered one is a late DEL of a pod since
+    /// recreated under the same name: it must not uncapture the new one.
+    pub async fn remove(&self, namespace: &str, name: &str, container: Option<&str>) -> bool {
         let uid = self.uid(namespace, name);
-        let Some(r) = lock(&self.registered).remove(&uid) else { return false };
+        let removed = {
+            let mut reg = lock(&self.registered);
+            match reg.get(&uid) {
+                Some(r) if container.is_some() && r.container.is_some() && r.container.as_deref() != container => {
+                    tracing::info!(
+                        pod = uid,
+                        sandbox = container.unwrap_or_default(),
+                        current = r.container.as_deref().unwrap_or_default(),
+                        "ignoring remove for an older sandbox of a recreated pod"
+                    );
+                    None
+                }
+                _ => reg.remove(&uid),
+            }
+        };
+        let Some(r) = removed else { return false };
         self.persist();
         self.unenroll(&uid, &r).await;
         tracing::info!(pod = uid, "pod unregistered");

@@ -248,6 +248,19 @@ fn chained_portmap_gc_del_and_ztunnel_restart() {
     let (enrolled, reason) = lab.enrollment(&server);
     assert!(!enrolled && reason == "not registered", "DEL unregisters the pod: {reason}");
     lab.cni_list(1, "DEL", &server.netns, &path, ("demo", "server"), &conf, &ports).expect("DEL is idempotent");
+
+    // A pod recreated under the same name (a StatefulSet's): the old sandbox's DEL can come after
+    // the new sandbox's ADD, and must not uncapture the new one.
+    let old = lab.cni_pod(1, "demo", "again", "client", "app: again", &conf, &json!({}));
+    lab.wait_enrolled(&old, true);
+    let new = lab.cni_pod(1, "demo", "again", "client", "app: again", &conf, &json!({}));
+    lab.wait_enrolled(&new, true);
+    let old_path = format!("/var/run/netns/{}", old.netns);
+    lab.cni_list(1, "DEL", &old.netns, &old_path, ("demo", "again"), &conf, &json!({})).expect("late DEL");
+    assert_eq!(lab.enrollment(&new), (true, "meshed".to_string()), "a late DEL of the old sandbox");
+    let new_path = format!("/var/run/netns/{}", new.netns);
+    lab.cni_list(1, "DEL", &new.netns, &new_path, ("demo", "again"), &conf, &json!({})).expect("DEL");
+    assert_eq!(lab.enrollment(&new).1, "not registered", "the current sandbox's DEL unregisters it");
 }
 
 #[test]
