@@ -124,6 +124,10 @@ impl CertManager {
         // short-lived certificate would look half-expired on arrival.
         let nb = timestamp(cert.validity().not_before.timestamp()).max(SystemTime::now());
         let na = timestamp(cert.validity().not_after.timestamp());
+        // An expired answer must not replace a certificate that is still valid.
+        if na <= nb {
+            return Err(bad("the certificate has already expired".into()));
+        }
         Ok((chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())), nb, na))
     }
 
@@ -166,18 +170,29 @@ impl CertManager {
     }
 }
 
-/// Half of the lifetime after `not_before`, or now if that has passed.
-pub fn refresh_delay(not_before: SystemTime, not_after: SystemTime, now: SystemTime) -> Duration {
+/// When to renew: half of the lifetime after `not_before`, brought forward by up to a tenth of the
+/// lifetime by `spread` (in [0, 1)), so that identities issued together are not all renewed at
+/// the same instant; now if that has passed.
+pub fn refresh_delay(not_before: SystemTime, not_after: SystemTime, now: SystemTime, spread: f64) -> Duration {
     let lifetime = not_after.duration_since(not_before).unwrap_or_default();
-    let at = not_before + lifetime / 2;
+    let at = not_before + lifetime / 2 - lifetime.mul_f64(spread.clamp(0.0, 1.0) / 10.0);
     at.duration_since(now).unwrap_or_default()
+}
+
+/// A fixed point in [0, 1) per identity, spreading renewals without a random source.
+fn spread(id: &Identity) -> f64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.to_string().hash(&mut h);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 async fn refresh_loop(mgr: std::sync::Weak<CertManager>, id: Identity, issued: Arc<Mutex<Issued>>) {
     let mut backoff = BACKOFF_MIN;
+    let spread = spread(&id);
     let mut delay = {
         let i = issued.lock().unwrap_or_else(|e| e.into_inner());
-        refresh_delay(i.not_before, i.not_after, SystemTime::now())
+        refresh_delay(i.not_before, i.not_after, SystemTime::now(), spread)
     };
     loop {
         tokio::time::sleep(delay).await;
@@ -194,7 +209,8 @@ async fn refresh_loop(mgr: std::sync::Weak<CertManager>, id: Identity, issued: A
                     tracing::info!(identity = %id, "certificate renewed");
                 }
                 backoff = BACKOFF_MIN;
-                delay = refresh_delay(i.not_before, i.not_after, SystemTime::now()).max(Duration::from_millis(100));
+                delay =
+                    refresh_delay(i.not_before, i.not_after, SystemTime::now(), spread).max(Duration::from_millis(100));
             }
             Err(e) => {
                 tracing::warn!(identity = %id, error = %e, retry_in = ?backoff, "certificate renewal failed; keeping the still-valid certificate");
@@ -213,8 +229,25 @@ mod tests {
     fn refresh_at_half_life() {
         let nb = UNIX_EPOCH + Duration::from_secs(1000);
         let na = nb + Duration::from_secs(100);
-        assert_eq!(refresh_delay(nb, na, nb), Duration::from_secs(50));
-        assert_eq!(refresh_delay(nb, na, nb + Duration::from_secs(40)), Duration::from_secs(10));
-        assert_eq!(refresh_delay(nb, na, na), Duration::ZERO);
+        assert_eq!(refresh_delay(nb, na, nb, 0.0), Duration::from_secs(50));
+        assert_eq!(refresh_delay(nb, na, nb + Duration::from_secs(40), 0.0), Duration::from_secs(10));
+        assert_eq!(refresh_delay(nb, na, na, 0.0), Duration::ZERO);
+        // Spread brings renewal forward by up to a tenth of the lifetime, never past half-life.
+        assert_eq!(refresh_delay(nb, na, nb, 0.5), Duration::from_secs(45));
+        assert_eq!(refresh_delay(nb, na, nb, 7.0), Duration::from_secs(40));
+    }
+
+    #[test]
+    fn identities_spread_their_renewals() {
+        let ids: Vec<Identity> =
+            (0..200).map(|i| Identity::parse(&format!("spiffe://cluster.local/ns/demo/sa/sa{i}")).unwrap()).collect();
+        let spreads: Vec<f64> = ids.iter().map(spread).collect();
+        assert!(spreads.iter().all(|s| (0.0..1.0).contains(s)));
+        assert_eq!(spread(&ids[0]), spread(&ids[0]), "stable per identity");
+        // Each tenth of the range gets some identities: renewals are not bunched.
+        for decile in 0..10 {
+            let n = spreads.iter().filter(|s| (**s * 10.0) as usize == decile).count();
+            assert!(n > 0, "no identity in decile {decile}");
+        }
     }
 }
