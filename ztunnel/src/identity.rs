@@ -159,6 +159,24 @@ impl CertManager {
         Ok(first)
     }
 
+    /// Forgets the certificates of identities not in `in_use` (no enrolled pod has them any more),
+    /// so they are no longer renewed: with service accounts coming and going, the set held and
+    /// the load on the CA would otherwise only grow.
+    pub fn release_unused(&self, in_use: &std::collections::HashSet<Identity>) {
+        self.certs.lock().unwrap_or_else(|e| e.into_inner()).retain(|id, _| {
+            let keep = in_use.contains(id);
+            if !keep {
+                tracing::info!(identity = %id, "certificate released: no enrolled pod has this identity");
+            }
+            keep
+        });
+    }
+
+    /// Whether `issued` is still the entry for `id`: its refresh task ends once it is not.
+    fn holds(&self, id: &Identity, issued: &Arc<Mutex<Issued>>) -> bool {
+        self.certs.lock().unwrap_or_else(|e| e.into_inner()).get(id).is_some_and(|i| Arc::ptr_eq(i, issued))
+    }
+
     /// Identities and expiries currently held, for `/config_dump`.
     pub fn held(&self) -> Vec<(Identity, SystemTime)> {
         self.certs
@@ -197,6 +215,9 @@ async fn refresh_loop(mgr: std::sync::Weak<CertManager>, id: Identity, issued: A
     loop {
         tokio::time::sleep(delay).await;
         let Some(mgr) = mgr.upgrade() else { return };
+        if !mgr.holds(&id, &issued) {
+            return;
+        }
         match mgr.fetch(&id).await {
             Ok((chain, key, nb, na)) => {
                 let mut i = issued.lock().unwrap_or_else(|e| e.into_inner());

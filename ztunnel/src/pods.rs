@@ -50,6 +50,7 @@ const ADD_WAIT: Duration = Duration::from_secs(5);
 
 struct Enrolled {
     ns: Arc<Netns>,
+    identity: hbone::Identity,
     /// The address the CNI plugin gave the pod, for the probe table until its workload has one.
     cni_ip: Option<Ipv4Addr>,
     tasks: Vec<JoinHandle<()>>,
@@ -407,6 +408,8 @@ impl Pods {
             }
         }
         self.sync_probe_table().await;
+        let in_use = lock(&self.enrolled).values().map(|e| e.identity.clone()).collect();
+        self.certs.release_unused(&in_use);
     }
 
     /// Points the node's probe SNAT at exactly the enrolled pods, installing the table first if
@@ -486,7 +489,7 @@ impl Pods {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("listeners: {e}"))?;
-        let enrolled = Enrolled { ns: ns.clone(), cni_ip: r.ip, tasks };
+        let enrolled = Enrolled { ns: ns.clone(), identity: id.clone(), cni_ip: r.ip, tasks };
         // Mark before installing: if we crash in between, the next run cleans up.
         self.set_captured(uid, true);
         let capture = self.capture.clone();

@@ -68,6 +68,13 @@ async fn renews_at_half_life_and_keeps_the_valid_certificate_through_a_ca_outage
         assert!(Instant::now() < deadline, "no renewal after the CA returned");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // Once no pod has the identity, its certificate is released and no longer renewed.
+    mgr.release_unused(&std::collections::HashSet::new());
+    assert!(mgr.held().is_empty());
+    assert!(mgr.cached(&id).is_none());
+    let again = mgr.get(&id).await.expect("a new certificate on next use");
+    assert_eq!(hbone::tls::spiffe_ids(&again.chain[0]), vec![id.clone()]);
     running.shutdown().await;
 }
 
