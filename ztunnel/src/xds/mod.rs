@@ -206,8 +206,11 @@ impl Client {
                 NODE_TYPE_URL => validate::node(&r.name, body).map(|n| state.upsert_node(n)),
                 POD_MEMBERSHIP_TYPE_URL => validate::membership(&r.name, body).map(|m| state.upsert_membership(m)),
                 _ => {
+                    // What is enforced follows from this version, accepted or not: holding it lets
+                    // the server send a removal or a newer version after a reconnect.
                     let (policy, rejected) = validate::authorization_or_deny_all(&r.name, body);
                     state.upsert_policy(&r.name, policy);
+                    versions.insert(r.name.clone(), r.version.clone());
                     changed = true;
                     rejected.map_or(Ok(()), Err)
                 }
@@ -217,11 +220,9 @@ impl Client {
                     changed = true;
                     versions.insert(r.name.clone(), r.version.clone());
                 }
-                // Not recorded as held: a reconnect asks for it again.
-                Err(reason) => {
-                    versions.remove(&r.name);
-                    errors.push(reason);
-                }
+                // The last good version stays the one held, so the server resends this one after
+                // a reconnect, or removes the resource if it is gone by then.
+                Err(reason) => errors.push(reason),
             }
         }
         (changed, errors)
