@@ -130,6 +130,15 @@ fn pod_to_pod_and_vip_over_hbone_with_l4_policy() {
         let ended = lab.exec_ok(&client.netns, &format!("python3 {script} fetch {} 9099", server.ip));
         assert_eq!(ended.trim(), "partial reset", "to {}", server.name);
     }
+    // Nothing listens behind the tunnel: the peer answers 503, which the client's ztunnel counts as
+    // an upstream failure, not as a policy denial (no policy exists yet).
+    assert!(lab.curl(&client, &format!("http://{}:9999/", server_b.ip)).is_err());
+    let m = lab.ztunnel_get(1, 15020, "/metrics");
+    let rejected = |reason: &str| {
+        let labels = ["direction=\"outbound\"".to_string(), format!("reason=\"{reason}\"")];
+        metric_line(&m, "trellis_connections_rejected_total", &[labels[0].as_str(), labels[1].as_str()]).is_some()
+    };
+    assert!(rejected("upstream") && !rejected("policy"), "{m}");
 
     // The Service VIP spreads over both endpoints, on the target port.
     let mut seen = BTreeSet::new();
