@@ -89,11 +89,11 @@ impl Pool {
 
     /// Reserves a stream slot on an open pooled connection with room, if any, dropping closed
     /// ones on the way.
-    fn reserve(&self, key: &PoolKey) -> Option<(Connection, Arc<Usage>, Slot)> {
+    fn reserve(&self, key: &PoolKey) -> Option<(Connection, Slot)> {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let list = conns.get_mut(key)?;
         list.retain(|p| p.conn.is_open());
-        list.iter().find_map(|p| Some((p.conn.clone(), p.usage.clone(), p.usage.try_enter(self.max_streams)?)))
+        list.iter().find_map(|p| Some((p.conn.clone(), p.usage.try_enter(self.max_streams)?)))
     }
 
     fn forget(&self, key: &PoolKey, usage: &Arc<Usage>) {
@@ -136,16 +136,15 @@ impl Pool {
             }
         };
         *last_failure = None;
-        let usage = Usage::new();
-        let slot = usage.enter();
-        let pooled = Pooled { conn: conn.clone(), usage: usage.clone() };
+        let slot = Usage::new().enter();
+        let pooled = Pooled { conn: conn.clone(), usage: slot.usage().clone() };
         self.conns.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().push(pooled);
         drop(last_failure);
         match conn.open(tunnel).await {
             Ok(stream) => Ok(PooledStream { stream, _slot: slot }),
             Err(e) => {
                 if is_connection_failure(&conn, &e) {
-                    self.forget(key, &usage);
+                    self.forget(key, slot.usage());
                 }
                 Err(e)
             }
@@ -155,13 +154,13 @@ impl Pool {
     /// A tunnel on an open pooled connection with room, or `None` when there is none (a dead one
     /// found on the way is forgotten).
     async fn open_pooled(&self, key: &PoolKey, tunnel: &Tunnel) -> Result<Option<PooledStream>, HboneError> {
-        let Some((conn, usage, slot)) = self.reserve(key) else { return Ok(None) };
+        let Some((conn, slot)) = self.reserve(key) else { return Ok(None) };
         match conn.open(tunnel).await {
             Ok(stream) => Ok(Some(PooledStream { stream, _slot: slot })),
             Err(e) if !is_connection_failure(&conn, &e) => Err(e),
             Err(e) => {
                 tracing::debug!(error = %e, "pooled HBONE connection is gone; dialing a new one");
-                self.forget(key, &usage);
+                self.forget(key, slot.usage());
                 Ok(None)
             }
         }

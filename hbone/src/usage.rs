@@ -50,6 +50,13 @@ impl Usage {
 /// One tunnel's hold on a connection; the last one out starts the idle clock.
 pub(crate) struct Slot(Arc<Usage>);
 
+impl Slot {
+    /// The connection's usage this slot counts in.
+    pub(crate) fn usage(&self) -> &Arc<Usage> {
+        &self.0
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut idle_since = self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner());

@@ -225,6 +225,18 @@ async fn spliced_tunnel_carries_bytes_both_ways_and_half_closes() {
     proxy.await.unwrap().expect("splice ends cleanly once both directions are done");
 }
 
+/// How long `conn` took to close, if it did within `limit`.
+async fn closed_within(conn: &Connection, limit: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    while conn.is_open() {
+        if started.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Some(started.elapsed())
+}
+
 /// The server closes a connection that has carried no tunnel for its idle timeout, and only
 /// then: a long tunnel keeps it open however quiet it is.
 #[tokio::test]
@@ -238,12 +250,7 @@ async fn the_server_closes_a_connection_idle_for_its_timeout() {
     let mut b = [0u8; 10];
     held.read_exact(&mut b).await.unwrap();
     drop(held);
-    let mut waited = Duration::ZERO;
-    while conn.is_open() && waited < Duration::from_secs(3) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        waited += Duration::from_millis(20);
-    }
-    assert!(!conn.is_open(), "the server closed the idle connection");
+    let waited = closed_within(&conn, Duration::from_secs(3)).await.expect("the server closed the idle connection");
     assert!(waited >= Duration::from_millis(200), "closed after {waited:?}, before the idle timeout");
 }
 
@@ -555,12 +562,7 @@ mod pool {
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert!(conn.is_open(), "a peer that answers PINGs keeps the connection");
         frozen.store(true, Ordering::SeqCst);
-        let mut waited = Duration::ZERO;
-        while conn.is_open() && waited < Duration::from_secs(3) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            waited += Duration::from_millis(20);
-        }
-        assert!(!conn.is_open(), "an unanswered PING closes the connection");
+        closed_within(&conn, Duration::from_secs(3)).await.expect("an unanswered PING closes the connection");
         // Tunnels on it end rather than hang.
         let mut b = [0u8; 8];
         let ended = tokio::time::timeout(Duration::from_secs(1), s.read(&mut b)).await;

@@ -118,6 +118,5 @@ pub fn original_destination(s: &TcpStream) -> io::Result<SocketAddr> {
 
 /// Closes with a RST rather than a FIN, so a refused client sees a reset at once.
 pub fn reset(s: TcpStream) {
-    let _ = SockRef::from(&s).set_linger(Some(Duration::ZERO));
-    drop(s);
+    hbone::Abort::abort_on_close(&s);
 }
