@@ -28,14 +28,27 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
+struct Mesh {
+    dir: tempfile::TempDir,
+    ports: Ports,
+    running: istiod_lite::server::Running,
+    api: meshctl::client::Client,
+}
+
+/// istiod-lite on free ports, with the ambient namespace `demo`.
+async fn mesh_with_demo_namespace() -> Mesh {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports { api: free_port(), xds: Some(free_port()), secure: free_port() };
+    let running = istiod(dir.path(), &ports, Duration::from_secs(3600)).await;
+    let api = meshctl::client::Client::new(&format!("http://127.0.0.1:{}", ports.api)).unwrap();
+    api.ok(Method::PUT, "/api/v1/namespaces/demo", Some(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo", "labels": {"istio.io/dataplane-mode": "ambient"}}}))).await.unwrap();
+    Mesh { dir, ports, running, api }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn syncs_follows_changes_survives_an_outage_and_resyncs() {
-    let dir = tempfile::tempdir().unwrap();
-    let (api_port, xds_port) = (free_port(), free_port());
-    let ports = Ports { api: api_port, xds: Some(xds_port), secure: free_port() };
-    let running = istiod(dir.path(), &ports, Duration::from_secs(3600)).await;
-    let api = meshctl::client::Client::new(&format!("http://127.0.0.1:{api_port}")).unwrap();
-    api.ok(Method::PUT, "/api/v1/namespaces/demo", Some(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo", "labels": {"istio.io/dataplane-mode": "ambient"}}}))).await.unwrap();
+    let Mesh { dir, ports, running, api } = mesh_with_demo_namespace().await;
+    let xds_port = ports.xds.unwrap();
     api.ok(Method::PUT, "/api/v1/namespaces/demo/pods/a", Some(&pod("a", "10.244.1.2"))).await.unwrap();
     api.ok(Method::PUT, "/api/v1/namespaces/demo/services/echo", Some(&json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"}, "spec": {"selector": {"app": "echo"}, "clusterIP": "10.96.0.9", "ports": [{"port": 80, "targetPort": 8080}]}}))).await.unwrap();
     api.ok(Method::PUT, "/apis/security.istio.io/v1/namespaces/demo/authorizationpolicies/p", Some(&json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": {"name": "p"}, "spec": {"selector": {"matchLabels": {"app": "echo"}}, "rules": [{}]}}))).await.unwrap();
@@ -83,6 +96,39 @@ async fn syncs_follows_changes_survives_an_outage_and_resyncs() {
     .await;
     let (w, svc, pol) = state.read().unwrap().counts();
     assert_eq!((w, svc, pol), (1, 1, 2), "b, echo, demo/p and the static strict policy");
+    task.abort();
+    running.shutdown().await;
+}
+
+/// Kubernetes reuses a deleted pod's IP. The old pod may still be listed, and even updated, after
+/// the new pod has it; removing the old pod must leave the IP with the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_pod_ip_stays_with_the_new_pod() {
+    let Mesh { dir: _dir, ports, running, api } = mesh_with_demo_namespace().await;
+    let xds_port = ports.xds.unwrap();
+    api.ok(Method::PUT, "/api/v1/namespaces/demo/pods/old", Some(&pod("old", "10.244.1.2"))).await.unwrap();
+    let (state, mut synced, task) = start_xds_client(format!("http://127.0.0.1:{xds_port}"));
+    tokio::time::timeout(Duration::from_secs(10), synced.wait_for(|s| *s)).await.expect("synced").unwrap();
+    let (old, new) = ("Kubernetes//v1/Pod/demo/old", "Kubernetes//v1/Pod/demo/new");
+    let owner = |s: &State| s.workload_by_ip(ip("10.244.1.2")).map(|w| w.uid.clone());
+    eventually("the old pod", &state, |s| owner(s).as_deref() == Some(old)).await;
+
+    api.ok(Method::PUT, "/api/v1/namespaces/demo/pods/new", Some(&pod("new", "10.244.1.2"))).await.unwrap();
+    eventually("the new pod", &state, |s| s.workload_by_uid(new).is_some()).await;
+    assert_eq!(owner(&state.read().unwrap()).as_deref(), Some(new));
+
+    let mut renamed = pod("old", "10.244.1.2");
+    renamed["spec"]["serviceAccountName"] = json!("renamed");
+    api.ok(Method::PUT, "/api/v1/namespaces/demo/pods/old", Some(&renamed)).await.unwrap();
+    eventually("the old pod's update", &state, |s| {
+        s.workload_by_uid(old).is_some_and(|w| w.service_account == "renamed")
+    })
+    .await;
+    assert_eq!(owner(&state.read().unwrap()).as_deref(), Some(new), "an update does not take the IP back");
+
+    api.ok(Method::DELETE, "/api/v1/namespaces/demo/pods/old", None).await.unwrap();
+    eventually("the old pod's removal", &state, |s| s.workload_by_uid(old).is_none()).await;
+    assert_eq!(owner(&state.read().unwrap()).as_deref(), Some(new), "the IP stays with the new pod");
     task.abort();
     running.shutdown().await;
 }

@@ -5,18 +5,24 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use trellis_proto::istio::security::Authorization;
-use trellis_proto::istio::workload::{address, Service, Workload};
+use trellis_proto::istio::workload::{address, Service, Workload, WorkloadStatus};
 use trellis_proto::trellis::pod::v1::PodMembership;
 
+mod claims;
 pub mod policy;
 pub mod validate;
+
+use claims::Claims;
 
 #[derive(Default, Debug)]
 pub struct State {
     workloads: HashMap<String, Workload>,
-    workload_by_ip: HashMap<IpAddr, String>,
+    workload_by_ip: Claims,
     services: HashMap<String, Service>,
-    service_by_vip: HashMap<IpAddr, String>,
+    service_by_vip: Claims,
+    /// Address resource name → when it was first seen (a counter), kept across updates.
+    first_seen: HashMap<String, u64>,
+    seen: u64,
     policies: HashMap<String, Authorization>,
     /// Service name → uids of the workloads that back it.
     endpoints: HashMap<String, BTreeSet<String>>,
@@ -47,16 +53,26 @@ impl State {
         self.workloads.get(uid)
     }
 
+    /// The workload an IP belongs to. When two claim it (a pod's IP reused while the old pod is
+    /// still listed), a healthy one wins over an unhealthy one, then the one seen most recently.
     pub fn workload_by_ip(&self, addr: IpAddr) -> Option<&Workload> {
-        self.workloads.get(self.workload_by_ip.get(&addr)?)
+        self.workload_by_ip
+            .claimants(addr)
+            .iter()
+            .filter_map(|c| Some((self.workloads.get(&c.owner)?, c.since)))
+            .max_by_key(|(w, since)| (w.status == WorkloadStatus::Healthy as i32, *since))
+            .map(|(w, _)| w)
     }
 
     pub fn service(&self, name: &str) -> Option<&Service> {
         self.services.get(name)
     }
 
+    /// The service a VIP belongs to; while a reallocated VIP still has its old service listed,
+    /// the one seen most recently.
     pub fn service_by_vip(&self, addr: IpAddr) -> Option<&Service> {
-        self.services.get(self.service_by_vip.get(&addr)?)
+        let newest = self.service_by_vip.claimants(addr).iter().max_by_key(|c| c.since)?;
+        self.services.get(&newest.owner)
     }
 
     /// The workloads backing a service, in uid order.
@@ -111,11 +127,19 @@ impl State {
 
     /// Inserts or replaces an Address resource under its xDS name.
     pub fn upsert_address(&mut self, name: &str, addr: address::Type) {
-        self.remove_address(name);
+        self.unindex(name);
+        let since = match self.first_seen.get(name) {
+            Some(since) => *since,
+            None => {
+                self.seen += 1;
+                self.first_seen.insert(name.to_string(), self.seen);
+                self.seen
+            }
+        };
         match addr {
             address::Type::Workload(w) => {
                 for a in w.addresses.iter().filter_map(|b| ip(b)) {
-                    self.workload_by_ip.insert(a, name.to_string());
+                    self.workload_by_ip.claim(a, name, since);
                 }
                 for svc in w.services.keys() {
                     self.endpoints.entry(svc.clone()).or_default().insert(name.to_string());
@@ -124,7 +148,7 @@ impl State {
             }
             address::Type::Service(s) => {
                 for a in s.addresses.iter().filter_map(|n| ip(&n.address)) {
-                    self.service_by_vip.insert(a, name.to_string());
+                    self.service_by_vip.claim(a, name, since);
                 }
                 self.services.insert(name.to_string(), s);
             }
@@ -132,11 +156,15 @@ impl State {
     }
 
     pub fn remove_address(&mut self, name: &str) {
+        self.unindex(name);
+        self.first_seen.remove(name);
+    }
+
+    /// Drops the resource and its index entries, leaving the claims of others on its addresses.
+    fn unindex(&mut self, name: &str) {
         if let Some(w) = self.workloads.remove(name) {
             for a in w.addresses.iter().filter_map(|b| ip(b)) {
-                if self.workload_by_ip.get(&a).is_some_and(|n| n == name) {
-                    self.workload_by_ip.remove(&a);
-                }
+                self.workload_by_ip.release(a, name);
             }
             for svc in w.services.keys() {
                 if let Some(set) = self.endpoints.get_mut(svc) {
@@ -149,9 +177,7 @@ impl State {
         }
         if let Some(s) = self.services.remove(name) {
             for a in s.addresses.iter().filter_map(|n| ip(&n.address)) {
-                if self.service_by_vip.get(&a).is_some_and(|n| n == name) {
-                    self.service_by_vip.remove(&a);
-                }
+                self.service_by_vip.release(a, name);
             }
         }
     }
@@ -162,5 +188,88 @@ impl State {
 
     pub fn remove_policy(&mut self, name: &str) {
         self.policies.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_proto::istio::workload::NetworkAddress;
+
+    const IP: &str = "10.244.1.7";
+
+    fn pod(uid: &str, healthy: bool) -> address::Type {
+        let status = if healthy { WorkloadStatus::Healthy } else { WorkloadStatus::Unhealthy };
+        address::Type::Workload(Workload {
+            uid: uid.into(),
+            addresses: vec![IP.parse::<Ipv4Addr>().unwrap().octets().to_vec()],
+            status: status as i32,
+            ..Default::default()
+        })
+    }
+
+    fn owner(s: &State) -> Option<&str> {
+        s.workload_by_ip(IP.parse().unwrap()).map(|w| w.uid.as_str())
+    }
+
+    #[test]
+    fn a_reused_pod_ip_stays_with_the_new_pod_while_the_old_one_is_updated_and_removed() {
+        let mut s = State::default();
+        s.upsert_address("old", pod("old", true));
+        s.upsert_address("new", pod("new", true));
+        assert_eq!(owner(&s), Some("new"));
+        // The old pod's update does not win the address back: age is first sight, not last write.
+        s.upsert_address("old", pod("old", true));
+        assert_eq!(owner(&s), Some("new"));
+        s.remove_address("old");
+        assert_eq!(owner(&s), Some("new"), "the old pod's removal leaves the new pod indexed");
+        s.remove_address("new");
+        assert_eq!(owner(&s), None);
+    }
+
+    #[test]
+    fn a_healthy_claimant_wins_over_a_newer_unhealthy_one() {
+        let mut s = State::default();
+        s.upsert_address("running", pod("running", true));
+        s.upsert_address("starting", pod("starting", false));
+        assert_eq!(owner(&s), Some("running"));
+        s.upsert_address("running", pod("running", false));
+        assert_eq!(owner(&s), Some("starting"), "between unhealthy claimants the newer wins");
+        s.remove_address("starting");
+        assert_eq!(owner(&s), Some("running"));
+    }
+
+    #[test]
+    fn a_removed_and_re_added_resource_counts_as_new() {
+        let mut s = State::default();
+        s.upsert_address("a", pod("a", true));
+        s.upsert_address("b", pod("b", true));
+        s.remove_address("a");
+        s.upsert_address("a", pod("a", true));
+        assert_eq!(owner(&s), Some("a"));
+    }
+
+    #[test]
+    fn a_reallocated_vip_belongs_to_the_newer_service_until_it_is_removed() {
+        let svc = |name: &str| {
+            address::Type::Service(Service {
+                name: name.into(),
+                addresses: vec![NetworkAddress {
+                    address: IP.parse::<Ipv4Addr>().unwrap().octets().to_vec(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        };
+        let vip = |s: &State| s.service_by_vip(IP.parse().unwrap()).map(|s| s.name.clone());
+        let mut s = State::default();
+        s.upsert_address("ns/old", svc("old"));
+        s.upsert_address("ns/new", svc("new"));
+        s.upsert_address("ns/old", svc("old"));
+        assert_eq!(vip(&s).as_deref(), Some("new"));
+        s.remove_address("ns/new");
+        assert_eq!(vip(&s).as_deref(), Some("old"));
+        s.remove_address("ns/old");
+        assert_eq!(vip(&s), None);
     }
 }
