@@ -16,7 +16,7 @@ use trellis_proto::envoy::envoy::config::core::v3::Node;
 use trellis_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use trellis_proto::envoy::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use trellis_proto::envoy::google::rpc::Status as RpcStatus;
-use trellis_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, POD_MEMBERSHIP_TYPE_URL};
+use trellis_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, PARTIAL_PUSH_SUFFIX, POD_MEMBERSHIP_TYPE_URL};
 
 struct Client {
     tx: mpsc::Sender<DeltaDiscoveryRequest>,
@@ -234,6 +234,17 @@ fn string_value(s: &str) -> trellis_proto::envoy::google::protobuf::Value {
     trellis_proto::envoy::google::protobuf::Value { kind: Some(Kind::StringValue(s.into())) }
 }
 
+/// Adds 200 pods whose Address resources are nearly 1 KB each (round < 150).
+async fn bulk_pods(c: &meshctl::client::Client, round: usize) {
+    let puts = (0..200).map(|i| {
+        // ~200-character names: each appears in name, uid and canonical name.
+        let name = format!("bulk-{round}-{i}-{}", "x".repeat(190));
+        let body = pod(&name, &format!("10.{}.{}.{}", 100 + round, i / 250, i % 250 + 1));
+        async move { c.ok(Method::PUT, &format!("/api/v1/namespaces/demo/pods/{name}"), Some(&body)).await.unwrap() }
+    });
+    futures::future::join_all(puts).await;
+}
+
 #[tokio::test]
 async fn a_client_that_never_reads_is_cut_off_without_stalling_others() {
     let s = Istiod::start_with(tempfile::tempdir().unwrap(), Duration::from_secs(1)).await;
@@ -247,14 +258,7 @@ async fn a_client_that_never_reads_is_cut_off_without_stalling_others() {
     // Thousands of new workloads: the stuck client's h2 window, send buffer and queue fill up.
     let c = s.api();
     for round in 0..25 {
-        let puts = (0..200).map(|i| {
-            // ~200-character names: each appears in name, uid and canonical name (~1 KB per resource).
-            let name = format!("bulk-{round}-{i}-{}", "x".repeat(190));
-            let body = pod(&name, &format!("10.{}.{}.{}", 100 + round, i / 250, i % 250 + 1));
-            let c = &c;
-            async move { c.ok(Method::PUT, &format!("/api/v1/namespaces/demo/pods/{name}"), Some(&body)).await.unwrap() }
-        });
-        futures::future::join_all(puts).await;
+        bulk_pods(&c, round).await;
         // The healthy client keeps receiving everything.
         let want = 3 + (round + 1) * 200;
         good.sync(&mut state, |st| st.get(ADDRESS_TYPE_URL).is_some_and(|m| m.len() >= want)).await;
@@ -341,5 +345,45 @@ async fn each_node_agent_gets_only_its_own_pods_memberships() {
     }
     while h1 != names(&[A, B]) {
         held_after_next(&mut n1, &mut h1).await;
+    }
+}
+
+/// A push larger than one response is split. Delta xDS cannot say "more follows", so every piece
+/// but the last is marked partial, and a client can tell when its first state is complete.
+#[tokio::test]
+async fn a_snapshot_split_over_several_responses_marks_every_piece_but_the_last() {
+    let s = Istiod::start().await;
+    seed(&s).await;
+    // 2,000 resources of nearly 1 KB: more than one 1 MiB response.
+    for round in 0..10 {
+        bulk_pods(&s.api(), round).await;
+    }
+    let total = 3 + 2000;
+    for _ in 0..100 {
+        let served = s.api().ok(Method::GET, "/debug/xdsz", None).await.unwrap().body;
+        if served[ADDRESS_TYPE_URL].as_array().is_some_and(|a| a.len() == total) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut c = Client::connect(s.running.xds_addr.unwrap(), &HashMap::new()).await;
+    let (mut versions, mut names) = (Vec::new(), std::collections::HashSet::new());
+    loop {
+        let r = c.next().await;
+        c.ack(&r).await;
+        if r.type_url != ADDRESS_TYPE_URL {
+            continue;
+        }
+        names.extend(r.resources.iter().map(|x| x.name.clone()));
+        versions.push(r.system_version_info.clone());
+        if !r.system_version_info.ends_with(PARTIAL_PUSH_SUFFIX) {
+            break;
+        }
+    }
+    assert!(versions.len() >= 2, "split into pieces: {versions:?}, {} names", names.len());
+    assert_eq!(names.len(), total, "the pieces together are the whole snapshot");
+    let (last, pieces) = versions.split_last().unwrap();
+    for v in pieces {
+        assert_eq!(v, &format!("{last}{PARTIAL_PUSH_SUFFIX}"), "every piece but the last is marked, with one version");
     }
 }

@@ -50,6 +50,13 @@ pub const NODE_TYPE_URL: &str = "type.googleapis.com/trellis.node.v1.Node";
 /// capture a meshed pod before the pod has an IP.
 pub const POD_MEMBERSHIP_TYPE_URL: &str = "type.googleapis.com/trellis.pod.v1.PodMembership";
 
+/// Suffix of `system_version_info` on every delta response but the last when istiod-lite splits
+/// one push of a type over several responses (each stays under gRPC's 4 MiB default message
+/// limit). Delta xDS has no way to say "more follows", so without it a client would count its
+/// first state of a type as complete at the first piece. A control plane that never splits
+/// (Istio's) never sends it, so a client that honours it needs nothing else.
+pub const PARTIAL_PUSH_SUFFIX: &str = "+partial";
+
 /// Envoy xDS type URLs served to proxyless gRPC clients.
 pub const LISTENER_TYPE_URL: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE_TYPE_URL: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";

@@ -1,7 +1,8 @@
-//! ztunnel's xDS client against a control plane that sends invalid resources (istiod-lite itself
-//! validates everything, so it cannot): valid resources and removals in the same response apply,
-//! an invalid workload keeps its last good state, an invalid policy is enforced as a deny-all of
-//! its scope, and the NACK names every reason.
+//! ztunnel's xDS client against a scripted control plane, for what istiod-lite cannot be made to
+//! send: invalid resources (istiod-lite validates everything), where valid resources and removals
+//! in the same response apply, an invalid workload keeps its last good state, an invalid policy
+//! is enforced as a deny-all of its scope, and the NACK names every reason; and a split push held
+//! between its pieces, where the client is not synced until the last piece.
 
 mod common;
 
@@ -29,10 +30,36 @@ use ztunnel::state::policy::{evaluate, Connection, Decision};
 type Responses = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
 type Sotw = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
 
-/// Answers each subscription with one scripted response per type, then records what comes back.
+/// Sends the first stream whatever the test pushes, and records the ACKs and NACKs that come back.
 struct Scripted {
-    responses: Mutex<Vec<DeltaDiscoveryResponse>>,
+    pushes: Mutex<Option<mpsc::Receiver<DeltaDiscoveryResponse>>>,
     acks: mpsc::Sender<DeltaDiscoveryRequest>,
+}
+
+/// A scripted control plane on a free port: (its address, where to push, the replies).
+async fn scripted(
+) -> (std::net::SocketAddr, mpsc::Sender<DeltaDiscoveryResponse>, mpsc::Receiver<DeltaDiscoveryRequest>) {
+    let (pushes_tx, pushes) = mpsc::channel(16);
+    let (acks_tx, acks) = mpsc::channel(16);
+    let server = Scripted { pushes: Mutex::new(Some(pushes)), acks: acks_tx };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (conns_tx, conns) = mpsc::channel(4);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = conns_tx.send(Ok::<_, std::io::Error>(tcp)).await;
+        }
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AggregatedDiscoveryServiceServer::new(server))
+            .serve_with_incoming(ReceiverStream::new(conns)),
+    );
+    (addr, pushes_tx, acks)
+}
+
+async fn next_reply(acks: &mut mpsc::Receiver<DeltaDiscoveryRequest>) -> DeltaDiscoveryRequest {
+    tokio::time::timeout(Duration::from_secs(10), acks.recv()).await.expect("an ACK or NACK").unwrap()
 }
 
 #[tonic::async_trait]
@@ -51,22 +78,17 @@ impl AggregatedDiscoveryService for Scripted {
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Responses>, Status> {
-        let responses = std::mem::take(&mut *self.responses.lock().unwrap());
-        let (tx, rx) = mpsc::channel(16);
+        let pushes = self.pushes.lock().unwrap().take().ok_or_else(|| Status::unavailable("one stream only"))?;
         let acks = self.acks.clone();
         let mut inbound = req.into_inner();
         tokio::spawn(async move {
-            for r in responses {
-                tx.send(Ok(r)).await.unwrap();
-            }
             while let Some(Ok(req)) = inbound.next().await {
                 if !req.response_nonce.is_empty() {
                     let _ = acks.send(req).await;
                 }
             }
-            drop(tx);
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(pushes).map(Ok))))
     }
 }
 
@@ -151,26 +173,14 @@ async fn invalid_resources_are_nacked_while_the_rest_applies_and_bad_policies_de
         response(NODE_TYPE_URL, "n1", vec![], vec![]),
         response(POD_MEMBERSHIP_TYPE_URL, "m1", vec![], vec![]),
     ];
-    let (acks_tx, mut acks) = mpsc::channel(16);
-    let server = Scripted { responses: Mutex::new(responses), acks: acks_tx };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (conns_tx, conns) = mpsc::channel(4);
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let _ = conns_tx.send(Ok::<_, std::io::Error>(tcp)).await;
-        }
-    });
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AggregatedDiscoveryServiceServer::new(server))
-            .serve_with_incoming(ReceiverStream::new(conns)),
-    );
-
+    let (addr, pushes, mut acks) = scripted().await;
+    for r in responses {
+        pushes.send(r).await.unwrap();
+    }
     let (state, mut synced, task) = start_xds_client(format!("http://{addr}"));
     let mut replies = std::collections::HashMap::new();
     while replies.len() < 5 {
-        let r = tokio::time::timeout(Duration::from_secs(10), acks.recv()).await.expect("an ACK or NACK").unwrap();
+        let r = next_reply(&mut acks).await;
         replies.insert(r.response_nonce.clone(), r.error_detail.map(|e| e.message));
     }
     tokio::time::timeout(Duration::from_secs(5), synced.wait_for(|s| *s)).await.expect("synced").unwrap();
@@ -200,5 +210,52 @@ async fn invalid_resources_are_nacked_while_the_rest_applies_and_bad_policies_de
     let blog = s.workload_by_ip("10.0.0.4".parse().unwrap()).unwrap().clone();
     assert_eq!(evaluate(&s, &blog, &conn("10.0.0.4:8080")), Decision::Allow, "other namespaces are untouched");
     drop(s);
+    task.abort();
+}
+
+/// Delta xDS cannot say "more follows", so istiod-lite marks every piece of a split push but the
+/// last (`PARTIAL_PUSH_SUFFIX`). Until the last piece of each type's first push has arrived, pods
+/// must not be enrolled, or they would run with, say, half of the policies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_is_synced_only_at_the_last_piece_of_a_split_push() {
+    let policy = |name: &str| Authorization {
+        name: name.into(),
+        namespace: "shop".into(),
+        scope: Scope::Namespace as i32,
+        action: Action::Deny as i32,
+        rules: vec![Rule { clauses: vec![] }],
+    };
+    let piece = |nonce: &str, name: &str, version: &str| DeltaDiscoveryResponse {
+        system_version_info: version.into(),
+        ..response(
+            AUTHORIZATION_TYPE_URL,
+            nonce,
+            vec![resource(&format!("shop/{name}"), "1", AUTHORIZATION_TYPE_URL, policy(name).encode_to_vec())],
+            vec![],
+        )
+    };
+    let (addr, pushes, mut acks) = scripted().await;
+    for r in [
+        response(ADDRESS_TYPE_URL, "a1", vec![], vec![]),
+        response(NODE_TYPE_URL, "n1", vec![], vec![]),
+        response(POD_MEMBERSHIP_TYPE_URL, "m1", vec![], vec![]),
+        piece("p1", "first", &format!("7{}", trellis_proto::PARTIAL_PUSH_SUFFIX)),
+    ] {
+        pushes.send(r).await.unwrap();
+    }
+    let (state, synced, task) = start_xds_client(format!("http://{addr}"));
+    for _ in 0..4 {
+        assert_eq!(next_reply(&mut acks).await.error_detail, None);
+    }
+    // The client marks itself synced right after it ACKs, so give a wrong one time to do so.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!*synced.borrow(), "not synced while a push is half delivered");
+    assert!(state.read().unwrap().policy("shop/first").is_some(), "the first piece applies at once");
+
+    pushes.send(piece("p2", "second", "7")).await.unwrap();
+    assert_eq!(next_reply(&mut acks).await.response_nonce, "p2");
+    let mut synced = synced;
+    tokio::time::timeout(Duration::from_secs(5), synced.wait_for(|s| *s)).await.expect("synced").unwrap();
+    assert!(state.read().unwrap().policy("shop/second").is_some());
     task.abort();
 }

@@ -21,6 +21,7 @@ use trellis_proto::envoy::envoy::service::discovery::v3::{
 };
 use trellis_proto::envoy::google::protobuf::Any;
 use trellis_proto::trellis::pod::v1::PodMembership;
+use trellis_proto::PARTIAL_PUSH_SUFFIX;
 
 use super::cache::{Cache, Entry};
 use super::drive::{drive, AdsStream, Shared};
@@ -383,7 +384,7 @@ impl DeltaStreamTask {
             sub.sent.remove(n);
         }
         let held = sub.sent.len();
-        // Chunk by size; removals ride on the first chunk.
+        // Chunk by size; removals ride on the first chunk, and all but the last are marked partial.
         let mut chunks: Vec<Vec<(String, Entry)>> = vec![Vec::new()];
         let mut size = 0;
         for item in updated {
@@ -397,11 +398,13 @@ impl DeltaStreamTask {
             }
         }
         let mut removed = Some(removed);
-        for chunk in chunks {
+        let pieces = chunks.len();
+        for (piece, chunk) in chunks.into_iter().enumerate() {
             self.nonce += 1;
             let nonce = format!("{}-{}", seq, self.nonce);
+            let more = if piece + 1 < pieces { PARTIAL_PUSH_SUFFIX } else { "" };
             let resp = DeltaDiscoveryResponse {
-                system_version_info: seq.to_string(),
+                system_version_info: format!("{seq}{more}"),
                 type_url: type_url.to_string(),
                 nonce: nonce.clone(),
                 removed_resources: removed.take().unwrap_or_default(),

@@ -19,7 +19,9 @@ use trellis_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_se
 use trellis_proto::envoy::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use trellis_proto::envoy::google::protobuf::{value::Kind, Struct, Value};
 use trellis_proto::envoy::google::rpc::Status as RpcStatus;
-use trellis_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, NODE_TYPE_URL, POD_MEMBERSHIP_TYPE_URL};
+use trellis_proto::{
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, NODE_TYPE_URL, PARTIAL_PUSH_SUFFIX, POD_MEMBERSHIP_TYPE_URL,
+};
 
 use crate::state::{validate, State};
 
@@ -170,7 +172,11 @@ impl Client {
             if tx.send(ack).await.is_err() {
                 break;
             }
-            seen_types.insert(resp.type_url.clone());
+            // The first state of a type is complete at its first response that is not one of
+            // several pieces of a push.
+            if !resp.system_version_info.ends_with(PARTIAL_PUSH_SUFFIX) {
+                seen_types.insert(resp.type_url.clone());
+            }
             if seen_types.len() == TYPES.len() {
                 *got_snapshot = true;
                 self.synced.send_replace(true);
