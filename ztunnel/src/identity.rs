@@ -120,14 +120,9 @@ impl CertManager {
             return Err(bad(format!("leaf carries {:?}", hbone::tls::spiffe_ids(leaf))));
         }
         let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| bad(e.to_string()))?;
-        // CAs backdate not_before for clock skew; the refresh schedule counts from receipt, or a
-        // short-lived certificate would look half-expired on arrival.
-        let nb = timestamp(cert.validity().not_before.timestamp()).max(SystemTime::now());
-        let na = timestamp(cert.validity().not_after.timestamp());
-        // An expired answer must not replace a certificate that is still valid.
-        if na <= nb {
-            return Err(bad("the certificate has already expired".into()));
-        }
+        let v = cert.validity();
+        let (nb, na) = usable_validity(v.not_before.timestamp(), v.not_after.timestamp(), SystemTime::now())
+            .ok_or_else(|| bad("the certificate has already expired".into()))?;
         Ok((chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())), nb, na))
     }
 
@@ -186,6 +181,16 @@ impl CertManager {
             .map(|(id, i)| (id.clone(), i.lock().unwrap_or_else(|e| e.into_inner()).not_after))
             .collect()
     }
+}
+
+/// The validity a refresh schedule counts from, or `None` for a certificate that has already
+/// expired (which must not replace one that is still valid). CAs backdate not_before for clock
+/// skew; the schedule counts from receipt, or a short-lived certificate would look half-expired
+/// on arrival.
+fn usable_validity(not_before: i64, not_after: i64, now: SystemTime) -> Option<(SystemTime, SystemTime)> {
+    let nb = timestamp(not_before).max(now);
+    let na = timestamp(not_after);
+    (na > nb).then_some((nb, na))
 }
 
 /// When to renew: half of the lifetime after `not_before`, brought forward by up to a tenth of the
@@ -256,6 +261,18 @@ mod tests {
         // Spread brings renewal forward by up to a tenth of the lifetime, never past half-life.
         assert_eq!(refresh_delay(nb, na, nb, 0.5), Duration::from_secs(45));
         assert_eq!(refresh_delay(nb, na, nb, 7.0), Duration::from_secs(40));
+    }
+
+    #[test]
+    fn an_expired_certificate_is_refused_and_a_backdated_one_counts_from_receipt() {
+        let now = UNIX_EPOCH + Duration::from_secs(10_000);
+        assert_eq!(usable_validity(9_000, 9_999, now), None, "expired");
+        assert_eq!(usable_validity(9_000, 10_000, now), None, "expires now");
+        let (nb, na) = usable_validity(9_000, 10_100, now).expect("valid for 100 s more");
+        assert_eq!((nb, na), (now, UNIX_EPOCH + Duration::from_secs(10_100)));
+        assert_eq!(refresh_delay(nb, na, now, 0.0), Duration::from_secs(50), "half of what is left");
+        let (nb, _) = usable_validity(10_050, 10_100, now).unwrap();
+        assert_eq!(nb, UNIX_EPOCH + Duration::from_secs(10_050), "a future not_before is kept");
     }
 
     #[test]

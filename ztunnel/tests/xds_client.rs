@@ -132,3 +132,34 @@ async fn a_reused_pod_ip_stays_with_the_new_pod() {
     task.abort();
     running.shutdown().await;
 }
+
+/// Every restart of istiod-lite costs one short reconnect: a session that synced resets the
+/// backoff, so it does not keep doubling across restarts (0.5 s, 1 s, 2 s, 4 s, 8 s, ...).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_of_many_istiod_restarts_is_followed_by_a_prompt_resync() {
+    let Mesh { dir, ports, mut running, api } = mesh_with_demo_namespace().await;
+    let (state, mut synced, task) = start_xds_client(format!("http://127.0.0.1:{}", ports.xds.unwrap()));
+    tokio::time::timeout(Duration::from_secs(10), synced.wait_for(|s| *s)).await.expect("synced").unwrap();
+    for restart in 0..6 {
+        running.shutdown().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        running = istiod(dir.path(), &ports, Duration::from_secs(3600)).await;
+        let name = format!("after-restart-{restart}");
+        api.ok(
+            Method::PUT,
+            &format!("/api/v1/namespaces/demo/pods/{name}"),
+            Some(&pod(&name, &format!("10.244.2.{}", restart + 1))),
+        )
+        .await
+        .unwrap();
+        let uid = format!("Kubernetes//v1/Pod/demo/{name}");
+        // Backoff that kept doubling would wait 8 s before the fifth reconnect.
+        let deadline = Instant::now() + Duration::from_secs(4);
+        while state.read().unwrap().workload_by_uid(&uid).is_none() {
+            assert!(Instant::now() < deadline, "restart {restart}: no resync within 4 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    task.abort();
+    running.shutdown().await;
+}
