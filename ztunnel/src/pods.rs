@@ -16,7 +16,8 @@
 //!
 //! Enrolling is ordered so that traffic is never captured before something listens: obtain the
 //! workload certificate, open the three listeners inside the pod's namespace, and only then
-//! install the capture. Unenrolling removes the capture first, then closes the listeners;
+//! install the capture. Each enrollment runs as its own task (at most [`MAX_ENROLLING`] at once),
+//! so a CA that is slow for one identity delays neither other pods nor the next pass. Unenrolling removes the capture first, then closes the listeners;
 //! connections already proxied run to completion.
 //!
 //! The registry is persisted (mode 0600) so a restarted ztunnel knows its pods again. While
@@ -47,6 +48,9 @@ use crate::state::State;
 const RETRY: Duration = Duration::from_secs(5);
 /// How long an `add` waits for a meshed pod to be enrolled before answering.
 const ADD_WAIT: Duration = Duration::from_secs(5);
+/// Enrollments in flight at once: each may hold a CA request (up to 15 s if the CA is not
+/// answering), and a node starting with many pods must not open that many at the same time.
+const MAX_ENROLLING: usize = 16;
 
 struct Enrolled {
     ns: Arc<Netns>,
@@ -152,10 +156,15 @@ pub struct Pods {
     registry_file: Option<PathBuf>,
     registered: Mutex<BTreeMap<String, Registered>>,
     enrolled: Mutex<HashMap<String, Enrolled>>,
+    /// Pods with an enrollment task in flight, and the identity it is for (its certificate must
+    /// not be released meanwhile). Passes leave these pods to the task.
+    enrolling: Mutex<HashMap<String, hbone::Identity>>,
+    enroll_slots: tokio::sync::Semaphore,
     in_progress: AtomicUsize,
     /// Wakes the reconciler on registry changes; it also wakes on xDS changes.
     kick: Notify,
-    /// Bumped after each reconcile pass, so `add` can wait for its outcome.
+    /// Bumped after each reconcile pass and each finished enrollment, so `add` can wait for its
+    /// outcome.
     passes: watch::Sender<u64>,
     /// Reconciling before the first snapshot would unmesh every pod.
     synced: watch::Receiver<bool>,
@@ -194,6 +203,8 @@ impl Pods {
             registry_file,
             registered: Mutex::new(registered),
             enrolled: Mutex::default(),
+            enrolling: Mutex::default(),
+            enroll_slots: tokio::sync::Semaphore::new(MAX_ENROLLING),
             in_progress: AtomicUsize::new(0),
             kick: Notify::new(),
             passes: watch::channel(0).0,
@@ -360,10 +371,14 @@ impl Pods {
         }
     }
 
-    /// One pass: enroll pods that should be meshed and are not, release those that should not.
-    async fn reconcile(&self) {
+    /// One pass: start enrolling pods that should be meshed and are not, release those that should
+    /// not be.
+    async fn reconcile(self: &Arc<Self>) {
         let registered = lock(&self.registered).clone();
         for (uid, r) in registered {
+            if lock(&self.enrolling).contains_key(&uid) {
+                continue; // its task kicks another pass when done
+            }
             let want = {
                 let state = self.state.read().unwrap_or_else(|e| e.into_inner());
                 let not_meshed = || Err(Standing::NotMeshed { namespace: r.namespace.clone() });
@@ -385,18 +400,11 @@ impl Pods {
                 Ok(_) if enrolled => self.set_standing(&uid, Standing::Meshed),
                 Ok(id) => {
                     self.set_standing(&uid, Standing::Enrolling);
-                    match self.enroll(&uid, &r, &id).await {
-                        // The pod may have been removed (DEL, or a failed ADD) while this pass
-                        // enrolled it; its removal could not see an enrollment not yet recorded.
-                        Ok(()) if lock(&self.registered).get(&uid).is_none_or(|now| now.netns != r.netns) => {
-                            self.unenroll(&uid, &r).await;
-                        }
-                        Ok(()) => self.set_standing(&uid, Standing::Meshed),
-                        Err(e) => {
-                            tracing::warn!(pod = uid, error = %e, "enrollment failed; will retry");
-                            self.set_standing(&uid, Standing::Failed(e));
-                        }
-                    }
+                    lock(&self.enrolling).insert(uid.clone(), id.clone());
+                    // Counted from now, so readiness never sees a gap before the task starts.
+                    self.in_progress.fetch_add(1, Ordering::AcqRel);
+                    let me = self.clone();
+                    tokio::spawn(async move { me.enroll_and_settle(uid, r, id).await });
                 }
                 Err(standing) => {
                     if enrolled || r.captured {
@@ -408,8 +416,38 @@ impl Pods {
             }
         }
         self.sync_probe_table().await;
-        let in_use = lock(&self.enrolled).values().map(|e| e.identity.clone()).collect();
+        let mut in_use: std::collections::HashSet<_> =
+            lock(&self.enrolled).values().map(|e| e.identity.clone()).collect();
+        in_use.extend(lock(&self.enrolling).values().cloned());
         self.certs.release_unused(&in_use);
+    }
+
+    /// One pod's enrollment task, started by a pass (which counted it in `in_progress`).
+    async fn enroll_and_settle(self: Arc<Self>, uid: String, r: Registered, id: hbone::Identity) {
+        {
+            let _in_progress = InProgress(&self.in_progress);
+            let outcome = match self.enroll_slots.acquire().await {
+                Ok(_slot) => self.enroll(&uid, &r, &id).await,
+                Err(_) => Err("shutting down".to_string()),
+            };
+            match outcome {
+                // The pod may have been removed (DEL, or a failed ADD) or recreated meanwhile;
+                // its removal could not see an enrollment not yet recorded.
+                Ok(()) if lock(&self.registered).get(&uid).is_none_or(|now| now.netns != r.netns) => {
+                    self.unenroll(&uid, &r).await;
+                }
+                Ok(()) => self.set_standing(&uid, Standing::Meshed),
+                Err(e) => {
+                    tracing::warn!(pod = uid, error = %e, "enrollment failed; will retry");
+                    self.set_standing(&uid, Standing::Failed(e));
+                }
+            }
+            lock(&self.enrolling).remove(&uid);
+        }
+        self.passes.send_modify(|n| *n += 1);
+        // The control plane may have changed its mind meanwhile, and the probe table and the
+        // certificates held follow the enrolled set.
+        self.kick.notify_one();
     }
 
     /// Points the node's probe SNAT at exactly the enrolled pods, installing the table first if
@@ -471,8 +509,6 @@ impl Pods {
     }
 
     async fn enroll(&self, uid: &str, r: &Registered, id: &hbone::Identity) -> Result<(), String> {
-        self.in_progress.fetch_add(1, Ordering::AcqRel);
-        let _guard = InProgress(&self.in_progress);
         let cert = self.certs.get(id).await.map_err(|e| format!("certificate: {e}"))?;
         let path = r.netns.clone();
         let ns = Arc::new(

@@ -307,3 +307,46 @@ fn ebpf_load_failure_is_clear_and_falls_back_only_when_asked() {
     });
     assert!(lab.log("ztunnel1").contains("falling back to nftables"), "{}", lab.log("ztunnel1"));
 }
+
+/// Each enrollment is a task of its own: a CA that stops answering for a new identity holds up
+/// neither the ADD of a pod whose certificate ztunnel already has nor that pod's capture, and
+/// the stalled pod's ADD fails closed on its own.
+#[test]
+fn a_stalled_certificate_request_holds_up_no_other_pod() {
+    let lab = Lab::new(1);
+    lab.start_istiod();
+    lab.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n");
+    // The CA is reached through a relay that can be told to stop answering.
+    let stall = lab.dir.path().join("stall-ca");
+    let app = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/app.py");
+    let relay = [app, "relay", netlab::ISTIOD_IP, "15112", netlab::ISTIOD_IP, "15012", stall.to_str().unwrap()];
+    lab.spawn("ca-relay", &lab.underlay(), std::path::Path::new("python3"), &relay);
+    let u = lab.underlay();
+    wait_for("the CA relay", Duration::from_secs(10), || {
+        lab.exec(&u, &format!("bash -c 'echo > /dev/tcp/{}/15112'", netlab::ISTIOD_IP)).status.success().then_some(())
+    });
+    lab.start_ztunnel(1, &["--ca-address", &format!("https://{}:15112", netlab::ISTIOD_IP)]);
+    // Named so that the stalled pod comes first in a pass over the registry.
+    let first = lab.add_pod(1, "demo", "b-first", "known", "app: b", 21);
+    lab.enroll(&first);
+
+    std::fs::write(&stall, "").unwrap();
+    let stalled = lab.add_pod(1, "demo", "a-stalled", "new", "app: a", 22);
+    let second = lab.add_pod(1, "demo", "b-second", "known", "app: b", 23);
+    let add = |pod: &Pod| {
+        let path = format!("/var/run/netns/{}", pod.netns);
+        lab.agent(1, &json!({"op": "add", "namespace": "demo", "name": pod.name, "netns": path}))
+    };
+    std::thread::scope(|s| {
+        let stalled_add = s.spawn(|| add(&stalled));
+        // Its enrollment is now waiting for a certificate that will not come.
+        std::thread::sleep(Duration::from_secs(1));
+        let r = add(&second);
+        assert!(r["ok"] == true && r["pods"][0]["enrolled"] == true, "the second pod's ADD: {r}");
+        let r = stalled_add.join().unwrap();
+        assert_eq!(r["ok"], false, "the stalled pod's ADD fails closed: {r}");
+        assert!(r["error"].as_str().is_some_and(|e| e.contains("demo/a-stalled")), "{r}");
+    });
+    lab.app(&second, &["http", "second", "8080"], 8080);
+    assert_eq!(lab.curl(&first, &format!("http://{}:8080/", second.ip)).as_deref(), Ok("second"));
+}
