@@ -41,6 +41,7 @@ pub struct Config {
     pub mark: u32,
     pub worker_threads: usize,
     pub max_connections: usize,
+    pub max_connections_per_source: usize,
     /// With `--overlay vxlan`: this node's VTEP (underlay) address.
     pub overlay: Option<std::net::Ipv4Addr>,
     pub capture: crate::capture::Capture,
@@ -94,6 +95,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 mark: cfg.mark,
                 trust_domain: cfg.trust_domain.clone(),
                 max_connections: cfg.max_connections,
+                max_connections_per_source: cfg.max_connections_per_source,
             },
             control.handle().clone(),
             draining,

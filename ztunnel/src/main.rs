@@ -79,6 +79,10 @@ struct Args {
     /// Proxied connections in flight before new ones are reset.
     #[arg(long, default_value_t = 8192)]
     max_connections: usize,
+    /// Of those, how many one client address (a local pod's outbound, a calling pod's inbound
+    /// connections and tunnels) may hold; default half of --max-connections.
+    #[arg(long)]
+    max_connections_per_source: Option<usize>,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
     /// How enrolled pods' traffic is steered to ztunnel.
@@ -126,6 +130,9 @@ fn main() -> anyhow::Result<()> {
     match args.log_format {
         LogFormat::Text => fmt.init(),
         LogFormat::Json => fmt.json().flatten_event(true).init(),
+    }
+    if args.max_connections_per_source == Some(0) {
+        anyhow::bail!("--max-connections-per-source must be at least 1");
     }
     let ca_address = args.ca_address.unwrap_or_else(|| args.xds_address.clone());
     if !ca_address.starts_with("https://") {
@@ -181,6 +188,7 @@ fn main() -> anyhow::Result<()> {
             .worker_threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
         max_connections: args.max_connections,
+        max_connections_per_source: args.max_connections_per_source.unwrap_or((args.max_connections / 2).max(1)),
         overlay,
         capture,
         registry_file: match args.registry_file {

@@ -321,46 +321,81 @@ fn nftables_capture_carries_mesh_and_plaintext_traffic_with_the_callers_address(
     assert!(metric_line(&m, "istio_tcp_connections_opened_total", &mtls_opened).is_some(), "{m}");
 }
 
-/// The first sample of metric `name` in Prometheus `text` whose labels include every one of `labels`.
 /// `--max-connections` bounds what a node carries, tunnels included: one HBONE connection carries
 /// up to 100 tunnels, each an upstream socket on the node it lands on, so each takes a slot there.
+/// `--max-connections-per-source` bounds the share of those one calling pod can hold.
 #[test]
-fn the_connection_cap_counts_every_tunnel() {
-    let Mesh { lab, client, server_b, .. } = mesh(&["--max-connections", "4"]);
+fn the_connection_caps_count_every_tunnel_per_node_and_per_source() {
+    let Mesh { lab, client, server_a, server_b, .. } =
+        mesh(&["--max-connections", "7", "--max-connections-per-source", "4"]);
     lab.app(&server_b, &["echo", "9000"], 9000);
-    // Opens `n` connections, keeping them all open, and counts those that echo a line.
+    // Opens N connections and counts those that echo a line, writes the count to COUNT, then
+    // keeps them open until RELEASE exists.
     let script = lab.dir.path().join("hold_many.py");
     std::fs::write(
         &script,
-        r#"import socket, sys
+        r#"import os, socket, sys, time
+host, n, count, release = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 ok, held = 0, []
-for _ in range(int(sys.argv[2])):
+for _ in range(n):
     try:
-        s = socket.create_connection((sys.argv[1], 9000), timeout=5)
+        s = socket.create_connection((host, 9000), timeout=5)
         s.sendall(b"x\n")
         if s.recv(8) == b"x\n":
             ok += 1
             held.append(s)
     except OSError:
         pass
-print(ok)
+with open(count + ".tmp", "w") as f:
+    f.write(str(ok))
+os.rename(count + ".tmp", count)
+deadline = time.time() + 60
+while not os.path.exists(release) and time.time() < deadline:
+    time.sleep(0.05)
 "#,
     )
     .expect("writing hold_many.py");
-    let hold = |n: usize| {
-        let out = lab.exec_ok(&client.netns, &format!("python3 {} {} {n}", script.display(), server_b.ip));
-        out.trim().parse::<usize>().unwrap_or_else(|_| panic!("hold_many.py printed {out:?}"))
+    let release = lab.dir.path().join("release");
+    let hold = |from: &Pod, n: usize| {
+        let count = lab.dir.path().join(format!("count-{}", from.name));
+        let _ = std::fs::remove_file(&count);
+        let cmd = format!("python3 {} {} {n} {} {}", script.display(), server_b.ip, count.display(), release.display());
+        lab.exec_ok(&from.netns, &cmd);
     };
-    // Node 2 has four slots: the HBONE connection takes one, so three tunnels fit (node 1, where
-    // the four client connections take its four slots, is not the limit).
-    assert_eq!(hold(4), 3, "tunnels beyond node 2's cap are refused");
-    let metrics = lab.ztunnel_get(2, 15020, "/metrics");
-    let overload = ["direction=\"inbound\"", "reason=\"overload\""];
-    assert!(metric_line(&metrics, "trellis_connections_rejected_total", &overload).is_some(), "{metrics}");
+    let count = |from: &Pod| {
+        let file = lab.dir.path().join(format!("count-{}", from.name));
+        wait_for(&format!("{} holding its connections", from.name), Duration::from_secs(30), || {
+            std::fs::read_to_string(&file).ok()?.trim().parse::<usize>().ok()
+        })
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| hold(&client, 4));
+        // The client's share on node 2 is four slots: its HBONE connection and three tunnels.
+        assert_eq!(count(&client), 3, "tunnels beyond the client's share are refused");
+        // Another pod still gets slots, up to the node's cap of seven: its own HBONE connection
+        // and the two tunnels left.
+        s.spawn(|| hold(&server_a, 4));
+        assert_eq!(count(&server_a), 2, "tunnels beyond the node's cap are refused");
+        let metrics = lab.ztunnel_get(2, 15020, "/metrics");
+        for reason in ["reason=\"source_limit\"", "reason=\"overload\""] {
+            let labels = ["direction=\"inbound\"", reason];
+            assert!(
+                metric_line(&metrics, "trellis_connections_rejected_total", &labels).is_some(),
+                "{reason}: {metrics}"
+            );
+        }
+        std::fs::write(&release, "").unwrap();
+    });
     // Closed tunnels give their slots back.
-    assert_eq!(hold(3), 3);
+    std::fs::remove_file(&release).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| hold(&client, 3));
+        assert_eq!(count(&client), 3);
+        std::fs::write(&release, "").unwrap();
+    });
 }
 
+/// The first sample of metric `name` in Prometheus `text` whose labels include every one of `labels`.
 fn metric_line<'a>(text: &'a str, name: &str, labels: &[&str]) -> Option<&'a str> {
     text.lines().find(|l| {
         l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{')) && labels.iter().all(|x| l.contains(x))

@@ -13,7 +13,6 @@ use std::time::{Instant, SystemTime};
 use serde_json::{json, Value};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::route::Peer;
 use crate::metrics::{Metrics, Reporter, SecurityPolicy, TcpLabels};
@@ -187,8 +186,8 @@ pub struct Tracked<S> {
     inner: S,
     tracker: Arc<Tracker>,
     client_side: bool,
-    /// The node's connection slot this socket holds, if the caller took one for it.
-    _slot: Option<OwnedSemaphorePermit>,
+    /// The connection slot this socket holds, if the caller took one for it.
+    _slot: Option<super::admission::Slot>,
 }
 
 impl<S> Tracked<S> {
@@ -204,7 +203,7 @@ impl<S> Tracked<S> {
     }
 
     /// Holds `slot` until the socket is dropped.
-    pub fn holding(self, slot: OwnedSemaphorePermit) -> Tracked<S> {
+    pub fn holding(self, slot: super::admission::Slot) -> Tracked<S> {
         Tracked { _slot: Some(slot), ..self }
     }
 

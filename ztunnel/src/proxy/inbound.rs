@@ -78,9 +78,9 @@ impl Proxy {
             service: String::new(),
             mtls: true,
         };
-        // Each tunnel takes a slot of its own: one HBONE connection carries up to 100 of them,
-        // and each is an upstream socket on this node.
-        let slot = self.admit(DIRECTION).ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
+        // Each tunnel takes a slot of its own, counted against the calling pod's share too: one
+        // HBONE connection carries up to 100 of them, and each is an upstream socket on this node.
+        let slot = self.admit(DIRECTION, src.ip()).ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
         let upstream = self.connect_tracked(pod, record).await.ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
         Ok(upstream.holding(slot))
     }

@@ -10,7 +10,7 @@
 //! Listeners live inside each enrolled pod's network namespace ([`crate::pods`]); this module
 //! only needs the namespace handle to create sockets there.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -18,7 +18,7 @@ use std::time::Duration;
 use hbone::pool::Pool;
 use rustls::RootCertStore;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
@@ -30,6 +30,7 @@ use crate::state::policy::{self, Decision};
 use crate::state::State;
 use hbone::Identity;
 
+pub mod admission;
 pub mod conn;
 mod inbound;
 mod outbound;
@@ -51,6 +52,8 @@ pub struct Settings {
     pub trust_domain: String,
     /// Connections in flight across all listeners; beyond it new ones are reset.
     pub max_connections: usize,
+    /// Of those, how many one source address may hold.
+    pub max_connections_per_source: usize,
 }
 
 /// What every connection handler shares.
@@ -64,7 +67,7 @@ pub struct Proxy {
     /// The admin/xDS runtime: certificate fetches and their refresh tasks belong there.
     control: tokio::runtime::Handle,
     round_robin: AtomicUsize,
-    connections: Arc<Semaphore>,
+    admission: admission::Admission,
     draining: watch::Receiver<bool>,
 }
 
@@ -89,7 +92,7 @@ impl Proxy {
     ) -> Arc<Proxy> {
         Arc::new(Proxy {
             pool: Pool::new(hbone::settings::MAX_STREAMS as usize, hbone::pool::IDLE_TIMEOUT),
-            connections: Arc::new(Semaphore::new(settings.max_connections)),
+            admission: admission::Admission::new(settings.max_connections, settings.max_connections_per_source),
             state,
             certs,
             roots,
@@ -156,12 +159,8 @@ impl Proxy {
     }
 
     /// A connection slot, or `None` when at the cap (the caller resets the connection).
-    fn admit(&self, direction: &'static str) -> Option<OwnedSemaphorePermit> {
-        let permit = self.connections.clone().try_acquire_owned().ok();
-        if permit.is_none() {
-            self.metrics.reject(direction, "overload");
-        }
-        permit
+    fn admit(&self, direction: &'static str, source: IpAddr) -> Option<admission::Slot> {
+        self.admission.admit(source).inspect_err(|refused| self.metrics.reject(direction, refused.reason())).ok()
     }
 
     /// Builds the pod's proxy context once its workload and certificate are known.
@@ -217,7 +216,7 @@ impl Proxy {
             };
             // Proxied bytes must not wait for Nagle: latency is the whole point of an L4 proxy.
             let _ = tcp.set_nodelay(true);
-            let Some(permit) = self.admit(direction) else {
+            let Some(permit) = self.admit(direction, peer_of(&tcp).ip()) else {
                 sockets::reset(tcp);
                 continue;
             };
