@@ -48,17 +48,16 @@ pub fn address(name: &str, bytes: &[u8]) -> Result<address::Type, String> {
 /// the scope it declares (GLOBAL when even that is unreadable), so it denies exactly where the
 /// real one could have applied: an unknown policy fails closed, never open.
 pub fn authorization_or_deny_all(name: &str, bytes: &[u8]) -> (Authorization, Option<String>) {
-    let decoded = Authorization::decode(bytes);
-    let reason = match &decoded {
-        Ok(a) => match check_authorization(name, a) {
-            Ok(()) => return (decoded.unwrap_or_default(), None),
-            Err(reason) => reason,
+    let (reason, declared) = match Authorization::decode(bytes) {
+        Ok(a) => match check_authorization(name, &a) {
+            Ok(()) => return (a, None),
+            Err(reason) => (reason, Scope::try_from(a.scope).ok()),
         },
-        Err(e) => format!("{name}: not an istio.security.Authorization: {e}"),
+        Err(e) => (format!("{name}: not an istio.security.Authorization: {e}"), None),
     };
     let (namespace, short) = name.split_once('/').unwrap_or(("", name));
-    let scope = match decoded.ok().and_then(|a| Scope::try_from(a.scope).ok()) {
-        Some(s) if name.split_once('/').is_some() => s,
+    let scope = match declared {
+        Some(s) if name.contains('/') => s,
         _ => Scope::Global,
     };
     let deny_all = Authorization {

@@ -107,7 +107,7 @@ impl Client {
         Node { id: self.cfg.node_id.clone(), metadata: Some(Struct { fields }), ..Default::default() }
     }
 
-    /// One stream; `got_snapshot` is set once every type has had a response on it.
+    /// One stream; `got_snapshot` is set once every type's first state has arrived whole on it.
     async fn session(&mut self, got_snapshot: &mut bool) -> Result<(), XdsError> {
         let mut endpoint = Endpoint::from_shared(self.cfg.address.clone())
             .map_err(|e| XdsError::Config(e.to_string()))?
@@ -212,12 +212,14 @@ impl Client {
                 NODE_TYPE_URL => validate::node(&r.name, body).map(|n| state.upsert_node(n)),
                 POD_MEMBERSHIP_TYPE_URL => validate::membership(&r.name, body).map(|m| state.upsert_membership(m)),
                 _ => {
-                    // What is enforced follows from this version, accepted or not: holding it lets
-                    // the server send a removal or a newer version after a reconnect.
                     let (policy, rejected) = validate::authorization_or_deny_all(&r.name, body);
                     state.upsert_policy(&r.name, policy);
-                    versions.insert(r.name.clone(), r.version.clone());
-                    changed = true;
+                    if rejected.is_some() {
+                        // The deny-all enforced follows from this version: holding it lets the
+                        // server send a removal or a newer version after a reconnect.
+                        versions.insert(r.name.clone(), r.version.clone());
+                        changed = true;
+                    }
                     rejected.map_or(Ok(()), Err)
                 }
             };
