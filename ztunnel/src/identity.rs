@@ -31,6 +31,9 @@ pub enum CertError {
     Local(String),
     #[error("CA request timed out")]
     Timeout,
+    /// The outcome of a fetch another caller started for the same identity.
+    #[error(transparent)]
+    Shared(Arc<CertError>),
 }
 
 #[derive(Clone, Debug)]
@@ -52,9 +55,16 @@ pub struct Issued {
     pub chain: Vec<CertificateDer<'static>>,
 }
 
+/// A first fetch in flight, whose outcome every caller asking for the identity meanwhile shares.
+type FirstFetch = Arc<tokio::sync::OnceCell<Result<Issued, Arc<CertError>>>>;
+
 pub struct CertManager {
     cfg: CaConfig,
     certs: Mutex<HashMap<Identity, Arc<Mutex<Issued>>>>,
+    /// Pods of one new identity enrolling together send one CSR, not one each: every CSR costs
+    /// the CA a signature and the node a key, and a burst of them (a Deployment scaling up) would
+    /// otherwise multiply both by the replica count.
+    first_fetches: Mutex<HashMap<Identity, FirstFetch>>,
 }
 
 fn timestamp(t: i64) -> SystemTime {
@@ -63,7 +73,7 @@ fn timestamp(t: i64) -> SystemTime {
 
 impl CertManager {
     pub fn new(cfg: CaConfig) -> Arc<CertManager> {
-        Arc::new(CertManager { cfg, certs: Mutex::default() })
+        Arc::new(CertManager { cfg, certs: Mutex::default(), first_fetches: Mutex::default() })
     }
 
     async fn channel(&self) -> Result<Channel, CertError> {
@@ -133,9 +143,27 @@ impl CertManager {
     }
 
     /// The certificate slot for `id`, fetching it on first use and starting its refresh task.
+    /// Callers asking while the first fetch is in flight wait for it and share its outcome, error
+    /// included; once it has finished, the next caller after a failure starts a new fetch.
     pub async fn get(self: &Arc<Self>, id: &Identity) -> Result<Issued, CertError> {
-        if let Some(cur) = self.certs.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
-            return Ok(cur.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        if let Some(cur) = self.cached(id) {
+            return Ok(cur);
+        }
+        let fetch = self.first_fetches.lock().unwrap_or_else(|e| e.into_inner()).entry(id.clone()).or_default().clone();
+        // A caller dropped mid-fetch (an enrollment timing out) leaves the cell empty, and the
+        // next waiter runs the fetch instead.
+        let outcome = fetch.get_or_init(|| async { self.fetch_first(id).await.map_err(Arc::new) }).await.clone();
+        let mut fetches = self.first_fetches.lock().unwrap_or_else(|e| e.into_inner());
+        if fetches.get(id).is_some_and(|f| Arc::ptr_eq(f, &fetch)) {
+            fetches.remove(id);
+        }
+        outcome.map_err(CertError::Shared)
+    }
+
+    async fn fetch_first(self: &Arc<Self>, id: &Identity) -> Result<Issued, CertError> {
+        // Issued between the caller's look and the start of this fetch.
+        if let Some(cur) = self.cached(id) {
+            return Ok(cur);
         }
         let (chain, key, nb, na) = self.fetch(id).await?;
         let slot = Arc::new(CertSlot::new(chain.clone(), key).map_err(|e| CertError::Local(e.to_string()))?);
@@ -143,7 +171,8 @@ impl CertManager {
         let issued = Arc::new(Mutex::new(first.clone()));
         {
             let mut certs = self.certs.lock().unwrap_or_else(|e| e.into_inner());
-            // Another caller fetched the same identity meanwhile: use theirs, one refresher only.
+            // A fetch that began after `release_unused` dropped this one's entry finished first:
+            // use theirs, one refresher only.
             if let Some(cur) = certs.get(id) {
                 return Ok(cur.lock().unwrap_or_else(|e| e.into_inner()).clone());
             }
@@ -158,6 +187,8 @@ impl CertManager {
     /// so they are no longer renewed: with service accounts coming and going, the set held and
     /// the load on the CA would otherwise only grow.
     pub fn release_unused(&self, in_use: &std::collections::HashSet<Identity>) {
+        // Entries left by fetches whose callers all gave up; one in flight finishes regardless.
+        self.first_fetches.lock().unwrap_or_else(|e| e.into_inner()).retain(|id, _| in_use.contains(id));
         self.certs.lock().unwrap_or_else(|e| e.into_inner()).retain(|id, _| {
             let keep = in_use.contains(id);
             if !keep {

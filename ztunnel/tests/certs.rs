@@ -29,9 +29,7 @@ async fn renews_at_half_life_and_keeps_the_valid_certificate_through_a_ca_outage
     let dir = tempfile::tempdir().unwrap();
     let (api, secure) = (free_port(), free_port());
     let running = istiod(dir.path(), &Ports { api, xds: None, secure }, Duration::from_secs(4)).await;
-    let client = meshctl::client::Client::new(&format!("http://127.0.0.1:{api}")).unwrap();
-    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"}, "spec": {"nodeName": "node1", "serviceAccountName": "client"}, "status": {"podIP": "10.244.1.5"}});
-    client.ok(Method::PUT, "/api/v1/namespaces/demo/pods/client", Some(&pod)).await.unwrap();
+    schedule_client_on_node1(api).await;
     let token = running.tokens.issue("node1").unwrap();
     let mgr = manager(dir.path(), secure, token);
     let id = Identity::parse(ID).unwrap();
@@ -88,5 +86,84 @@ async fn a_refused_identity_is_an_error_not_a_certificate() {
     let err = mgr.get(&Identity::parse(ID).unwrap()).await.unwrap_err();
     assert!(err.to_string().contains("PermissionDenied") || err.to_string().contains("permission"), "{err}");
     assert!(mgr.held().is_empty());
+    running.shutdown().await;
+}
+
+/// Schedules a pod with the `client` service account on node1, so node1 may ask for its identity.
+async fn schedule_client_on_node1(api: u16) {
+    let client = meshctl::client::Client::new(&format!("http://127.0.0.1:{api}")).unwrap();
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"}, "spec": {"nodeName": "node1", "serviceAccountName": "client"}, "status": {"podIP": "10.244.1.5"}});
+    client.ok(Method::PUT, "/api/v1/namespaces/demo/pods/client", Some(&pod)).await.unwrap();
+}
+
+/// `n` callers asking for `id` at once, each on a task of its own.
+async fn concurrent_gets(
+    mgr: &std::sync::Arc<CertManager>,
+    id: &Identity,
+    n: usize,
+) -> Vec<Result<ztunnel::identity::Issued, ztunnel::identity::CertError>> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (mgr, id) = (mgr.clone(), id.clone());
+            tokio::spawn(async move { mgr.get(&id).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("get task"));
+    }
+    out
+}
+
+/// istiod-lite's count of certificate signing requests received.
+async fn csrs_received(api: u16) -> u64 {
+    let client = meshctl::client::Client::new(&format!("http://127.0.0.1:{api}")).unwrap();
+    let reply = client.ok(Method::GET, "/metrics", None).await.unwrap();
+    let text = reply.body.as_str().expect("metrics are text").to_string();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("citadel_server_csr_count_total ").or_else(|| l.strip_prefix("citadel_server_csr_count "))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no citadel_server_csr_count in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_of_one_new_identity_enrolling_together_send_one_csr() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, secure) = (free_port(), free_port());
+    let running = istiod(dir.path(), &Ports { api, xds: None, secure }, Duration::from_secs(60)).await;
+    schedule_client_on_node1(api).await;
+    let mgr = manager(dir.path(), secure, running.tokens.issue("node1").unwrap());
+    let id = Identity::parse(ID).unwrap();
+
+    let gets = concurrent_gets(&mgr, &id, 8).await;
+    let leaves: Vec<_> = gets.into_iter().map(|g| g.expect("certificate").chain[0].clone()).collect();
+    assert!(leaves.iter().all(|l| *l == leaves[0]), "all eight callers share one certificate");
+    assert_eq!(csrs_received(api).await, 1, "one CSR for eight concurrent callers");
+    assert_eq!(mgr.held().len(), 1, "one entry, so one refresher");
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_waiting_on_a_failed_fetch_share_its_error_and_the_next_caller_tries_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, secure) = (free_port(), free_port());
+    let running = istiod(dir.path(), &Ports { api, xds: None, secure }, Duration::from_secs(60)).await;
+    // No pod with this identity is scheduled on node1, so the CA refuses it.
+    let mgr = manager(dir.path(), secure, running.tokens.issue("node1").unwrap());
+    let id = Identity::parse(ID).unwrap();
+
+    let gets = concurrent_gets(&mgr, &id, 4).await;
+    for g in gets {
+        let err = g.expect_err("refused");
+        assert!(err.to_string().contains("client"), "the error names the identity: {err}");
+    }
+    assert_eq!(csrs_received(api).await, 1, "waiters shared the one refused request");
+
+    // A failure is not cached: once the pod is scheduled here, the next caller gets a certificate.
+    schedule_client_on_node1(api).await;
+    mgr.get(&id).await.expect("a new fetch after the failed one");
+    assert_eq!(csrs_received(api).await, 2);
     running.shutdown().await;
 }
