@@ -116,15 +116,25 @@ impl Pool {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Connection, HboneError>>,
     {
-        if let Some(stream) = self.open_pooled(key, tunnel).await? {
-            return Ok(stream);
+        if let Some(reserved) = self.reserve(key) {
+            if let Some(stream) = self.open_reserved(key, tunnel, reserved).await? {
+                return Ok(stream);
+            }
         }
         let queued_at = Instant::now();
         let gate = self.dials.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().clone();
-        let mut last_failure = gate.lock().await;
-        if let Some(stream) = self.open_pooled(key, tunnel).await? {
-            return Ok(stream);
-        }
+        let mut last_failure = loop {
+            let last_failure = gate.lock().await;
+            let Some(reserved) = self.reserve(key) else { break last_failure };
+            // A connection the tunnel ahead in the queue dialed: the gate is only for dialing, so
+            // it is released before the CONNECT round trip and the tunnels queued behind open theirs
+            // at the same time instead of one after another.
+            drop(last_failure);
+            if let Some(stream) = self.open_reserved(key, tunnel, reserved).await? {
+                return Ok(stream);
+            }
+            // That connection was dead and is forgotten; look again.
+        };
         if let Some((at, why)) = last_failure.as_ref().filter(|(at, _)| *at >= queued_at) {
             return Err(HboneError::DialFailed(why.clone(), at.elapsed()));
         }
@@ -151,10 +161,14 @@ impl Pool {
         }
     }
 
-    /// A tunnel on an open pooled connection with room, or `None` when there is none (a dead one
-    /// found on the way is forgotten).
-    async fn open_pooled(&self, key: &PoolKey, tunnel: &Tunnel) -> Result<Option<PooledStream>, HboneError> {
-        let Some((conn, slot)) = self.reserve(key) else { return Ok(None) };
+    /// A tunnel on the pooled connection `reserved` holds a stream slot of, or `None` when that
+    /// connection turns out to be dead (it is then forgotten).
+    async fn open_reserved(
+        &self,
+        key: &PoolKey,
+        tunnel: &Tunnel,
+        (conn, slot): (Connection, Slot),
+    ) -> Result<Option<PooledStream>, HboneError> {
         match conn.open(tunnel).await {
             Ok(stream) => Ok(Some(PooledStream { stream, _slot: slot })),
             Err(e) if !is_connection_failure(&conn, &e) => Err(e),

@@ -114,7 +114,11 @@ where
                     let _ = respond.send_response(status(code), true);
                 }
                 Ok(upstream) => {
-                    let Ok(send) = respond.send_response(status(StatusCode::OK), false) else { return };
+                    let Ok(send) = respond.send_response(status(StatusCode::OK), false) else {
+                        // The client gave up meanwhile: the pod must see a failure, not a clean close.
+                        crate::Abort::abort_on_close(&upstream);
+                        return;
+                    };
                     if let Err(e) = crate::splice(upstream, H2Stream::new(send, body)).await {
                         tracing::debug!(error = %e, %authority, "HBONE tunnel ended with an error");
                     }

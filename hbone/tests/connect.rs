@@ -23,6 +23,9 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/echo";
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const DENIED_PORT: u16 = 1;
+/// The handler holds a CONNECT to this port for SLOW_CONNECT, then answers 503.
+const SLOW_PORT: u16 = 2;
+const SLOW_CONNECT: Duration = Duration::from_millis(500);
 
 /// Every tunnel request the server's handler saw, with the connection's peer identity.
 type Seen = Arc<Mutex<Vec<(Inbound, Option<Identity>)>>>;
@@ -34,6 +37,8 @@ struct Harness {
     connections: Arc<AtomicUsize>,
     seen: Seen,
     live: Arc<Mutex<Vec<LiveConnection>>>,
+    /// The most CONNECTs to SLOW_PORT the handler held at one time.
+    slow_max: Arc<AtomicUsize>,
 }
 
 /// A server-side connection the test can drain (GOAWAY) or kill (drop without a word).
@@ -98,12 +103,13 @@ async fn harness_with(limits: Limits) -> Harness {
     let connections = Arc::new(AtomicUsize::new(0));
     let seen: Seen = Arc::default();
     let live: Arc<Mutex<Vec<LiveConnection>>> = Arc::default();
-    let (c2, s2, l2) = (connections.clone(), seen.clone(), live.clone());
+    let (slow_now, slow_max) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c2, s2, l2, slow) = (connections.clone(), seen.clone(), live.clone(), (slow_now, slow_max.clone()));
     tokio::spawn(async move {
         loop {
             let (tcp, _) = l.accept().await.unwrap();
             c2.fetch_add(1, Ordering::SeqCst);
-            let (acceptor, seen) = (acceptor.clone(), s2.clone());
+            let (acceptor, seen, slow) = (acceptor.clone(), s2.clone(), slow.clone());
             let (drain, drained) = tokio::sync::oneshot::channel::<()>();
             let task = tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
@@ -114,13 +120,19 @@ async fn harness_with(limits: Limits) -> Harness {
                     }
                 };
                 let _ = serve(tls, peer, limits, drained, move |inbound: Inbound| {
-                    let seen = seen.clone();
+                    let (seen, (slow_now, slow_max)) = (seen.clone(), slow.clone());
                     async move {
                         let target = inbound.authority;
                         let peer = inbound.peer.clone();
                         seen.lock().unwrap().push((inbound, peer));
                         if target.port() == DENIED_PORT {
                             return Err(StatusCode::UNAUTHORIZED);
+                        }
+                        if target.port() == SLOW_PORT {
+                            slow_max.fetch_max(slow_now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                            tokio::time::sleep(SLOW_CONNECT).await;
+                            slow_now.fetch_sub(1, Ordering::SeqCst);
+                            return Err(StatusCode::SERVICE_UNAVAILABLE);
                         }
                         TcpStream::connect(target).await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)
                     }
@@ -130,7 +142,7 @@ async fn harness_with(limits: Limits) -> Harness {
             l2.lock().unwrap().push(LiveConnection { drain: Some(drain), task: task.abort_handle() });
         }
     });
-    Harness { hbone, echo: echo_upstream().await, ca, connections, seen, live }
+    Harness { hbone, echo: echo_upstream().await, ca, connections, seen, live, slow_max }
 }
 
 async fn client(h: &Harness) -> Connection {
@@ -460,6 +472,34 @@ mod pool {
         assert!(opened.iter().all(|r| r.is_ok()), "{opened:?}");
         assert_eq!(dials.load(Ordering::SeqCst), 2, "a new round dials again, once");
         assert_eq!(h.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn tunnels_queued_behind_a_dial_connect_at_the_same_time() {
+        let h = Arc::new(harness().await);
+        let pool = Pool::new(100, Duration::from_secs(300));
+        let slow: SocketAddr = format!("127.0.0.1:{SLOW_PORT}").parse().unwrap();
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            let (pool, h) = (pool.clone(), h.clone());
+            set.spawn(async move {
+                let dial = || async {
+                    // Slow enough that all ten queue up behind the first dial.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok(client(&h).await)
+                };
+                pool.open(&key(&h, CLIENT), &tunnel(slow), dial).await.map(drop)
+            });
+        }
+        let refused = set.join_all().await;
+        assert!(
+            refused.iter().all(|r| matches!(r, Err(HboneError::Status(StatusCode::SERVICE_UNAVAILABLE)))),
+            "{refused:?}"
+        );
+        assert_eq!(h.connections.load(Ordering::SeqCst), 1, "one dial");
+        // The gate serialises dials, not CONNECTs: a slow upstream for one tunnel delays none
+        // of the others queued with it.
+        assert_eq!(h.slow_max.load(Ordering::SeqCst), 10, "all ten CONNECTs were in flight together");
     }
 
     #[tokio::test]

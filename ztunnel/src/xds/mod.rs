@@ -158,7 +158,9 @@ impl Client {
                 }
                 let mut message = errors.join("; ");
                 if message.len() > MAX_NACK_MESSAGE {
-                    message.truncate(message.floor_char_boundary(MAX_NACK_MESSAGE));
+                    // `floor_char_boundary` is newer than the workspace's rust-version (1.88).
+                    let end = (0..=MAX_NACK_MESSAGE).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
+                    message.truncate(end);
                     message.push_str(" …");
                 }
                 RpcStatus { code: tonic::Code::InvalidArgument as i32, message, details: vec![] }
