@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+pub use crate::keepalive::Keepalive;
 use crate::stream::H2Stream;
 
 /// How long a CONNECT may wait for its response.
@@ -91,22 +92,6 @@ fn forwarded(source: SocketAddr) -> String {
     }
 }
 
-/// HTTP/2 PINGs on an open connection. A peer whose node vanished without a FIN or RST would
-/// otherwise keep the connection, and every tunnel on it, hanging until TCP gives up (minutes).
-#[derive(Clone, Copy, Debug)]
-pub struct Keepalive {
-    /// Time between PINGs.
-    pub interval: Duration,
-    /// How long a PING may go unanswered before the connection is closed.
-    pub timeout: Duration,
-}
-
-impl Default for Keepalive {
-    fn default() -> Self {
-        Keepalive { interval: Duration::from_secs(10), timeout: Duration::from_secs(10) }
-    }
-}
-
 /// An established HBONE connection. Cheap to clone; each clone opens streams on the same
 /// connection.
 #[derive(Clone)]
@@ -133,21 +118,9 @@ impl Connection {
     {
         let (send, mut conn) = crate::settings::client().handshake(io).await.map_err(HboneError::Handshake)?;
         let open = Arc::new(AtomicBool::new(true));
-        let mut pings = conn.ping_pong();
+        let unanswered = crate::keepalive::unanswered(conn.ping_pong(), keepalive);
         let flag = open.clone();
         tokio::spawn(async move {
-            let unanswered = async {
-                let Some(pings) = pings.as_mut() else { return std::future::pending().await };
-                loop {
-                    tokio::time::sleep(keepalive.interval).await;
-                    match tokio::time::timeout(keepalive.timeout, pings.ping(h2::Ping::opaque())).await {
-                        Ok(Ok(_)) => {}
-                        // The connection failed; `conn` reports why.
-                        Ok(Err(_)) => return std::future::pending().await,
-                        Err(_) => return,
-                    }
-                }
-            };
             tokio::select! {
                 r = &mut conn => {
                     if let Err(e) = r {

@@ -3,11 +3,12 @@
 //! Identity and transport security: [`Identity`] (SPIFFE IDs),
 //! [`tls`] (TLS 1.3-only configs with the two HBONE suites and ALPN `h2`, SPIFFE verifiers, and a
 //! certificate slot that can be swapped without dropping connections), and the HTTP/2 CONNECT
-//! [`client`] and [`server`] with HBONE's [`settings`], the connection [`pool`], and [`splice`], which
+//! [`client`] and [`server`] with HBONE's [`settings`] and PING [`Keepalive`], the connection [`pool`], and [`splice`], which
 //! joins a socket to a tunnel without copying payload in user space.
 
 pub mod client;
 pub mod identity;
+mod keepalive;
 pub mod pool;
 pub mod server;
 pub mod settings;
@@ -17,5 +18,6 @@ pub mod tls;
 mod usage;
 
 pub use identity::Identity;
+pub use keepalive::Keepalive;
 pub use splice::{splice, Abort};
 pub use stream::H2Stream;

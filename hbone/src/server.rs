@@ -34,11 +34,14 @@ pub struct Limits {
     /// timeout, so a well-behaved client normally lets go first; an idle peer cannot hold a
     /// connection (and its share of ztunnel's connection limit) forever.
     pub idle_timeout: Duration,
+    /// PINGs to the client, so the tunnels of a client whose node vanished (no FIN, no RST) do
+    /// not hold their upstream connections, and connection slots, until the pods give up.
+    pub keepalive: crate::Keepalive,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { idle_timeout: 2 * crate::pool::IDLE_TIMEOUT }
+        Limits { idle_timeout: 2 * crate::pool::IDLE_TIMEOUT, keepalive: crate::Keepalive::default() }
     }
 }
 
@@ -80,17 +83,27 @@ where
         }
     };
     let mut closing = Some(std::pin::pin!(closing));
+    let mut unanswered = std::pin::pin!(crate::keepalive::unanswered(conn.ping_pong(), limits.keepalive));
     loop {
         let accepted = match closing.as_mut() {
             Some(c) => tokio::select! {
-                a = conn.accept() => a,
+                a = conn.accept() => Some(a),
                 () = c.as_mut() => {
                     conn.graceful_shutdown();
                     closing = None;
                     continue;
                 }
+                () = unanswered.as_mut() => None,
             },
-            None => conn.accept().await,
+            None => tokio::select! {
+                a = conn.accept() => Some(a),
+                () = unanswered.as_mut() => None,
+            },
+        };
+        let Some(accepted) = accepted else {
+            // Dropping the connection fails its streams, so each tunnel resets its upstream.
+            tracing::warn!(?peer, timeout = ?limits.keepalive.timeout, "HBONE client did not answer a PING; closing the connection");
+            return Ok(());
         };
         let Some(accepted) = accepted else { break };
         let (req, mut respond) = accepted?;

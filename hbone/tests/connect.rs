@@ -253,7 +253,7 @@ async fn closed_within(conn: &Connection, limit: Duration) -> Option<Duration> {
 /// then: a long tunnel keeps it open however quiet it is.
 #[tokio::test]
 async fn the_server_closes_a_connection_idle_for_its_timeout() {
-    let h = harness_with(Limits { idle_timeout: Duration::from_millis(300) }).await;
+    let h = harness_with(Limits { idle_timeout: Duration::from_millis(300), ..Limits::default() }).await;
     let conn = client(&h).await;
     let mut held = conn.open(&tunnel(h.echo)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(900)).await;
@@ -587,16 +587,21 @@ mod pool {
         (addr, frozen)
     }
 
-    #[tokio::test]
-    async fn keepalive_closes_a_connection_whose_peer_went_silent() {
-        let h = harness().await;
-        let (relay, frozen) = freezable_relay(h.hbone).await;
+    /// A client connection to the harness through `relay`, with `keepalive`.
+    async fn client_via(h: &Harness, relay: SocketAddr, keepalive: Keepalive) -> Connection {
         let cfg = client_config(h.ca.slot(CLIENT), h.ca.roots(), vec![Identity::parse(SERVER).unwrap()]).unwrap();
         let tcp = TcpStream::connect(relay).await.unwrap();
         let tls =
             TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(relay.ip().into()), tcp).await.unwrap();
+        Connection::handshake_with(tls, keepalive).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn keepalive_closes_a_connection_whose_peer_went_silent() {
+        let h = harness().await;
+        let (relay, frozen) = freezable_relay(h.hbone).await;
         let keepalive = Keepalive { interval: Duration::from_millis(100), timeout: Duration::from_millis(300) };
-        let conn = Connection::handshake_with(tls, keepalive).await.unwrap();
+        let conn = client_via(&h, relay, keepalive).await;
         let mut s = conn.open(&tunnel(h.echo)).await.unwrap();
         echo_once(&mut s, b"ping").await;
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -607,5 +612,41 @@ mod pool {
         let mut b = [0u8; 8];
         let ended = tokio::time::timeout(Duration::from_secs(1), s.read(&mut b)).await;
         assert!(matches!(ended, Ok(Err(_)) | Ok(Ok(0))), "the tunnel must end with the connection: {ended:?}");
+    }
+
+    #[tokio::test]
+    async fn the_server_closes_a_connection_whose_client_went_silent_and_resets_its_upstreams() {
+        let keepalive = Keepalive { interval: Duration::from_millis(100), timeout: Duration::from_millis(300) };
+        let h = harness_with(Limits { keepalive, ..Limits::default() }).await;
+        // An upstream that reports how each of its connections ended.
+        let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+        let watched = upstream(move |mut s| {
+            let ended_tx = ended_tx.clone();
+            async move {
+                let mut b = [0u8; 64];
+                let how = loop {
+                    match s.read(&mut b).await {
+                        Ok(0) => break "FIN",
+                        Ok(_) => continue,
+                        Err(_) => break "reset",
+                    }
+                };
+                let _ = ended_tx.send(how);
+            }
+        })
+        .await;
+        let (relay, frozen) = freezable_relay(h.hbone).await;
+        // The client itself would wait an hour: only the server's PINGs can notice.
+        let patient = Keepalive { interval: Duration::from_secs(3600), timeout: Duration::from_secs(3600) };
+        let conn = client_via(&h, relay, patient).await;
+        let mut quiet = conn.open(&tunnel(watched)).await.unwrap();
+        quiet.write_all(b"hello").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(ended.try_recv().is_err(), "a client that answers PINGs keeps its quiet tunnel");
+        frozen.store(true, Ordering::SeqCst);
+        let how = tokio::time::timeout(Duration::from_secs(3), ended.recv())
+            .await
+            .expect("the server gave up on the silent client within 3 s");
+        assert_eq!(how, Some("reset"), "the pod sees the tunnel fail, not finish");
     }
 }
