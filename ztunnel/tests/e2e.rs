@@ -669,9 +669,13 @@ fn hostile_hbone_peers_are_rejected_and_bounded() {
             // h2 answers 431 itself, or resets the stream; either way it never reaches the pod.
             let r = status(&send, huge).await;
             assert!(matches!(r, Err(_) | Ok(431)), "a 20 KiB header block was accepted: {r:?}");
-            // The same peer, well-behaved, still gets through (policy allows it).
+            // The same peer, well-behaved, still gets through (policy allows it). Its baggage
+            // claims other names, which must not reach telemetry.
             let send = connect(hbone, leaf(me, -60, 3600, Some(&issuer)), roots.clone(), server_id).await.unwrap();
-            assert_eq!(status(&send, req(http::Method::CONNECT, &format!("{}:8080", server_b.ip))).await, Ok(200));
+            let mut forged = req(http::Method::CONNECT, &format!("{}:8080", server_b.ip));
+            let baggage = "k8s.deployment.name=forged-workload,service.name=forged-app".parse().unwrap();
+            forged.headers_mut().insert("baggage", baggage);
+            assert_eq!(status(&send, forged).await, Ok(200));
 
             // Slowloris: a few bytes of a handshake, then silence. ztunnel hangs up on its own.
             let mut slow = tokio::net::TcpStream::connect(hbone).await.unwrap();
@@ -704,6 +708,14 @@ fn hostile_hbone_peers_are_rejected_and_bounded() {
     };
     assert!(count("tls") >= 3, "TLS rejections not counted:\n{m}");
     assert!(count("bad_request") >= 1, "bad CONNECTs not counted:\n{m}");
+    // Telemetry names the source from ztunnel's own state (the workload at the caller's address
+    // with the verified identity), never from the caller's baggage.
+    assert!(!m.contains("forged"), "baggage names reached the metrics:\n{m}");
+    let opened = format!("source_workload=\"{}\"", outsider.name);
+    assert!(
+        m.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total") && l.contains(&opened)),
+        "no inbound series names the outsider pod:\n{m}"
+    );
     let log = lab.log("ztunnel2");
     assert!(log.contains("HBONE TLS handshake rejected"), "{log}");
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hbone::server::{Inbound, Limits};
-use http::{HeaderMap, StatusCode};
+use http::StatusCode;
 use tokio::net::TcpStream;
 
 use super::conn::{Record, Tracked};
@@ -55,7 +55,7 @@ impl Proxy {
                 return Err(StatusCode::BAD_REQUEST);
             }
         };
-        let src_peer = source_peer(req.peer.clone(), &req.headers);
+        let src_peer = self.source_peer(req.peer.clone(), src);
         if let Decision::Deny(policy) = decision {
             tracing::warn!(
                 policy,
@@ -86,26 +86,20 @@ impl Proxy {
     }
 }
 
-/// The source as the peer describes it: its verified identity, plus the workload name and
-/// canonical service from `baggage` (telemetry only; never used for authorization).
-fn source_peer(identity: Option<hbone::Identity>, headers: &HeaderMap) -> Peer {
-    let mut peer = Peer {
-        namespace: identity.as_ref().map(|i| i.namespace.clone()).unwrap_or_default(),
-        identity,
-        ..Peer::default()
-    };
-    let baggage = headers.get("baggage").and_then(|v| v.to_str().ok()).unwrap_or_default();
-    for (k, v) in baggage.split(',').filter_map(|kv| kv.trim().split_once('=')) {
-        match k {
-            "service.name" => peer.app = v.to_string(),
-            k if k.starts_with("k8s.")
-                && k.ends_with(".name")
-                && !matches!(k, "k8s.cluster.name" | "k8s.namespace.name") =>
-            {
-                peer.name = v.to_string()
-            }
-            _ => {}
+impl Proxy {
+    /// The source for telemetry: the workload at the caller's address when it carries the
+    /// verified identity, else just that identity. The peer's `baggage` is not used: any holder of
+    /// a mesh certificate could put a fresh name in every tunnel, and each would become metric
+    /// series that are never removed.
+    fn source_peer(&self, identity: Option<hbone::Identity>, src: SocketAddr) -> Peer {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        match state.workload_by_ip(src.ip()).map(Peer::of) {
+            Some(p) if p.identity.is_some() && p.identity == identity => p,
+            _ => Peer {
+                namespace: identity.as_ref().map(|i| i.namespace.clone()).unwrap_or_default(),
+                identity,
+                ..Peer::default()
+            },
         }
     }
-    peer
 }
