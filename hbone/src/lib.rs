@@ -3,8 +3,8 @@
 //! Identity and transport security: [`Identity`] (SPIFFE IDs),
 //! [`tls`] (TLS 1.3-only configs with the two HBONE suites and ALPN `h2`, SPIFFE verifiers, and a
 //! certificate slot that can be swapped without dropping connections), and the HTTP/2 CONNECT
-//! [`client`] and [`server`] with HBONE's [`settings`] and PING [`Keepalive`], the connection [`pool`], and [`splice`], which
-//! joins a socket to a tunnel without copying payload in user space.
+//! [`client`] and [`server`] with HBONE's [`settings`] and PING [`Keepalive`], the connection
+//! [`pool`], and [`splice`], which joins a socket to a tunnel without copying payload in user space.
 
 pub mod client;
 pub mod identity;

@@ -85,7 +85,7 @@ where
     let mut closing = Some(std::pin::pin!(closing));
     let mut unanswered = std::pin::pin!(crate::keepalive::unanswered(conn.ping_pong(), limits.keepalive));
     loop {
-        let accepted = match closing.as_mut() {
+        let polled = match closing.as_mut() {
             Some(c) => tokio::select! {
                 a = conn.accept() => Some(a),
                 () = c.as_mut() => {
@@ -100,7 +100,7 @@ where
                 () = unanswered.as_mut() => None,
             },
         };
-        let Some(accepted) = accepted else {
+        let Some(accepted) = polled else {
             // Dropping the connection fails its streams, so each tunnel resets its upstream.
             tracing::warn!(?peer, timeout = ?limits.keepalive.timeout, "HBONE client did not answer a PING; closing the connection");
             return Ok(());

@@ -84,9 +84,7 @@ impl Proxy {
         let upstream = self.connect_tracked(pod, record).await.ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
         Ok(upstream.holding(slot))
     }
-}
 
-impl Proxy {
     /// The source for telemetry: the workload at the caller's address when it carries the
     /// verified identity, else just that identity. The peer's `baggage` is not used: any holder of
     /// a mesh certificate could put a fresh name in every tunnel, and each would become metric
