@@ -427,11 +427,9 @@ impl Pods {
     async fn enroll_and_settle(self: Arc<Self>, uid: String, r: Registered, id: hbone::Identity) {
         {
             let _in_progress = InProgress(&self.in_progress);
-            let outcome = match self.enroll_slots.acquire().await {
-                Ok(_slot) => self.enroll(&uid, &r, &id).await,
-                Err(_) => Err("shutting down".to_string()),
-            };
-            match outcome {
+            // Never closed, so this only waits; the permit is held until the enrollment ends.
+            let _slot = self.enroll_slots.acquire().await;
+            match self.enroll(&uid, &r, &id).await {
                 // The pod may have been removed (DEL, or a failed ADD) or recreated meanwhile;
                 // its removal could not see an enrollment not yet recorded.
                 Ok(()) if lock(&self.registered).get(&uid).is_none_or(|now| now.netns != r.netns) => {

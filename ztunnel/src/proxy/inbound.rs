@@ -10,8 +10,7 @@ use http::StatusCode;
 use tokio::net::TcpStream;
 
 use super::conn::{Record, Tracked};
-use super::route::Peer;
-use super::{is_listener_loop, peer_of, Pod, Proxy, TLS_HANDSHAKE_TIMEOUT};
+use super::{is_listener_loop, peer_of, Authorized, Pod, Proxy, TLS_HANDSHAKE_TIMEOUT};
 use crate::metrics::Reporter;
 use crate::state::policy::Decision;
 
@@ -47,15 +46,15 @@ impl Proxy {
 
     async fn tunnel(&self, pod: &Pod, src: SocketAddr, req: Inbound) -> Result<Tracked<TcpStream>, StatusCode> {
         let dst = req.authority;
-        let (dst_peer, decision) = match self.authorize(pod, req.peer.clone(), src, dst) {
-            Some(d) if !is_listener_loop(dst) => d,
-            _ => {
-                tracing::warn!(%src, authority = %dst, pod = pod.uid, "CONNECT authority is not this workload");
-                self.metrics.reject(DIRECTION, "bad_request");
-                return Err(StatusCode::BAD_REQUEST);
-            }
-        };
-        let src_peer = self.source_peer(req.peer.clone(), src);
+        let Authorized { source: src_peer, destination: dst_peer, decision } =
+            match self.authorize(pod, req.peer, src, dst) {
+                Some(a) if !is_listener_loop(dst) => a,
+                _ => {
+                    tracing::warn!(%src, authority = %dst, pod = pod.uid, "CONNECT authority is not this workload");
+                    self.metrics.reject(DIRECTION, "bad_request");
+                    return Err(StatusCode::BAD_REQUEST);
+                }
+            };
         if let Decision::Deny(policy) = decision {
             tracing::warn!(
                 policy,
@@ -83,21 +82,5 @@ impl Proxy {
         let slot = self.admit(DIRECTION, src.ip()).ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
         let upstream = self.connect_tracked(pod, record).await.ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
         Ok(upstream.holding(slot))
-    }
-
-    /// The source for telemetry: the workload at the caller's address when it carries the
-    /// verified identity, else just that identity. The peer's `baggage` is not used: any holder of
-    /// a mesh certificate could put a fresh name in every tunnel, and each would become metric
-    /// series that are never removed.
-    fn source_peer(&self, identity: Option<hbone::Identity>, src: SocketAddr) -> Peer {
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        match state.workload_by_ip(src.ip()).map(Peer::of) {
-            Some(p) if p.identity.is_some() && p.identity == identity => p,
-            _ => Peer {
-                namespace: identity.as_ref().map(|i| i.namespace.clone()).unwrap_or_default(),
-                identity,
-                ..Peer::default()
-            },
-        }
     }
 }

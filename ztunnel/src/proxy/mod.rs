@@ -56,6 +56,13 @@ pub struct Settings {
     pub max_connections_per_source: usize,
 }
 
+/// An inbound connection's two ends and what policy decided for it.
+struct Authorized {
+    source: route::Peer,
+    destination: route::Peer,
+    decision: Decision,
+}
+
 /// What every connection handler shares.
 pub struct Proxy {
     pub state: Arc<RwLock<State>>,
@@ -120,22 +127,21 @@ impl Proxy {
         }
     }
 
-    /// For a connection to `dst` on `pod`: the pod's workload and the L4 policy decision, or
-    /// `None` when `dst` is not one of the pod's addresses (or the pod left the config).
-    fn authorize(
-        &self,
-        pod: &Pod,
-        source: Option<Identity>,
-        src: SocketAddr,
-        dst: SocketAddr,
-    ) -> Option<(route::Peer, Decision)> {
+    /// For a connection from `src` (verified as `source`, if at all) to `dst` on `pod`: both ends
+    /// as telemetry names them and the L4 policy decision, or `None` when `dst` is not one of the
+    /// pod's addresses (or the pod left the config).
+    fn authorize(&self, pod: &Pod, source: Option<Identity>, src: SocketAddr, dst: SocketAddr) -> Option<Authorized> {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         let w = state.workload_by_uid(&pod.uid)?;
         if !w.addresses.iter().any(|a| crate::state::ip(a) == Some(dst.ip())) {
             return None;
         }
-        let conn = policy::Connection { source, source_ip: src.ip(), destination: dst };
-        Some((route::Peer::of(w), policy::evaluate(&state, w, &conn)))
+        let conn = policy::Connection { source: source.clone(), source_ip: src.ip(), destination: dst };
+        Some(Authorized {
+            decision: policy::evaluate(&state, w, &conn),
+            source: route::Peer::at(&state, src.ip(), source),
+            destination: route::Peer::of(w),
+        })
     }
 
     /// Connects to `record.dst` from inside the pod's namespace (marked, so capture lets it

@@ -7,8 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::conn::Record;
-use super::route::Peer;
-use super::{is_listener_loop, peer_of, splice, Pod, Proxy};
+use super::{is_listener_loop, peer_of, splice, Authorized, Pod, Proxy};
 use crate::metrics::Reporter;
 use crate::sockets;
 use crate::state::policy::Decision;
@@ -25,7 +24,9 @@ impl Proxy {
                 return sockets::reset(client);
             }
         };
-        let Some((dst_peer, decision)) = self.authorize(&pod, None, src, dst) else {
+        let Some(Authorized { source: src_peer, destination: dst_peer, decision }) =
+            self.authorize(&pod, None, src, dst)
+        else {
             tracing::warn!(%src, %dst, pod = pod.uid, "plaintext connection not addressed to this workload");
             self.metrics.reject(DIRECTION, "bad_request");
             return sockets::reset(client);
@@ -46,7 +47,7 @@ impl Proxy {
             reporter: Reporter::destination,
             src,
             dst,
-            src_peer: Peer::default(),
+            src_peer,
             dst_peer,
             service: String::new(),
             mtls: false,

@@ -34,6 +34,21 @@ impl Peer {
         }
     }
 
+    /// An inbound caller at `addr` whose verified identity is `identity` (if any): the workload at
+    /// that address when it carries the identity, else just the identity. Never what the caller
+    /// says of itself (HBONE `baggage`): any holder of a mesh certificate could put a fresh name
+    /// in every tunnel, and each would become metric series that are never removed.
+    pub fn at(state: &State, addr: IpAddr, identity: Option<Identity>) -> Peer {
+        match state.workload_by_ip(addr).map(Peer::of) {
+            Some(p) if p.identity.is_some() && p.identity == identity => p,
+            _ => Peer {
+                namespace: identity.as_ref().map(|i| i.namespace.clone()).unwrap_or_default(),
+                identity,
+                ..Peer::default()
+            },
+        }
+    }
+
     /// A meshed pod not yet known as a workload (it has no IP in the control plane yet).
     pub fn of_membership(m: &PodMembership) -> Peer {
         Peer {
@@ -252,5 +267,26 @@ mod tests {
     fn unknown_address_passes_through() {
         let s = state(vec![]);
         assert_eq!(outbound(&s, addr("192.0.2.1:443"), 0), Route::Passthrough(addr("192.0.2.1:443")));
+    }
+
+    #[test]
+    fn an_inbound_caller_is_named_from_state_only_when_it_carries_the_verified_identity() {
+        let s = state(vec![pod("a", "10.244.1.5", true, true, None)]);
+        let ip = |a: &str| a.parse::<IpAddr>().unwrap();
+        let echo = Identity::parse("spiffe://cluster.local/ns/demo/sa/echo").ok();
+        let other = Identity::parse("spiffe://cluster.local/ns/other/sa/x").ok();
+        assert_eq!(
+            Peer::at(&s, ip("10.244.1.5"), echo.clone()),
+            Peer::of(s.workload_by_uid("c//v1/Pod/demo/a").unwrap())
+        );
+        let bare =
+            |id: &Option<Identity>, ns: &str| Peer { namespace: ns.into(), identity: id.clone(), ..Peer::default() };
+        assert_eq!(
+            Peer::at(&s, ip("10.244.1.5"), other.clone()),
+            bare(&other, "other"),
+            "another identity at its address"
+        );
+        assert_eq!(Peer::at(&s, ip("10.244.1.99"), echo.clone()), bare(&echo, "demo"), "no workload at the address");
+        assert_eq!(Peer::at(&s, ip("10.244.1.5"), None), Peer::default(), "plaintext names nobody");
     }
 }
