@@ -170,16 +170,23 @@ fn api_path(kind: Kind, ns: &str, name: &str) -> String {
 
 /// Starts a server peer and waits until it reports its address.
 fn start_server(lang: Lang, name: &str, addr: &str, bootstrap: &Path, extra_env: &[(&str, &str)]) -> Proc {
+    // Next to the bootstrap, so a server that fails to start can say why.
+    let stderr_path = bootstrap.with_file_name(format!("{name}.stderr"));
+    let stderr = std::fs::File::create(&stderr_path).unwrap();
     let mut cmd = lang.command();
     cmd.args(["server", name, addr])
         .env("GRPC_XDS_BOOTSTRAP", bootstrap)
         .envs(extra_env.iter().copied())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(stderr);
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {lang:?} server: {e}"));
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.contains("listening"), "{lang:?} server {name} did not start: {line:?}");
+    assert!(
+        line.contains("listening"),
+        "{lang:?} server {name} did not start: {line:?}; its stderr:\n{}",
+        std::fs::read_to_string(&stderr_path).unwrap_or_default()
+    );
     Proc(child)
 }
 
