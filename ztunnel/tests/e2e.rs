@@ -321,6 +321,80 @@ fn nftables_capture_carries_mesh_and_plaintext_traffic_with_the_callers_address(
     assert!(metric_line(&m, "istio_tcp_connections_opened_total", &mtls_opened).is_some(), "{m}");
 }
 
+/// Pods that open connections to a server and keep them: each run opens N to host:port, reports
+/// how many the `check` snippet found held (it sets `ok` from the socket `s`), then keeps them
+/// until [`Holders::release`].
+struct Holders<'a> {
+    lab: &'a Lab,
+    name: String,
+    script: std::path::PathBuf,
+    release: std::path::PathBuf,
+}
+
+impl<'a> Holders<'a> {
+    fn new(lab: &'a Lab, name: &str, check: &str) -> Holders<'a> {
+        let script = lab.dir.path().join(format!("{name}.py"));
+        let check: String = check.lines().map(|l| format!("        {l}\n")).collect();
+        let body = format!(
+            r#"import os, socket, sys, time
+host, port, n, count, release = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+opened, held = [], 0
+for _ in range(n):
+    try:
+        opened.append(socket.create_connection((host, port), timeout=5))
+    except OSError:
+        pass
+time.sleep(1)
+for s in opened:
+    ok = False
+    try:
+{check}    except OSError:
+        pass
+    held += ok
+with open(count + ".tmp", "w") as f:
+    f.write(str(held))
+os.rename(count + ".tmp", count)
+deadline = time.time() + 60
+while not os.path.exists(release) and time.time() < deadline:
+    time.sleep(0.05)
+"#
+        );
+        std::fs::write(&script, body).expect("writing the holder script");
+        let release = lab.dir.path().join(format!("{name}-release"));
+        let _ = std::fs::remove_file(&release);
+        Holders { lab, name: name.to_string(), script, release }
+    }
+
+    fn count_file(&self, from: &Pod) -> std::path::PathBuf {
+        self.lab.dir.path().join(format!("{}-count-{}", self.name, from.name))
+    }
+
+    /// Runs until released (or 60 s): call it on a scoped thread.
+    fn hold(&self, from: &Pod, to: &str, port: u16, n: usize) {
+        let count = self.count_file(from);
+        let _ = std::fs::remove_file(&count);
+        let (script, release) = (self.script.display(), self.release.display());
+        self.lab.exec_ok(&from.netns, &format!("python3 {script} {to} {port} {n} {} {release}", count.display()));
+    }
+
+    /// How many of its connections `from` holds, once it has reported.
+    fn held(&self, from: &Pod) -> usize {
+        let file = self.count_file(from);
+        wait_for(&format!("{} holding its connections", from.name), Duration::from_secs(30), || {
+            std::fs::read_to_string(&file).ok()?.trim().parse::<usize>().ok()
+        })
+    }
+
+    fn release(&self) {
+        std::fs::write(&self.release, "").unwrap();
+    }
+
+    /// Makes the next `hold` keep its connections again.
+    fn rearm(&self) {
+        std::fs::remove_file(&self.release).unwrap();
+    }
+}
+
 /// `--max-connections` bounds what a node carries, tunnels included: one HBONE connection carries
 /// up to 100 tunnels, each an upstream socket on the node it lands on, so each takes a slot there.
 /// `--max-connections-per-source` bounds the share of those one calling pod can hold.
@@ -329,53 +403,17 @@ fn the_connection_caps_count_every_tunnel_per_node_and_per_source() {
     let Mesh { lab, client, server_a, server_b, .. } =
         mesh(&["--max-connections", "7", "--max-connections-per-source", "4"]);
     lab.app(&server_b, &["echo", "9000"], 9000);
-    // Opens N connections and counts those that echo a line, writes the count to COUNT, then
-    // keeps them open until RELEASE exists.
-    let script = lab.dir.path().join("hold_many.py");
-    std::fs::write(
-        &script,
-        r#"import os, socket, sys, time
-host, n, count, release = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-ok, held = 0, []
-for _ in range(n):
-    try:
-        s = socket.create_connection((host, 9000), timeout=5)
-        s.sendall(b"x\n")
-        if s.recv(8) == b"x\n":
-            ok += 1
-            held.append(s)
-    except OSError:
-        pass
-with open(count + ".tmp", "w") as f:
-    f.write(str(ok))
-os.rename(count + ".tmp", count)
-deadline = time.time() + 60
-while not os.path.exists(release) and time.time() < deadline:
-    time.sleep(0.05)
-"#,
-    )
-    .expect("writing hold_many.py");
-    let release = lab.dir.path().join("release");
-    let hold = |from: &Pod, n: usize| {
-        let count = lab.dir.path().join(format!("count-{}", from.name));
-        let _ = std::fs::remove_file(&count);
-        let cmd = format!("python3 {} {} {n} {} {}", script.display(), server_b.ip, count.display(), release.display());
-        lab.exec_ok(&from.netns, &cmd);
-    };
-    let count = |from: &Pod| {
-        let file = lab.dir.path().join(format!("count-{}", from.name));
-        wait_for(&format!("{} holding its connections", from.name), Duration::from_secs(30), || {
-            std::fs::read_to_string(&file).ok()?.trim().parse::<usize>().ok()
-        })
-    };
+    // A connection counts as held when the echo server answers through it.
+    let echoed = Holders::new(&lab, "echoed", "s.sendall(b\"x\\n\")\nok = s.recv(8) == b\"x\\n\"");
+    let hold = |from: &Pod, n: usize| echoed.hold(from, &server_b.ip, 9000, n);
     std::thread::scope(|s| {
         s.spawn(|| hold(&client, 4));
         // The client's share on node 2 is four slots: its HBONE connection and three tunnels.
-        assert_eq!(count(&client), 3, "tunnels beyond the client's share are refused");
+        assert_eq!(echoed.held(&client), 3, "tunnels beyond the client's share are refused");
         // Another pod still gets slots, up to the node's cap of seven: its own HBONE connection
         // and the two tunnels left.
         s.spawn(|| hold(&server_a, 4));
-        assert_eq!(count(&server_a), 2, "tunnels beyond the node's cap are refused");
+        assert_eq!(echoed.held(&server_a), 2, "tunnels beyond the node's cap are refused");
         let metrics = lab.ztunnel_get(2, 15020, "/metrics");
         for reason in ["reason=\"source_limit\"", "reason=\"overload\""] {
             let labels = ["direction=\"inbound\"", reason];
@@ -384,15 +422,48 @@ while not os.path.exists(release) and time.time() < deadline:
                 "{reason}: {metrics}"
             );
         }
-        std::fs::write(&release, "").unwrap();
+        echoed.release();
     });
     // Closed tunnels give their slots back.
-    std::fs::remove_file(&release).unwrap();
+    echoed.rearm();
     std::thread::scope(|s| {
         s.spawn(|| hold(&client, 3));
-        assert_eq!(count(&client), 3);
-        std::fs::write(&release, "").unwrap();
+        assert_eq!(echoed.held(&client), 3);
+        echoed.release();
     });
+}
+
+/// An HBONE peer takes a connection slot only once TLS has verified it; until then it waits in
+/// the separate handshake budget. So peers without a certificate, even from enough sources to
+/// exceed the node's cap, cannot take the slots that verified connections and their tunnels need.
+#[test]
+fn peers_without_a_certificate_never_hold_connection_slots() {
+    let Mesh { lab, client, outsider, server_b, .. } =
+        mesh(&["--max-connections", "6", "--max-connections-per-source", "3"]);
+    let url = format!("http://{}:8080/", server_b.ip);
+    // The client's pooled HBONE connection to node 2 now holds a slot there.
+    assert_eq!(lab.curl(&client, &url).as_deref(), Ok("server-b"));
+    let outsider2 = lab.add_pod(1, "plain", "outsider-2", "default", "app: outsider", 31);
+    // Connections to 15008 that never start TLS; held while ztunnel has not reset them.
+    let check = "s.setblocking(False)\ntry:\n    ok = s.recv(1) != b\"\"\nexcept BlockingIOError:\n    ok = True";
+    let stalled = Holders::new(&lab, "stalled", check);
+    std::thread::scope(|s| {
+        s.spawn(|| stalled.hold(&outsider, &server_b.ip, 15008, 4));
+        s.spawn(|| stalled.hold(&outsider2, &server_b.ip, 15008, 4));
+        // Three handshakes per source, six on the node: all taken. Counted as connection slots,
+        // they would leave none for the client's next tunnel.
+        assert_eq!(stalled.held(&outsider), 3, "handshakes beyond a source's share are refused");
+        assert_eq!(stalled.held(&outsider2), 3);
+        // Stalled handshakes time out after 10 s; this must happen well before.
+        let served = lab.curl(&client, &url);
+        stalled.release();
+        assert_eq!(served.as_deref(), Ok("server-b"), "a verified peer's tunnel was refused");
+    });
+    let metrics = lab.ztunnel_get(2, 15020, "/metrics");
+    let refused = ["direction=\"inbound\"", "reason=\"handshake_source_limit\""];
+    assert!(metric_line(&metrics, "trellis_connections_rejected_total", &refused).is_some(), "{metrics}");
+    let overload = ["direction=\"inbound\"", "reason=\"overload\""];
+    assert!(metric_line(&metrics, "trellis_connections_rejected_total", &overload).is_none(), "{metrics}");
 }
 
 /// The first sample of metric `name` in Prometheus `text` whose labels include every one of `labels`.
@@ -680,10 +751,11 @@ fn hostile_hbone_peers_are_rejected_and_bounded() {
             // Slowloris: a few bytes of a handshake, then silence. ztunnel hangs up on its own.
             let mut slow = tokio::net::TcpStream::connect(hbone).await.unwrap();
             tokio::io::AsyncWriteExt::write_all(&mut slow, &[0x16, 0x03, 0x01]).await.unwrap();
-            // Flood: 500 idle connections.
+            // Flood: 500 connections that never start TLS. Past the source's 64 handshake slots
+            // ztunnel resets them, which the connect itself may already see.
             let mut flood = Vec::new();
             for _ in 0..500 {
-                flood.push(tokio::net::TcpStream::connect(hbone).await.unwrap());
+                flood.extend(tokio::net::TcpStream::connect(hbone).await.ok());
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
             let during = rss_kb(ztunnel2);
@@ -708,6 +780,7 @@ fn hostile_hbone_peers_are_rejected_and_bounded() {
     };
     assert!(count("tls") >= 3, "TLS rejections not counted:\n{m}");
     assert!(count("bad_request") >= 1, "bad CONNECTs not counted:\n{m}");
+    assert!(count("handshake_source_limit") >= 400, "the flood was not held to the handshake budget:\n{m}");
     // Telemetry names the source from ztunnel's own state (the workload at the caller's address
     // with the verified identity), never from the caller's baggage.
     assert!(!m.contains("forged"), "baggage names reached the metrics:\n{m}");

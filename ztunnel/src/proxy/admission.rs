@@ -1,7 +1,8 @@
 //! Connection slots. The node has `--max-connections` of them; a source (the client's address:
 //! a local pod outbound, the calling pod inbound) may hold at most `--max-connections-per-source`
 //! at once, so one misbehaving or compromised client cannot take the slots every other pod on
-//! the node needs.
+//! the node needs. HBONE peers wait for their TLS handshake in a separate, smaller budget of the
+//! same shape (see [`crate::proxy`]), so a peer that has proven nothing holds no connection slot.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -30,6 +31,14 @@ impl Refused {
         match self {
             Refused::Node => "overload",
             Refused::Source => "source_limit",
+        }
+    }
+
+    /// The `reason` label when the handshake budget refused it.
+    pub fn handshake_reason(self) -> &'static str {
+        match self {
+            Refused::Node => "handshake_overload",
+            Refused::Source => "handshake_source_limit",
         }
     }
 }

@@ -1,5 +1,5 @@
 //! 15008: HBONE from other ztunnels. Mutual TLS (chain and trust domain checked by the TLS
-//! config), then per CONNECT: the authority must be this pod (400), L4 policy (401), then the
+//! config) under a handshake slot, then a connection slot, then per CONNECT: the authority must be this pod (400), L4 policy (401), then the
 //! connection to the pod (503 if it fails).
 
 use std::net::SocketAddr;
@@ -9,6 +9,7 @@ use hbone::server::{Inbound, Limits};
 use http::StatusCode;
 use tokio::net::TcpStream;
 
+use super::admission::Slot;
 use super::conn::{Record, Tracked};
 use super::{is_listener_loop, peer_of, Authorized, Pod, Proxy, TLS_HANDSHAKE_TIMEOUT};
 use crate::metrics::Reporter;
@@ -17,7 +18,7 @@ use crate::state::policy::Decision;
 const DIRECTION: &str = "inbound";
 
 impl Proxy {
-    pub(super) async fn inbound(self: Arc<Self>, pod: Arc<Pod>, tcp: TcpStream) {
+    pub(super) async fn inbound(self: Arc<Self>, pod: Arc<Pod>, tcp: TcpStream, handshake: Slot) {
         let src = peer_of(&tcp);
         let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, pod.acceptor.accept(tcp)).await {
             Ok(Ok(t)) => t,
@@ -31,6 +32,11 @@ impl Proxy {
                 self.metrics.reject(DIRECTION, "tls");
                 return;
             }
+        };
+        drop(handshake);
+        let Some(_slot) = self.admit(DIRECTION, src.ip()) else {
+            hbone::Abort::abort_on_close(tls.get_ref().0);
+            return;
         };
         let peer = hbone::tls::peer_identity(tls.get_ref().1);
         let me = self.clone();

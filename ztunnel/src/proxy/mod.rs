@@ -44,6 +44,12 @@ const LISTENER_PORTS: [u16; 3] = [OUTBOUND_PORT, PLAINTEXT_PORT, HBONE_PORT];
 
 /// Bounds a peer that connects and then stalls in the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HBONE handshakes in flight on the node, and from one source (each at most the matching
+/// connection cap). A handshake is a few milliseconds of work for a real peer, so these are far
+/// above legitimate use, and they bound what unauthenticated peers can hold: memory for their
+/// TLS state, and a share of new handshakes, never the slots of verified connections.
+const MAX_HANDSHAKES: usize = 1024;
+const MAX_HANDSHAKES_PER_SOURCE: usize = 64;
 /// Per-direction copy buffer; with the connection cap this bounds proxy memory.
 const COPY_BUFFER: usize = 64 << 10;
 
@@ -75,6 +81,8 @@ pub struct Proxy {
     control: tokio::runtime::Handle,
     round_robin: AtomicUsize,
     admission: admission::Admission,
+    /// HBONE connections still in their TLS handshake wait here, not in `admission`.
+    handshakes: admission::Admission,
     draining: watch::Receiver<bool>,
 }
 
@@ -100,6 +108,10 @@ impl Proxy {
         Arc::new(Proxy {
             pool: Pool::new(hbone::settings::MAX_STREAMS as usize, hbone::pool::IDLE_TIMEOUT),
             admission: admission::Admission::new(settings.max_connections, settings.max_connections_per_source),
+            handshakes: admission::Admission::new(
+                settings.max_connections.min(MAX_HANDSHAKES),
+                settings.max_connections_per_source.min(MAX_HANDSHAKES_PER_SOURCE),
+            ),
             state,
             certs,
             roots,
@@ -169,6 +181,12 @@ impl Proxy {
         self.admission.admit(source).inspect_err(|refused| self.metrics.reject(direction, refused.reason())).ok()
     }
 
+    /// A handshake slot for an HBONE connection, or `None` when at the handshake cap.
+    fn admit_handshake(&self, source: IpAddr) -> Option<admission::Slot> {
+        let refused = |r: &admission::Refused| self.metrics.reject("inbound", r.handshake_reason());
+        self.handshakes.admit(source).inspect_err(refused).ok()
+    }
+
     /// Builds the pod's proxy context once its workload and certificate are known.
     pub fn pod(&self, uid: String, ns: Arc<Netns>, cert: &Issued) -> Result<Arc<Pod>, String> {
         let cfg = hbone::tls::server_config(cert.slot.clone(), self.roots.clone(), &self.settings.trust_domain)
@@ -222,17 +240,27 @@ impl Proxy {
             };
             // Proxied bytes must not wait for Nagle: latency is the whole point of an L4 proxy.
             let _ = tcp.set_nodelay(true);
-            let Some(permit) = self.admit(direction, peer_of(&tcp).ip()) else {
+            // An HBONE peer has proven nothing until its TLS handshake completes, so until then it
+            // holds a handshake slot; `inbound` trades it for a connection slot once verified.
+            let source = peer_of(&tcp).ip();
+            let admitted =
+                if port == HBONE_PORT { self.admit_handshake(source) } else { self.admit(direction, source) };
+            let Some(slot) = admitted else {
                 sockets::reset(tcp);
                 continue;
             };
             let (me, pod) = (self.clone(), pod.clone());
             tokio::spawn(async move {
-                let _permit = permit;
                 match port {
-                    OUTBOUND_PORT => me.outbound(pod, tcp).await,
-                    PLAINTEXT_PORT => me.plaintext(pod, tcp).await,
-                    _ => me.inbound(pod, tcp).await,
+                    HBONE_PORT => me.inbound(pod, tcp, slot).await,
+                    OUTBOUND_PORT => {
+                        let _slot = slot;
+                        me.outbound(pod, tcp).await
+                    }
+                    _ => {
+                        let _slot = slot;
+                        me.plaintext(pod, tcp).await
+                    }
                 }
             });
         }
