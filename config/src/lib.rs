@@ -18,5 +18,5 @@ mod validate;
 
 pub use error::{FieldError, Invalid};
 pub use kind::Kind;
-pub use meta::{ObjectKey, ObjectMeta};
+pub use meta::{ObjectKey, ObjectMeta, OwnerReference};
 pub use object::Object;

@@ -21,6 +21,10 @@ pub struct ObjectMeta {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// What this object belongs to. The controller among them names the workload a Pod is part
+    /// of (its Deployment, CronJob, StatefulSet ...) in telemetry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owner_references: Vec<OwnerReference>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -30,6 +34,32 @@ pub struct ObjectMeta {
     /// RFC 3339, UTC, second precision (as Kubernetes writes it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<String>,
+}
+
+/// Kubernetes `OwnerReference`. The owner need not be stored in Trellis (Deployments and
+/// ReplicaSets are not), so its `uid` is optional here.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OwnerReference {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_owner_deletion: Option<bool>,
+}
+
+impl ObjectMeta {
+    /// The owner that manages this object (`controller: true`); validation allows at most one.
+    pub fn controller(&self) -> Option<&OwnerReference> {
+        self.owner_references.iter().find(|o| o.controller == Some(true))
+    }
 }
 
 /// Identity of a stored object: kind, namespace (empty for cluster-scoped kinds) and name.

@@ -29,6 +29,7 @@ pub(crate) fn object(obj: &Object) -> Vec<FieldError> {
     for k in meta.annotations.keys() {
         qualified_name(&mut e, &format!("metadata.annotations[{k}]"), k);
     }
+    owner_references(&mut e, &meta.owner_references);
     match obj {
         Object::Namespace(_) | Object::ServiceAccount(_) => {}
         Object::Node(n) => node(&mut e, n),
@@ -42,6 +43,25 @@ pub(crate) fn object(obj: &Object) -> Vec<FieldError> {
         Object::GrpcRoute(r) => grpc_route(&mut e, &r.spec),
     }
     e.list
+}
+
+fn owner_references(e: &mut Errors, owners: &[crate::OwnerReference]) {
+    for (i, o) in owners.iter().enumerate() {
+        let path = format!("metadata.ownerReferences[{i}]");
+        for (field, value) in [("apiVersion", &o.api_version), ("kind", &o.kind)] {
+            if value.is_empty() {
+                e.add(format!("{path}.{field}"), "is required");
+            }
+        }
+        if o.name.is_empty() {
+            e.add(format!("{path}.name"), "is required");
+        } else {
+            dns_subdomain(e, &format!("{path}.name"), &o.name);
+        }
+    }
+    if owners.iter().filter(|o| o.controller == Some(true)).count() > 1 {
+        e.add("metadata.ownerReferences", "at most one may have controller: true");
+    }
 }
 
 // ---- names, labels, addresses -----------------------------------------------------------------

@@ -13,6 +13,11 @@ fn errors(yaml: &str) -> Vec<String> {
 /// (name, manifest, expected substring of the error; "" means the manifest is valid)
 const CASES: &[(&str, &str, &str)] = &[
     ("valid pod", "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: demo, labels: {app: a}}\nspec: {nodeName: node1, serviceAccountName: sa}\nstatus: {podIP: 10.244.1.5}", ""),
+    ("pod owned by a replicaset", "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-5d8f7c9b4-x2k7q\n  labels: {pod-template-hash: 5d8f7c9b4}\n  ownerReferences:\n  - {apiVersion: apps/v1, kind: ReplicaSet, name: web-5d8f7c9b4, uid: 0b8e5c1e-4f3a-4d2b-9a57-2f5f1f0c1d11, controller: true, blockOwnerDeletion: true}", ""),
+    ("owner without kind", "apiVersion: v1\nkind: Pod\nmetadata: {name: a, ownerReferences: [{apiVersion: apps/v1, name: web}]}", "Pod default/a: metadata.ownerReferences[0].kind: is required"),
+    ("owner with a bad name", "apiVersion: v1\nkind: Pod\nmetadata: {name: a, ownerReferences: [{apiVersion: batch/v1, kind: Job, name: Nightly}]}", "metadata.ownerReferences[0].name: \"Nightly\" is not a valid DNS subdomain"),
+    ("two controllers", "apiVersion: v1\nkind: Pod\nmetadata: {name: a, ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: r, controller: true}, {apiVersion: apps/v1, kind: StatefulSet, name: s, controller: true}]}", "metadata.ownerReferences: at most one may have controller: true"),
+    ("owner unknown field", "apiVersion: v1\nkind: Pod\nmetadata: {name: a, ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: r, contoller: true}]}", "unknown field `contoller`"),
     ("pod with bad ip", "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nstatus: {podIP: 10.244.1.500}", "status.podIP: \"10.244.1.500\" is not an IP address"),
     ("pod unknown field", "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {nodeNme: x}", "spec.nodeNme: unknown field `nodeNme`, expected one of `nodeName`"),
     ("wrong type", "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: \"eighty\"}]}", "spec.ports[0].port: invalid type: string \"eighty\", expected i64"),
@@ -101,9 +106,10 @@ fn namespaced_kinds_get_the_default_namespace_and_lists_expand() {
 
 #[test]
 fn objects_round_trip_without_losing_fields() {
-    let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, annotations: {note: keep}}\nspec:\n  containers: [{name: app, image: echo, ports: [{name: http, containerPort: 8080}]}]\nstatus: {podIP: 10.0.0.1}\n";
+    let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, annotations: {note: keep}, ownerReferences: [{apiVersion: apps/v1, kind: StatefulSet, name: db, uid: u1, controller: true}]}\nspec:\n  containers: [{name: app, image: echo, ports: [{name: http, containerPort: 8080}]}]\nstatus: {podIP: 10.0.0.1}\n";
     let obj = load_text("p.yaml", yaml, "default").unwrap().remove(0).object;
     let back = Object::from_value(obj.to_value()).unwrap();
     assert_eq!(obj, back);
     assert_eq!(back.to_value()["spec"]["containers"][0]["image"], "echo");
+    assert_eq!(back.meta().controller().map(|o| (o.kind.as_str(), o.name.as_str())), Some(("StatefulSet", "db")));
 }

@@ -161,6 +161,25 @@ fn pod_to_pod_and_vip_over_hbone_with_l4_policy() {
         "{m1}"
     );
 
+    // Telemetry names the workload a pod belongs to: a Deployment's pods (owned by its
+    // ReplicaSet) share the Deployment's name on both ends, so rollouts add no series.
+    lab.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: client\n  namespace: demo\n  labels: {{app: client, pod-template-hash: 5d8f7c9b4}}\n  \
+         ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: frontend-5d8f7c9b4, controller: true}}]\n\
+         spec: {{nodeName: node1, serviceAccountName: client}}\nstatus: {{podIP: {}, phase: Running}}\n",
+        client.ip
+    ));
+    let named = |node: usize, reporter: &str| {
+        let m = lab.ztunnel_get(node, 15020, "/metrics");
+        let labels = [reporter, "source_workload=\"frontend\"", "source_canonical_service=\"client\""];
+        metric_line(&m, "istio_tcp_connections_opened_total", &labels).map(|_| ())
+    };
+    wait_for("the client's connections named after its Deployment", Duration::from_secs(15), || {
+        lab.curl(&client, &format!("http://{}:8080/", server_b.ip)).ok()?;
+        named(1, "reporter=\"source\"")?;
+        named(2, "reporter=\"destination\"")
+    });
+
     // Deny by principal: the client is refused, the intruder is not.
     let deny_principal = r#"
 apiVersion: security.istio.io/v1

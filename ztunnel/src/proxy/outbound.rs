@@ -135,11 +135,18 @@ impl Proxy {
 }
 
 fn baggage(w: &trellis_proto::istio::workload::Workload) -> Baggage {
+    use trellis_proto::istio::workload::WorkloadType;
     Baggage {
         cluster: w.cluster_id.clone(),
         namespace: w.namespace.clone(),
-        workload_type: "pod".into(),
-        workload_name: w.name.clone(),
+        workload_type: match w.workload_type() {
+            WorkloadType::Deployment => "deployment",
+            WorkloadType::Cronjob => "cronjob",
+            WorkloadType::Job => "job",
+            WorkloadType::Pod => "pod",
+        }
+        .into(),
+        workload_name: super::route::workload_name(w).to_string(),
         service_name: w.canonical_name.clone(),
         service_version: w.canonical_revision.clone(),
     }

@@ -24,10 +24,20 @@ pub struct Peer {
     pub identity: Option<Identity>,
 }
 
+/// What telemetry calls the workload: the one the pod belongs to (its Deployment, say), as the
+/// control plane names it, so that series outlive pods; the pod's own name if it sent none.
+pub fn workload_name(w: &Workload) -> &str {
+    if w.workload_name.is_empty() {
+        &w.name
+    } else {
+        &w.workload_name
+    }
+}
+
 impl Peer {
     pub fn of(w: &Workload) -> Peer {
         Peer {
-            name: w.name.clone(),
+            name: workload_name(w).to_string(),
             namespace: w.namespace.clone(),
             app: w.canonical_name.clone(),
             identity: identity(w),
@@ -261,6 +271,14 @@ mod tests {
         assert!(
             matches!(outbound(&s, addr("10.244.1.6:7000"), 0), Route::Direct { addr: a, .. } if a == addr("10.244.1.6:7000"))
         );
+    }
+
+    #[test]
+    fn telemetry_names_the_owning_workload_and_falls_back_to_the_pod() {
+        let mut w = pod("web-5d8f7c9b4-x2k7q", "10.244.1.5", true, true, None);
+        assert_eq!(Peer::of(&w).name, "web-5d8f7c9b4-x2k7q", "a control plane that sends no workload name");
+        w.workload_name = "web".into();
+        assert_eq!(Peer::of(&w).name, "web");
     }
 
     #[test]

@@ -72,6 +72,39 @@ fn enrollment_follows_namespace_label_and_pod_label_overrides() {
 }
 
 #[test]
+fn workloads_are_named_after_their_controller() {
+    let owned = |name: &str, hash: &str, kind: &str, owner: &str| {
+        let label = if hash.is_empty() { String::new() } else { format!(", pod-template-hash: {hash}") };
+        format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, labels: {{x: y{label}}}, ownerReferences: [{{apiVersion: v1, kind: {kind}, name: {owner}, controller: true}}]}}\nstatus: {{podIP: 10.244.1.9}}\n")
+    };
+    let yaml = [
+        NS.to_string(),
+        owned("web-5d8f7c9b4-x2k7q", "5d8f7c9b4", "ReplicaSet", "web-5d8f7c9b4"),
+        owned("bare-rs-abcde", "", "ReplicaSet", "bare-rs"),
+        owned("backup-29123456-qp2vd", "", "Job", "backup-29123456"),
+        owned("migrate-7xk2p", "", "Job", "migrate"),
+        owned("db-0", "", "StatefulSet", "db"),
+        pod("demo", "solo", "x: y", "10.244.1.8"),
+    ]
+    .concat();
+    let out = translate(&yaml);
+    use wl::WorkloadType as T;
+    for (pod, name, ty) in [
+        ("web-5d8f7c9b4-x2k7q", "web", T::Deployment),
+        ("bare-rs-abcde", "bare-rs", T::Pod),
+        ("backup-29123456-qp2vd", "backup", T::Cronjob),
+        ("migrate-7xk2p", "migrate", T::Job),
+        ("db-0", "db", T::Pod),
+        ("solo", "solo", T::Pod),
+    ] {
+        let w = workload(&out, pod);
+        assert_eq!((w.workload_name.as_str(), w.workload_type), (name, ty as i32), "pod {pod}");
+        assert_eq!(w.name, pod, "the workload itself is still the pod");
+        assert_eq!(w.canonical_name, name, "without an app label the canonical service is the workload");
+    }
+}
+
+#[test]
 fn services_carry_vips_and_endpoints_carry_resolved_ports() {
     let yaml = format!(
         "{NS}{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\nspec: {{selector: {{app: a}}, clusterIP: 10.96.0.5, ports: [{{name: http, port: 80, targetPort: web}}, {{name: grpc, port: 81, targetPort: 7070}}]}}\n",

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use trellis_config::object::{Pod, Service, WorkloadEntry};
 use trellis_config::selector;
 use trellis_config::types::IntOrString;
-use trellis_config::{Kind, Object, ObjectKey};
+use trellis_config::{Kind, Object, ObjectKey, ObjectMeta};
 use trellis_proto::istio::workload as wl;
 
 use super::world::World;
@@ -109,6 +109,10 @@ pub fn workload(world: &World, settings: &Settings, obj: &Object) -> Option<wl::
         services.insert(service_name(settings, &svc.key()), wl::PortList { ports });
     }
     let name = key.name.clone();
+    let (workload_name, workload_type) = match obj {
+        Object::Pod(p) => owning_workload(&p.metadata),
+        _ => (name.clone(), wl::WorkloadType::Pod),
+    };
     Some(wl::Workload {
         uid: uid(settings, &key),
         name: name.clone(),
@@ -123,21 +127,57 @@ pub fn workload(world: &World, settings: &Settings, obj: &Object) -> Option<wl::
         canonical_name: canonical(
             src.labels,
             &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"],
-            &name,
+            &workload_name,
         ),
         canonical_revision: canonical(
             src.labels,
             &["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"],
             "latest",
         ),
-        workload_type: wl::WorkloadType::Pod as i32,
-        workload_name: name,
+        workload_type: workload_type as i32,
+        workload_name,
         cluster_id: settings.cluster_id.clone(),
         status: if src.healthy { wl::WorkloadStatus::Healthy } else { wl::WorkloadStatus::Unhealthy } as i32,
         services,
         authorization_policies: policy::selected_policies(world, settings, &key.namespace, src.labels),
         ..Default::default()
     })
+}
+
+/// The workload a Pod belongs to, as telemetry names it (Istio's convention): its controller,
+/// traced back through the object Kubernetes generated for it (a Deployment's ReplicaSet carries
+/// the pod-template-hash as a suffix, a CronJob's Job the scheduled minute), else the Pod itself.
+/// Pods of one Deployment thus share a name, and metric series do not multiply with rollouts.
+pub fn owning_workload(meta: &ObjectMeta) -> (String, wl::WorkloadType) {
+    use wl::WorkloadType as T;
+    let Some(owner) = meta.controller() else { return (meta.name.clone(), T::Pod) };
+    let name = owner.name.clone();
+    match owner.kind.as_str() {
+        "ReplicaSet" => {
+            let hash = meta.labels.get("pod-template-hash").map(String::as_str).unwrap_or_default();
+            match name.strip_suffix(hash).and_then(|n| n.strip_suffix('-')) {
+                Some(deployment) if !hash.is_empty() && !deployment.is_empty() => {
+                    (deployment.to_string(), T::Deployment)
+                }
+                _ => (name, T::Pod),
+            }
+        }
+        "Job" => match cron_job_of(&name) {
+            Some(cron) => (cron.to_string(), T::Cronjob),
+            None => (name, T::Job),
+        },
+        "Deployment" => (name, T::Deployment),
+        "CronJob" => (name, T::Cronjob),
+        // StatefulSet, DaemonSet, ...: the proto has no type for them; the name still groups.
+        _ => (name, T::Pod),
+    }
+}
+
+/// A Job a CronJob creates is named `<cronjob>-<scheduled time in minutes since the epoch>`.
+fn cron_job_of(job: &str) -> Option<&str> {
+    let (cron, minutes) = job.rsplit_once('-')?;
+    let stamp = (8..=10).contains(&minutes.len()) && minutes.bytes().all(|b| b.is_ascii_digit());
+    (stamp && !cron.is_empty()).then_some(cron)
 }
 
 /// Whether the mesh may ever capture this pod: not finished, and not on the host's network.
