@@ -1,6 +1,6 @@
 //! 15008: HBONE from other ztunnels. Mutual TLS (chain and trust domain checked by the TLS
-//! config) under a handshake slot, then a connection slot, then per CONNECT: the authority must be this pod (400), L4 policy (401), then the
-//! connection to the pod (503 if it fails).
+//! config) under a handshake slot, then a connection slot; then per CONNECT: the authority must
+//! be this pod (400), L4 policy (401), then the connection to the pod (503 if it fails).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
