@@ -105,6 +105,9 @@ enum Standing {
     Unknown,
     /// It should be meshed but cannot be (yet): no identity, no certificate, no listeners, ...
     Failed(String),
+    /// It should leave the mesh, but its capture could not be removed; it keeps its listeners
+    /// and the next pass tries again.
+    ReleaseFailed(String),
 }
 
 impl Standing {
@@ -126,6 +129,7 @@ impl std::fmt::Display for Standing {
             ),
             Standing::Unknown => f.write_str("not known to the control plane (no Pod scheduled to this node)"),
             Standing::Failed(e) => write!(f, "enrolling failed: {e}"),
+            Standing::ReleaseFailed(e) => write!(f, "leaving the mesh failed (retrying): {e}"),
         }
     }
 }
@@ -277,7 +281,7 @@ impl Pods {
         if let Some(old) = replaced {
             // The pod was recreated: its old capture (pinned under the same name) must go, or
             // the new enrollment would re-point links of an interface that no longer exists.
-            self.unenroll(&uid, &old).await;
+            let _ = self.unenroll(&uid, &old).await;
         }
         self.persist();
         let mut passes = self.passes.subscribe();
@@ -326,7 +330,7 @@ impl Pods {
         };
         if let Some(r) = removed {
             self.persist();
-            self.unenroll(uid, &r).await;
+            let _ = self.unenroll(uid, &r).await;
         }
     }
 
@@ -352,7 +356,7 @@ impl Pods {
         };
         let Some(r) = removed else { return false };
         self.persist();
-        self.unenroll(&uid, &r).await;
+        let _ = self.unenroll(&uid, &r).await;
         tracing::info!(pod = uid, "pod unregistered");
         true
     }
@@ -409,7 +413,11 @@ impl Pods {
                 }
                 Err(standing) => {
                     if enrolled || r.captured {
-                        self.unenroll(&uid, &r).await;
+                        if let Err(e) = self.unenroll(&uid, &r).await {
+                            // Still captured, so still marked so: the next pass tries again.
+                            self.set_standing(&uid, Standing::ReleaseFailed(e));
+                            continue;
+                        }
                         self.set_captured(&uid, false);
                     }
                     self.set_standing(&uid, standing);
@@ -433,7 +441,7 @@ impl Pods {
                 // The pod may have been removed (DEL, or a failed ADD) or recreated meanwhile;
                 // its removal could not see an enrollment not yet recorded.
                 Ok(()) if lock(&self.registered).get(&uid).is_none_or(|now| now.netns != r.netns) => {
-                    self.unenroll(&uid, &r).await;
+                    let _ = self.unenroll(&uid, &r).await;
                 }
                 Ok(()) => self.set_standing(&uid, Standing::Meshed),
                 Err(e) => {
@@ -538,24 +546,47 @@ impl Pods {
         Ok(())
     }
 
-    async fn unenroll(&self, uid: &str, r: &Registered) {
+    /// Removes a pod's capture, then its listeners. When the capture cannot be removed, a pod
+    /// still registered keeps its listeners (its traffic is still steered to them) and the error
+    /// is returned for the caller to retry; a pod already forgotten loses them regardless.
+    async fn unenroll(&self, uid: &str, r: &Registered) -> Result<(), String> {
         let enrolled = lock(&self.enrolled).remove(uid);
-        let ns = match &enrolled {
-            Some(e) => Some(e.ns.clone()),
+        let removed = self.remove_capture(enrolled.as_ref().map(|e| e.ns.clone()), r).await;
+        if let Err(e) = &removed {
+            tracing::warn!(pod = uid, error = %e, "removing capture failed");
+            let registered = lock(&self.registered).get(uid).is_some_and(|now| now.netns == r.netns);
+            if let (true, Some(e)) = (registered, enrolled) {
+                lock(&self.enrolled).insert(uid.to_string(), e);
+            }
+            return removed;
+        }
+        drop(enrolled);
+        tracing::info!(pod = uid, "pod released from the mesh");
+        Ok(())
+    }
+
+    /// Capture goes first when a pod leaves, so no new connection reaches a listener that is
+    /// about to close. Without an enrollment (after a restart) the namespace is opened by path;
+    /// only a namespace that is gone took its capture with it.
+    async fn remove_capture(&self, ns: Option<Arc<Netns>>, r: &Registered) -> Result<(), String> {
+        let ns = match ns {
+            Some(ns) => Some(ns),
             None if r.netns.exists() => {
                 let path = r.netns.clone();
-                tokio::task::spawn_blocking(move || Netns::open(&path)).await.ok().and_then(Result::ok).map(Arc::new)
+                match tokio::task::spawn_blocking(move || Netns::open(&path)).await.map_err(|e| e.to_string())? {
+                    Ok(ns) => Some(Arc::new(ns)),
+                    Err(_) if !r.netns.exists() => None,
+                    Err(e) => return Err(format!("opening {}: {e}", r.netns.display())),
+                }
             }
             None => None,
         };
         let capture = self.capture.clone();
         let key = capture_key(r);
-        // Capture goes first, so no new connection reaches a listener that is about to close.
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || capture.remove(ns.as_deref(), &key)).await {
-            tracing::warn!(pod = uid, error = %e, "removing capture failed");
-        }
-        drop(enrolled);
-        tracing::info!(pod = uid, "pod released from the mesh");
+        tokio::task::spawn_blocking(move || capture.remove(ns.as_deref(), &key))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("removing capture ({}): {e}", self.capture.name()))
     }
 
     fn persist(&self) {

@@ -452,6 +452,57 @@ fn the_connection_caps_count_every_tunnel_per_node_and_per_source() {
     });
 }
 
+/// A pod leaving the mesh whose capture cannot be removed (here `nft` fails) keeps its capture
+/// marked, says why, and is retried until the removal succeeds; it is never left steered to
+/// listeners that are gone.
+#[test]
+fn a_capture_that_cannot_be_removed_is_retried() {
+    let lab = Lab::new(1);
+    lab.start_istiod();
+    lab.apply(MESH);
+    // `nft` on ztunnel's PATH is the real one, unless FAIL exists.
+    let bin = lab.dir.path().join("faulty-bin");
+    let fail = lab.dir.path().join("nft-fails");
+    std::fs::create_dir(&bin).unwrap();
+    let real =
+        String::from_utf8(std::process::Command::new("sh").args(["-c", "command -v nft"]).output().unwrap().stdout)
+            .unwrap();
+    let wrapper = format!(
+        "#!/bin/sh\n[ -e {} ] && {{ echo 'injected nft failure' >&2; exit 1; }}\nexec {} \"$@\"\n",
+        fail.display(),
+        real.trim()
+    );
+    std::fs::write(bin.join("nft"), wrapper).unwrap();
+    let executable = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+    std::fs::set_permissions(bin.join("nft"), executable).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    lab.start_ztunnel_env(1, &["--capture", "nftables"], &[("PATH", &path)]);
+    let client = lab.add_pod(1, "demo", "client", "client", "app: client", 20);
+    lab.enroll(&client);
+    let captured = || lab.exec_ok(&client.netns, "nft list tables").contains(ztunnel::capture::nftables::TABLE);
+    assert!(captured());
+
+    // The pod opts out while nft fails: the capture stays, and so does the pod's standing.
+    std::fs::write(&fail, "").unwrap();
+    lab.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: demo, labels: {{app: client, istio.io/dataplane-mode: none}}}}\n\
+         spec: {{nodeName: node1, serviceAccountName: client}}\nstatus: {{podIP: {}, phase: Running}}\n",
+        client.ip
+    ));
+    let reason = wait_for("the failed release reported", Duration::from_secs(15), || {
+        let (_, reason) = lab.enrollment(&client);
+        reason.contains("injected nft failure").then_some(reason)
+    });
+    assert!(reason.contains("leaving the mesh failed"), "{reason}");
+    assert!(captured(), "the capture is still in place");
+
+    // Once nft works again, a later pass removes it.
+    std::fs::remove_file(&fail).unwrap();
+    wait_for("the capture removed on retry", Duration::from_secs(15), || (!captured()).then_some(()));
+    lab.wait_enrolled(&client, false);
+    assert!(lab.enrollment(&client).1.contains("not meshed"), "{:?}", lab.enrollment(&client));
+}
+
 /// An HBONE peer takes a connection slot only once TLS has verified it; until then it waits in
 /// the separate handshake budget. So peers without a certificate, even from enough sources to
 /// exceed the node's cap, cannot take the slots that verified connections and their tunnels need.

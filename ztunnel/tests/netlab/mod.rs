@@ -178,11 +178,17 @@ impl Lab {
 
     /// Starts a process inside a network namespace; it is killed when the lab is dropped.
     pub fn spawn(&self, label: &str, netns: &str, program: &Path, args: &[&str]) -> u32 {
+        self.spawn_env(label, netns, program, args, &[])
+    }
+
+    /// [`spawn`](Self::spawn) with extra environment variables.
+    pub fn spawn_env(&self, label: &str, netns: &str, program: &Path, args: &[&str], env: &[(&str, &str)]) -> u32 {
         let log = std::fs::File::create(self.dir.path().join(format!("{label}.log"))).expect("log file");
         let child = Command::new("ip")
             .args(["netns", "exec", netns])
             .arg(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -302,8 +308,13 @@ impl Lab {
 
     /// Starts node `i`'s ztunnel and waits until it is ready.
     pub fn start_ztunnel(&self, i: usize, extra: &[&str]) {
+        self.start_ztunnel_env(i, extra, &[]);
+    }
+
+    /// [`start_ztunnel`](Self::start_ztunnel) with extra environment variables.
+    pub fn start_ztunnel_env(&self, i: usize, extra: &[&str], env: &[(&str, &str)]) {
         let token = self.token(i);
-        self.spawn_ztunnel(i, &token, extra);
+        self.spawn_ztunnel_env(i, &token, extra, env);
         let n = self.node(i);
         wait_for(&format!("ztunnel{i} ready"), Duration::from_secs(20), || {
             self.exec(&n, "curl -sf http://127.0.0.1:15021/healthz/ready").status.success().then_some(())
@@ -323,6 +334,10 @@ impl Lab {
 
     /// Starts node `i`'s ztunnel without waiting for it.
     pub fn spawn_ztunnel(&self, i: usize, token: &Path, extra: &[&str]) {
+        self.spawn_ztunnel_env(i, token, extra, &[]);
+    }
+
+    fn spawn_ztunnel_env(&self, i: usize, token: &Path, extra: &[&str], env: &[(&str, &str)]) {
         let root = self.state_dir().join("ca/root-cert.pem");
         let sock = self.agent_socket(i);
         let mut args = vec![
@@ -345,7 +360,7 @@ impl Lab {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.spawn(&format!("ztunnel{i}"), &self.node(i), &bin("ztunnel"), &args);
+        self.spawn_env(&format!("ztunnel{i}"), &self.node(i), &bin("ztunnel"), &args, env);
     }
 
     /// The Pod object, scheduled to node `node`, and running with address `ip` once it has one.
