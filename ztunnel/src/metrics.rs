@@ -70,8 +70,12 @@ impl Metrics {
         };
         registry.register("istio_tcp_connections_opened", "TCP connections opened", m.opened.clone());
         registry.register("istio_tcp_connections_closed", "TCP connections closed", m.closed.clone());
-        registry.register("istio_tcp_sent_bytes", "Bytes sent to the destination", m.sent.clone());
-        registry.register("istio_tcp_received_bytes", "Bytes received from the destination", m.received.clone());
+        registry.register("istio_tcp_sent_bytes", "Bytes sent back to the client (response direction)", m.sent.clone());
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client (request direction)",
+            m.received.clone(),
+        );
         registry.register(
             "trellis_connections_rejected",
             "Connections refused before reaching a workload, by direction and reason",

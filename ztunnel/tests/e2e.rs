@@ -155,6 +155,28 @@ fn pod_to_pod_and_vip_over_hbone_with_l4_policy() {
     assert!(line.contains("connection_security_policy=\"mutual_tls\""), "{line}");
     assert!(line.contains("destination_workload=\"server-b\""), "{line}");
     assert!(m.contains("istio_tcp_sent_bytes_total{"), "{m}");
+
+    // Byte counters follow Istio's convention on both ends: `received` is the request direction
+    // (client to server), `sent` the response.
+    let upload = lab.dir.path().join("upload");
+    std::fs::write(&upload, vec![b'x'; 200_000]).unwrap();
+    let posted = format!("curl -sS --max-time 10 --data-binary @{} http://{}:8080/", upload.display(), server_b.ip);
+    assert_eq!(lab.exec_ok(&client.netns, &posted).trim(), "server-b");
+    let bytes = |node: usize, reporter: &str, name: &str| -> u64 {
+        let m = lab.ztunnel_get(node, 15020, "/metrics");
+        let labels = [reporter, "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\""];
+        m.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    for (node, reporter) in [(1, "reporter=\"source\""), (2, "reporter=\"destination\"")] {
+        let (received, sent) = wait_for(&format!("{reporter} byte counters"), Duration::from_secs(10), || {
+            let received = bytes(node, reporter, "istio_tcp_received_bytes_total");
+            (received >= 200_000).then(|| (received, bytes(node, reporter, "istio_tcp_sent_bytes_total")))
+        });
+        assert!(sent < 50_000, "{reporter}: sent {sent} (responses) against received {received} (the upload)");
+    }
     let m1 = lab.ztunnel_get(1, 15020, "/metrics");
     assert!(
         m1.lines().any(|l| l.starts_with("istio_tcp_connections_closed_total{") && l.contains("reporter=\"source\"")),

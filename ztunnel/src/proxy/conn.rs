@@ -180,8 +180,10 @@ impl Drop for Tracker {
     }
 }
 
-/// One socket of a proxied connection, counting what passes through it. On the destination side
-/// writes are bytes sent and reads bytes received; on the client side it is the other way round.
+/// One socket of a proxied connection, counting what passes through it, in Istio's (and Envoy's)
+/// convention: `sent` is what goes back to the client (the response direction), `received` what
+/// came from it (the request direction). So on the destination side reads are sent bytes and
+/// writes received ones; on the client side it is the other way round.
 pub struct Tracked<S> {
     inner: S,
     tracker: Arc<Tracker>,
@@ -208,12 +210,12 @@ impl<S> Tracked<S> {
     }
 
     fn count_read(&self, n: u64) {
-        let counter = if self.client_side { &self.tracker.sent } else { &self.tracker.received };
+        let counter = if self.client_side { &self.tracker.received } else { &self.tracker.sent };
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
     fn count_written(&self, n: u64) {
-        let counter = if self.client_side { &self.tracker.received } else { &self.tracker.sent };
+        let counter = if self.client_side { &self.tracker.sent } else { &self.tracker.received };
         counter.fetch_add(n, Ordering::Relaxed);
     }
 }
@@ -287,12 +289,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn destination_side_counts_writes_as_sent_and_client_side_counts_reads_as_sent() {
+    async fn sent_counts_the_response_direction_and_received_the_request_direction() {
+        // Destination side: the 5 bytes written go to the destination (request), the 3 read
+        // come from it (response).
         let dst = exchange(false).await;
-        assert!(dst.lines().any(|l| l.starts_with("istio_tcp_sent") && l.ends_with(" 5")), "{dst}");
-        assert!(dst.lines().any(|l| l.starts_with("istio_tcp_received") && l.ends_with(" 3")), "{dst}");
+        assert!(dst.lines().any(|l| l.starts_with("istio_tcp_sent") && l.ends_with(" 3")), "{dst}");
+        assert!(dst.lines().any(|l| l.starts_with("istio_tcp_received") && l.ends_with(" 5")), "{dst}");
+        // Client side: the 5 bytes written go back to the client (response).
         let client = exchange(true).await;
-        assert!(client.lines().any(|l| l.starts_with("istio_tcp_sent") && l.ends_with(" 3")), "{client}");
-        assert!(client.lines().any(|l| l.starts_with("istio_tcp_received") && l.ends_with(" 5")), "{client}");
+        assert!(client.lines().any(|l| l.starts_with("istio_tcp_sent") && l.ends_with(" 5")), "{client}");
+        assert!(client.lines().any(|l| l.starts_with("istio_tcp_received") && l.ends_with(" 3")), "{client}");
     }
 }
