@@ -506,11 +506,7 @@ fn a_capture_that_cannot_be_removed_is_retried() {
 
     // The pod opts out while nft fails: the capture stays, and so does the pod's standing.
     std::fs::write(&fail, "").unwrap();
-    lab.apply(&format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: demo, labels: {{app: client, istio.io/dataplane-mode: none}}}}\n\
-         spec: {{nodeName: node1, serviceAccountName: client}}\nstatus: {{podIP: {}, phase: Running}}\n",
-        client.ip
-    ));
+    lab.apply_pod(1, "demo", "client", "client", "app: client, istio.io/dataplane-mode: none", Some(&client.ip));
     let reason = wait_for("the failed release reported", Duration::from_secs(15), || {
         let (_, reason) = lab.enrollment(&client);
         reason.contains("injected nft failure").then_some(reason)

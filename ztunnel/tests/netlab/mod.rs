@@ -364,7 +364,7 @@ impl Lab {
     }
 
     /// The Pod object, scheduled to node `node`, and running with address `ip` once it has one.
-    fn apply_pod(&self, node: usize, namespace: &str, name: &str, sa: &str, labels: &str, ip: Option<&str>) {
+    pub fn apply_pod(&self, node: usize, namespace: &str, name: &str, sa: &str, labels: &str, ip: Option<&str>) {
         let status = ip.map(|ip| format!("status: {{podIP: {ip}, phase: Running}}\n")).unwrap_or_default();
         self.apply(&format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\n\
