@@ -42,12 +42,13 @@ wait_ok() { # wait_ok WHAT CMD...
 
 # --- topology: underlay netns with istiod-lite, two nodes, pods on each node's bridge --------
 ip netns add $U; ip -n $U link set lo up
-ip -n $U link add br0 type bridge; ip -n $U addr add 172.30.0.1/24 dev br0; ip -n $U link set br0 up
+# Bridges get fixed MACs: one left to itself follows its lowest port's MAC (see trellis-cni).
+ip -n $U link add br0 address 0a:58:ac:1e:00:01 type bridge; ip -n $U addr add 172.30.0.1/24 dev br0; ip -n $U link set br0 up
 for i in 1 2; do
   N=${P}n$i; ip netns add $N
   ip -n $U link add n$i type veth peer name eth0 netns $N; ip -n $U link set n$i master br0 up
   ip -n $N link set lo up; ip -n $N addr add 172.30.0.1$i/24 dev eth0; ip -n $N link set eth0 up
-  ip -n $N link add cni0 type bridge; ip -n $N addr add 10.244.$i.1/24 dev cni0; ip -n $N link set cni0 up
+  ip -n $N link add cni0 address 0a:58:0a:f4:0$i:01 type bridge; ip -n $N addr add 10.244.$i.1/24 dev cni0; ip -n $N link set cni0 up
   ip netns exec $N sysctl -qw net.ipv4.ip_forward=1
 done
 ip -n ${P}n1 route add 10.244.2.0/24 via 172.30.0.12

@@ -77,12 +77,16 @@ pub fn mac(l: &LinkMessage) -> String {
         .unwrap_or_default()
 }
 
-/// The node side: bridge `trellis0` holding the gateway address, up. Idempotent.
+/// The node side: bridge `trellis0` holding the gateway address, with a fixed MAC, up. Idempotent.
 pub async fn ensure_bridge(h: &Handle, gateway: Ipv4Addr, prefix: u8, mtu: u32) -> Result<u32, CniError> {
     let br = match link(h, BRIDGE).await? {
-        Some(l) => l,
+        Some(l) => {
+            pin_mac(h, &l).await?;
+            l
+        }
         None => {
-            match h.link().add(LinkBridge::new(BRIDGE).mtu(mtu).up().build()).execute().await {
+            let bridge = LinkBridge::new(BRIDGE).mtu(mtu).address(bridge_mac(gateway).to_vec()).up().build();
+            match h.link().add(bridge).execute().await {
                 Ok(()) => {}
                 Err(e) if code(&e) == EEXIST => {} // a concurrent ADD created it
                 Err(e) => return Err(netlink("creating bridge", e)),
@@ -98,6 +102,39 @@ pub async fn ensure_bridge(h: &Handle, gateway: Ipv4Addr, prefix: u8, mtu: u32) 
     }
     h.link().set(LinkUnspec::new_with_index(idx).up().build()).execute().await.map_err(|e| netlink("bridge up", e))?;
     Ok(idx)
+}
+
+/// The bridge's MAC address: locally administered, `0a:58` and then the gateway's IPv4 address,
+/// so a re-created bridge answers with the address its pods have cached.
+///
+/// It must be set explicitly. A Linux bridge whose address was never set takes the lowest of its
+/// ports' addresses, so a new pod's veth can change it; every other pod on the node then keeps
+/// sending to the old gateway address, which the bridge drops, until its ARP entry expires: tens
+/// of seconds in which established connections leaving the node stall.
+pub fn bridge_mac(gateway: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = gateway.octets();
+    [0x0a, 0x58, a, b, c, d]
+}
+
+/// A bridge that still follows its ports (made by an earlier version, or by hand) gets its
+/// current address set explicitly: that stops it following them without changing what its pods
+/// have cached. Setting it is skipped once done, because each set makes the node flush its ARP
+/// entries on the bridge.
+async fn pin_mac(h: &Handle, bridge: &LinkMessage) -> Result<(), CniError> {
+    // NET_ADDR_SET in the kernel's `addr_assign_type`; unreadable counts as not set.
+    const SET_BY_USER: &str = "3";
+    let assigned = std::fs::read_to_string(format!("/sys/class/net/{BRIDGE}/addr_assign_type")).unwrap_or_default();
+    if assigned.trim() == SET_BY_USER {
+        return Ok(());
+    }
+    let Some(current) = bridge.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(b) => Some(b.clone()),
+        _ => None,
+    }) else {
+        return Ok(());
+    };
+    let pin = LinkUnspec::new_with_index(bridge.header.index).address(current).build();
+    h.link().set(pin).execute().await.map_err(|e| netlink("fixing the bridge's MAC address", e))
 }
 
 /// A short, stable host-side name per attachment (interface names are at most 15 bytes).

@@ -264,3 +264,47 @@ fn bad_input_fails_cleanly() {
     assert_eq!(req["netns"].as_str(), Some(format!("/var/run/netns/{q}").as_str()));
     assert_eq!(req["container"].as_str(), Some("c6"), "the sandbox, so a late DEL of an older one is told apart");
 }
+
+/// A bridge left to itself takes the lowest MAC among its ports, so a new pod could change the
+/// gateway's address under every other pod (whose traffic off the node then stalls until ARP
+/// notices). The plugin's bridge has a fixed address, and one it finds already there is pinned
+/// as it is.
+#[test]
+fn the_bridge_keeps_its_mac_when_ports_join() {
+    let mac_of = |node: &Node, dev: &str| {
+        let out = sh(&format!("ip -n {} -o link show {dev}", node.name));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).unwrap_or_default().to_string()
+    };
+    // A port whose MAC is below any other: the one a bridge would otherwise take.
+    let join_low_port = |node: &Node, name: &str| {
+        let cmd = format!(
+            "ip -n {n} link add {name} address 02:00:00:00:00:01 type veth peer name {name}p && \
+             ip -n {n} link set {name} master trellis0 up",
+            n = node.name
+        );
+        assert!(sh(&cmd).status.success());
+    };
+
+    let mut node = Node::new();
+    let conf = node.conf("10.250.1.0/24", "");
+    let a = node.pod();
+    assert!(node.cni("ADD", "ca", &a, &conf).0);
+    assert_eq!(mac_of(&node, "trellis0"), "0a:58:0a:fa:01:01", "derived from the gateway 10.250.1.1");
+    join_low_port(&node, "low0");
+    assert_eq!(mac_of(&node, "trellis0"), "0a:58:0a:fa:01:01", "a port changed the bridge's MAC");
+    let b = node.pod();
+    assert!(node.cni("ADD", "cb", &b, &conf).0);
+    assert_eq!(mac_of(&node, "trellis0"), "0a:58:0a:fa:01:01");
+
+    // A bridge that already exists and follows its ports keeps the address it has now.
+    let mut old = Node::new();
+    let cmd = format!("ip -n {n} link add trellis0 type bridge && ip -n {n} link set trellis0 up", n = old.name);
+    assert!(sh(&cmd).status.success());
+    let before = mac_of(&old, "trellis0");
+    let c = old.pod();
+    assert!(old.cni("ADD", "cc", &c, &old.conf("10.250.1.0/24", "")).0);
+    assert_eq!(mac_of(&old, "trellis0"), before, "pinning must not change the address pods have cached");
+    join_low_port(&old, "low1");
+    assert_eq!(mac_of(&old, "trellis0"), before, "the existing bridge still follows its ports");
+}

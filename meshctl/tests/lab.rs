@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+#[path = "../../ztunnel/tests/netlab/cargo.rs"]
+mod cargo;
+
 const PREFIX: &str = "trlt";
 const UNDERLAY: &str = "172.28.0.0";
 
@@ -18,8 +21,7 @@ fn bin_dir() -> PathBuf {
 
 /// The lab runs the other binaries; build them into the same target directory.
 fn build_binaries() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
+    let mut cmd = cargo::nested_cargo();
     cmd.args(["build", "-q", "-p", "istiod-lite", "-p", "ztunnel", "-p", "trellis-cni", "-p", "trellis-echo"]);
     if bin_dir().ends_with("release") {
         cmd.arg("--release");

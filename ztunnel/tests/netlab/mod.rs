@@ -12,6 +12,8 @@
 //! namespaces (with every link in them), also when the test panics.
 #![allow(dead_code)]
 
+mod cargo;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -21,6 +23,9 @@ use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
 pub const ISTIOD_IP: &str = "172.30.0.1";
+/// Bridges get fixed MACs (as trellis-cni's does): one left to itself takes its lowest port's MAC,
+/// so a pod added mid-test could change the gateway's address under the others and stall them.
+const UNDERLAY_MAC: &str = "0a:58:ac:1e:00:01";
 
 static BUILD: Once = Once::new();
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -32,9 +37,8 @@ fn target_dir() -> PathBuf {
 /// istiod-lite and meshctl live in other packages: make sure they are built and current.
 fn ensure_binaries() {
     BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let profile = if target_dir().ends_with("release") { vec!["--release"] } else { vec![] };
-        let st = Command::new(cargo)
+        let st = cargo::nested_cargo()
             .args(["build", "-q", "-p", "istiod-lite", "-p", "meshctl", "-p", "trellis-cni"])
             .args(profile)
             .status()
@@ -138,7 +142,7 @@ impl Lab {
         let u = lab.underlay();
         lab.add_netns(&u);
         sh(&format!(
-            "ip -n {u} link set lo up && ip -n {u} link add br0 type bridge && ip -n {u} addr add {ISTIOD_IP}/24 dev br0 && ip -n {u} link set br0 up"
+            "ip -n {u} link set lo up && ip -n {u} link add br0 address {UNDERLAY_MAC} type bridge && ip -n {u} addr add {ISTIOD_IP}/24 dev br0 && ip -n {u} link set br0 up"
         ));
         for i in 1..=nodes {
             let n = lab.node(i);
@@ -152,8 +156,9 @@ impl Lab {
                 continue;
             }
             sh(&format!(
-                "ip -n {n} link add cni0 type bridge && ip -n {n} addr add 10.244.{i}.1/24 dev cni0 && ip -n {n} link set cni0 up && \
-                 ip netns exec {n} sysctl -qw net.ipv4.ip_forward=1 && ip -n {u} route add 10.244.{i}.0/24 via 172.30.0.{}",
+                "ip -n {n} link add cni0 address 0a:58:0a:f4:{i:02x}:01 type bridge && ip -n {n} addr add 10.244.{i}.1/24 dev cni0 && \
+                 ip -n {n} link set cni0 up && ip netns exec {n} sysctl -qw net.ipv4.ip_forward=1 && \
+                 ip -n {u} route add 10.244.{i}.0/24 via 172.30.0.{}",
                 10 + i
             ));
             for j in (1..=nodes).filter(|j| *j != i) {
