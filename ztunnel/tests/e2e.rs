@@ -523,7 +523,9 @@ fn a_capture_that_cannot_be_removed_is_retried() {
 
 /// An HBONE peer takes a connection slot only once TLS has verified it; until then it waits in
 /// the separate handshake budget. So peers without a certificate, even from enough sources to
-/// exceed the node's cap, cannot take the slots that verified connections and their tunnels need.
+/// exceed the node's cap, cannot take the slots that verified connections and their tunnels need;
+/// and as they are not HBONE workloads they share half of that budget, so they cannot keep a mesh
+/// peer from opening a new connection either.
 #[test]
 fn peers_without_a_certificate_never_hold_connection_slots() {
     let Mesh { lab, client, outsider, server_b, .. } =
@@ -532,26 +534,37 @@ fn peers_without_a_certificate_never_hold_connection_slots() {
     // The client's pooled HBONE connection to node 2 now holds a slot there.
     assert_eq!(lab.curl(&client, &url).as_deref(), Ok("server-b"));
     let outsider2 = lab.add_pod(1, "plain", "outsider-2", "default", "app: outsider", 31);
+    // A meshed pod that has no HBONE connection yet: its first request needs a new handshake.
+    let newcomer = lab.add_pod(1, "demo", "newcomer", "client", "app: client", 21);
+    lab.enroll(&newcomer);
     // Connections to 15008 that never start TLS; held while ztunnel has not reset them.
     let check = "s.setblocking(False)\ntry:\n    ok = s.recv(1) != b\"\"\nexcept BlockingIOError:\n    ok = True";
     let stalled = Holders::new(&lab, "stalled", check);
     std::thread::scope(|s| {
         s.spawn(|| stalled.hold(&outsider, &server_b.ip, 15008, 4));
         s.spawn(|| stalled.hold(&outsider2, &server_b.ip, 15008, 4));
-        // Three handshakes per source, six on the node: all taken. Counted as connection slots,
-        // they would leave none for the client's next tunnel.
-        assert_eq!(stalled.held(&outsider), 3, "handshakes beyond a source's share are refused");
-        assert_eq!(stalled.held(&outsider2), 3);
-        // Stalled handshakes time out after 10 s; this must happen well before.
+        // Neither outsider is an HBONE workload: together they get half of the six handshakes,
+        // and each at most its own three. Counted as connection slots they would leave none for
+        // the client's next tunnel; without the share, none for the newcomer's handshake.
+        let (a, b) = (stalled.held(&outsider), stalled.held(&outsider2));
+        assert_eq!(a + b, 3, "unknown sources hold more than their share ({a} + {b})");
+        assert!(a <= 3 && b <= 3, "handshakes beyond a source's own limit ({a}, {b})");
+        // Stalled handshakes time out after 10 s; these must be served well before.
         let served = lab.curl(&client, &url);
+        let newcomer_served = lab.curl(&newcomer, &url);
         stalled.release();
-        assert_eq!(served.as_deref(), Ok("server-b"), "a verified peer's tunnel was refused");
+        let logs = || format!("node 1:\n{}\nnode 2:\n{}", lab.log("ztunnel1"), lab.log("ztunnel2"));
+        assert_eq!(served.as_deref(), Ok("server-b"), "a verified peer's tunnel was refused\n{}", logs());
+        assert_eq!(newcomer_served.as_deref(), Ok("server-b"), "a mesh peer's new connection was refused\n{}", logs());
     });
     let metrics = lab.ztunnel_get(2, 15020, "/metrics");
-    let refused = ["direction=\"inbound\"", "reason=\"handshake_source_limit\""];
+    let refused = ["direction=\"inbound\"", "reason=\"handshake_unknown_source_limit\""];
     assert!(metric_line(&metrics, "trellis_connections_rejected_total", &refused).is_some(), "{metrics}");
-    let overload = ["direction=\"inbound\"", "reason=\"overload\""];
-    assert!(metric_line(&metrics, "trellis_connections_rejected_total", &overload).is_none(), "{metrics}");
+    for reason in ["overload", "handshake_overload"] {
+        let overload = ["direction=\"inbound\"".to_string(), format!("reason=\"{reason}\"")];
+        let overload: Vec<&str> = overload.iter().map(String::as_str).collect();
+        assert!(metric_line(&metrics, "trellis_connections_rejected_total", &overload).is_none(), "{metrics}");
+    }
 }
 
 /// The first sample of metric `name` in Prometheus `text` whose labels include every one of `labels`.

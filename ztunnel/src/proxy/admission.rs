@@ -3,6 +3,9 @@
 //! at once, so one misbehaving or compromised client cannot take the slots every other pod on
 //! the node needs. HBONE peers wait for their TLS handshake in a separate, smaller budget of the
 //! same shape (see [`crate::proxy`]), so a peer that has proven nothing holds no connection slot.
+//! That budget also caps what sources outside the mesh may hold together (an [`Admission`] with
+//! an unknown-source share), so a flood from many such addresses cannot keep mesh peers from
+//! starting new connections.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -14,6 +17,8 @@ pub struct Admission {
     node: Arc<Semaphore>,
     per_source: usize,
     held: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// What unknown sources may hold together; `None`: as much as anyone.
+    unknown: Option<Arc<Semaphore>>,
 }
 
 /// Which limit refused a connection.
@@ -23,6 +28,8 @@ pub enum Refused {
     Node,
     /// The source holds `--max-connections-per-source` already.
     Source,
+    /// The source is unknown and unknown sources hold their whole share.
+    Unknown,
 }
 
 impl Refused {
@@ -31,6 +38,7 @@ impl Refused {
         match self {
             Refused::Node => "overload",
             Refused::Source => "source_limit",
+            Refused::Unknown => "unknown_source_limit",
         }
     }
 
@@ -39,13 +47,16 @@ impl Refused {
         match self {
             Refused::Node => "handshake_overload",
             Refused::Source => "handshake_source_limit",
+            Refused::Unknown => "handshake_unknown_source_limit",
         }
     }
 }
 
-/// One admitted connection's slot, node and source; both are given back when it is dropped.
+/// One admitted connection's slot, node and source (and unknown-source share, if it took one);
+/// all are given back when it is dropped.
 pub struct Slot {
     _node: OwnedSemaphorePermit,
+    _unknown: Option<OwnedSemaphorePermit>,
     source: IpAddr,
     held: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
@@ -65,18 +76,44 @@ impl Drop for Slot {
 impl Admission {
     /// `per_source` is at least 1.
     pub fn new(max: usize, per_source: usize) -> Admission {
-        Admission { node: Arc::new(Semaphore::new(max)), per_source: per_source.max(1), held: Arc::default() }
+        Admission {
+            node: Arc::new(Semaphore::new(max)),
+            per_source: per_source.max(1),
+            held: Arc::default(),
+            unknown: None,
+        }
     }
 
+    /// Lets unknown sources (see [`Admission::admit_unknown`]) hold at most `share` slots between
+    /// them, so the rest of the budget stays free for known ones.
+    pub fn with_unknown_share(mut self, share: usize) -> Admission {
+        self.unknown = Some(Arc::new(Semaphore::new(share)));
+        self
+    }
+
+    /// A slot for a known source.
     pub fn admit(&self, source: IpAddr) -> Result<Slot, Refused> {
+        self.take(source, false)
+    }
+
+    /// A slot for a source the caller does not know, taken from the unknown-source share too.
+    pub fn admit_unknown(&self, source: IpAddr) -> Result<Slot, Refused> {
+        self.take(source, true)
+    }
+
+    fn take(&self, source: IpAddr, unknown: bool) -> Result<Slot, Refused> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let n = held.get(&source).copied().unwrap_or(0);
         if n >= self.per_source {
             return Err(Refused::Source);
         }
+        let share = match (&self.unknown, unknown) {
+            (Some(share), true) => Some(share.clone().try_acquire_owned().map_err(|_| Refused::Unknown)?),
+            _ => None,
+        };
         let node = self.node.clone().try_acquire_owned().map_err(|_| Refused::Node)?;
         held.insert(source, n + 1);
-        Ok(Slot { _node: node, source, held: self.held.clone() })
+        Ok(Slot { _node: node, _unknown: share, source, held: self.held.clone() })
     }
 
     /// Sources holding at least one slot.
@@ -106,6 +143,28 @@ mod tests {
         assert_eq!(a.sources(), 1, "a source with nothing held is forgotten");
         assert!(a.admit(ip("10.0.0.2")).is_ok(), "slots come back");
         drop(held_b);
+    }
+
+    #[test]
+    fn unknown_sources_share_part_of_the_budget() {
+        let a = Admission::new(4, 2).with_unknown_share(2);
+        let strangers: Vec<Slot> = ["10.0.0.1", "10.0.0.2"].map(|s| a.admit_unknown(ip(s)).unwrap()).into();
+        assert_eq!(a.admit_unknown(ip("10.0.0.3")).err(), Some(Refused::Unknown), "the share is taken");
+        assert_eq!(a.admit_unknown(ip("10.0.0.1")).err(), Some(Refused::Unknown));
+        let mut known: Vec<Slot> = (0..2).map(|_| a.admit(ip("10.0.0.9")).unwrap()).collect();
+        assert_eq!(a.admit(ip("10.0.0.8")).err(), Some(Refused::Node), "known sources still meet the node cap");
+        drop(strangers);
+        known.extend((0..2).map(|_| a.admit(ip("10.0.0.8")).unwrap()));
+        assert_eq!(a.admit_unknown(ip("10.0.0.3")).err(), Some(Refused::Node), "a share slot is also a node slot");
+        drop(known);
+        let again: Vec<Slot> = ["10.0.0.3", "10.0.0.4"].map(|s| a.admit_unknown(ip(s)).unwrap()).into();
+        assert_eq!(a.admit_unknown(ip("10.0.0.5")).err(), Some(Refused::Unknown), "no share slot leaked");
+        drop(again);
+        assert_eq!(a.sources(), 0);
+
+        let unshared = Admission::new(2, 2);
+        let _both: Vec<Slot> = (0..2).map(|_| unshared.admit_unknown(ip("10.0.0.1")).unwrap()).collect();
+        assert_eq!(unshared.admit_unknown(ip("10.0.0.2")).err(), Some(Refused::Node), "without a share, only the caps");
     }
 
     #[test]

@@ -16,11 +16,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hbone::pool::Pool;
+use hbone::Identity;
 use rustls::RootCertStore;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
+use trellis_proto::istio::workload::TunnelProtocol;
 
 use crate::identity::{CertError, CertManager, Issued};
 use crate::metrics::{Metrics, Reporter};
@@ -28,7 +30,6 @@ use crate::netns::Netns;
 use crate::sockets;
 use crate::state::policy::{self, Decision};
 use crate::state::State;
-use hbone::Identity;
 
 pub mod admission;
 pub mod conn;
@@ -50,6 +51,10 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS state, and a share of new handshakes, never the slots of verified connections.
 const MAX_HANDSHAKES: usize = 1024;
 const MAX_HANDSHAKES_PER_SOURCE: usize = 64;
+/// Of the handshake budget, the part sources that are not HBONE workloads may hold together: no
+/// peer that ztunnel's state does not list as speaking HBONE can be a verified one, and however
+/// many such addresses flood 15008, the mesh keeps the other half for new connections.
+const UNKNOWN_HANDSHAKE_SHARE: usize = 2;
 /// Per-direction copy buffer; with the connection cap this bounds proxy memory.
 const COPY_BUFFER: usize = 64 << 10;
 
@@ -111,7 +116,8 @@ impl Proxy {
             handshakes: admission::Admission::new(
                 settings.max_connections.min(MAX_HANDSHAKES),
                 settings.max_connections_per_source.min(MAX_HANDSHAKES_PER_SOURCE),
-            ),
+            )
+            .with_unknown_share((settings.max_connections.min(MAX_HANDSHAKES) / UNKNOWN_HANDSHAKE_SHARE).max(1)),
             state,
             certs,
             roots,
@@ -181,10 +187,16 @@ impl Proxy {
         self.admission.admit(source).inspect_err(|refused| self.metrics.reject(direction, refused.reason())).ok()
     }
 
-    /// A handshake slot for an HBONE connection, or `None` when at the handshake cap.
+    /// A handshake slot for an HBONE connection, or `None` when at the handshake cap. A source
+    /// that is not an HBONE workload also needs a slot of the unknown-source share.
     fn admit_handshake(&self, source: IpAddr) -> Option<admission::Slot> {
         let refused = |r: &admission::Refused| self.metrics.reject("inbound", r.handshake_reason());
-        self.handshakes.admit(source).inspect_err(refused).ok()
+        let known = {
+            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+            state.workload_by_ip(source).is_some_and(|w| w.tunnel_protocol == TunnelProtocol::Hbone as i32)
+        };
+        let admitted = if known { self.handshakes.admit(source) } else { self.handshakes.admit_unknown(source) };
+        admitted.inspect_err(refused).ok()
     }
 
     /// Builds the pod's proxy context once its workload and certificate are known.
