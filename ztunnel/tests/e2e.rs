@@ -517,8 +517,11 @@ fn a_capture_that_cannot_be_removed_is_retried() {
     // Once nft works again, a later pass removes it.
     std::fs::remove_file(&fail).unwrap();
     wait_for("the capture removed on retry", Duration::from_secs(15), || (!captured()).then_some(()));
-    lab.wait_enrolled(&client, false);
-    assert!(lab.enrollment(&client).1.contains("not meshed"), "{:?}", lab.enrollment(&client));
+    // The table goes first and the standing follows in the same pass: wait for both.
+    wait_for("the pod reported as not meshed", Duration::from_secs(15), || {
+        let (enrolled, reason) = lab.enrollment(&client);
+        (!enrolled && reason.contains("not meshed")).then_some(())
+    });
 }
 
 /// An HBONE peer takes a connection slot only once TLS has verified it; until then it waits in
