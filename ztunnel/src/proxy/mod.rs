@@ -51,10 +51,6 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS state, and a share of new handshakes, never the slots of verified connections.
 const MAX_HANDSHAKES: usize = 1024;
 const MAX_HANDSHAKES_PER_SOURCE: usize = 64;
-/// Of the handshake budget, the part sources that are not HBONE workloads may hold together: no
-/// peer that ztunnel's state does not list as speaking HBONE can be a verified one, and however
-/// many such addresses flood 15008, the mesh keeps the other half for new connections.
-const UNKNOWN_HANDSHAKE_SHARE: usize = 2;
 /// Per-direction copy buffer; with the connection cap this bounds proxy memory.
 const COPY_BUFFER: usize = 64 << 10;
 
@@ -65,6 +61,15 @@ pub struct Settings {
     pub max_connections: usize,
     /// Of those, how many one source address may hold.
     pub max_connections_per_source: usize,
+}
+
+/// The handshake budget. Sources that are not HBONE workloads (hosts outside the mesh, unmeshed
+/// pods) have no business on 15008 and share half of it, so however many of them flood it, the
+/// mesh keeps the other half for its new connections.
+fn handshake_budget(settings: &Settings) -> admission::Admission {
+    let max = settings.max_connections.min(MAX_HANDSHAKES);
+    admission::Admission::new(max, settings.max_connections_per_source.min(MAX_HANDSHAKES_PER_SOURCE))
+        .with_unknown_share((max / 2).max(1))
 }
 
 /// An inbound connection's two ends and what policy decided for it.
@@ -113,11 +118,7 @@ impl Proxy {
         Arc::new(Proxy {
             pool: Pool::new(hbone::settings::MAX_STREAMS as usize, hbone::pool::IDLE_TIMEOUT),
             admission: admission::Admission::new(settings.max_connections, settings.max_connections_per_source),
-            handshakes: admission::Admission::new(
-                settings.max_connections.min(MAX_HANDSHAKES),
-                settings.max_connections_per_source.min(MAX_HANDSHAKES_PER_SOURCE),
-            )
-            .with_unknown_share((settings.max_connections.min(MAX_HANDSHAKES) / UNKNOWN_HANDSHAKE_SHARE).max(1)),
+            handshakes: handshake_budget(&settings),
             state,
             certs,
             roots,
