@@ -16,6 +16,7 @@ mod splice;
 mod stream;
 pub mod tls;
 mod usage;
+pub mod window;
 
 pub use identity::Identity;
 pub use keepalive::Keepalive;

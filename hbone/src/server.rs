@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::stream::H2Stream;
 use crate::usage::Usage;
+use crate::window::WindowBudget;
 use crate::Identity;
 
 const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,7 +30,7 @@ pub struct Inbound {
 }
 
 /// Limits on one served connection.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub struct Limits {
     /// A connection without tunnels for this long is closed. Twice the client pool's idle
     /// timeout, so a well-behaved client normally lets go first; an idle peer cannot hold a
@@ -37,11 +39,13 @@ pub struct Limits {
     /// PINGs to the client, so the tunnels of a client whose node vanished (no FIN, no RST) do
     /// not hold their upstream connections, and connection slots, until the pods give up.
     pub keepalive: crate::Keepalive,
+    /// Where the connection's HTTP/2 window comes from; `None`: the full window, always.
+    pub windows: Option<Arc<WindowBudget>>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { idle_timeout: 2 * crate::pool::IDLE_TIMEOUT, keepalive: crate::Keepalive::default() }
+        Limits { idle_timeout: 2 * crate::pool::IDLE_TIMEOUT, keepalive: crate::Keepalive::default(), windows: None }
     }
 }
 
@@ -63,9 +67,12 @@ where
     F: Future<Output = Result<U, StatusCode>> + Send + 'static,
     U: AsyncRead + AsyncWrite + Unpin + Send + crate::Abort + 'static,
 {
+    // Held until the connection ends: the data its window lets the peer send is buffered until then.
+    let window = limits.windows.as_ref().map(|b| b.grant());
+    let size = window.as_ref().map_or(crate::settings::CONNECTION_WINDOW, |w| w.size());
     // A peer that completes TLS but never sends the HTTP/2 preface must not hold the connection.
     let mut conn =
-        match tokio::time::timeout(PREFACE_TIMEOUT, crate::settings::server().handshake::<_, Bytes>(io)).await {
+        match tokio::time::timeout(PREFACE_TIMEOUT, crate::settings::server(size).handshake::<_, Bytes>(io)).await {
             Ok(c) => c?,
             Err(_) => {
                 tracing::debug!(?peer, "no HTTP/2 preface within {PREFACE_TIMEOUT:?}");

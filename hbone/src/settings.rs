@@ -19,10 +19,11 @@ pub fn client() -> h2::client::Builder {
     b
 }
 
-pub fn server() -> h2::server::Builder {
+/// `connection_window` is [`CONNECTION_WINDOW`] unless a [`crate::window`] budget granted less.
+pub fn server(connection_window: u32) -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
     b.initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(connection_window)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .max_concurrent_streams(MAX_STREAMS);

@@ -109,7 +109,7 @@ async fn harness_with(limits: Limits) -> Harness {
         loop {
             let (tcp, _) = l.accept().await.unwrap();
             c2.fetch_add(1, Ordering::SeqCst);
-            let (acceptor, seen, slow) = (acceptor.clone(), s2.clone(), slow.clone());
+            let (acceptor, seen, slow, limits) = (acceptor.clone(), s2.clone(), slow.clone(), limits.clone());
             let (drain, drained) = tokio::sync::oneshot::channel::<()>();
             let task = tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
@@ -251,6 +251,67 @@ async fn closed_within(conn: &Connection, limit: Duration) -> Option<Duration> {
 
 /// The server closes a connection that has carried no tunnel for its idle timeout, and only
 /// then: a long tunnel keeps it open however quiet it is.
+/// A CONNECT to `to` on a connection of its own, driven with h2 directly so the test can see
+/// the send capacity the server's windows allow before any byte is sent.
+async fn raw_tunnel(h: &Harness, to: SocketAddr) -> (h2::SendStream<bytes::Bytes>, tokio::task::JoinHandle<()>) {
+    let cfg = client_config(h.ca.slot(CLIENT), h.ca.roots(), vec![Identity::parse(SERVER).unwrap()]).unwrap();
+    let tcp = TcpStream::connect(h.hbone).await.unwrap();
+    let tls = TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(h.hbone.ip().into()), tcp).await.unwrap();
+    let mut builder = hbone::settings::client();
+    // h2 caps what a stream may have buffered (400 KiB by default); here capacity must show the window.
+    builder.max_send_buffer_size(64 << 20);
+    let (send, conn) = builder.handshake::<_, bytes::Bytes>(tls).await.unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder().method(http::Method::CONNECT).uri(to.to_string()).body(()).unwrap();
+    let (response, stream) = send.ready().await.unwrap().send_request(req, false).unwrap();
+    assert_eq!(response.await.unwrap().status(), StatusCode::OK);
+    (stream, driver)
+}
+
+/// What the server lets `stream` send before it reads anything: once the server's
+/// WINDOW_UPDATE has arrived, the capacity stops growing.
+async fn send_window(stream: &mut h2::SendStream<bytes::Bytes>) -> usize {
+    stream.reserve_capacity(64 << 20);
+    let mut last = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let now = stream.capacity();
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
+#[tokio::test]
+async fn connection_windows_are_drawn_from_the_servers_budget() {
+    use hbone::window::{WindowBudget, MIN_WINDOW};
+    let budget = WindowBudget::new(1 << 20);
+    let h = harness_with(Limits { windows: Some(budget.clone()), ..Limits::default() }).await;
+    let (mut first, first_conn) = raw_tunnel(&h, h.echo).await;
+    assert_eq!(send_window(&mut first).await, 1 << 20, "the whole budget, below the 16 MiB window");
+    let (mut second, _second_conn) = raw_tunnel(&h, h.echo).await;
+    assert_eq!(send_window(&mut second).await, MIN_WINDOW as usize, "HTTP/2's initial window once it is spent");
+    assert_eq!(budget.granted(), (1 << 20) + u64::from(MIN_WINDOW));
+    // Without a budget, a connection gets the full window (its one stream: the 4 MiB stream window).
+    let unbudgeted = harness().await;
+    let (mut full, _full_conn) = raw_tunnel(&unbudgeted, unbudgeted.echo).await;
+    assert_eq!(send_window(&mut full).await, hbone::settings::STREAM_WINDOW as usize);
+    // A closed connection gives its window back.
+    drop(first);
+    first_conn.abort();
+    for _ in 0..100 {
+        if budget.granted() == u64::from(MIN_WINDOW) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(budget.granted(), u64::from(MIN_WINDOW), "the first connection's window was not returned");
+}
+
 #[tokio::test]
 async fn the_server_closes_a_connection_idle_for_its_timeout() {
     let h = harness_with(Limits { idle_timeout: Duration::from_millis(300), ..Limits::default() }).await;
@@ -341,7 +402,10 @@ async fn non_connect_requests_and_bad_authorities_get_400() {
     let cfg = client_config(h.ca.slot(CLIENT), h.ca.roots(), vec![Identity::parse(SERVER).unwrap()]).unwrap();
     let tcp = TcpStream::connect(h.hbone).await.unwrap();
     let tls = TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(h.hbone.ip().into()), tcp).await.unwrap();
-    let (send, conn) = hbone::settings::client().handshake::<_, bytes::Bytes>(tls).await.unwrap();
+    let mut builder = hbone::settings::client();
+    // h2 caps what a stream may have buffered (400 KiB by default); here capacity must show the window.
+    builder.max_send_buffer_size(64 << 20);
+    let (send, conn) = builder.handshake::<_, bytes::Bytes>(tls).await.unwrap();
     tokio::spawn(conn);
     let requests = [
         http::Request::builder().method("GET").uri(format!("https://{}/", h.echo)).body(()).unwrap(),

@@ -106,6 +106,7 @@ impl Admin {
             })
             .collect();
         certificates.sort_by_key(|c| c["identity"].as_str().map(str::to_string));
+        let (windows_granted, windows_budget) = self.proxy.inbound_windows();
         json!({
             "node": self.node,
             "workloads": workloads,
@@ -118,6 +119,7 @@ impl Admin {
             "connections": {
                 "active": self.metrics.active.get(),
                 "pooled_hbone": self.proxy.pooled_connections(),
+                "inbound_window_bytes": { "granted": windows_granted, "budget": windows_budget },
                 "open": open,
                 "recent": recent,
             },

@@ -42,6 +42,8 @@ pub struct Config {
     pub worker_threads: usize,
     pub max_connections: usize,
     pub max_connections_per_source: usize,
+    /// Bytes of HTTP/2 window all inbound HBONE connections share.
+    pub max_inbound_buffer: u64,
     /// With `--overlay vxlan`: this node's VTEP (underlay) address.
     pub overlay: Option<std::net::Ipv4Addr>,
     pub capture: crate::capture::Capture,
@@ -96,6 +98,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 trust_domain: cfg.trust_domain.clone(),
                 max_connections: cfg.max_connections,
                 max_connections_per_source: cfg.max_connections_per_source,
+                max_inbound_buffer: cfg.max_inbound_buffer,
             },
             control.handle().clone(),
             draining,

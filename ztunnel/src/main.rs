@@ -83,6 +83,11 @@ struct Args {
     /// connections and tunnels) may hold; default half of --max-connections.
     #[arg(long)]
     max_connections_per_source: Option<usize>,
+    /// MiB of tunnel data HBONE peers may have in flight to this node's pods, across all inbound
+    /// connections: each connection's HTTP/2 window (16 MiB) is drawn from it, and once it is
+    /// spent a new connection gets 64 KiB. Bounds what pods that read slowly make ztunnel hold.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    max_inbound_buffer_mib: u64,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
     /// How enrolled pods' traffic is steered to ztunnel.
@@ -189,6 +194,7 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
         max_connections: args.max_connections,
         max_connections_per_source: args.max_connections_per_source.unwrap_or((args.max_connections / 2).max(1)),
+        max_inbound_buffer: args.max_inbound_buffer_mib << 20,
         overlay,
         capture,
         registry_file: match args.registry_file {

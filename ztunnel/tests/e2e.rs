@@ -570,6 +570,32 @@ fn peers_without_a_certificate_never_hold_connection_slots() {
     }
 }
 
+/// Each inbound HBONE connection's HTTP/2 window is drawn from the node's budget, which bounds the
+/// data that pods reading slowly can make ztunnel hold; a connection beyond the budget still
+/// carries any amount of traffic, with HTTP/2's initial 64 KiB window.
+#[test]
+fn inbound_windows_are_drawn_from_the_node_budget() {
+    let Mesh { lab, client, server_b, .. } = mesh(&["--max-inbound-buffer-mib", "1"]);
+    let url = format!("http://{}:8080/", server_b.ip);
+    let granted = || {
+        let dump: serde_json::Value = serde_json::from_str(&lab.ztunnel_get(2, 15000, "/config_dump")).unwrap();
+        let w = &dump["connections"]["inbound_window_bytes"];
+        assert_eq!(w["budget"], 1 << 20, "{w}");
+        w["granted"].as_u64().unwrap()
+    };
+    assert_eq!(granted(), 0);
+    assert_eq!(lab.curl(&client, &url).as_deref(), Ok("server-b"));
+    assert_eq!(granted(), 1 << 20, "the first connection's window is the whole budget");
+    // A second client pod: its own HBONE connection, with what is left.
+    let newcomer = lab.add_pod(1, "demo", "newcomer", "client", "app: client", 21);
+    lab.enroll(&newcomer);
+    let upload = lab.dir.path().join("upload");
+    std::fs::write(&upload, vec![b'x'; 2_000_000]).unwrap();
+    let posted = format!("curl -sS --max-time 10 --data-binary @{} {url}", upload.display());
+    assert_eq!(lab.exec_ok(&newcomer.netns, &posted).trim(), "server-b", "2 MB through a 64 KiB window");
+    assert_eq!(granted(), (1 << 20) + 65_535);
+}
+
 /// The first sample of metric `name` in Prometheus `text` whose labels include every one of `labels`.
 fn metric_line<'a>(text: &'a str, name: &str, labels: &[&str]) -> Option<&'a str> {
     text.lines().find(|l| {

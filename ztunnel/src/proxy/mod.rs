@@ -16,6 +16,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hbone::pool::Pool;
+use hbone::window::WindowBudget;
 use hbone::Identity;
 use rustls::RootCertStore;
 use tokio::net::{TcpListener, TcpStream};
@@ -61,6 +62,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Of those, how many one source address may hold.
     pub max_connections_per_source: usize,
+    /// Bytes of HTTP/2 window all inbound HBONE connections share (see [`hbone::window`]).
+    pub max_inbound_buffer: u64,
 }
 
 /// The handshake budget. Sources that are not HBONE workloads (hosts outside the mesh, unmeshed
@@ -93,6 +96,8 @@ pub struct Proxy {
     admission: admission::Admission,
     /// HBONE connections still in their TLS handshake wait here, not in `admission`.
     handshakes: admission::Admission,
+    /// Inbound HBONE connections' HTTP/2 windows, and so what slow pods can make ztunnel hold.
+    windows: Arc<WindowBudget>,
     draining: watch::Receiver<bool>,
 }
 
@@ -119,6 +124,7 @@ impl Proxy {
             pool: Pool::new(hbone::settings::MAX_STREAMS as usize, hbone::pool::IDLE_TIMEOUT),
             admission: admission::Admission::new(settings.max_connections, settings.max_connections_per_source),
             handshakes: handshake_budget(&settings),
+            windows: WindowBudget::new(settings.max_inbound_buffer),
             state,
             certs,
             roots,
@@ -132,6 +138,11 @@ impl Proxy {
 
     pub fn pooled_connections(&self) -> usize {
         self.pool.connections()
+    }
+
+    /// Bytes of HTTP/2 window granted to inbound HBONE connections, and the budget they share.
+    pub fn inbound_windows(&self) -> (u64, u64) {
+        (self.windows.granted(), self.settings.max_inbound_buffer)
     }
 
     /// The certificate for `id`: from the cache, or fetched on the control runtime.
