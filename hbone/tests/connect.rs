@@ -146,10 +146,14 @@ async fn harness_with(limits: Limits) -> Harness {
 }
 
 async fn client(h: &Harness) -> Connection {
+    Connection::handshake(dial_tls(h).await).await.unwrap()
+}
+
+/// TCP and mutual TLS to the harness's HBONE server, as the client identity.
+async fn dial_tls(h: &Harness) -> tokio_rustls::client::TlsStream<TcpStream> {
     let cfg = client_config(h.ca.slot(CLIENT), h.ca.roots(), vec![Identity::parse(SERVER).unwrap()]).unwrap();
     let tcp = TcpStream::connect(h.hbone).await.unwrap();
-    let tls = TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(h.hbone.ip().into()), tcp).await.unwrap();
-    Connection::handshake(tls).await.unwrap()
+    TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(h.hbone.ip().into()), tcp).await.unwrap()
 }
 
 fn tunnel(to: SocketAddr) -> Tunnel {
@@ -249,14 +253,10 @@ async fn closed_within(conn: &Connection, limit: Duration) -> Option<Duration> {
     Some(started.elapsed())
 }
 
-/// The server closes a connection that has carried no tunnel for its idle timeout, and only
-/// then: a long tunnel keeps it open however quiet it is.
 /// A CONNECT to `to` on a connection of its own, driven with h2 directly so the test can see
 /// the send capacity the server's windows allow before any byte is sent.
 async fn raw_tunnel(h: &Harness, to: SocketAddr) -> (h2::SendStream<bytes::Bytes>, tokio::task::JoinHandle<()>) {
-    let cfg = client_config(h.ca.slot(CLIENT), h.ca.roots(), vec![Identity::parse(SERVER).unwrap()]).unwrap();
-    let tcp = TcpStream::connect(h.hbone).await.unwrap();
-    let tls = TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(h.hbone.ip().into()), tcp).await.unwrap();
+    let tls = dial_tls(h).await;
     let mut builder = hbone::settings::client();
     // h2 caps what a stream may have buffered (400 KiB by default); here capacity must show the window.
     builder.max_send_buffer_size(64 << 20);
@@ -312,6 +312,8 @@ async fn connection_windows_are_drawn_from_the_servers_budget() {
     assert_eq!(budget.granted(), u64::from(MIN_WINDOW), "the first connection's window was not returned");
 }
 
+/// The server closes a connection that has carried no tunnel for its idle timeout, and only
+/// then: a long tunnel keeps it open however quiet it is.
 #[tokio::test]
 async fn the_server_closes_a_connection_idle_for_its_timeout() {
     let h = harness_with(Limits { idle_timeout: Duration::from_millis(300), ..Limits::default() }).await;
@@ -399,13 +401,8 @@ async fn refusals_carry_the_hbone_status_codes() {
 #[tokio::test]
 async fn non_connect_requests_and_bad_authorities_get_400() {
     let h = harness().await;
-    let cfg = client_config(h.ca.slot(CLIENT), h.ca.roots(), vec![Identity::parse(SERVER).unwrap()]).unwrap();
-    let tcp = TcpStream::connect(h.hbone).await.unwrap();
-    let tls = TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(h.hbone.ip().into()), tcp).await.unwrap();
-    let mut builder = hbone::settings::client();
-    // h2 caps what a stream may have buffered (400 KiB by default); here capacity must show the window.
-    builder.max_send_buffer_size(64 << 20);
-    let (send, conn) = builder.handshake::<_, bytes::Bytes>(tls).await.unwrap();
+    let tls = dial_tls(&h).await;
+    let (send, conn) = hbone::settings::client().handshake::<_, bytes::Bytes>(tls).await.unwrap();
     tokio::spawn(conn);
     let requests = [
         http::Request::builder().method("GET").uri(format!("https://{}/", h.echo)).body(()).unwrap(),
