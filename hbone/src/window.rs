@@ -41,6 +41,11 @@ impl WindowBudget {
         WindowGrant { budget: self.clone(), size }
     }
 
+    /// Bytes of window the connections share.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
     /// Bytes of window currently granted, across all connections.
     pub fn granted(&self) -> u64 {
         *self.granted.lock().unwrap_or_else(|e| e.into_inner())

@@ -86,7 +86,8 @@ struct Args {
     /// MiB of tunnel data HBONE peers may have in flight to this node's pods, across all inbound
     /// connections: each connection's HTTP/2 window (16 MiB) is drawn from it, and once it is
     /// spent a new connection gets 64 KiB. Bounds what pods that read slowly make ztunnel hold.
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    /// At most 1 TiB (1048576), which no node has to spare anyway.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     max_inbound_buffer_mib: u64,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,

@@ -142,7 +142,7 @@ impl Proxy {
 
     /// Bytes of HTTP/2 window granted to inbound HBONE connections, and the budget they share.
     pub fn inbound_windows(&self) -> (u64, u64) {
-        (self.windows.granted(), self.settings.max_inbound_buffer)
+        (self.windows.granted(), self.windows.total())
     }
 
     /// The certificate for `id`: from the cache, or fetched on the control runtime.

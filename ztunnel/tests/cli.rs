@@ -1,0 +1,18 @@
+//! Flags out of range are refused at start-up with an error naming the flag, before ztunnel
+//! touches the node.
+
+use std::process::Command;
+
+fn refused(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ztunnel")).args(args).output().expect("running ztunnel");
+    assert!(!out.status.success(), "ztunnel accepted {args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn the_inbound_buffer_budget_must_be_between_1_mib_and_1_tib() {
+    for bad in ["0", "1048577", "18446744073709551615"] {
+        let err = refused(&["--node-name", "node1", "--max-inbound-buffer-mib", bad]);
+        assert!(err.contains("--max-inbound-buffer-mib") && err.contains("1..=1048576"), "{bad}: {err}");
+    }
+}
