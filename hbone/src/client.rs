@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use crate::keepalive::Keepalive;
 use crate::stream::H2Stream;
+use crate::window::WindowGrant;
 
 /// How long a CONNECT may wait for its response.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -109,27 +110,42 @@ impl Connection {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        Self::handshake_with(io, Keepalive::default()).await
+        Self::handshake_with(io, Keepalive::default(), None).await
     }
 
-    pub async fn handshake_with<IO>(io: IO, keepalive: Keepalive) -> Result<Connection, HboneError>
+    /// As [`Connection::handshake`], with `keepalive`, and the connection window `window` grants
+    /// instead of the full one (see [`crate::window`]); the grant is held until the connection ends.
+    pub async fn handshake_with<IO>(
+        io: IO,
+        keepalive: Keepalive,
+        mut window: Option<WindowGrant>,
+    ) -> Result<Connection, HboneError>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (send, mut conn) = crate::settings::client().handshake(io).await.map_err(HboneError::Handshake)?;
+        let size = window.as_ref().map_or(crate::settings::CONNECTION_WINDOW, WindowGrant::size);
+        let (send, mut conn) = crate::settings::client(size).handshake(io).await.map_err(HboneError::Handshake)?;
         let open = Arc::new(AtomicBool::new(true));
         let unanswered = crate::keepalive::unanswered(conn.ping_pong(), keepalive);
         let flag = open.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                r = &mut conn => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "HBONE connection ended");
+            let mut unanswered = std::pin::pin!(unanswered);
+            loop {
+                tokio::select! {
+                    r = &mut conn => {
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, "HBONE connection ended");
+                        }
+                    }
+                    () = unanswered.as_mut() => {
+                        tracing::warn!(timeout = ?keepalive.timeout, "HBONE peer did not answer a PING; closing the connection");
+                    }
+                    size = crate::window::grown(window.as_mut()) => {
+                        conn.set_target_window_size(size);
+                        continue;
                     }
                 }
-                () = unanswered => {
-                    tracing::warn!(timeout = ?keepalive.timeout, "HBONE peer did not answer a PING; closing the connection");
-                }
+                break;
             }
             flag.store(false, Ordering::Release);
         });

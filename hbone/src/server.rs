@@ -68,7 +68,7 @@ where
     U: AsyncRead + AsyncWrite + Unpin + Send + crate::Abort + 'static,
 {
     // Held until the connection ends: the data its window lets the peer send is buffered until then.
-    let window = limits.windows.as_ref().map(|b| b.grant());
+    let mut window = limits.windows.as_ref().map(|b| b.grant());
     let size = window.as_ref().map_or(crate::settings::CONNECTION_WINDOW, |w| w.size());
     // A peer that completes TLS but never sends the HTTP/2 preface must not hold the connection.
     let mut conn =
@@ -92,6 +92,7 @@ where
     let mut closing = Some(std::pin::pin!(closing));
     let mut unanswered = std::pin::pin!(crate::keepalive::unanswered(conn.ping_pong(), limits.keepalive));
     loop {
+        let grown = crate::window::grown(window.as_mut());
         let polled = match closing.as_mut() {
             Some(c) => tokio::select! {
                 a = conn.accept() => Some(a),
@@ -101,10 +102,18 @@ where
                     continue;
                 }
                 () = unanswered.as_mut() => None,
+                size = grown => {
+                    conn.set_target_window_size(size);
+                    continue;
+                }
             },
             None => tokio::select! {
                 a = conn.accept() => Some(a),
                 () = unanswered.as_mut() => None,
+                size = grown => {
+                    conn.set_target_window_size(size);
+                    continue;
+                }
             },
         };
         let Some(accepted) = polled else {

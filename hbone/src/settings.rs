@@ -9,10 +9,11 @@ pub const MAX_HEADER_LIST_SIZE: u32 = 16 << 10;
 /// Streams per pooled connection.
 pub const MAX_STREAMS: u32 = 100;
 
-pub fn client() -> h2::client::Builder {
+/// `connection_window` is [`CONNECTION_WINDOW`] unless a [`crate::window`] budget granted less.
+pub fn client(connection_window: u32) -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
     b.initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(connection_window)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .enable_push(false);

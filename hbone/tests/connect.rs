@@ -151,9 +151,14 @@ async fn client(h: &Harness) -> Connection {
 
 /// TCP and mutual TLS to the harness's HBONE server, as the client identity.
 async fn dial_tls(h: &Harness) -> tokio_rustls::client::TlsStream<TcpStream> {
+    dial_tls_at(h, h.hbone).await
+}
+
+/// TCP and mutual TLS to `addr`, which must present the harness's server identity.
+async fn dial_tls_at(h: &Harness, addr: SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
     let cfg = client_config(h.ca.slot(CLIENT), h.ca.roots(), vec![Identity::parse(SERVER).unwrap()]).unwrap();
-    let tcp = TcpStream::connect(h.hbone).await.unwrap();
-    TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(h.hbone.ip().into()), tcp).await.unwrap()
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(addr.ip().into()), tcp).await.unwrap()
 }
 
 fn tunnel(to: SocketAddr) -> Tunnel {
@@ -257,7 +262,7 @@ async fn closed_within(conn: &Connection, limit: Duration) -> Option<Duration> {
 /// the send capacity the server's windows allow before any byte is sent.
 async fn raw_tunnel(h: &Harness, to: SocketAddr) -> (h2::SendStream<bytes::Bytes>, tokio::task::JoinHandle<()>) {
     let tls = dial_tls(h).await;
-    let mut builder = hbone::settings::client();
+    let mut builder = hbone::settings::client(hbone::settings::CONNECTION_WINDOW);
     // h2 caps what a stream may have buffered (400 KiB by default); here capacity must show the window.
     builder.max_send_buffer_size(64 << 20);
     let (send, conn) = builder.handshake::<_, bytes::Bytes>(tls).await.unwrap();
@@ -268,6 +273,19 @@ async fn raw_tunnel(h: &Harness, to: SocketAddr) -> (h2::SendStream<bytes::Bytes
     let (response, stream) = send.ready().await.unwrap().send_request(req, false).unwrap();
     assert_eq!(response.await.unwrap().status(), StatusCode::OK);
     (stream, driver)
+}
+
+/// Waits (up to 2 s) for `stream`'s send capacity to reach `n`, as a WINDOW_UPDATE raising the
+/// peer's window arrives; the capacity it ended with.
+async fn send_window_reaches(stream: &mut h2::SendStream<bytes::Bytes>, n: usize) -> usize {
+    stream.reserve_capacity(64 << 20);
+    for _ in 0..100 {
+        if stream.capacity() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stream.capacity()
 }
 
 /// What the server lets `stream` send before it reads anything: once the server's
@@ -300,16 +318,67 @@ async fn connection_windows_are_drawn_from_the_servers_budget() {
     let unbudgeted = harness().await;
     let (mut full, _full_conn) = raw_tunnel(&unbudgeted, unbudgeted.echo).await;
     assert_eq!(send_window(&mut full).await, hbone::settings::STREAM_WINDOW as usize);
-    // A closed connection gives its window back.
+    // A closed connection gives its window back, and the connection that came up short takes it:
+    // its peer is told so with a WINDOW_UPDATE.
     drop(first);
     first_conn.abort();
-    for _ in 0..100 {
-        if budget.granted() == u64::from(MIN_WINDOW) {
-            break;
+    assert_eq!(send_window_reaches(&mut second, 1 << 20).await, 1 << 20, "the short window did not grow");
+    assert_eq!(budget.granted(), 1 << 20, "the first connection's window went elsewhere");
+}
+
+/// A bare HTTP/2 server presenting the harness's server identity: it answers every CONNECT with
+/// 200 and hands the test each tunnel's sending half, whose capacity shows the windows the
+/// client advertised.
+async fn window_probe(h: &Harness) -> (SocketAddr, tokio::sync::mpsc::Receiver<h2::SendStream<bytes::Bytes>>) {
+    let acceptor =
+        TlsAcceptor::from(Arc::new(server_config(h.ca.slot(SERVER), h.ca.roots(), "cluster.local").unwrap()));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = l.accept().await.unwrap();
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let tls = acceptor.accept(tcp).await.unwrap();
+                let mut builder = h2::server::Builder::new();
+                // h2 caps what a stream may have buffered (400 KiB by default); capacity must show the window.
+                builder.max_send_buffer_size(64 << 20);
+                let mut conn = builder.handshake::<_, bytes::Bytes>(tls).await.unwrap();
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let send = respond.send_response(http::Response::new(()), false).unwrap();
+                    let _ = tx.send(send).await;
+                }
+            });
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(budget.granted(), u64::from(MIN_WINDOW), "the first connection's window was not returned");
+    });
+    (addr, rx)
+}
+
+/// The client's connection window comes from a budget as the server's does, and grows when
+/// another connection returns its share.
+#[tokio::test]
+async fn client_connection_windows_are_drawn_from_a_budget_too() {
+    use hbone::window::{WindowBudget, MIN_WINDOW};
+    let h = harness().await;
+    let (probe, mut tunnels) = window_probe(&h).await;
+    let budget = WindowBudget::new(1 << 20);
+    let first = Connection::handshake_with(dial_tls_at(&h, probe).await, Keepalive::default(), Some(budget.grant()));
+    let first = first.await.unwrap();
+    let first_stream = first.open(&tunnel(h.echo)).await.unwrap();
+    let mut first_sending = tunnels.recv().await.unwrap();
+    assert_eq!(send_window(&mut first_sending).await, 1 << 20, "the whole budget, below the 16 MiB window");
+    let second = Connection::handshake_with(dial_tls_at(&h, probe).await, Keepalive::default(), Some(budget.grant()));
+    let second = second.await.unwrap();
+    let _second_stream = second.open(&tunnel(h.echo)).await.unwrap();
+    let mut second_sending = tunnels.recv().await.unwrap();
+    assert_eq!(send_window(&mut second_sending).await, MIN_WINDOW as usize, "HTTP/2's initial window once it is spent");
+    assert_eq!(budget.granted(), (1 << 20) + u64::from(MIN_WINDOW));
+    // The first connection ends once its tunnel and its last handle are gone; its window goes to
+    // the second.
+    drop((first, first_stream, first_sending));
+    assert_eq!(send_window_reaches(&mut second_sending, 1 << 20).await, 1 << 20, "the short window did not grow");
+    assert_eq!(budget.granted(), 1 << 20);
 }
 
 /// The server closes a connection that has carried no tunnel for its idle timeout, and only
@@ -402,7 +471,8 @@ async fn refusals_carry_the_hbone_status_codes() {
 async fn non_connect_requests_and_bad_authorities_get_400() {
     let h = harness().await;
     let tls = dial_tls(&h).await;
-    let (send, conn) = hbone::settings::client().handshake::<_, bytes::Bytes>(tls).await.unwrap();
+    let (send, conn) =
+        hbone::settings::client(hbone::settings::CONNECTION_WINDOW).handshake::<_, bytes::Bytes>(tls).await.unwrap();
     tokio::spawn(conn);
     let requests = [
         http::Request::builder().method("GET").uri(format!("https://{}/", h.echo)).body(()).unwrap(),
@@ -654,7 +724,7 @@ mod pool {
         let tcp = TcpStream::connect(relay).await.unwrap();
         let tls =
             TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(relay.ip().into()), tcp).await.unwrap();
-        Connection::handshake_with(tls, keepalive).await.unwrap()
+        Connection::handshake_with(tls, keepalive, None).await.unwrap()
     }
 
     #[tokio::test]

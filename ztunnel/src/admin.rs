@@ -106,7 +106,7 @@ impl Admin {
             })
             .collect();
         certificates.sort_by_key(|c| c["identity"].as_str().map(str::to_string));
-        let (windows_granted, windows_budget) = self.proxy.inbound_windows();
+        let window_bytes = |(granted, budget): (u64, u64)| json!({ "granted": granted, "budget": budget });
         json!({
             "node": self.node,
             "workloads": workloads,
@@ -119,7 +119,8 @@ impl Admin {
             "connections": {
                 "active": self.metrics.active.get(),
                 "pooled_hbone": self.proxy.pooled_connections(),
-                "inbound_window_bytes": { "granted": windows_granted, "budget": windows_budget },
+                "inbound_window_bytes": window_bytes(self.proxy.inbound_windows()),
+                "outbound_window_bytes": window_bytes(self.proxy.outbound_windows()),
                 "open": open,
                 "recent": recent,
             },

@@ -44,6 +44,8 @@ pub struct Config {
     pub max_connections_per_source: usize,
     /// Bytes of HTTP/2 window all inbound HBONE connections share.
     pub max_inbound_buffer: u64,
+    /// The same for outbound HBONE connections.
+    pub max_outbound_buffer: u64,
     /// With `--overlay vxlan`: this node's VTEP (underlay) address.
     pub overlay: Option<std::net::Ipv4Addr>,
     pub capture: crate::capture::Capture,
@@ -99,6 +101,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 max_connections: cfg.max_connections,
                 max_connections_per_source: cfg.max_connections_per_source,
                 max_inbound_buffer: cfg.max_inbound_buffer,
+                max_outbound_buffer: cfg.max_outbound_buffer,
             },
             control.handle().clone(),
             draining,

@@ -85,10 +85,14 @@ struct Args {
     max_connections_per_source: Option<usize>,
     /// MiB of tunnel data HBONE peers may have in flight to this node's pods, across all inbound
     /// connections: each connection's HTTP/2 window (16 MiB) is drawn from it, and once it is
-    /// spent a new connection gets 64 KiB. Bounds what pods that read slowly make ztunnel hold.
-    /// At most 1 TiB (1048576), which no node has to spare anyway.
+    /// spent a new connection gets 64 KiB, growing as others close. Bounds what pods that read
+    /// slowly make ztunnel hold. At most 1 TiB (1048576), which no node has to spare anyway.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     max_inbound_buffer_mib: u64,
+    /// The same for the replies to this node's pods, across all outbound (pooled) HBONE
+    /// connections.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    max_outbound_buffer_mib: u64,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
     /// How enrolled pods' traffic is steered to ztunnel.
@@ -196,6 +200,7 @@ fn main() -> anyhow::Result<()> {
         max_connections: args.max_connections,
         max_connections_per_source: args.max_connections_per_source.unwrap_or((args.max_connections / 2).max(1)),
         max_inbound_buffer: args.max_inbound_buffer_mib << 20,
+        max_outbound_buffer: args.max_outbound_buffer_mib << 20,
         overlay,
         capture,
         registry_file: match args.registry_file {

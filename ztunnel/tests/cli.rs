@@ -10,9 +10,11 @@ fn refused(args: &[&str]) -> String {
 }
 
 #[test]
-fn the_inbound_buffer_budget_must_be_between_1_mib_and_1_tib() {
-    for bad in ["0", "1048577", "18446744073709551615"] {
-        let err = refused(&["--node-name", "node1", "--max-inbound-buffer-mib", bad]);
-        assert!(err.contains("--max-inbound-buffer-mib") && err.contains("1..=1048576"), "{bad}: {err}");
+fn the_buffer_budgets_must_be_between_1_mib_and_1_tib() {
+    for flag in ["--max-inbound-buffer-mib", "--max-outbound-buffer-mib"] {
+        for bad in ["0", "1048577", "18446744073709551615"] {
+            let err = refused(&["--node-name", "node1", flag, bad]);
+            assert!(err.contains(flag) && err.contains("1..=1048576"), "{flag} {bad}: {err}");
+        }
     }
 }

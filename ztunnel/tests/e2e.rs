@@ -569,30 +569,35 @@ fn peers_without_a_certificate_never_hold_connection_slots() {
     }
 }
 
-/// Each inbound HBONE connection's HTTP/2 window is drawn from the node's budget, which bounds the
-/// data that pods reading slowly can make ztunnel hold; a connection beyond the budget still
-/// carries any amount of traffic, with HTTP/2's initial 64 KiB window.
+/// Each HBONE connection's HTTP/2 window is drawn from its node's budget for that direction
+/// (inbound on the server's node, outbound on the client's), which bounds the data that pods
+/// reading slowly can make ztunnel hold; a connection beyond the budget still carries any amount
+/// of traffic, with HTTP/2's initial 64 KiB window.
 #[test]
-fn inbound_windows_are_drawn_from_the_node_budget() {
-    let Mesh { lab, client, server_b, .. } = mesh(&["--max-inbound-buffer-mib", "1"]);
+fn hbone_windows_are_drawn_from_the_node_budgets() {
+    let Mesh { lab, client, server_b, .. } = mesh(&["--max-inbound-buffer-mib", "1", "--max-outbound-buffer-mib", "1"]);
     let url = format!("http://{}:8080/", server_b.ip);
-    let granted = || {
-        let dump: serde_json::Value = serde_json::from_str(&lab.ztunnel_get(2, 15000, "/config_dump")).unwrap();
-        let w = &dump["connections"]["inbound_window_bytes"];
+    let granted = |node: usize, direction: &str| {
+        let dump: serde_json::Value = serde_json::from_str(&lab.ztunnel_get(node, 15000, "/config_dump")).unwrap();
+        let w = &dump["connections"][format!("{direction}_window_bytes")];
         assert_eq!(w["budget"], 1 << 20, "{w}");
         w["granted"].as_u64().unwrap()
     };
-    assert_eq!(granted(), 0);
+    let (inbound, outbound) = (|| granted(2, "inbound"), || granted(1, "outbound"));
+    assert_eq!((inbound(), outbound()), (0, 0));
     assert_eq!(lab.curl(&client, &url).as_deref(), Ok("server-b"));
-    assert_eq!(granted(), 1 << 20, "the first connection's window is the whole budget");
-    // A second client pod: its own HBONE connection, with what is left.
+    assert_eq!(inbound(), 1 << 20, "the first connection's window is the whole inbound budget");
+    assert_eq!(outbound(), 1 << 20, "and the whole outbound budget");
+    // A second client pod: its own HBONE connection, with what is left at both ends.
     let newcomer = lab.add_pod(1, "demo", "newcomer", "client", "app: client", 21);
     lab.enroll(&newcomer);
     let upload = lab.dir.path().join("upload");
     std::fs::write(&upload, vec![b'x'; 2_000_000]).unwrap();
     let posted = format!("curl -sS --max-time 10 --data-binary @{} {url}", upload.display());
-    assert_eq!(lab.exec_ok(&newcomer.netns, &posted).trim(), "server-b", "2 MB through a 64 KiB window");
-    assert_eq!(granted(), (1 << 20) + 65_535);
+    assert_eq!(lab.exec_ok(&newcomer.netns, &posted).trim(), "server-b", "2 MB up through a 64 KiB window");
+    let fetched = format!("curl -sS --max-time 10 -o /dev/null -w %{{size_download}} {url}bytes/2000000");
+    assert_eq!(lab.exec_ok(&newcomer.netns, &fetched).trim(), "2000000", "2 MB down through a 64 KiB window");
+    assert_eq!((inbound(), outbound()), ((1 << 20) + 65_535, (1 << 20) + 65_535));
 }
 
 /// The first sample of metric `name` in Prometheus `text` whose labels include every one of `labels`.
@@ -772,7 +777,10 @@ mod hostile {
             .connect(ServerName::IpAddress(to.ip().into()), tcp)
             .await
             .map_err(|e| format!("tls: {e}"))?;
-        let (send, conn) = hbone::settings::client().handshake(tls).await.map_err(|e| format!("h2: {e}"))?;
+        let (send, conn) = hbone::settings::client(hbone::settings::CONNECTION_WINDOW)
+            .handshake(tls)
+            .await
+            .map_err(|e| format!("h2: {e}"))?;
         tokio::spawn(conn);
         // In TLS 1.3 the server judges the client certificate after the client considers the
         // handshake done, so a rejection may only show on the first request.

@@ -45,7 +45,7 @@ impl Proxy {
             let (me, pod) = (me.clone(), pod.clone());
             async move { me.tunnel(&pod, src, req).await }
         };
-        let limits = Limits { windows: Some(self.windows.clone()), ..Limits::default() };
+        let limits = Limits { windows: Some(self.inbound_windows.clone()), ..Limits::default() };
         if let Err(e) = hbone::server::serve(tls, peer, limits, drained, handler).await {
             tracing::debug!(%src, error = %e, "HBONE connection ended with an error");
         }

@@ -64,6 +64,8 @@ pub struct Settings {
     pub max_connections_per_source: usize,
     /// Bytes of HTTP/2 window all inbound HBONE connections share (see [`hbone::window`]).
     pub max_inbound_buffer: u64,
+    /// The same for outbound HBONE connections, whose windows hold replies to local pods.
+    pub max_outbound_buffer: u64,
 }
 
 /// The handshake budget. Sources that are not HBONE workloads (hosts outside the mesh, unmeshed
@@ -96,8 +98,11 @@ pub struct Proxy {
     admission: admission::Admission,
     /// HBONE connections still in their TLS handshake wait here, not in `admission`.
     handshakes: admission::Admission,
-    /// Inbound HBONE connections' HTTP/2 windows, and so what slow pods can make ztunnel hold.
-    windows: Arc<WindowBudget>,
+    /// Inbound and outbound HBONE connections' HTTP/2 windows, and so what pods that read slowly
+    /// can make ztunnel hold. Separate, so that one direction's connections cannot leave the
+    /// other's short.
+    inbound_windows: Arc<WindowBudget>,
+    outbound_windows: Arc<WindowBudget>,
     draining: watch::Receiver<bool>,
 }
 
@@ -124,7 +129,8 @@ impl Proxy {
             pool: Pool::new(hbone::settings::MAX_STREAMS as usize, hbone::pool::IDLE_TIMEOUT),
             admission: admission::Admission::new(settings.max_connections, settings.max_connections_per_source),
             handshakes: handshake_budget(&settings),
-            windows: WindowBudget::new(settings.max_inbound_buffer),
+            inbound_windows: WindowBudget::new(settings.max_inbound_buffer),
+            outbound_windows: WindowBudget::new(settings.max_outbound_buffer),
             state,
             certs,
             roots,
@@ -142,7 +148,12 @@ impl Proxy {
 
     /// Bytes of HTTP/2 window granted to inbound HBONE connections, and the budget they share.
     pub fn inbound_windows(&self) -> (u64, u64) {
-        (self.windows.granted(), self.windows.total())
+        (self.inbound_windows.granted(), self.inbound_windows.total())
+    }
+
+    /// The same for outbound HBONE connections.
+    pub fn outbound_windows(&self) -> (u64, u64) {
+        (self.outbound_windows.granted(), self.outbound_windows.total())
     }
 
     /// The certificate for `id`: from the cache, or fetched on the control runtime.

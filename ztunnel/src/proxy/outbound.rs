@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hbone::client::{Baggage, Connection, HboneError, Tunnel};
+use hbone::client::{Baggage, Connection, HboneError, Keepalive, Tunnel};
 use hbone::pool::PoolKey;
 use hbone::Identity;
 use http::StatusCode;
@@ -130,7 +130,7 @@ impl Proxy {
         .await
         .map_err(|_| HboneError::Tls(format!("handshake with {addr} timed out")))?
         .map_err(|e| HboneError::Tls(e.to_string()))?;
-        Connection::handshake(tls).await
+        Connection::handshake_with(tls, Keepalive::default(), Some(self.outbound_windows.grant())).await
     }
 }
 
