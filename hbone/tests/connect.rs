@@ -355,6 +355,20 @@ async fn window_probe(h: &Harness) -> (SocketAddr, tokio::sync::mpsc::Receiver<h
     (addr, rx)
 }
 
+/// A client connection to `probe` whose window comes from `budget`, a tunnel on it, and the
+/// probe's sending half of that tunnel.
+async fn budgeted_tunnel(
+    h: &Harness,
+    probe: SocketAddr,
+    budget: &Arc<hbone::window::WindowBudget>,
+    tunnels: &mut tokio::sync::mpsc::Receiver<h2::SendStream<bytes::Bytes>>,
+) -> (Connection, hbone::H2Stream, h2::SendStream<bytes::Bytes>) {
+    let tls = dial_tls_at(h, probe).await;
+    let conn = Connection::handshake_with(tls, Keepalive::default(), Some(budget.grant())).await.unwrap();
+    let stream = conn.open(&tunnel(h.echo)).await.unwrap();
+    (conn, stream, tunnels.recv().await.unwrap())
+}
+
 /// The client's connection window comes from a budget as the server's does, and grows when
 /// another connection returns its share.
 #[tokio::test]
@@ -363,15 +377,9 @@ async fn client_connection_windows_are_drawn_from_a_budget_too() {
     let h = harness().await;
     let (probe, mut tunnels) = window_probe(&h).await;
     let budget = WindowBudget::new(1 << 20);
-    let first = Connection::handshake_with(dial_tls_at(&h, probe).await, Keepalive::default(), Some(budget.grant()));
-    let first = first.await.unwrap();
-    let first_stream = first.open(&tunnel(h.echo)).await.unwrap();
-    let mut first_sending = tunnels.recv().await.unwrap();
+    let (first, first_stream, mut first_sending) = budgeted_tunnel(&h, probe, &budget, &mut tunnels).await;
     assert_eq!(send_window(&mut first_sending).await, 1 << 20, "the whole budget, below the 16 MiB window");
-    let second = Connection::handshake_with(dial_tls_at(&h, probe).await, Keepalive::default(), Some(budget.grant()));
-    let second = second.await.unwrap();
-    let _second_stream = second.open(&tunnel(h.echo)).await.unwrap();
-    let mut second_sending = tunnels.recv().await.unwrap();
+    let (_second, _second_stream, mut second_sending) = budgeted_tunnel(&h, probe, &budget, &mut tunnels).await;
     assert_eq!(send_window(&mut second_sending).await, MIN_WINDOW as usize, "HTTP/2's initial window once it is spent");
     assert_eq!(budget.granted(), (1 << 20) + u64::from(MIN_WINDOW));
     // The first connection ends once its tunnel and its last handle are gone; its window goes to
