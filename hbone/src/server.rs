@@ -89,32 +89,23 @@ where
             }
         }
     };
-    let mut closing = Some(std::pin::pin!(closing));
+    let mut closing = std::pin::pin!(closing);
+    // Set once the GOAWAY is sent: `closing` has completed and must not be polled again.
+    let mut closed = false;
     let mut unanswered = std::pin::pin!(crate::keepalive::unanswered(conn.ping_pong(), limits.keepalive));
     loop {
-        let grown = crate::window::grown(window.as_mut());
-        let polled = match closing.as_mut() {
-            Some(c) => tokio::select! {
-                a = conn.accept() => Some(a),
-                () = c.as_mut() => {
-                    conn.graceful_shutdown();
-                    closing = None;
-                    continue;
-                }
-                () = unanswered.as_mut() => None,
-                size = grown => {
-                    conn.set_target_window_size(size);
-                    continue;
-                }
-            },
-            None => tokio::select! {
-                a = conn.accept() => Some(a),
-                () = unanswered.as_mut() => None,
-                size = grown => {
-                    conn.set_target_window_size(size);
-                    continue;
-                }
-            },
+        let polled = tokio::select! {
+            a = conn.accept() => Some(a),
+            () = closing.as_mut(), if !closed => {
+                conn.graceful_shutdown();
+                closed = true;
+                continue;
+            }
+            () = unanswered.as_mut() => None,
+            size = crate::window::grown(window.as_mut()) => {
+                conn.set_target_window_size(size);
+                continue;
+            }
         };
         let Some(accepted) = polled else {
             // Dropping the connection fails its streams, so each tunnel resets its upstream.
