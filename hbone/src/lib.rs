@@ -20,5 +20,5 @@ pub mod window;
 
 pub use identity::Identity;
 pub use keepalive::Keepalive;
-pub use splice::{splice, Abort};
+pub use splice::{splice, Abort, MAX_READ};
 pub use stream::H2Stream;

