@@ -210,6 +210,19 @@ async fn tunnel_carries_bytes_both_ways_with_hbone_headers() {
     assert_eq!((parts.len(), parts[0], parts[1].len(), parts[2].len(), parts[3]), (4, "00", 32, 16, "01"), "{tp}");
 }
 
+/// A loopback socket for an app to connect to, and the task that splices the connection it
+/// accepts into a tunnel to `to` on `conn`, as ztunnel's outbound path does.
+async fn spliced_app(conn: Connection, to: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let app_side = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app_side.local_addr().unwrap();
+    let proxy = tokio::spawn(async move {
+        let (pod_conn, _) = app_side.accept().await.unwrap();
+        let stream = conn.open(&tunnel(to)).await.unwrap();
+        hbone::splice(pod_conn, stream).await
+    });
+    (app_addr, proxy)
+}
+
 /// `hbone::splice`, as ztunnel's outbound path uses it: an app's socket spliced into a tunnel
 /// (and, on the server, the tunnel spliced into the upstream socket). Bytes arrive intact beyond
 /// the stream window and the read chunk, and a half-close travels through: the app shuts down
@@ -218,14 +231,7 @@ async fn tunnel_carries_bytes_both_ways_with_hbone_headers() {
 async fn spliced_tunnel_carries_bytes_both_ways_and_half_closes() {
     let h = harness().await;
     let conn = client(&h).await;
-    let app_side = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app_addr = app_side.local_addr().unwrap();
-    let echo = h.echo;
-    let proxy = tokio::spawn(async move {
-        let (pod_conn, _) = app_side.accept().await.unwrap();
-        let stream = conn.open(&tunnel(echo)).await.unwrap();
-        hbone::splice(pod_conn, stream).await
-    });
+    let (app_addr, proxy) = spliced_app(conn, h.echo).await;
     let payload: Vec<u8> = (0..9 << 20).map(|i| (i % 253) as u8).collect();
     let app = TcpStream::connect(app_addr).await.unwrap();
     let (mut r, mut w) = app.into_split();
@@ -400,14 +406,7 @@ async fn spliced_bulk_data_travels_in_frames_up_to_the_largest_read() {
     let h = harness().await;
     let (probe, mut tunnels) = window_probe(&h).await;
     let conn = Connection::handshake(dial_tls_at(&h, probe).await).await.unwrap();
-    let app_side = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app_addr = app_side.local_addr().unwrap();
-    let echo = h.echo;
-    let proxy = tokio::spawn(async move {
-        let (pod_conn, _) = app_side.accept().await.unwrap();
-        let stream = conn.open(&tunnel(echo)).await.unwrap();
-        hbone::splice(pod_conn, stream).await
-    });
+    let (app_addr, proxy) = spliced_app(conn, h.echo).await;
     let mut app = TcpStream::connect(app_addr).await.unwrap();
     app.write_all(b"hello").await.unwrap();
     let (mut body, _sending) = tunnels.recv().await.unwrap();
