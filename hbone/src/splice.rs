@@ -88,9 +88,14 @@ struct ReadSize {
     small_reads: u8,
 }
 
+/// The read size after `doublings` doublings of [`MIN_READ`], frame header kept out.
+fn doubled(doublings: u8) -> usize {
+    ((MIN_READ + FRAME_HEADER) << doublings) - FRAME_HEADER
+}
+
 impl ReadSize {
     fn get(&self) -> usize {
-        ((MIN_READ + FRAME_HEADER) << self.doublings) - FRAME_HEADER
+        doubled(self.doublings)
     }
 
     /// Takes note of a read of `n` bytes; true when the size shrank, so that a buffer sized for
@@ -101,8 +106,7 @@ impl ReadSize {
             self.small_reads = 0;
             return false;
         }
-        let half = ReadSize { doublings: self.doublings.saturating_sub(1), small_reads: 0 }.get();
-        if self.doublings == 0 || n > half {
+        if self.doublings == 0 || n > doubled(self.doublings - 1) {
             self.small_reads = 0;
             return false;
         }
