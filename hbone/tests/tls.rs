@@ -81,6 +81,78 @@ async fn mutual_tls13_with_hbone_suites_alpn_and_identities() {
     assert_eq!(&buf, b"ping");
 }
 
+/// Checks the server's chain to the mesh root and nothing else, so that a test client can be
+/// built with a provider of its own choosing.
+#[derive(Debug)]
+struct ChainOnly(Arc<rustls::RootCertStore>);
+
+impl rustls::client::danger::ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        let algorithms = hbone::tls::provider().signature_verification_algorithms.all;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(&parsed, &self.0, intermediates, now, algorithms)?;
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _m: &[u8],
+        _c: &rustls::pki_types::CertificateDer<'_>,
+        _d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.3 only".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &hbone::tls::provider().signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        hbone::tls::provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Trellis prefers AES-128-GCM, but a peer that prefers AES-256-GCM (Istio's ztunnel lists it
+/// first) gets it: our server follows the client's order.
+#[tokio::test]
+async fn a_client_preferring_aes_256_gcm_gets_it() {
+    let ca = Ca::new("mesh root");
+    let server = server_config(ca.slot(SERVER), ca.roots(), "cluster.local").unwrap();
+    let (addr, peer) = echo_server(TlsAcceptor::from(Arc::new(server))).await;
+    let mut provider = (*hbone::tls::provider()).clone();
+    provider.cipher_suites.reverse();
+    assert_eq!(provider.cipher_suites[0].suite(), rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ChainOnly(ca.roots())))
+        .with_client_cert_resolver(ca.slot(CLIENT));
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let mut tls = connect(addr, cfg).await.unwrap();
+    assert_eq!(
+        tls.get_ref().1.negotiated_cipher_suite().unwrap().suite(),
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+    );
+    tls.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tls.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    assert_eq!(peer.await.unwrap(), Ok(Some(id(CLIENT))), "the server verified the client as usual");
+}
+
 #[tokio::test]
 async fn client_refuses_a_server_with_an_unexpected_identity() {
     let ca = Ca::new("mesh root");
