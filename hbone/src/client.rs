@@ -13,8 +13,9 @@ pub use crate::keepalive::Keepalive;
 use crate::stream::H2Stream;
 use crate::window::WindowGrant;
 
-/// How long a CONNECT may wait for its response.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a CONNECT may wait for its response by default: twice ztunnel's upstream connect
+/// timeout, so a peer that is merely slow to reach its pod answers 503 well within it.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -101,6 +102,7 @@ pub struct Connection {
     /// Cleared when the connection's task ends: the peer closed it, it failed, or keepalive
     /// gave up on it.
     open: Arc<AtomicBool>,
+    response_timeout: Duration,
 }
 
 impl Connection {
@@ -149,7 +151,14 @@ impl Connection {
             }
             flag.store(false, Ordering::Release);
         });
-        Ok(Connection { send, open })
+        Ok(Connection { send, open, response_timeout: RESPONSE_TIMEOUT })
+    }
+
+    /// How long each CONNECT on this connection waits for its response (default
+    /// [`RESPONSE_TIMEOUT`]).
+    pub fn with_response_timeout(mut self, timeout: Duration) -> Connection {
+        self.response_timeout = timeout;
+        self
     }
 
     /// False once the connection has ended; a pool must not hand it out again.
@@ -169,9 +178,9 @@ impl Connection {
             .map_err(|e| HboneError::Request(e.to_string()))?;
         let mut send = self.send.clone().ready().await?;
         let (response, stream) = send.send_request(req, false)?;
-        let resp = tokio::time::timeout(RESPONSE_TIMEOUT, response)
+        let resp = tokio::time::timeout(self.response_timeout, response)
             .await
-            .map_err(|_| HboneError::Timeout(RESPONSE_TIMEOUT))??;
+            .map_err(|_| HboneError::Timeout(self.response_timeout))??;
         if resp.status() != StatusCode::OK {
             return Err(HboneError::Status(resp.status()));
         }

@@ -1,6 +1,7 @@
 //! The HBONE connection pool: tunnels with the same [`PoolKey`] share HTTP/2 connections, at most
 //! [`settings::MAX_STREAMS`](crate::settings::MAX_STREAMS) at a time on each; a connection idle
-//! for the idle timeout (5 minutes by default) is released, and a closed one is never handed out.
+//! for the idle timeout (5 minutes by default) is released, and a closed one, or one that left a
+//! CONNECT unanswered, is never handed out again.
 //!
 //! The key includes both identities, so a connection authenticated as one workload is never
 //! reused for another, and the destination address, so it only ever reaches the peer whose
@@ -153,7 +154,7 @@ impl Pool {
         match conn.open(tunnel).await {
             Ok(stream) => Ok(PooledStream { stream, _slot: slot }),
             Err(e) => {
-                if is_connection_failure(&conn, &e) {
+                if is_connection_failure(&conn, &e) || is_suspect(&e) {
                     self.forget(key, slot.usage());
                 }
                 Err(e)
@@ -171,6 +172,11 @@ impl Pool {
     ) -> Result<Option<PooledStream>, HboneError> {
         match conn.open(tunnel).await {
             Ok(stream) => Ok(Some(PooledStream { stream, _slot: slot })),
+            Err(e) if is_suspect(&e) => {
+                tracing::warn!(error = %e, "pooled HBONE connection is unresponsive; new tunnels will use a new one");
+                self.forget(key, slot.usage());
+                Err(e)
+            }
             Err(e) if !is_connection_failure(&conn, &e) => Err(e),
             Err(e) => {
                 tracing::debug!(error = %e, "pooled HBONE connection is gone; dialing a new one");
@@ -181,10 +187,21 @@ impl Pool {
     }
 }
 
-/// Whether a failed CONNECT means the whole connection is unusable. A refusal (non-200), a slow
-/// upstream (timeout) or a reset of this one stream leave the other tunnels on it healthy.
+/// Whether a failed CONNECT means the whole connection is unusable, so the tunnel may be retried
+/// on a new one. A refusal (non-200) or a reset of this one stream leave the other tunnels on it
+/// healthy.
 fn is_connection_failure(conn: &Connection, e: &HboneError) -> bool {
     !conn.is_open() || matches!(e, HboneError::H2(e) if e.is_io() || e.is_go_away())
+}
+
+/// Whether a failed CONNECT casts doubt on the connection: no answer at all within the response
+/// timeout. A peer that can still answer says 503 when its pod is slow, well within that timeout,
+/// so silence more likely means a peer that is gone without a FIN, which keepalive would take up
+/// to its interval plus timeout to notice. The connection stops taking new tunnels at once; those
+/// already on it keep it, and it closes with the last of them. The CONNECT itself is not retried:
+/// the peer may have acted on it.
+fn is_suspect(e: &HboneError) -> bool {
+    matches!(e, HboneError::Timeout(_))
 }
 
 /// A tunnel opened through the pool; dropping it frees its stream slot.

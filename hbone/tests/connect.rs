@@ -26,6 +26,8 @@ const DENIED_PORT: u16 = 1;
 /// The handler holds a CONNECT to this port for SLOW_CONNECT, then answers 503.
 const SLOW_PORT: u16 = 2;
 const SLOW_CONNECT: Duration = Duration::from_millis(500);
+/// The handler never answers a CONNECT to this port: a peer that has stopped responding.
+const SILENT_PORT: u16 = 3;
 
 /// Every tunnel request the server's handler saw, with the connection's peer identity.
 type Seen = Arc<Mutex<Vec<(Inbound, Option<Identity>)>>>;
@@ -133,6 +135,9 @@ async fn harness_with(limits: Limits) -> Harness {
                             tokio::time::sleep(SLOW_CONNECT).await;
                             slow_now.fetch_sub(1, Ordering::SeqCst);
                             return Err(StatusCode::SERVICE_UNAVAILABLE);
+                        }
+                        if target.port() == SILENT_PORT {
+                            return std::future::pending().await;
                         }
                         TcpStream::connect(target).await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)
                     }
@@ -735,6 +740,27 @@ mod pool {
         }
         assert_eq!(pool.connections(), 1);
         assert_eq!(h.connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_left_a_connect_unanswered_takes_no_new_tunnels() {
+        let h = harness().await;
+        let pool = Pool::new(100, Duration::from_secs(300));
+        let k = key(&h, CLIENT);
+        let impatient = || async { Ok(client(&h).await.with_response_timeout(Duration::from_millis(300))) };
+        let mut old = pool.open(&k, &tunnel(h.echo), impatient).await.unwrap();
+        echo_once(&mut old, b"before").await;
+        let silent: SocketAddr = format!("127.0.0.1:{SILENT_PORT}").parse().unwrap();
+        let unanswered = pool.open(&k, &tunnel(silent), impatient).await.map(drop);
+        assert!(matches!(unanswered, Err(HboneError::Timeout(_))), "{unanswered:?}");
+        let mut new = pool.open(&k, &tunnel(h.echo), impatient).await.unwrap();
+        echo_once(&mut new, b"new tunnel").await;
+        assert_eq!(h.connections.load(Ordering::SeqCst), 2, "the unresponsive connection took no new tunnel");
+        assert_eq!(pool.connections(), 1);
+        echo_once(&mut old, b"the open tunnel keeps working").await;
+        // Not retried: the peer may have acted on a CONNECT it did not answer.
+        let silent_seen = h.seen.lock().unwrap().iter().filter(|(i, _)| i.authority == silent).count();
+        assert_eq!(silent_seen, 1);
     }
 
     /// A relay to `to` that, once `frozen` is set, stops forwarding in both directions but keeps
