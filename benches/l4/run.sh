@@ -145,8 +145,8 @@ to_us() { # wrk latency like 61.00us / 1.20ms / 2.00s -> microseconds
   python3 -c 'import sys,re; v,u=re.match(r"([\d.]+)(us|ms|s)$",sys.argv[1]).groups(); print(int(float(v)*{"us":1,"ms":1e3,"s":1e6}[u]))' "$1"
 }
 WRK_OUT=""
-wrk_run() { # wrk_run CLIENTNS SERVERIP -> sets RPS P50 P99
-  WRK_OUT=$(ip netns exec ${P}$1 wrk -t1 -c4 -d"${DURATION}s" --latency http://$2:8080/)
+wrk_run() { # wrk_run CLIENTNS SERVERIP [CONNECTIONS] -> sets RPS P50 P99
+  WRK_OUT=$(ip netns exec ${P}$1 wrk -t1 -c"${3:-4}" -d"${DURATION}s" --latency http://$2:8080/)
   RPS=$(awk '/Requests\/sec/ {print $2}' <<<"$WRK_OUT")
   P50=$(to_us "$(awk '$1=="50%" {print $2}' <<<"$WRK_OUT")")
   P99=$(to_us "$(awk '$1=="99%" {print $2}' <<<"$WRK_OUT")")
@@ -208,6 +208,18 @@ echo "== medians over ${ROUNDS} rounds"
 echo "iperf3   raw ${RAW_GBPS} Gbit/s   trellis ${MESH_GBPS} Gbit/s"
 echo "wrk      raw ${RAW_RPS} req/s p50 ${RAW_P50}us p99 ${RAW_P99}us   trellis ${MESH_RPS} req/s p50 ${MESH_P50}us p99 ${MESH_P99}us"
 echo "== ztunnel RSS (largest of the two): idle ${RSS_IDLE} MB, under load ${RSS_LOAD} MB"
+
+# SWEEP=1: rps ratio by wrk connection count, one run each, for context only. At 4 connections
+# wrk and the server each keep one vCPU busy and never sleep, the raw path's best case; a proxied
+# request crosses four processes on two vCPUs, and each hop can wait for a halted vCPU to wake.
+if [ "${SWEEP:-0}" = 1 ]; then
+  echo "== rps by connection count (one run each)"
+  for c in 1 2 4 8 16; do
+    wrk_run rawc 10.244.2.10 "$c"; raw_rps=$RPS; raw_p50=$P50
+    wrk_run meshc 10.244.2.20 "$c"
+    echo "c=$c raw ${raw_rps} req/s p50 ${raw_p50}us / trellis ${RPS} req/s p50 ${P50}us: ratio $(python3 -c "print('%.2f' % ($RPS / $raw_rps))")"
+  done
+fi
 
 echo "== capture modes: the same wrk run with --capture nftables"
 stop_ztunnels
