@@ -761,6 +761,16 @@ mod pool {
         // Not retried: the peer may have acted on a CONNECT it did not answer.
         let silent_seen = h.seen.lock().unwrap().iter().filter(|(i, _)| i.authority == silent).count();
         assert_eq!(silent_seen, 1);
+        // Out of the pool, the connection closes once its last tunnel ends.
+        drop(old);
+        let first = h.live.lock().unwrap()[0].task.clone();
+        for _ in 0..100 {
+            if first.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(first.is_finished(), "the forgotten connection outlived its last tunnel");
     }
 
     /// A relay to `to` that, once `frozen` is set, stops forwarding in both directions but keeps
