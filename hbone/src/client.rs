@@ -13,8 +13,9 @@ pub use crate::keepalive::Keepalive;
 use crate::stream::H2Stream;
 use crate::window::WindowGrant;
 
-/// How long a CONNECT may wait for its response by default: twice ztunnel's upstream connect
-/// timeout, so a peer that is merely slow to reach its pod answers 503 well within it.
+/// How long a CONNECT may wait for its response by default. The pool takes silence for this long
+/// as a sign the peer is gone, so ztunnel's upstream connect timeout is at most half of it (checked
+/// at compile time there): a peer that is merely slow to reach its pod answers 503 well within it.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]

@@ -13,6 +13,9 @@ use crate::netns::Netns;
 /// Istio's mark for proxy-originated traffic; capture rules let it through untouched.
 pub const DEFAULT_MARK: u32 = 0x539;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+// A peer's HBONE pool takes a CONNECT left unanswered for its response timeout as a sign that
+// this node is gone; a pod that is slow to accept must get its 503 well before that.
+const _: () = assert!(CONNECT_TIMEOUT.as_secs() * 2 <= hbone::client::RESPONSE_TIMEOUT.as_secs());
 const BACKLOG: i32 = 1024;
 
 fn domain(addr: &SocketAddr) -> Domain {
