@@ -1,7 +1,8 @@
 //! ztunnel's xDS client against a scripted control plane, for what istiod-lite cannot be made to
 //! send: invalid resources (istiod-lite validates everything), where valid resources and removals
 //! in the same response apply, an invalid workload keeps its last good state, an invalid policy
-//! is enforced as a deny-all of its scope, and the NACK names every reason; and a split push held
+//! (or one with a field this ztunnel does not know) is enforced as a deny-all of its scope, and
+//! the NACK names every reason; and a split push held
 //! between its pieces, where the client is not synced until the last piece.
 
 mod common;
@@ -140,6 +141,22 @@ async fn invalid_resources_are_nacked_while_the_rest_applies_and_bad_policies_de
         action: Action::Allow as i32,
         rules: vec![Rule { clauses: vec![] }],
     };
+    // An ALLOW from a newer control plane: its only condition is a Match field (11) this proto
+    // lacks. prost would decode it as an empty Match; it must not admit anyone.
+    let newer = {
+        let len = |n: usize| u8::try_from(n).unwrap();
+        let in_match = [0x58, 0x01];
+        let clause = [&[0x12, len(in_match.len())][..], &in_match].concat();
+        let rule = [&[0x0a, len(clause.len())][..], &clause].concat();
+        let head = Authorization {
+            name: "newer".into(),
+            namespace: "news".into(),
+            scope: Scope::Namespace as i32,
+            action: Action::Allow as i32,
+            rules: vec![],
+        };
+        [head.encode_to_vec(), vec![0x2a, len(rule.len())], rule].concat()
+    };
     let responses = vec![
         response(
             AUTHORIZATION_TYPE_URL,
@@ -147,6 +164,7 @@ async fn invalid_resources_are_nacked_while_the_rest_applies_and_bad_policies_de
             vec![
                 resource("shop/broken", "1", AUTHORIZATION_TYPE_URL, broken_deny.encode_to_vec()),
                 resource("blog/open", "1", AUTHORIZATION_TYPE_URL, allow.encode_to_vec()),
+                resource("news/newer", "1", AUTHORIZATION_TYPE_URL, newer),
             ],
             vec![],
         ),
@@ -157,6 +175,7 @@ async fn invalid_resources_are_nacked_while_the_rest_applies_and_bad_policies_de
                 resource("shop-pod", "1", ADDRESS_TYPE_URL, workload("shop-pod", "shop", [10, 0, 0, 1])),
                 resource("blog-pod", "1", ADDRESS_TYPE_URL, workload("blog-pod", "blog", [10, 0, 0, 2])),
                 resource("gone", "1", ADDRESS_TYPE_URL, workload("gone", "blog", [10, 0, 0, 3])),
+                resource("news-pod", "1", ADDRESS_TYPE_URL, workload("news-pod", "news", [10, 0, 0, 5])),
             ],
             vec![],
         ),
@@ -188,6 +207,10 @@ async fn invalid_resources_are_nacked_while_the_rest_applies_and_bad_policies_de
     // NACKs name each bad resource and why; clean responses are ACKed.
     let policy_nack = replies["p1"].clone().expect("the policy response is NACKed");
     assert!(policy_nack.contains("shop/broken") && policy_nack.contains("port out of range"), "{policy_nack}");
+    assert!(
+        policy_nack.contains("news/newer: rules[0].clauses[0].matches[0] has field 11"),
+        "the unknown field is named: {policy_nack}"
+    );
     let address_nack = replies["a2"].clone().expect("the second address push is NACKed");
     assert!(address_nack.contains("shop-pod") && address_nack.contains("does not match"), "{address_nack}");
     for nonce in ["a1", "n1", "m1"] {
@@ -209,6 +232,8 @@ async fn invalid_resources_are_nacked_while_the_rest_applies_and_bad_policies_de
     assert_eq!(evaluate(&s, &shop, &conn("10.0.0.1:8080")), Decision::Deny("shop/broken".into()));
     let blog = s.workload_by_ip("10.0.0.4".parse().unwrap()).unwrap().clone();
     assert_eq!(evaluate(&s, &blog, &conn("10.0.0.4:8080")), Decision::Allow, "other namespaces are untouched");
+    let news = s.workload_by_ip("10.0.0.5".parse().unwrap()).unwrap().clone();
+    assert_eq!(evaluate(&s, &news, &conn("10.0.0.5:8080")), Decision::Deny("news/newer".into()), "fails closed");
     drop(s);
     task.abort();
 }

@@ -10,6 +10,7 @@ use trellis_proto::trellis::pod::v1::PodMembership;
 
 mod claims;
 pub mod policy;
+mod unknown_fields;
 pub mod validate;
 
 use claims::Claims;

@@ -4,7 +4,9 @@
 //! WORKLOAD_SELECTOR ones the workload lists. Any matching DENY denies. Then, if the workload has
 //! ALLOW policies, one must match. A policy matches if any rule does; a rule if all its clauses
 //! do (a rule without clauses matches everything); a clause if any match does (a clause without
-//! matches never does); a match if every field it sets is satisfied.
+//! matches never does); a match if every field it sets is satisfied. A match that sets no field
+//! never matches, as in Istio's ztunnel: it cannot say who it admits (istiod-lite never sends one,
+//! it drops a source or operation with nothing L4 in it).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -60,6 +62,9 @@ fn field<T>(yes: &[T], no: &[T], hit: impl Fn(&T) -> bool) -> bool {
 }
 
 fn match_matches(m: &Match, c: &Connection) -> bool {
+    if *m == Match::default() {
+        return false;
+    }
     let principal =
         c.source.as_ref().map(|id| format!("{}/ns/{}/sa/{}", id.trust_domain, id.namespace, id.service_account));
     let namespace = c.source.as_ref().map(|id| id.namespace.as_str());
@@ -299,6 +304,33 @@ mod tests {
                 vec![policy("demo", "l7", Namespace, Deny, vec![vec![vec![]]])],
                 vec![],
                 &prod,
+                Decision::Allow,
+            ),
+            (
+                "a match that sets nothing admits no one (ALLOW)",
+                vec![policy("demo", "empty", Namespace, Allow, vec![vec![vec![Match::default()]]])],
+                vec![],
+                &client,
+                Decision::Deny("no ALLOW policy matched (demo/empty)".into()),
+            ),
+            (
+                "a match that sets nothing matches no one (DENY)",
+                vec![policy("demo", "empty", Namespace, Deny, vec![vec![vec![Match::default()]]])],
+                vec![],
+                &client,
+                Decision::Allow,
+            ),
+            (
+                "an empty match beside a real one leaves the real one",
+                vec![policy(
+                    "demo",
+                    "both",
+                    Namespace,
+                    Allow,
+                    vec![vec![vec![Match::default(), principal("cluster.local/ns/demo/sa/client")]]],
+                )],
+                vec![],
+                &client,
                 Decision::Allow,
             ),
             (

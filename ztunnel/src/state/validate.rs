@@ -44,12 +44,16 @@ pub fn address(name: &str, bytes: &[u8]) -> Result<address::Type, String> {
 }
 
 /// The policy to enforce for a received Authorization, and why it was rejected if it was. One
-/// that ztunnel cannot enforce as written is replaced by a DENY matching every connection, with
+/// that ztunnel cannot enforce as written (including one with a field this build does not know,
+/// see [`super::unknown_fields`]) is replaced by a DENY matching every connection, with
 /// the scope it declares (GLOBAL when even that is unreadable), so it denies exactly where the
 /// real one could have applied: an unknown policy fails closed, never open.
 pub fn authorization_or_deny_all(name: &str, bytes: &[u8]) -> (Authorization, Option<String>) {
     let (reason, declared) = match Authorization::decode(bytes) {
-        Ok(a) => match check_authorization(name, &a) {
+        Ok(a) => match super::unknown_fields::check(bytes)
+            .map_err(|e| format!("{name}: {e}"))
+            .and_then(|()| check_authorization(name, &a))
+        {
             Ok(()) => return (a, None),
             Err(reason) => (reason, Scope::try_from(a.scope).ok()),
         },
