@@ -34,8 +34,18 @@ pub enum HboneError {
     Io(#[from] std::io::Error),
     #[error("TLS: {0}")]
     Tls(String),
-    #[error("the dial this tunnel waited for failed {1:?} ago: {0}")]
-    DialFailed(String, Duration),
+    /// The dial this tunnel queued behind failed; `tls` if it failed mutual TLS.
+    #[error("the dial this tunnel waited for failed {ago:?} ago: {why}")]
+    DialFailed { why: String, tls: bool, ago: Duration },
+}
+
+impl HboneError {
+    /// Whether the peer failed mutual TLS (an untrusted or expired certificate, an identity other
+    /// than the expected ones, no handshake in time), here or in the dial this tunnel waited for.
+    /// Telemetry tells these apart from an unreachable peer: they can mean an impostor.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, HboneError::Tls(_) | HboneError::DialFailed { tls: true, .. })
+    }
 }
 
 /// Telemetry metadata of the source workload, sent as the `baggage` header.

@@ -38,7 +38,13 @@ struct Pooled {
 }
 
 /// One dial per key at a time; remembers the last failure for the tunnels queued behind it.
-type DialGate = Arc<tokio::sync::Mutex<Option<(Instant, String)>>>;
+type DialGate = Arc<tokio::sync::Mutex<Option<DialFailure>>>;
+
+struct DialFailure {
+    at: Instant,
+    why: String,
+    tls: bool,
+}
 
 pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
@@ -136,13 +142,13 @@ impl Pool {
             }
             // That connection was dead and is forgotten; look again.
         };
-        if let Some((at, why)) = last_failure.as_ref().filter(|(at, _)| *at >= queued_at) {
-            return Err(HboneError::DialFailed(why.clone(), at.elapsed()));
+        if let Some(f) = last_failure.as_ref().filter(|f| f.at >= queued_at) {
+            return Err(HboneError::DialFailed { why: f.why.clone(), tls: f.tls, ago: f.at.elapsed() });
         }
         let conn = match dial().await {
             Ok(c) => c,
             Err(e) => {
-                *last_failure = Some((Instant::now(), e.to_string()));
+                *last_failure = Some(DialFailure { at: Instant::now(), why: e.to_string(), tls: e.is_tls() });
                 return Err(e);
             }
         };

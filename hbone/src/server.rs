@@ -120,7 +120,8 @@ where
             let _tunnel = tunnel;
             let authority = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
             let authority = match (req.method(), authority) {
-                (&Method::CONNECT, Some(a)) => a,
+                // Port 0 parses but names no destination: a bad authority, not a failed upstream.
+                (&Method::CONNECT, Some(a)) if a.port() != 0 => a,
                 (m, _) => {
                     tracing::debug!(method = %m, uri = %req.uri(), "HBONE request is not CONNECT to ip:port");
                     let _ = respond.send_response(status(StatusCode::BAD_REQUEST), true);

@@ -538,6 +538,7 @@ async fn non_connect_requests_and_bad_authorities_get_400() {
     let requests = [
         http::Request::builder().method("GET").uri(format!("https://{}/", h.echo)).body(()).unwrap(),
         http::Request::builder().method("CONNECT").uri("echo.demo:80").body(()).unwrap(),
+        http::Request::builder().method("CONNECT").uri(format!("{}:0", h.echo.ip())).body(()).unwrap(),
     ];
     for req in requests {
         let mut s = send.clone().ready().await.unwrap();
@@ -659,7 +660,9 @@ mod pool {
         let failed = open_all(true).await;
         assert_eq!(dials.load(Ordering::SeqCst), 1, "one dial for twenty tunnels");
         assert!(failed.iter().all(|r| r.is_err()), "every tunnel shares the dial's failure");
-        assert_eq!(failed.iter().filter(|r| matches!(r, Err(HboneError::DialFailed(..)))).count(), 19);
+        assert_eq!(failed.iter().filter(|r| matches!(r, Err(HboneError::DialFailed { .. }))).count(), 19);
+        // Those queued behind it fail as what it was, a TLS failure, not an unreachable peer.
+        assert!(failed.iter().all(|r| r.as_ref().is_err_and(HboneError::is_tls)), "{failed:?}");
         let opened = open_all(false).await;
         assert!(opened.iter().all(|r| r.is_ok()), "{opened:?}");
         assert_eq!(dials.load(Ordering::SeqCst), 2, "a new round dials again, once");

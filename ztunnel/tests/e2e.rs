@@ -868,6 +868,11 @@ fn hostile_hbone_peers_are_rejected_and_bounded() {
             assert_eq!(status(&send, req(http::Method::GET, &format!("http://{}:8080/", server_b.ip))).await, Ok(400));
             assert_eq!(status(&send, req(http::Method::CONNECT, "garbage:notaport")).await, Ok(400));
             assert_eq!(
+                status(&send, req(http::Method::CONNECT, &format!("{}:0", server_b.ip))).await,
+                Ok(400),
+                "port 0"
+            );
+            assert_eq!(
                 status(&send, req(http::Method::CONNECT, "10.244.2.99:8080")).await,
                 Ok(400),
                 "not a local workload"
@@ -928,4 +933,47 @@ fn hostile_hbone_peers_are_rejected_and_bounded() {
     );
     let log = lab.log("ztunnel2");
     assert!(log.contains("HBONE TLS handshake rejected"), "{log}");
+
+    // As a client, ztunnel refuses an impostor: a mesh address (a `demo` pod of service account
+    // `server`) whose 15008 presents a certificate the mesh CA signed for another identity. The
+    // refusal is counted as TLS, not as an unreachable peer.
+    let impostor = lab.add_pod(2, "demo", "impostor", "server", "app: impostor", 40);
+    let slot = {
+        let l = leaf("spiffe://cluster.local/ns/other/sa/other", -60, 3600, Some(&issuer));
+        std::sync::Arc::new(hbone::tls::CertSlot::new(l.chain, l.key).unwrap())
+    };
+    let cfg = std::sync::Arc::new(hbone::tls::server_config(slot, roots.clone(), "cluster.local").unwrap());
+    let handshakes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = in_netns(&impostor.netns, || std::net::TcpListener::bind("0.0.0.0:15008").unwrap());
+    listener.set_nonblocking(true).unwrap();
+    let seen = handshakes.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((tcp, _)) = listener.accept().await {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = tokio_rustls::TlsAcceptor::from(cfg.clone()).accept(tcp).await;
+            }
+        })
+    });
+    let outbound = |reason: &str| {
+        let m = lab.ztunnel_get(1, 15020, "/metrics");
+        metric_line(
+            &m,
+            "trellis_connections_rejected_total",
+            &["direction=\"outbound\"", &format!("reason=\"{reason}\"")],
+        )
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+    };
+    let url = format!("http://{}:8080/", impostor.ip);
+    wait_for("the impostor's refusal counted as tls", Duration::from_secs(15), || {
+        assert!(lab.curl(&client, &url).is_err(), "the client reached an impostor");
+        (outbound("tls") >= 1).then_some(())
+    });
+    assert!(handshakes.load(std::sync::atomic::Ordering::SeqCst) >= 1, "ztunnel never dialed the impostor");
+    assert_eq!(outbound("upstream"), 0, "a TLS refusal was counted as an unreachable peer");
+    let log = lab.log("ztunnel1");
+    assert!(log.contains("HBONE tunnel failed") && log.contains("other/sa/other"), "{log}");
 }

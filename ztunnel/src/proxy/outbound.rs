@@ -152,10 +152,12 @@ fn baggage(w: &trellis_proto::istio::workload::Workload) -> Baggage {
     }
 }
 
-/// The `reason` label for a tunnel that did not open, from the peer's status code (PROTOCOLS.md):
-/// only 401 is a policy decision; 503 means the peer could not reach the pod.
+/// The `reason` label for a tunnel that did not open: a peer that failed mutual TLS (possibly an
+/// impostor), else from the peer's status code (PROTOCOLS.md): only 401 is a policy decision;
+/// 503 means the peer could not reach the pod.
 fn rejection_reason(e: &HboneError) -> &'static str {
     match e {
+        e if e.is_tls() => "tls",
         HboneError::Status(StatusCode::UNAUTHORIZED) => "policy",
         HboneError::Status(StatusCode::BAD_REQUEST) => "bad_request",
         _ => "upstream",
