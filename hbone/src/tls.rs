@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
@@ -233,6 +234,22 @@ impl ClientCertVerifier for TrustDomainClient {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+/// Whether `chain` (leaf first) is one peers will accept from this mesh at time `at`: it chains to
+/// `roots` and the leaf may authenticate a TLS client (the stricter of HBONE's two uses; workload
+/// leaves serve both). For checking a certificate before presenting it.
+pub fn verify_chain(
+    roots: Arc<RootCertStore>,
+    chain: &[CertificateDer<'static>],
+    at: SystemTime,
+) -> Result<(), rustls::Error> {
+    let (leaf, intermediates) = chain.split_first().ok_or(rustls::Error::NoCertificatesPresented)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let at = UnixTime::since_unix_epoch(at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default());
+    verifier.verify_client_cert(leaf, intermediates, at).map(|_| ())
 }
 
 /// The inbound (15008) TLS config.

@@ -86,6 +86,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         root_pem: root_pem.clone(),
         token: token.clone().unwrap_or_default(),
         ttl: cfg.cert_ttl,
+        roots: roots.clone(),
     });
     let (drain_tx, draining) = watch::channel(false);
     let proxy = {

@@ -11,6 +11,7 @@ use hbone::Identity;
 use prost_types::{value::Kind, Struct, Value};
 use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::RootCertStore;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use trellis_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use trellis_proto::istio::v1::auth::IstioCertificateRequest;
@@ -44,6 +45,8 @@ pub struct CaConfig {
     pub token: String,
     /// Requested lifetime; the CA may cap it.
     pub ttl: Duration,
+    /// What issued certificates must chain to before they are used: the mesh root peers trust.
+    pub roots: Arc<RootCertStore>,
 }
 
 /// A certificate in use, with the validity the refresh schedule is computed from.
@@ -124,15 +127,8 @@ impl CertManager {
             .iter()
             .map(|p| pem::parse(p).map(|p| CertificateDer::from(p.into_contents())).map_err(|e| bad(e.to_string())))
             .collect::<Result<_, _>>()?;
-        let leaf = chain.first().ok_or_else(|| bad("empty chain".into()))?;
-        // Defense in depth: never present a certificate for an identity we did not ask for.
-        if hbone::tls::spiffe_ids(leaf) != [id.clone()] {
-            return Err(bad(format!("leaf carries {:?}", hbone::tls::spiffe_ids(leaf))));
-        }
-        let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| bad(e.to_string()))?;
-        let v = cert.validity();
-        let (nb, na) = usable_validity(v.not_before.timestamp(), v.not_after.timestamp(), SystemTime::now())
-            .ok_or_else(|| bad("the certificate has already expired".into()))?;
+        let (nb, na) =
+            check_issued(id, &chain, key.public_key_raw(), &self.cfg.roots, SystemTime::now()).map_err(bad)?;
         Ok((chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())), nb, na))
     }
 
@@ -212,6 +208,42 @@ impl CertManager {
             .map(|(id, i)| (id.clone(), i.lock().unwrap_or_else(|e| e.into_inner()).not_after))
             .collect()
     }
+}
+
+/// How far ahead of this node's clock a certificate's not_before may be: second rounding and
+/// small drift. Beyond it, peers with clocks like ours would refuse the certificate for now.
+const CLOCK_SKEW: Duration = Duration::from_secs(5);
+
+/// Checks a CA's answer before anything presents it (a renewal replaces a working certificate):
+/// the leaf names exactly `id` and certifies `public_key` (the key this request generated), the
+/// chain leads to the mesh root as peers will check it, and it is valid now. Returns the validity
+/// the refresh schedule counts from.
+fn check_issued(
+    id: &Identity,
+    chain: &[CertificateDer<'static>],
+    public_key: &[u8],
+    roots: &Arc<RootCertStore>,
+    now: SystemTime,
+) -> Result<(SystemTime, SystemTime), String> {
+    let leaf = chain.first().ok_or("empty chain")?;
+    if hbone::tls::spiffe_ids(leaf) != [id.clone()] {
+        return Err(format!("leaf carries {:?}", hbone::tls::spiffe_ids(leaf)));
+    }
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
+    if cert.public_key().subject_public_key.data.as_ref() != public_key {
+        return Err("the leaf certifies a key other than the one this request generated".into());
+    }
+    let v = cert.validity();
+    let not_before = timestamp(v.not_before.timestamp());
+    if not_before > now + CLOCK_SKEW {
+        let ahead = not_before.duration_since(now).unwrap_or_default();
+        return Err(format!("the certificate only becomes valid in {ahead:?} (is the CA's clock ahead?)"));
+    }
+    // At not_before if that is still ahead within the skew, so the chain is judged, not the clock.
+    hbone::tls::verify_chain(roots.clone(), chain, now.max(not_before))
+        .map_err(|e| format!("the chain does not verify against the mesh root: {e}"))?;
+    usable_validity(v.not_before.timestamp(), v.not_after.timestamp(), now)
+        .ok_or_else(|| "the certificate has already expired".into())
 }
 
 /// The validity a refresh schedule counts from, or `None` for a certificate that has already
@@ -304,6 +336,72 @@ mod tests {
         assert_eq!(refresh_delay(nb, na, now, 0.0), Duration::from_secs(50), "half of what is left");
         let (nb, _) = usable_validity(10_050, 10_100, now).unwrap();
         assert_eq!(nb, UNIX_EPOCH + Duration::from_secs(10_050), "a future not_before is kept");
+    }
+
+    /// A mesh CA: its root store and issuer.
+    fn ca() -> (Arc<RootCertStore>, rcgen::Issuer<'static, KeyPair>) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root = p.self_signed(&key).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(root.der().clone()).unwrap();
+        (Arc::new(roots), rcgen::Issuer::new(p, key))
+    }
+
+    /// A leaf for `uri` certifying `key`, valid from `from_s` seconds after now for an hour.
+    fn leaf(
+        issuer: &rcgen::Issuer<'static, KeyPair>,
+        uri: &str,
+        key: &KeyPair,
+        from_s: i64,
+    ) -> CertificateDer<'static> {
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+        p.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth, rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now + time::Duration::seconds(from_s);
+        p.not_after = now + time::Duration::seconds(from_s + 3600);
+        p.signed_by(key, issuer).unwrap().der().clone()
+    }
+
+    #[test]
+    fn an_answer_is_used_only_if_it_certifies_our_key_for_our_identity_under_the_mesh_root_now() {
+        let id = Identity::parse("spiffe://cluster.local/ns/demo/sa/client").unwrap();
+        let uri = id.to_string();
+        let (roots, issuer) = ca();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let now = SystemTime::now();
+        let check = |chain: &[CertificateDer<'static>], roots: &Arc<RootCertStore>| {
+            check_issued(&id, chain, key.public_key_raw(), roots, now)
+        };
+        assert!(check(&[leaf(&issuer, &uri, &key, -60)], &roots).is_ok());
+        assert!(check(&[leaf(&issuer, &uri, &key, 2)], &roots).is_ok(), "a second or two ahead is clock noise");
+
+        let err = |r: Result<_, String>| r.expect_err("refused");
+        let other_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let (other_roots, other_issuer) = ca();
+        for (what, got, want) in [
+            ("no certificate", err(check(&[], &roots)), "empty chain"),
+            (
+                "another identity",
+                err(check(&[leaf(&issuer, "spiffe://cluster.local/ns/demo/sa/x", &key, -60)], &roots)),
+                "leaf carries",
+            ),
+            ("another key", err(check(&[leaf(&issuer, &uri, &other_key, -60)], &roots)), "a key other than"),
+            ("not valid for an hour", err(check(&[leaf(&issuer, &uri, &key, 3600)], &roots)), "only becomes valid in"),
+            (
+                "another root",
+                err(check(&[leaf(&other_issuer, &uri, &key, -60)], &roots)),
+                "does not verify against the mesh root",
+            ),
+            ("expired", err(check(&[leaf(&issuer, &uri, &key, -7200)], &roots)), "does not verify"),
+        ] {
+            assert!(got.contains(want), "{what}: {got}");
+        }
+        // The other CA's own root accepts its leaf: it is the root that differs, nothing else.
+        assert!(check(&[leaf(&other_issuer, &uri, &key, -60)], &other_roots).is_ok());
     }
 
     #[test]

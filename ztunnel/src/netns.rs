@@ -26,11 +26,34 @@ impl std::fmt::Debug for Netns {
     }
 }
 
+/// Opens `path` only if it is a network namespace file. Non-blocking, so a FIFO or a device
+/// given as a pod's netns (the agent socket takes any path) fails at once instead of hanging the
+/// enrollment that opens it.
+pub fn open_namespace_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(err)?;
+    // SAFETY: fstatfs on an open fd, writing into a zeroed statfs we own.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    if fs.f_type != libc::NSFS_MAGIC {
+        let msg = format!("{} is not a namespace file (a bind mount of /proc/<pid>/ns/net)", path.display());
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
+    }
+    Ok(file)
+}
+
 impl Netns {
     /// Opens the namespace at `path` (e.g. `/var/run/netns/x` or `/proc/<pid>/ns/net`) and starts
     /// its worker. Fails if the path is not a network namespace.
     pub fn open(path: &Path) -> io::Result<Netns> {
-        let file = File::open(path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let file = open_namespace_file(path)?;
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<io::Result<()>>(1);
         std::thread::Builder::new().name("netns".into()).stack_size(256 << 10).spawn(move || {

@@ -32,7 +32,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
@@ -49,6 +49,11 @@ use crate::state::State;
 const RETRY: Duration = Duration::from_secs(5);
 /// How long an `add` waits for a meshed pod to be enrolled before answering.
 const ADD_WAIT: Duration = Duration::from_secs(5);
+/// A pod whose enrollment failed is retried after this, doubling per failure up to
+/// [`RETRY_MAX`]: a CA that refuses at once (the pod is not on this node, the token expired) must
+/// not be asked again in a loop. Short enough that a pod recovers soon after its cause does.
+const RETRY_MIN: Duration = crate::identity::BACKOFF_MIN;
+const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Enrollments in flight at once: each may hold a CA request (up to 15 s if the CA is not
 /// answering), and a node starting with many pods must not open that many at the same time.
 const MAX_ENROLLING: usize = 16;
@@ -165,6 +170,8 @@ pub struct Pods {
     /// not be released meanwhile). Passes leave these pods to the task.
     enrolling: Mutex<HashMap<String, hbone::Identity>>,
     enroll_slots: tokio::sync::Semaphore,
+    /// Pods whose last enrollment failed: when the next may start, and the delay that led there.
+    retry_at: Mutex<HashMap<String, (Instant, Duration)>>,
     in_progress: AtomicUsize,
     /// Wakes the reconciler on registry changes; it also wakes on xDS changes.
     kick: Notify,
@@ -210,6 +217,7 @@ impl Pods {
             enrolled: Mutex::default(),
             enrolling: Mutex::default(),
             enroll_slots: tokio::sync::Semaphore::new(MAX_ENROLLING),
+            retry_at: Mutex::default(),
             in_progress: AtomicUsize::new(0),
             kick: Notify::new(),
             passes: watch::channel(0).0,
@@ -257,8 +265,8 @@ impl Pods {
         ip: Option<Ipv4Addr>,
         container: Option<String>,
     ) -> Result<PodInfo, String> {
-        if !netns.exists() {
-            return Err(format!("pod {namespace}/{name}: netns {} does not exist", netns.display()));
+        if let Err(e) = crate::netns::open_namespace_file(netns) {
+            return Err(format!("pod {namespace}/{name}: netns {e}"));
         }
         let uid = self.uid(namespace, name);
         let fresh = Registered {
@@ -275,7 +283,11 @@ impl Pods {
             match reg.get(&uid) {
                 // Same pod again (a retried ADD): keep what we know.
                 Some(o) if o.netns == netns => None,
-                _ => reg.insert(uid.clone(), fresh),
+                _ => {
+                    // A new sandbox starts without the old one's backoff.
+                    lock(&self.retry_at).remove(&uid);
+                    reg.insert(uid.clone(), fresh)
+                }
             }
         };
         if let Some(old) = replaced {
@@ -368,10 +380,12 @@ impl Pods {
         loop {
             self.reconcile().await;
             self.passes.send_modify(|n| *n += 1);
+            let now = Instant::now();
+            let next_retry = lock(&self.retry_at).values().map(|(at, _)| at.saturating_duration_since(now)).min();
             tokio::select! {
                 r = changes.changed() => if r.is_err() { return },
                 _ = self.kick.notified() => {}
-                _ = tokio::time::sleep(RETRY) => {}
+                _ = tokio::time::sleep(next_retry.unwrap_or(RETRY).min(RETRY)) => {}
             }
         }
     }
@@ -380,6 +394,7 @@ impl Pods {
     /// not be.
     async fn reconcile(self: &Arc<Self>) {
         let registered = lock(&self.registered).clone();
+        lock(&self.retry_at).retain(|uid, _| registered.contains_key(uid));
         for (uid, r) in registered {
             if lock(&self.enrolling).contains_key(&uid) {
                 continue; // its task kicks another pass when done
@@ -403,6 +418,8 @@ impl Pods {
             let enrolled = lock(&self.enrolled).contains_key(&uid);
             match want {
                 Ok(_) if enrolled => self.set_standing(&uid, Standing::Meshed),
+                // Failed recently: it keeps its standing (the reason) until its retry is due.
+                Ok(_) if lock(&self.retry_at).get(&uid).is_some_and(|(at, _)| *at > Instant::now()) => {}
                 Ok(id) => {
                     self.set_standing(&uid, Standing::Enrolling);
                     lock(&self.enrolling).insert(uid.clone(), id.clone());
@@ -412,6 +429,7 @@ impl Pods {
                     tokio::spawn(async move { me.enroll_and_settle(uid, r, id).await });
                 }
                 Err(standing) => {
+                    lock(&self.retry_at).remove(&uid);
                     if enrolled || r.captured {
                         if let Err(e) = self.unenroll(&uid, &r).await {
                             // Still captured, so still marked so: the next pass tries again.
@@ -443,9 +461,18 @@ impl Pods {
                 Ok(()) if lock(&self.registered).get(&uid).is_none_or(|now| now.netns != r.netns) => {
                     let _ = self.unenroll(&uid, &r).await;
                 }
-                Ok(()) => self.set_standing(&uid, Standing::Meshed),
+                Ok(()) => {
+                    lock(&self.retry_at).remove(&uid);
+                    self.set_standing(&uid, Standing::Meshed);
+                }
                 Err(e) => {
-                    tracing::warn!(pod = uid, error = %e, "enrollment failed; will retry");
+                    let delay = {
+                        let mut retry_at = lock(&self.retry_at);
+                        let delay = retry_at.get(&uid).map_or(RETRY_MIN, |(_, d)| (*d * 2).min(RETRY_MAX));
+                        retry_at.insert(uid.clone(), (Instant::now() + delay, delay));
+                        delay
+                    };
+                    tracing::warn!(pod = uid, error = %e, retry_in = ?delay, "enrollment failed");
                     self.set_standing(&uid, Standing::Failed(e));
                 }
             }

@@ -14,12 +14,32 @@ use ztunnel::identity::{CaConfig, CertManager};
 /// A manager asking the CA on `secure` for 4 s certificates with `token`.
 fn manager(dir: &std::path::Path, secure: u16, token: String) -> std::sync::Arc<CertManager> {
     let root_pem = std::fs::read_to_string(dir.join("ca/root-cert.pem")).unwrap();
+    manager_trusting(dir, secure, token, roots(&root_pem))
+}
+
+/// The same, but accepting only certificates that chain to `roots`.
+fn manager_trusting(
+    dir: &std::path::Path,
+    secure: u16,
+    token: String,
+    roots: std::sync::Arc<rustls::RootCertStore>,
+) -> std::sync::Arc<CertManager> {
+    let root_pem = std::fs::read_to_string(dir.join("ca/root-cert.pem")).unwrap();
     CertManager::new(CaConfig {
         address: format!("https://127.0.0.1:{secure}"),
         root_pem,
         token,
         ttl: Duration::from_secs(4),
+        roots,
     })
+}
+
+fn roots(pem: &str) -> std::sync::Arc<rustls::RootCertStore> {
+    let mut r = rustls::RootCertStore::empty();
+    for b in ::pem::parse_many(pem).unwrap() {
+        r.add(b.into_contents().into()).unwrap();
+    }
+    std::sync::Arc::new(r)
 }
 
 const ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
@@ -86,6 +106,27 @@ async fn a_refused_identity_is_an_error_not_a_certificate() {
     let err = mgr.get(&Identity::parse(ID).unwrap()).await.unwrap_err();
     assert!(err.to_string().contains("PermissionDenied") || err.to_string().contains("permission"), "{err}");
     assert!(mgr.held().is_empty());
+    running.shutdown().await;
+}
+
+/// A CA whose root is not the one this node trusts (it was rotated, or the node was given the
+/// wrong root): its certificates are refused before anything presents them, so peers never see
+/// a certificate they would reject.
+#[tokio::test]
+async fn a_certificate_that_does_not_chain_to_the_trusted_root_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, secure) = (free_port(), free_port());
+    let running = istiod(dir.path(), &Ports { api, xds: None, secure }, Duration::from_secs(4)).await;
+    schedule_client_on_node1(api).await;
+    let other = tempfile::tempdir().unwrap();
+    let other_root = istiod_lite::ca::Authority::load_or_create(other.path(), "cluster.local").unwrap();
+    let token = running.tokens.issue("node1").unwrap();
+    let mgr = manager_trusting(dir.path(), secure, token.clone(), roots(other_root.root_pem()));
+    let err = mgr.get(&Identity::parse(ID).unwrap()).await.unwrap_err().to_string();
+    assert!(err.contains("does not verify against the mesh root"), "{err}");
+    assert!(mgr.held().is_empty());
+    // The same CA, trusted: issued.
+    manager(dir.path(), secure, token).get(&Identity::parse(ID).unwrap()).await.expect("issued");
     running.shutdown().await;
 }
 

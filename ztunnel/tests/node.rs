@@ -350,3 +350,45 @@ fn a_stalled_certificate_request_holds_up_no_other_pod() {
     lab.app(&second, &["http", "second", "8080"], 8080);
     assert_eq!(lab.curl(&first, &format!("http://{}:8080/", second.ip)).as_deref(), Ok("second"));
 }
+
+/// An enrollment the CA refuses is retried with a growing delay, not in a loop: a registered pod
+/// that becomes meshed while the control plane has it on another node (so the CA will not certify
+/// it here) costs a few certificate requests, and its standing names the refusal. And a netns
+/// path that is not a namespace is refused at ADD.
+#[test]
+fn a_refused_enrollment_is_retried_with_backoff() {
+    let lab = Lab::new(1);
+    lab.start_istiod();
+    lab.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n");
+    lab.start_ztunnel(1, &[]);
+    // A netns path that is not a namespace is refused at once; a FIFO would hang the open.
+    let fifo = lab.dir.path().join("not-a-netns");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    for bad in [fifo.to_str().unwrap(), "/etc/hostname"] {
+        let r = lab.agent(1, &json!({"op": "add", "namespace": "demo", "name": "x", "netns": bad}));
+        assert_eq!(r["ok"], false, "{r}");
+        assert!(r["error"].as_str().is_some_and(|e| e.contains("is not a namespace file")), "{r}");
+    }
+    let pod = lab.add_pod(1, "demo", "roamer", "roamer", "app: roamer", 21);
+    let path = format!("/var/run/netns/{}", pod.netns);
+    let r = lab.agent(1, &json!({"op": "add", "namespace": "demo", "name": pod.name, "netns": path}));
+    assert!(r["ok"] == true && r["pods"][0]["enrolled"] == false, "not meshed yet: {r}");
+    // Now meshed, on node2 as far as the control plane knows.
+    lab.apply_pod(2, "demo", "roamer", "roamer", "app: roamer, istio.io/dataplane-mode: ambient", Some(&pod.ip));
+    let reason = wait_for("the refusal reported", Duration::from_secs(15), || {
+        let (_, reason) = lab.enrollment(&pod);
+        reason.contains("may not obtain").then_some(reason)
+    });
+    assert!(reason.contains("spiffe://cluster.local/ns/demo/sa/roamer"), "{reason}");
+    let csrs = || -> u64 {
+        let m = lab.exec_ok(&lab.underlay(), &format!("curl -sf http://{}:15014/metrics", netlab::ISTIOD_IP));
+        m.lines().find_map(|l| l.strip_prefix("citadel_server_csr_count_total ")).unwrap().trim().parse().unwrap()
+    };
+    let before = csrs();
+    std::thread::sleep(Duration::from_secs(4));
+    let asked = csrs() - before;
+    // 0.5 s, 1 s, 2 s, 4 s ... apart: at most 3 in any 4 s, and at least one (still retried).
+    assert!((1..=3).contains(&asked), "{asked} certificate requests in 4 s");
+    assert!(!lab.enrollment(&pod).0);
+    assert!(lab.log("ztunnel1").contains("retry_in"), "{}", lab.log("ztunnel1"));
+}
