@@ -189,9 +189,9 @@ fn generated_root_is_p256_ten_years_with_a_private_key_file() {
     assert_eq!(std::fs::read_to_string(dir.path().join("root-cert.pem")).unwrap(), root);
 }
 
-#[test]
-fn operator_provided_intermediate_is_used_and_chained_to_the_root() {
-    let dir = tempfile::tempdir().unwrap();
+/// An operator's CA: an intermediate valid until `until_s` seconds from now, its key, and the
+/// root that signed it.
+fn operator_ca(until_s: i64) -> (rcgen::Certificate, KeyPair, rcgen::Certificate) {
     let root_key = KeyPair::generate().unwrap();
     let mut rp = CertificateParams::default();
     rp.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -201,10 +201,22 @@ fn operator_provided_intermediate_is_used_and_chained_to_the_root() {
     let mut ip = CertificateParams::default();
     ip.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ip.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+    ip.not_after = ::time::OffsetDateTime::now_utc() + ::time::Duration::seconds(until_s);
     let int = ip.signed_by(&int_key, &issuer).unwrap();
-    std::fs::write(dir.path().join("ca-cert.pem"), int.pem()).unwrap();
-    std::fs::write(dir.path().join("ca-key.pem"), int_key.serialize_pem()).unwrap();
-    std::fs::write(dir.path().join("root-cert.pem"), root.pem()).unwrap();
+    (int, int_key, root)
+}
+
+fn install(dir: &std::path::Path, int: &rcgen::Certificate, key: &KeyPair, root: &rcgen::Certificate) {
+    std::fs::write(dir.join("ca-cert.pem"), int.pem()).unwrap();
+    std::fs::write(dir.join("ca-key.pem"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("root-cert.pem"), root.pem()).unwrap();
+}
+
+#[test]
+fn operator_provided_intermediate_is_used_and_chained_to_the_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let (int, int_key, root) = operator_ca(3600);
+    install(dir.path(), &int, &int_key, &root);
     let a = istiod_lite::ca::Authority::load_or_create(dir.path(), "cluster.local").unwrap();
     let key = KeyPair::generate().unwrap();
     let chain = a.sign_workload(&csr(CLIENT_ID, &key), CLIENT_ID, Duration::from_secs(60)).unwrap();
@@ -214,6 +226,53 @@ fn operator_provided_intermediate_is_used_and_chained_to_the_root() {
     let (_, leaf) = X509Certificate::from_der(&leaf_der).unwrap();
     let (_, intc) = X509Certificate::from_der(&int_der).unwrap();
     leaf.verify_signature(Some(intc.public_key())).expect("signed by the intermediate");
+}
+
+#[test]
+fn half_of_a_ca_key_pair_stops_startup_and_never_replaces_the_root() {
+    use istiod_lite::ca::Authority;
+    // The operator's intermediate without its key (a secret not mounted yet).
+    let dir = tempfile::tempdir().unwrap();
+    let (int, int_key, root) = operator_ca(3600);
+    install(dir.path(), &int, &int_key, &root);
+    std::fs::remove_file(dir.path().join("ca-key.pem")).unwrap();
+    let err = Authority::load_or_create(dir.path(), "cluster.local").err().expect("refused").to_string();
+    assert!(err.contains("ca-cert.pem is present but ca-key.pem is not"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("root-cert.pem")).unwrap(), root.pem());
+    assert!(!dir.path().join("root-key.pem").exists(), "no root was generated");
+
+    // A generated root whose key was lost.
+    let dir = tempfile::tempdir().unwrap();
+    Authority::load_or_create(dir.path(), "cluster.local").unwrap();
+    let before = std::fs::read_to_string(dir.path().join("root-cert.pem")).unwrap();
+    std::fs::remove_file(dir.path().join("root-key.pem")).unwrap();
+    let err = Authority::load_or_create(dir.path(), "cluster.local").err().expect("refused").to_string();
+    assert!(
+        err.contains("root-cert.pem is present but root-key.pem is not; refusing to create a new mesh root"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(dir.path().join("root-cert.pem")).unwrap(), before, "the root is untouched");
+}
+
+#[test]
+fn an_expired_signer_is_refused_at_start_and_once_it_expires() {
+    use istiod_lite::ca::{Authority, CaError};
+    let dir = tempfile::tempdir().unwrap();
+    let (int, int_key, root) = operator_ca(-60);
+    install(dir.path(), &int, &int_key, &root);
+    let err = Authority::load_or_create(dir.path(), "cluster.local").err().expect("refused");
+    assert!(matches!(err, CaError::SignerExpired(_)), "{err}");
+
+    // Valid at start, expired two seconds later: no certificate whose validity ends before it starts.
+    let (int, int_key, root) = operator_ca(2);
+    install(dir.path(), &int, &int_key, &root);
+    let a = Authority::load_or_create(dir.path(), "cluster.local").unwrap();
+    let key = KeyPair::generate().unwrap();
+    assert!(a.sign_workload(&csr(CLIENT_ID, &key), CLIENT_ID, Duration::from_secs(60)).is_ok());
+    std::thread::sleep(Duration::from_millis(2500));
+    let err = a.sign_workload(&csr(CLIENT_ID, &key), CLIENT_ID, Duration::from_secs(60)).unwrap_err();
+    assert!(matches!(err, CaError::SignerExpired(_)), "{err}");
+    assert!(err.to_string().contains("signing certificate expired"), "{err}");
 }
 
 #[tokio::test]

@@ -138,6 +138,13 @@ async fn grpc_bootstrap_writes_a_bootstrap_and_0600_secrets_and_refuses_bad_work
     assert!(err.to_string().contains("workload demo/ghost: no Pod or WorkloadEntry of that name"), "{err}");
     let err = meshctl(&s, &["x", "grpc-bootstrap", "--workload", "demo/no-sa", "--out", out_s]).await.unwrap_err();
     assert!(err.to_string().contains("Pod demo/no-sa has no spec.serviceAccountName"), "{err}");
+    // meshctl refuses a zero lifetime itself; the API refuses it too rather than issue a
+    // certificate that expires as it is issued.
+    let zero = serde_json::json!({"name": "app", "csr": "unused", "ttlSeconds": 0});
+    let err = s.api().ok(Method::POST, "/apis/trellis.dev/v1/namespaces/demo/workloadcertificates", Some(&zero)).await;
+    let Err(err) = err else { panic!("a zero-lifetime certificate was issued") };
+    let err = err.to_string();
+    assert!(err.contains("ttlSeconds must be at least 1"), "{err}");
     let err = meshctl(&s, &["x", "grpc-bootstrap", "--workload", "justaname", "--out", out_s]).await.unwrap_err();
     assert!(err.to_string().contains("expected NAMESPACE/NAME"), "{err}");
 }

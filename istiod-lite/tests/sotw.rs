@@ -29,16 +29,15 @@ struct Sotw {
 
 impl Sotw {
     async fn connect(istiod: &Istiod, node_id: &str) -> Sotw {
+        Sotw::connect_as(istiod, Node { id: node_id.into(), ..Default::default() }).await
+    }
+
+    async fn connect_as(istiod: &Istiod, node: Node) -> Sotw {
         let mut c = AggregatedDiscoveryServiceClient::connect(format!("http://{}", istiod.running.xds_addr.unwrap()))
             .await
             .unwrap();
         let (tx, rx) = mpsc::channel(8);
-        tx.send(DiscoveryRequest {
-            node: Some(Node { id: node_id.into(), ..Default::default() }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        tx.send(DiscoveryRequest { node: Some(node), ..Default::default() }).await.unwrap();
         let rx = c.stream_aggregated_resources(ReceiverStream::new(rx)).await.unwrap().into_inner();
         Sotw { tx, rx }
     }
@@ -179,4 +178,46 @@ async fn delta_clients_can_subscribe_to_the_envoy_types() {
     let r = tokio::time::timeout(WAIT, rx.message()).await.unwrap().unwrap().unwrap();
     assert_eq!(r.resources.len(), 1);
     assert_eq!(r.resources[0].name, "outbound|7070||echo.demo.svc.cluster.local");
+}
+
+/// Pod memberships are scoped to the node a stream is for (its token's, or the `NODE_NAME` it
+/// gives) over state-of-the-world ADS too, as over delta: a node sees only the pods it hosts.
+#[tokio::test]
+async fn a_nodes_state_of_the_world_stream_sees_only_its_own_pods_memberships() {
+    use trellis_proto::envoy::google::protobuf::{value::Kind, Struct, Value};
+    let istiod = Istiod::start().await;
+    setup(&istiod).await;
+    for (name, node) in [("a", "node1"), ("b", "node2")] {
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {"nodeName": node}});
+        apply(&istiod, &format!("/api/v1/namespaces/demo/pods/{name}"), pod).await;
+    }
+    let held = |r: &DiscoveryResponse| {
+        use prost::Message;
+        let mut uids: Vec<String> = r
+            .resources
+            .iter()
+            .map(|a| trellis_proto::trellis::pod::v1::PodMembership::decode(a.value.as_slice()).unwrap().uid)
+            .collect();
+        uids.sort();
+        uids
+    };
+    let named = |n: &str| Node {
+        id: "ztunnel~172.30.0.11~ztunnel.istio-system~istio-system.svc.cluster.local".into(),
+        metadata: Some(Struct {
+            fields: [("NODE_NAME".to_string(), Value { kind: Some(Kind::StringValue(n.into())) })]
+                .into_iter()
+                .collect(),
+        }),
+        ..Default::default()
+    };
+    let mut node1 = Sotw::connect_as(&istiod, named("node1")).await;
+    node1.send(trellis_proto::POD_MEMBERSHIP_TYPE_URL, &[], None, None).await;
+    assert_eq!(held(&node1.recv().await), ["Kubernetes//v1/Pod/demo/a"]);
+    // Named explicitly, another node's pod is still not served.
+    node1.send(trellis_proto::POD_MEMBERSHIP_TYPE_URL, &["Kubernetes//v1/Pod/demo/b"], None, None).await;
+    assert!(held(&node1.recv().await).is_empty());
+    // A client that names no node (debugging, on the plaintext port) sees every pod.
+    let mut anyone = Sotw::connect_as(&istiod, Node { id: "debug".into(), ..Default::default() }).await;
+    anyone.send(trellis_proto::POD_MEMBERSHIP_TYPE_URL, &[], None, None).await;
+    assert_eq!(held(&anyone.recv().await), ["Kubernetes//v1/Pod/demo/a", "Kubernetes//v1/Pod/demo/b"]);
 }

@@ -77,6 +77,12 @@ fn issue(s: &ApiState, ns: &str, body: &[u8]) -> Result<serde_json::Value, ApiEr
         ));
     };
     let identity = format!("spiffe://{}/ns/{ns}/sa/{sa}", s.authority.trust_domain);
+    if req.ttl_seconds == Some(0) {
+        // Would be a certificate that expires as it is issued.
+        return Err(ApiError::bad_request(
+            "workload certificate request: ttlSeconds must be at least 1; omit it for the 24 h default",
+        ));
+    }
     let ttl =
         Duration::from_secs(req.ttl_seconds.unwrap_or(crate::ca::service::DEFAULT_TTL.as_secs())).min(s.max_cert_ttl);
     let chain = s.authority.sign_for_admin(&req.csr, &identity, ttl).map_err(|e| match e {

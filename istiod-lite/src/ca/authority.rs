@@ -34,6 +34,8 @@ pub enum CaError {
     BadCsr(String),
     #[error("signing failed: {0}")]
     Sign(String),
+    #[error("the CA's signing certificate expired at {0}; install a new one (ca-cert.pem and ca-key.pem)")]
+    SignerExpired(OffsetDateTime),
 }
 
 pub struct Authority {
@@ -59,6 +61,10 @@ fn not_after_of(pem: &str) -> Result<OffsetDateTime, String> {
     OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp()).map_err(|e| e.to_string())
 }
 
+fn name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
 fn split_pems(text: &str) -> Vec<String> {
     ::pem::parse_many(text).map(|v| v.iter().map(::pem::encode).collect()).unwrap_or_default()
 }
@@ -79,7 +85,32 @@ impl Authority {
         let material = |path: &Path, reason: String| CaError::Material { path: path.to_path_buf(), reason };
         let (ca_cert, ca_key) = (dir.join("ca-cert.pem"), dir.join("ca-key.pem"));
         let (root_cert, root_key) = (dir.join("root-cert.pem"), dir.join("root-key.pem"));
-        let (signer_pem, key, chain, root) = if ca_cert.exists() && ca_key.exists() {
+        // Half of a pair is an operator's mistake (a secret not mounted yet, a misnamed file).
+        // Carrying on with a newly generated root would replace the mesh's trust anchor silently.
+        let operator = ca_cert.exists() || ca_key.exists();
+        for (have, missing) in [(&ca_cert, &ca_key), (&ca_key, &ca_cert)] {
+            if have.exists() && !missing.exists() {
+                let reason = format!(
+                    "{} is present but {} is not; an operator-provided CA needs both",
+                    name(have),
+                    name(missing)
+                );
+                return Err(material(missing, reason));
+            }
+        }
+        for (have, missing) in [(&root_cert, &root_key), (&root_key, &root_cert)] {
+            if !operator && have.exists() && !missing.exists() {
+                let reason = format!(
+                    "{} is present but {} is not; refusing to create a new mesh root over it. Restore the file, \
+                     or move {} away to start a new root (every workload certificate is then reissued)",
+                    name(have),
+                    name(missing),
+                    name(have)
+                );
+                return Err(material(missing, reason));
+            }
+        }
+        let (signer_pem, key, chain, root) = if operator {
             let signer = std::fs::read_to_string(&ca_cert).map_err(io(&ca_cert))?;
             let key = KeyPair::from_pem(&std::fs::read_to_string(&ca_key).map_err(io(&ca_key))?)
                 .map_err(|e| material(&ca_key, e.to_string()))?;
@@ -136,6 +167,9 @@ impl Authority {
             }
         }
         let signer_not_after = not_after_of(&signer_pem).map_err(|e| material(dir, e))?;
+        if signer_not_after <= OffsetDateTime::now_utc() {
+            return Err(CaError::SignerExpired(signer_not_after));
+        }
         let issuer = Issuer::from_ca_cert_pem(&signer_pem, key).map_err(|e| material(dir, e.to_string()))?;
         Ok(Authority { issuer, chain, root, signer_not_after, trust_domain: trust_domain.to_string() })
     }
@@ -198,6 +232,9 @@ impl Authority {
         ttl: Duration,
     ) -> Result<Vec<String>, CaError> {
         let now = OffsetDateTime::now_utc();
+        if self.signer_not_after <= now {
+            return Err(CaError::SignerExpired(self.signer_not_after));
+        }
         params.not_before = now - BACKDATE;
         // A leaf must not outlive its issuer: verifiers would reject the tail of its lifetime.
         params.not_after = (now + ttl).min(self.signer_not_after);

@@ -112,6 +112,10 @@ impl IstioCertificateService for CaService {
                 tracing::warn!(node, identity = requested, reason, "malformed certificate request");
                 Status::invalid_argument(reason)
             }
+            e @ CaError::SignerExpired(_) => {
+                tracing::error!(node, identity = requested, error = %e, "cannot issue certificates");
+                Status::unavailable(e.to_string())
+            }
             other => Status::internal(other.to_string()),
         })?;
         self.metrics.certs_issued.inc();

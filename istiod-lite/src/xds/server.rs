@@ -73,9 +73,11 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<SotwStream>, Status> {
+        let mut authenticated_node = None;
         if let Some(tokens) = &self.tokens {
-            if crate::ca::service::bearer(&req).and_then(|t| tokens.verify(t)).is_none() {
-                return Err(Status::unauthenticated("a valid node bearer token is required on this port"));
+            match crate::ca::service::bearer(&req).and_then(|t| tokens.verify(t)) {
+                Some(n) => authenticated_node = Some(n),
+                None => return Err(Status::unauthenticated("a valid node bearer token is required on this port")),
             }
         }
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -86,6 +88,7 @@ impl AggregatedDiscoveryService for AdsServer {
             self.metrics.clone(),
             tx,
             self.send_timeout,
+            authenticated_node,
         );
         let shared = self.shared();
         let mut shutdown = self.shutdown.clone();
@@ -172,7 +175,8 @@ struct DeltaStreamTask {
 /// Whether a resource is for a client on `node`. A pod's membership is for the node agent of
 /// the pod's node only, so each ztunnel holds the pods it hosts rather than every pod of the
 /// cluster. A client that names no node (a debugging client on the plaintext port) sees all.
-fn in_scope(node: Option<&str>, type_url: &str, body: &[u8]) -> bool {
+/// Both ADS flavours apply it.
+pub(super) fn in_scope(node: Option<&str>, type_url: &str, body: &[u8]) -> bool {
     match node {
         Some(node) if type_url == POD_MEMBERSHIP_TYPE_URL => PodMembership::decode(body).is_ok_and(|m| m.node == node),
         _ => true,

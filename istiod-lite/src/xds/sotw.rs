@@ -54,6 +54,10 @@ pub(crate) struct SotwStreamTask {
     id: u64,
     nonce: u64,
     node_ip: Option<IpAddr>,
+    /// The node of the stream's token, if it came with one (the TLS port).
+    authenticated_node: Option<String>,
+    /// Whose pod memberships the stream sees: the token's node, else the node the client names.
+    node_name: Option<String>,
 }
 
 /// The workload IP of a gRPC node: Istio's node id is `sidecar~IP~pod.ns~ns.svc.cluster.local`;
@@ -76,6 +80,7 @@ impl SotwStreamTask {
         metrics: Arc<Metrics>,
         tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
         send_timeout: Duration,
+        authenticated_node: Option<String>,
     ) -> Self {
         SotwStreamTask {
             cache,
@@ -87,6 +92,8 @@ impl SotwStreamTask {
             id: 0,
             nonce: 0,
             node_ip: None,
+            authenticated_node,
+            node_name: None,
         }
     }
 }
@@ -101,6 +108,8 @@ impl AdsStream for SotwStreamTask {
 
     async fn admit(&mut self, node: Option<&Node>) -> Result<(), ()> {
         self.node_ip = node_ip(node);
+        let named = metadata_string(node, "NODE_NAME").filter(|n| !n.is_empty());
+        self.node_name = self.authenticated_node.clone().or(named);
         Ok(())
     }
 
@@ -193,9 +202,10 @@ impl SotwStreamTask {
 
     /// The resources this subscription currently sees, by requested name.
     fn view(&self, type_url: &str, sub: &Subscription) -> (BTreeMap<String, Entry>, u64) {
+        let node = self.node_name.as_deref();
         if sub.wildcard {
             let (all, seq) = self.cache.all(type_url);
-            return (all.into_iter().collect(), seq);
+            return (all.into_iter().filter(|(_, e)| super::server::in_scope(node, type_url, &e.body)).collect(), seq);
         }
         let (found, seq) = self.cache.get_many(type_url, sub.names.values().map(String::as_str));
         let by_concrete: HashMap<String, Entry> = found.into_iter().collect();
@@ -203,7 +213,7 @@ impl SotwStreamTask {
             .names
             .iter()
             .filter_map(|(requested, concrete)| {
-                let e = by_concrete.get(concrete)?;
+                let e = by_concrete.get(concrete).filter(|e| super::server::in_scope(node, type_url, &e.body))?;
                 if requested == concrete {
                     return Some((requested.clone(), e.clone()));
                 }
