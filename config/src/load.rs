@@ -137,9 +137,28 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
     Ok(())
 }
 
+/// The first key repeated within one map of `text` (YAML or JSON), as `(document, message)`.
+/// The JSON value documents are read into keeps only the last of repeated keys, so a second
+/// `rules:` would silently replace the first; serde_yaml's own value refuses them. Other parse
+/// errors are left to the parse that follows, which reports them.
+pub fn repeated_key(text: &str) -> Option<(usize, String)> {
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        match serde_yaml::Value::deserialize(doc) {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("duplicate entry") => return Some((i + 1, e.to_string())),
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
 /// Parses a multi-document YAML (or JSON) text. Empty documents are skipped; `kind: List` is
 /// expanded into its items.
 pub fn load_text(file: &str, text: &str, default_namespace: &str) -> Result<Vec<Loaded>, Vec<LoadError>> {
+    if let Some((document, why)) = repeated_key(text) {
+        let source = Source { file: file.to_string(), document };
+        return Err(vec![LoadError::invalid(&source, Invalid::single("", "", format!("malformed YAML: {why}")))]);
+    }
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {

@@ -77,6 +77,20 @@ fn dns_label(e: &mut Errors, path: &str, s: &str) {
     }
 }
 
+/// A container port name (IANA service name): what a Service's named targetPort refers to.
+fn is_port_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 15
+        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && n.bytes().any(|b| b.is_ascii_lowercase())
+}
+
+fn port_name(e: &mut Errors, path: &str, n: &str) {
+    if !is_port_name(n) {
+        e.add(path, format!("{n:?} is not a valid port name (at most 15 lowercase letters, digits and '-')"));
+    }
+}
+
 fn dns_subdomain(e: &mut Errors, path: &str, s: &str) {
     let ok = !s.is_empty()
         && s.len() <= 253
@@ -139,14 +153,23 @@ fn ip(e: &mut Errors, path: &str, s: &str) -> Option<IpAddr> {
     }
 }
 
-/// An IP block: a CIDR or a single address.
+/// An IP block: a CIDR or a single address. The address is read with the parser translation
+/// uses (std's, which refuses leading zeros such as `010.0.0.0`), so nothing accepted here can be
+/// dropped there.
 fn ip_block(e: &mut Errors, path: &str, s: &str) {
-    if s.contains('/') {
-        if s.parse::<ipnet::IpNet>().is_err() {
-            e.add(path, format!("{s:?} is not a CIDR"));
+    let Some((addr, len)) = s.split_once('/') else {
+        if s.parse::<IpAddr>().is_err() {
+            e.add(path, format!("{s:?} is not an IP address or CIDR"));
         }
-    } else if s.parse::<IpAddr>().is_err() {
-        e.add(path, format!("{s:?} is not an IP address or CIDR"));
+        return;
+    };
+    let max = match addr.parse::<IpAddr>() {
+        Ok(IpAddr::V4(_)) => 32,
+        Ok(IpAddr::V6(_)) => 128,
+        Err(_) => return e.add(path, format!("{s:?} is not a CIDR: {addr:?} is not an IP address")),
+    };
+    if !len.parse::<u8>().is_ok_and(|l| l <= max && len == l.to_string()) {
+        e.add(path, format!("{s:?} is not a CIDR: the prefix length must be 0-{max}"));
     }
 }
 
@@ -195,6 +218,28 @@ fn pod(e: &mut Errors, p: &Pod) {
     if let Some(sa) = &p.spec.service_account_name {
         dns_subdomain(e, "spec.serviceAccountName", sa);
     }
+    // Containers are kept as given, but their ports name Service targetPorts.
+    for (i, c) in p.spec.containers.iter().enumerate() {
+        let Some(ports) = c.get("ports") else { continue };
+        let Some(ports) = ports.as_array() else {
+            e.add(format!("spec.containers[{i}].ports"), "must be a list");
+            continue;
+        };
+        for (j, cp) in ports.iter().enumerate() {
+            let path = format!("spec.containers[{i}].ports[{j}]");
+            match cp.get("containerPort").map(|v| v.as_i64()) {
+                Some(Some(n)) => port(e, &format!("{path}.containerPort"), n),
+                Some(None) => e.add(format!("{path}.containerPort"), "must be a number"),
+                None => e.add(format!("{path}.containerPort"), "is required"),
+            }
+            if let Some(name) = cp.get("name") {
+                match name.as_str() {
+                    Some(n) => port_name(e, &format!("{path}.name"), n),
+                    None => e.add(format!("{path}.name"), "must be a string"),
+                }
+            }
+        }
+    }
     if let Some(s) = &p.status {
         if let Some(a) = &s.pod_ip {
             ip(e, "status.podIP", a);
@@ -224,6 +269,14 @@ fn service(e: &mut Errors, s: &Service) {
     for (i, c) in spec.cluster_ips.iter().enumerate() {
         if c != "None" {
             ip(e, &format!("spec.clusterIPs[{i}]"), c);
+        } else if spec.cluster_ips.len() > 1 {
+            e.add(format!("spec.clusterIPs[{i}]"), "\"None\" (headless) must be the only entry");
+        }
+    }
+    // As Kubernetes: clusterIPs[0] is clusterIP, so the two cannot name different VIPs.
+    if let (Some(c), Some(first)) = (spec.cluster_ip.as_deref().filter(|c| !c.is_empty()), spec.cluster_ips.first()) {
+        if c != first {
+            e.add("spec.clusterIPs[0]", format!("{first:?} must equal spec.clusterIP ({c:?})"));
         }
     }
     let mut names = HashSet::new();
@@ -250,18 +303,10 @@ fn service(e: &mut Errors, s: &Service) {
         }
         match &p.target_port {
             Some(IntOrString::Int(t)) => port(e, &format!("{path}.targetPort"), *t),
-            Some(IntOrString::String(n)) => {
-                let ok = !n.is_empty()
-                    && n.len() <= 15
-                    && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                    && n.bytes().any(|b| b.is_ascii_lowercase());
-                if !ok {
-                    e.add(
-                        format!("{path}.targetPort"),
-                        format!("{n:?} is neither a port number nor a valid port name"),
-                    );
-                }
+            Some(IntOrString::String(n)) if !is_port_name(n) => {
+                e.add(format!("{path}.targetPort"), format!("{n:?} is neither a port number nor a valid port name"))
             }
+            Some(IntOrString::String(_)) => {}
             None => {}
         }
     }
@@ -351,11 +396,19 @@ fn authorization_policy(e: &mut Errors, spec: &AuthorizationPolicySpec) {
     }
 }
 
+/// `v` without its first and last characters (by character: values may be any UTF-8).
+fn inner(v: &str) -> &str {
+    let mut c = v.chars();
+    c.next();
+    c.next_back();
+    c.as_str()
+}
+
 fn non_empty_strings(e: &mut Errors, path: &str, field: &str, values: &[String]) {
     for (i, v) in values.iter().enumerate() {
         if v.is_empty() {
             e.add(format!("{path}.{field}[{i}]"), "must not be empty");
-        } else if v.len() > 1 && v[1..v.len() - 1].contains('*') {
+        } else if inner(v).contains('*') {
             e.add(format!("{path}.{field}[{i}]"), format!("{v:?}: '*' is only allowed as a prefix or suffix"));
         }
     }
@@ -385,7 +438,8 @@ fn source(e: &mut Errors, path: &str, s: &Source) {
     }
     for (f, list) in [("serviceAccounts", &s.service_accounts), ("notServiceAccounts", &s.not_service_accounts)] {
         for (i, sa) in list.iter().enumerate() {
-            if sa.split('/').count() != 2 || sa.contains('*') {
+            let halves: Vec<&str> = sa.split('/').collect();
+            if halves.len() != 2 || halves.iter().any(|h| h.is_empty()) || sa.contains('*') {
                 e.add(format!("{path}.{f}[{i}]"), format!("{sa:?} must be \"namespace/name\" (no wildcards)"));
             }
         }
@@ -462,6 +516,11 @@ fn condition(e: &mut Errors, path: &str, c: &Condition) {
                 _ => {}
             }
         }
+        // Matched like the fields of a source: a value that could never match would quietly
+        // disable a DENY.
+        if matches!(c.key.as_str(), "source.principal" | "source.namespace") {
+            non_empty_strings(e, path, f, list);
+        }
     }
 }
 
@@ -475,12 +534,14 @@ fn peer_authentication(e: &mut Errors, spec: &PeerAuthenticationSpec) {
     if let Some(sel) = &spec.selector {
         labels(e, "spec.selector.matchLabels", &sel.match_labels);
     }
-    if !spec.port_level_mtls.is_empty() && spec.selector.is_none() {
+    if !spec.port_level_mtls.is_empty() && spec.selector.as_ref().is_none_or(|s| s.match_labels.is_empty()) {
         e.add("spec.portLevelMtls", "requires a selector (port-level settings apply to selected workloads only)");
     }
     for (p, m) in &spec.port_level_mtls {
         let path = format!("spec.portLevelMtls[{p}]");
         match p.parse::<i64>() {
+            // Looked up by the port's decimal form: "08080" would never be found.
+            Ok(n) if n.to_string() != *p => e.add(&path, format!("{p:?} must be written {n}")),
             Ok(n) => port(e, &path, n),
             Err(_) => e.add(&path, format!("{p:?} is not a port number")),
         }

@@ -133,6 +133,13 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
         }
     };
     assert_eq!(raw(b"apiVersion: v1\nkind: [Pod\n".to_vec(), "application/yaml").await, StatusCode::BAD_REQUEST);
+    // A repeated key would keep only its last value: refused, in JSON as in YAML.
+    let repeated = br#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "y", "labels": {"a": "1"}, "labels": {"b": "2"}}}"#;
+    assert_eq!(raw(repeated.to_vec(), "application/json").await, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        raw(b"apiVersion: v1\nkind: Pod\nkind: Pod\nmetadata: {name: y}\n".to_vec(), "application/yaml").await,
+        StatusCode::BAD_REQUEST
+    );
     assert_eq!(
         raw(b"apiVersion: v1\nkind: Pod\nmetadata: {name: y}\n".to_vec(), "application/yaml").await,
         StatusCode::CREATED

@@ -191,6 +191,9 @@ fn decode_object(
     body: &[u8],
 ) -> Result<trellis_config::Object, ApiError> {
     let text = std::str::from_utf8(body).map_err(|_| ApiError::bad_request("request body is not UTF-8"))?;
+    if let Some((_, why)) = trellis_config::load::repeated_key(text) {
+        return Err(ApiError::bad_request(format!("malformed body: {why}")));
+    }
     let mut value: Value = if text.trim_start().starts_with('{') {
         serde_json::from_str(text).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?
     } else {
