@@ -10,6 +10,8 @@ use crate::error::{CniError, INCOMPATIBLE_VERSION, INVALID_CONFIG};
 pub const SUPPORTED_VERSIONS: &[&str] = &["1.0.0", "1.1.0"];
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/trellis/cni";
 pub const DEFAULT_MTU: u32 = 1450;
+/// The largest pod range one node may have (a /16).
+const MIN_PREFIX: u8 = 16;
 /// Namespaces whose pods are never registered with the node agent. The control plane's own pods
 /// live there: if their start waited on the control plane, a node could never bring it back.
 pub const DEFAULT_EXCLUDE_NAMESPACES: &[&str] = &["kube-system", "istio-system"];
@@ -58,14 +60,26 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
         ));
     }
     let name = string(&raw, "name", true)?.unwrap_or_default();
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
-        return Err(invalid("name", format!("{name:?} may only contain letters, digits, '_', '.' and '-'")));
+    // The CNI spec's rule; it also keeps "." and ".." out of the IPAM store's path.
+    let starts_ok = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if !starts_ok || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+        return Err(invalid(
+            "name",
+            format!("{name:?} must start with a letter or digit and contain only letters, digits, '_', '.' and '-'"),
+        ));
     }
     let cidr_text = string(&raw, "podCIDR", true)?.unwrap_or_default();
     let pod_cidr: Ipv4Net =
         cidr_text.parse().map_err(|_| invalid("podCIDR", format!("{cidr_text:?} is not an IPv4 CIDR")))?;
     if pod_cidr.prefix_len() > 30 {
         return Err(invalid("podCIDR", format!("{pod_cidr} is too small: it needs room for a gateway and a pod")));
+    }
+    // A node's pod range; IPAM scans it on every ADD, so a mistaken /0 must not be taken literally.
+    if pod_cidr.prefix_len() < MIN_PREFIX {
+        return Err(invalid(
+            "podCIDR",
+            format!("{pod_cidr} is too large for one node's pods (at most a /{MIN_PREFIX}, 65,534 addresses)"),
+        ));
     }
     if pod_cidr.trunc() != pod_cidr {
         return Err(invalid("podCIDR", format!("{pod_cidr} has host bits set (did you mean {}?)", pod_cidr.trunc())));
@@ -153,6 +167,9 @@ mod tests {
             ("\"mtu\":1450", "\"mtu\":\"big\"", "mtu", INVALID_CONFIG),
             ("\"dataDir\":\"/var/lib/trellis/cni\"", "\"dataDir\":\"relative\"", "dataDir", INVALID_CONFIG),
             ("\"name\":\"trellis\"", "\"name\":\"../x\"", "name", INVALID_CONFIG),
+            ("\"name\":\"trellis\"", "\"name\":\"..\"", "name", INVALID_CONFIG),
+            ("\"podCIDR\":\"10.244.1.0/24\"", "\"podCIDR\":\"0.0.0.0/0\"", "podCIDR", INVALID_CONFIG),
+            ("\"podCIDR\":\"10.244.1.0/24\"", "\"podCIDR\":\"10.0.0.0/8\"", "podCIDR", INVALID_CONFIG),
             ("\"name\":\"trellis\"", "\"name\":7", "name", INVALID_CONFIG),
             ("\"cniVersion\":\"1.1.0\"", "\"cniVersion\":\"0.3.1\"", "cniVersion", INCOMPATIBLE_VERSION),
             ("{", "[", "config", INVALID_CONFIG),

@@ -30,7 +30,8 @@ fn valid_ifname(s: &str) -> bool {
         && s.len() < 16
         && s != "."
         && s != ".."
-        && !s.contains(['/', ':'])
+        // '%' would make the kernel pick a name from a template ("eth%d" becomes "eth0").
+        && !s.contains(['/', ':', '%'])
         && !s.contains(char::is_whitespace)
 }
 
@@ -52,9 +53,10 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<Env, CniError> {
     if per_attachment && container_id.is_empty() {
         return Err(bad("CNI_CONTAINERID is required".into()));
     }
-    if !container_id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+    let starts_ok = container_id.chars().next().is_none_or(|c| c.is_ascii_alphanumeric());
+    if !starts_ok || !container_id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
         return Err(bad(format!(
-            "CNI_CONTAINERID: {container_id:?} may only contain letters, digits, '_', '.' and '-'"
+            "CNI_CONTAINERID: {container_id:?} must start with a letter or digit and contain only letters, digits, '_', '.' and '-'"
         )));
     }
     let ifname = get("CNI_IFNAME").unwrap_or_default();
@@ -92,6 +94,11 @@ mod tests {
             (&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "a-very-long-ifname")], "CNI_IFNAME"),
             (&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "eth0")], "CNI_NETNS"),
             (&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "../x"), ("CNI_IFNAME", "eth0")], "CNI_CONTAINERID"),
+            (&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "-x"), ("CNI_IFNAME", "eth0")], "CNI_CONTAINERID"),
+            (
+                &[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "eth%d"), ("CNI_NETNS", "/x")],
+                "CNI_IFNAME",
+            ),
             (
                 &[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0"), ("CNI_ARGS", "junk")],
                 "CNI_ARGS",

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::packet_route::AddressFamily;
@@ -71,18 +71,40 @@ pub struct Entry {
     pub vtep: Ipv4Addr,
 }
 
-/// The desired entries: every pod CIDR of every other node. Pure, so it is unit-tested.
-pub fn desired(nodes: &[Node], me: &str, my_ip: Ipv4Addr) -> Vec<Entry> {
-    let mut out: Vec<Entry> = nodes
+fn contains((net, len): (Ipv4Addr, u8), ip: Ipv4Addr) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+    u32::from(net) & mask == u32::from(ip) & mask
+}
+
+/// The desired entries: every pod CIDR of every other node, and why any was left out. Pure, so it
+/// is unit-tested. A CIDR that covers a node's underlay address would route the tunnel into
+/// itself, and two overlapping CIDRs would fight over one gateway: such a CIDR is skipped (the
+/// smaller address wins an overlap), not installed.
+pub fn desired(nodes: &[Node], me: &str, my_ip: Ipv4Addr) -> (Vec<Entry>, Vec<String>) {
+    let mut all: Vec<(Entry, &str)> = nodes
         .iter()
         .filter(|n| n.name != me && n.underlay_ip != my_ip)
         .flat_map(|n| {
-            n.pod_cidrs.iter().map(move |&(net, len)| Entry { cidr: (net, len), gateway: net, vtep: n.underlay_ip })
+            n.pod_cidrs.iter().map(move |&(net, len)| {
+                (Entry { cidr: (net, len), gateway: net, vtep: n.underlay_ip }, n.name.as_str())
+            })
         })
         .collect();
-    out.sort();
-    out.dedup_by(|a, b| a.cidr == b.cidr);
-    out
+    all.sort();
+    all.dedup_by(|a, b| a.0.cidr == b.0.cidr);
+    let underlay: Vec<Ipv4Addr> = nodes.iter().map(|n| n.underlay_ip).chain([my_ip]).collect();
+    let (mut out, mut skipped): (Vec<Entry>, Vec<String>) = (Vec::new(), Vec::new());
+    for (e, node) in all {
+        let (net, len) = e.cidr;
+        if let Some(ip) = underlay.iter().find(|ip| contains(e.cidr, **ip)) {
+            skipped.push(format!("node {node}: pod CIDR {net}/{len} contains the underlay address {ip}"));
+        } else if let Some(o) = out.iter().find(|o| contains(o.cidr, net) || contains(e.cidr, o.cidr.0)) {
+            skipped.push(format!("node {node}: pod CIDR {net}/{len} overlaps {}/{}", o.cidr.0, o.cidr.1));
+        } else {
+            out.push(e);
+        }
+    }
+    (out, skipped)
 }
 
 fn mtu(l: &LinkMessage) -> u32 {
@@ -113,14 +135,55 @@ async fn underlay(h: &Handle, ip: Ipv4Addr) -> Result<(u32, u32), OverlayError> 
     Err(OverlayError::Setup(format!("--node-ip {ip} is not an address of any interface on this node")))
 }
 
+/// What of an existing device differs from what this node needs, if anything: its local address,
+/// MAC and MTU all follow the node's underlay, which may have changed since it was made.
+fn device_mismatch(l: &LinkMessage, node_ip: Ipv4Addr, want_mtu: u32) -> Option<String> {
+    let local = l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Data(InfoData::Vxlan(v)) => v.iter().find_map(|x| match x {
+                InfoVxlan::Local(ip) => Some(*ip),
+                _ => None,
+            }),
+            _ => None,
+        }),
+        _ => None,
+    });
+    let mac = l.attributes.iter().find_map(|a| if let LinkAttribute::Address(m) = a { Some(m.clone()) } else { None });
+    if local != Some(node_ip) {
+        Some(format!("local address {local:?}, not {node_ip}"))
+    } else if mac.as_deref() != Some(&vtep_mac(node_ip)[..]) {
+        Some(format!("MAC {mac:02x?}, not {:02x?}", vtep_mac(node_ip)))
+    } else if mtu(l) != want_mtu {
+        Some(format!("MTU {}, not {want_mtu}", mtu(l)))
+    } else {
+        None
+    }
+}
+
 /// Creates (or adopts) the VXLAN device and brings it up. Returns its index.
 async fn ensure_device(h: &Handle, cfg: &Config) -> Result<u32, OverlayError> {
     let (under_idx, under_mtu) = underlay(h, cfg.node_ip).await?;
-    if let Some((idx, _)) = link_index(h, DEVICE).await? {
-        h.link().set(LinkUnspec::new_with_index(idx).up().build()).execute().await.map_err(nl("overlay up"))?;
-        return Ok(idx);
-    }
     let mtu = under_mtu.saturating_sub(OVERHEAD);
+    let existing = match h.link().get().match_name(DEVICE.to_string()).execute().try_next().await {
+        Ok(l) => l,
+        Err(e) if errno(&e) == -libc::ENODEV => None,
+        Err(e) => return Err(nl(format!("looking up {DEVICE}"))(e)),
+    };
+    if let Some(l) = existing {
+        let idx = l.header.index;
+        match device_mismatch(&l, cfg.node_ip, mtu) {
+            None => {
+                h.link().set(LinkUnspec::new_with_index(idx).up().build()).execute().await.map_err(nl("overlay up"))?;
+                return Ok(idx);
+            }
+            // Left from before the node's address or MTU changed: peers would address frames to
+            // a MAC it does not have. Recreated below; reconcile re-adds its entries.
+            Some(why) => {
+                tracing::warn!(device = DEVICE, why, "overlay device does not match this node; recreating it");
+                h.link().del(idx).execute().await.map_err(nl(format!("deleting {DEVICE}")))?;
+            }
+        }
+    }
     let msg = LinkVxlan::new(DEVICE, VNI)
         .dev(under_idx)
         .local(cfg.node_ip)
@@ -230,7 +293,35 @@ pub async fn reconcile(h: &Handle, cfg: &Config, want: &[Entry]) -> Result<(usiz
         }
     }
 
+    // One entry the kernel refuses must not keep the others out: each is tried, and the first
+    // failure is reported after all have been.
+    let mut first_failure = None;
     for e in want {
+        match add_entry(h, idx, e, &have_fdb, &have_neigh, &have_routes).await {
+            Ok(n) => added += n,
+            Err(err) => {
+                tracing::warn!(cidr = %format!("{}/{}", e.cidr.0, e.cidr.1), vtep = %e.vtep, error = %err, "overlay entry not installed");
+                first_failure.get_or_insert(err);
+            }
+        }
+    }
+    match first_failure {
+        Some(err) => Err(err),
+        None => Ok((added, removed)),
+    }
+}
+
+/// Installs what is missing of one entry: FDB, neighbour, route. Returns how many were added.
+async fn add_entry(
+    h: &Handle,
+    idx: u32,
+    e: &Entry,
+    have_fdb: &BTreeSet<([u8; 6], Ipv4Addr)>,
+    have_neigh: &BTreeSet<(Ipv4Addr, Option<Vec<u8>>)>,
+    have_routes: &BTreeSet<(Ipv4Addr, u8)>,
+) -> Result<usize, OverlayError> {
+    let mut added = 0;
+    {
         let mac = vtep_mac(e.vtep);
         if !have_fdb.contains(&(mac, e.vtep)) {
             h.neighbours()
@@ -270,7 +361,7 @@ pub async fn reconcile(h: &Handle, cfg: &Config, want: &[Entry]) -> Result<(usiz
             added += 1;
         }
     }
-    Ok((added, removed))
+    Ok(added)
 }
 
 fn enable_forwarding() {
@@ -292,11 +383,18 @@ pub async fn run(cfg: Config, state: Arc<RwLock<State>>, mut changes: watch::Rec
     tokio::spawn(conn);
     enable_forwarding();
     let mut last: Option<Vec<Entry>> = None;
+    let mut last_skipped = Vec::new();
     loop {
-        let want = {
+        let (want, skipped) = {
             let s = state.read().unwrap_or_else(|e| e.into_inner());
             desired(&s.nodes().cloned().collect::<Vec<_>>(), &cfg.node_name, cfg.node_ip)
         };
+        if skipped != last_skipped {
+            for why in &skipped {
+                tracing::warn!(why, "overlay: pod CIDR not routed");
+            }
+            last_skipped = skipped;
+        }
         match reconcile(&h, &cfg, &want).await {
             Ok((added, removed)) => {
                 if added + removed > 0 || last.as_ref() != Some(&want) {
@@ -328,11 +426,35 @@ mod tests {
             node("n1", [172, 30, 0, 11], [10, 244, 1, 0]),
             node("n2", [172, 30, 0, 12], [10, 244, 2, 0]),
         ];
-        let d = desired(&nodes, "n1", Ipv4Addr::new(172, 30, 0, 11));
+        let (d, skipped) = desired(&nodes, "n1", Ipv4Addr::new(172, 30, 0, 11));
+        assert!(skipped.is_empty(), "{skipped:?}");
         assert_eq!(d.len(), 2);
         assert_eq!(d[0].cidr, (Ipv4Addr::new(10, 244, 2, 0), 24));
         assert_eq!(d[0].vtep, Ipv4Addr::new(172, 30, 0, 12));
         assert_eq!(d[1].gateway, Ipv4Addr::new(10, 244, 3, 0));
+    }
+
+    #[test]
+    fn cidrs_that_overlap_or_cover_an_underlay_address_are_skipped() {
+        let mut n4 = node("n4", [172, 30, 0, 14], [10, 244, 2, 0]);
+        n4.pod_cidrs = vec![([10, 244, 2, 0].into(), 23)];
+        let nodes = vec![
+            node("n1", [172, 30, 0, 11], [10, 244, 1, 0]),
+            node("n2", [172, 30, 0, 12], [10, 244, 2, 0]),
+            node("n3", [172, 30, 0, 13], [172, 30, 0, 0]),
+            n4,
+            node("n5", [172, 30, 0, 15], [10, 244, 5, 0]),
+        ];
+        let (d, skipped) = desired(&nodes, "n1", Ipv4Addr::new(172, 30, 0, 11));
+        let cidrs: Vec<String> = d.iter().map(|e| format!("{}/{}", e.cidr.0, e.cidr.1)).collect();
+        assert_eq!(cidrs, ["10.244.2.0/23", "10.244.5.0/24"]);
+        assert_eq!(
+            skipped,
+            [
+                "node n2: pod CIDR 10.244.2.0/24 overlaps 10.244.2.0/23",
+                "node n3: pod CIDR 172.30.0.0/24 contains the underlay address 172.30.0.11",
+            ]
+        );
     }
 
     #[test]

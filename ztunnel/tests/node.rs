@@ -73,8 +73,16 @@ fn overlay_pods_switch_to_hbone_live_with_namespace_labels() {
     lab.start_istiod();
     lab.apply_nodes();
     lab.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n");
+    // Left over from when node 1 had another address: ztunnel must not adopt it as it is.
+    let stale = "ip link add trellis.vxlan type vxlan id 1 local 172.30.0.99 dstport 4789 dev eth0 && ip link set trellis.vxlan mtu 1400";
+    lab.exec_ok(&lab.node(1), stale);
     lab.start_ztunnel(1, &[]);
     lab.start_ztunnel(2, &[]);
+    let dev = wait_for("the stale overlay device recreated", Duration::from_secs(15), || {
+        let d = lab.exec_ok(&lab.node(1), "ip -d link show trellis.vxlan");
+        d.contains("local 172.30.0.11").then_some(d)
+    });
+    assert!(dev.contains("mtu 1450") && dev.contains("link/ether 0a:ac:1e:00:0b:01"), "{dev}");
 
     // The overlay: one route per remote pod CIDR through the VXLAN device, from Node objects.
     wait_for("overlay routes", Duration::from_secs(15), || {

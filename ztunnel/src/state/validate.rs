@@ -145,7 +145,14 @@ pub fn node(name: &str, bytes: &[u8]) -> Result<Node, String> {
     let mut pod_cidrs = Vec::new();
     for (i, c) in n.pod_cidrs.iter().enumerate() {
         match ipv4(&c.address) {
-            Some(a) if c.length <= 32 => pod_cidrs.push((a, c.length as u8)),
+            Some(a) if c.length <= 32 => {
+                let host_bits = u32::MAX.checked_shr(c.length).unwrap_or(0);
+                if u32::from(a) & host_bits != 0 {
+                    // The kernel refuses such a route; the address is the overlay's gateway.
+                    return Err(format!("{name}: pod_cidrs[{i}] {a}/{} has host bits set", c.length));
+                }
+                pod_cidrs.push((a, c.length as u8))
+            }
             // An IPv6 pod CIDR on a dual-stack node is not routed by this overlay; skip it.
             None if c.address.len() == 16 && c.length <= 128 => {}
             _ => return Err(format!("{name}: pod_cidrs[{i}] is not a valid CIDR")),
@@ -273,8 +280,14 @@ mod tests {
         assert!(node("n3", &enc(ok.clone())).unwrap_err().contains("named"));
         let v6 = node_pb::Node { underlay_ip: vec![0; 16], ..ok.clone() };
         assert!(node("n2", &enc(v6)).unwrap_err().contains("IPv4"));
-        let bad = node_pb::Node { pod_cidrs: vec![node_pb::Cidr { address: vec![10, 244, 2, 0], length: 33 }], ..ok };
+        let bad =
+            node_pb::Node { pod_cidrs: vec![node_pb::Cidr { address: vec![10, 244, 2, 0], length: 33 }], ..ok.clone() };
         assert!(node("n2", &enc(bad)).unwrap_err().contains("pod_cidrs[0]"));
+        let host =
+            node_pb::Node { pod_cidrs: vec![node_pb::Cidr { address: vec![10, 244, 2, 5], length: 24 }], ..ok.clone() };
+        assert_eq!(node("n2", &enc(host)).unwrap_err(), "n2: pod_cidrs[0] 10.244.2.5/24 has host bits set");
+        let whole = node_pb::Node { pod_cidrs: vec![node_pb::Cidr { address: vec![0, 0, 0, 0], length: 0 }], ..ok };
+        assert!(node("n2", &enc(whole)).is_ok(), "/0 has no host bits to check");
     }
 
     #[test]
