@@ -54,10 +54,14 @@ impl NodeTokens {
         ring::rand::SystemRandom::new().fill(&mut secret).map_err(|_| TokenError::Random)?;
         let token = format!("{node}.{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret));
         let mut hashes = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
-        hashes.insert(node.to_string(), hash(&token));
-        let bytes = serde_json::to_vec_pretty(&*hashes).unwrap_or_default();
+        // Persisted first: if the write fails, the old token keeps working now and after a
+        // restart, instead of failing now and coming back later.
+        let mut next = hashes.clone();
+        next.insert(node.to_string(), hash(&token));
+        let bytes = serde_json::to_vec_pretty(&next).unwrap_or_default();
         crate::secrets::write_private(&self.path, &bytes)
             .map_err(|err| TokenError::Io { path: self.path.clone(), err })?;
+        *hashes = next;
         Ok(token)
     }
 
@@ -91,5 +95,16 @@ mod tests {
         let mode = std::fs::metadata(dir.path().join("tokens.json")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(t.issue("Bad_Node").is_err());
+    }
+
+    #[test]
+    fn a_rotation_that_cannot_be_saved_leaves_the_old_token_working() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("state")).unwrap();
+        let t = NodeTokens::open(dir.path().join("state").join("tokens.json")).unwrap();
+        let a = t.issue("node1").unwrap();
+        std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+        assert!(t.issue("node1").is_err(), "nowhere to save it");
+        assert_eq!(t.verify(&a).as_deref(), Some("node1"), "the saved token still works");
     }
 }

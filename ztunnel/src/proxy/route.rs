@@ -125,31 +125,38 @@ fn to_workload(w: &Workload, ip: IpAddr, port: u16, svc: Option<&Service>) -> Ro
     }
 }
 
-/// The port a workload serves a Service's `port` on.
-fn target_port(svc: &Service, w: &Workload, port: u16) -> u16 {
+/// The port a workload serves a Service's `port` on, or `None` when the Service names its target
+/// port (target 0) and this workload has no port of that name: as in Kubernetes, it is then not an
+/// endpoint for that port, rather than being sent traffic on a port it may not serve.
+fn target_port(svc: &Service, w: &Workload, port: u16) -> Option<u16> {
     let key = format!("{}/{}", svc.namespace, svc.hostname);
     let from_workload = w.services.get(&key).and_then(|l| l.ports.iter().find(|p| p.service_port == port as u32));
     let from_service = svc.ports.iter().find(|p| p.service_port == port as u32);
-    from_workload
-        .map(|p| p.target_port)
-        .filter(|t| *t != 0)
-        .or(from_service.map(|p| p.target_port).filter(|t| *t != 0))
-        .and_then(|t| u16::try_from(t).ok())
-        .unwrap_or(port)
+    let target = match (from_workload.map(|p| p.target_port).filter(|t| *t != 0), from_service) {
+        (Some(t), _) => t,
+        (None, Some(p)) if p.target_port != 0 => p.target_port,
+        (None, Some(_)) => return None,
+        // Not a port of the Service: sent on as addressed.
+        (None, None) => return Some(port),
+    };
+    u16::try_from(target).ok()
 }
 
 /// Resolves `dst` as the pod behind `src` would reach it. `pick` chooses among endpoints.
 pub fn outbound(state: &State, dst: SocketAddr, pick: usize) -> Route {
     if let Some(svc) = state.service_by_vip(dst.ip()) {
         let key = format!("{}/{}", svc.namespace, svc.hostname);
-        let healthy: Vec<&Workload> =
-            state.endpoints(&key).filter(|w| w.status == WorkloadStatus::Healthy as i32).collect();
+        let healthy: Vec<(&Workload, u16)> = state
+            .endpoints(&key)
+            .filter(|w| w.status == WorkloadStatus::Healthy as i32)
+            .filter_map(|w| Some((w, target_port(svc, w, dst.port())?)))
+            .collect();
         if healthy.is_empty() {
             return Route::NoEndpoint { service: key };
         }
-        let w = healthy[pick % healthy.len()];
+        let (w, port) = healthy[pick % healthy.len()];
         return match first_ip(w, dst.ip()) {
-            Some(ip) => to_workload(w, ip, target_port(svc, w, dst.port()), Some(svc)),
+            Some(ip) => to_workload(w, ip, port, Some(svc)),
             None => Route::NoEndpoint { service: key },
         };
     }
@@ -206,7 +213,8 @@ mod tests {
                 namespace: "demo".into(),
                 hostname: "echo.demo.svc.cluster.local".into(),
                 addresses: vec![NetworkAddress { network: String::new(), address: ipb("10.96.0.20") }],
-                ports: vec![Port { service_port: 80, target_port: 8080 }],
+                // 81 has a named target port: resolved per workload.
+                ports: vec![Port { service_port: 80, target_port: 8080 }, Port { service_port: 81, target_port: 0 }],
                 subject_alt_names: vec!["spiffe://cluster.local/ns/demo/sa/extra".into()],
                 ..Default::default()
             }),
@@ -245,6 +253,28 @@ mod tests {
         let s = state(vec![pod("a", "10.244.1.5", true, true, Some((80, 0)))]);
         assert!(
             matches!(outbound(&s, addr("10.96.0.20:80"), 0), Route::Hbone { authority, .. } if authority == addr("10.244.1.5:8080"))
+        );
+    }
+
+    #[test]
+    fn a_named_target_port_goes_only_to_endpoints_that_have_it() {
+        let s = state(vec![
+            pod("named", "10.244.1.5", true, true, Some((81, 9000))),
+            pod("other", "10.244.2.5", true, true, Some((80, 8080))),
+        ]);
+        for pick in 0..4 {
+            let r = outbound(&s, addr("10.96.0.20:81"), pick);
+            assert!(matches!(r, Route::Hbone { authority, .. } if authority == addr("10.244.1.5:9000")), "{r:?}");
+        }
+        // An endpoint of the Service, without a port of that name.
+        let s = state(vec![pod("other", "10.244.2.5", true, true, Some((80, 8080)))]);
+        assert_eq!(
+            outbound(&s, addr("10.96.0.20:81"), 0),
+            Route::NoEndpoint { service: "demo/echo.demo.svc.cluster.local".into() }
+        );
+        // A port the Service does not list is sent on as addressed.
+        assert!(
+            matches!(outbound(&s, addr("10.96.0.20:82"), 0), Route::Hbone { authority, .. } if authority == addr("10.244.2.5:82"))
         );
     }
 
