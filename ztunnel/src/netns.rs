@@ -42,8 +42,13 @@ pub fn open_namespace_file(path: &Path) -> io::Result<File> {
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
         return Err(err(io::Error::last_os_error()));
     }
-    if fs.f_type != libc::NSFS_MAGIC {
-        let msg = format!("{} is not a namespace file (a bind mount of /proc/<pid>/ns/net)", path.display());
+    // NS_GET_NSTYPE (linux/nsfs.h): which kind of namespace an nsfs file is.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: an argument-less ioctl on an open fd, asked only of nsfs files.
+    let is_net =
+        fs.f_type == libc::NSFS_MAGIC && unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) } == libc::CLONE_NEWNET;
+    if !is_net {
+        let msg = format!("{} is not a network namespace (a bind mount of /proc/<pid>/ns/net)", path.display());
         return Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
     }
     Ok(file)

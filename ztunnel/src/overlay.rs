@@ -321,45 +321,38 @@ async fn add_entry(
     have_routes: &BTreeSet<(Ipv4Addr, u8)>,
 ) -> Result<usize, OverlayError> {
     let mut added = 0;
-    {
-        let mac = vtep_mac(e.vtep);
-        if !have_fdb.contains(&(mac, e.vtep)) {
-            h.neighbours()
-                .add_bridge(idx, &mac)
-                .destination(IpAddr::V4(e.vtep))
-                .flags(NeighbourFlags::Own)
-                .replace()
-                .execute()
-                .await
-                .map_err(nl(format!("FDB entry for {}", e.vtep)))?;
-            added += 1;
-        }
-        if !have_neigh.contains(&(e.gateway, Some(mac.to_vec()))) {
-            h.neighbours()
-                .add(idx, IpAddr::V4(e.gateway))
-                .link_layer_address(&mac)
-                .replace()
-                .execute()
-                .await
-                .map_err(nl(format!("neighbour {}", e.gateway)))?;
-            added += 1;
-        }
-        if !have_routes.contains(&e.cidr) {
-            let route = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(e.cidr.0, e.cidr.1)
-                .gateway(e.gateway)
-                .output_interface(idx)
-                .protocol(RouteProtocol::Other(PROTO))
-                .onlink()
-                .build();
-            h.route()
-                .add(route)
-                .replace()
-                .execute()
-                .await
-                .map_err(nl(format!("route to {}/{}", e.cidr.0, e.cidr.1)))?;
-            added += 1;
-        }
+    let mac = vtep_mac(e.vtep);
+    if !have_fdb.contains(&(mac, e.vtep)) {
+        h.neighbours()
+            .add_bridge(idx, &mac)
+            .destination(IpAddr::V4(e.vtep))
+            .flags(NeighbourFlags::Own)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(format!("FDB entry for {}", e.vtep)))?;
+        added += 1;
+    }
+    if !have_neigh.contains(&(e.gateway, Some(mac.to_vec()))) {
+        h.neighbours()
+            .add(idx, IpAddr::V4(e.gateway))
+            .link_layer_address(&mac)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(format!("neighbour {}", e.gateway)))?;
+        added += 1;
+    }
+    if !have_routes.contains(&e.cidr) {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(e.cidr.0, e.cidr.1)
+            .gateway(e.gateway)
+            .output_interface(idx)
+            .protocol(RouteProtocol::Other(PROTO))
+            .onlink()
+            .build();
+        h.route().add(route).replace().execute().await.map_err(nl(format!("route to {}/{}", e.cidr.0, e.cidr.1)))?;
+        added += 1;
     }
     Ok(added)
 }

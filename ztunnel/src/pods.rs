@@ -381,7 +381,9 @@ impl Pods {
             self.reconcile().await;
             self.passes.send_modify(|n| *n += 1);
             let now = Instant::now();
-            let next_retry = lock(&self.retry_at).values().map(|(at, _)| at.saturating_duration_since(now)).min();
+            // Only retries still ahead: one already due is started by the pass above, or has its
+            // enrollment in flight, and waiting on it would spin until that ends.
+            let next_retry = lock(&self.retry_at).values().filter(|(at, _)| *at > now).map(|(at, _)| *at - now).min();
             tokio::select! {
                 r = changes.changed() => if r.is_err() { return },
                 _ = self.kick.notified() => {}

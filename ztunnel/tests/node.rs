@@ -372,10 +372,10 @@ fn a_refused_enrollment_is_retried_with_backoff() {
     // A netns path that is not a namespace is refused at once; a FIFO would hang the open.
     let fifo = lab.dir.path().join("not-a-netns");
     assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
-    for bad in [fifo.to_str().unwrap(), "/etc/hostname"] {
+    for bad in [fifo.to_str().unwrap(), "/etc/hostname", "/proc/self/ns/mnt"] {
         let r = lab.agent(1, &json!({"op": "add", "namespace": "demo", "name": "x", "netns": bad}));
         assert_eq!(r["ok"], false, "{r}");
-        assert!(r["error"].as_str().is_some_and(|e| e.contains("is not a namespace file")), "{r}");
+        assert!(r["error"].as_str().is_some_and(|e| e.contains("is not a network namespace")), "{r}");
     }
     let pod = lab.add_pod(1, "demo", "roamer", "roamer", "app: roamer", 21);
     let path = format!("/var/run/netns/{}", pod.netns);
