@@ -236,18 +236,23 @@ impl ClientCertVerifier for TrustDomainClient {
     }
 }
 
+/// Chain and client-usage checks against the mesh root: what 15008 asks of every peer.
+fn webpki_client_verifier(roots: Arc<RootCertStore>) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+    WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))
+}
+
 /// Whether `chain` (leaf first) is one peers will accept from this mesh at time `at`: it chains to
-/// `roots` and the leaf may authenticate a TLS client (the stricter of HBONE's two uses; workload
-/// leaves serve both). For checking a certificate before presenting it.
+/// `roots` and the leaf may authenticate a TLS client, as 15008 requires (workload leaves serve as
+/// client and server alike). For checking a certificate before presenting it.
 pub fn verify_chain(
     roots: Arc<RootCertStore>,
     chain: &[CertificateDer<'static>],
     at: SystemTime,
 ) -> Result<(), rustls::Error> {
     let (leaf, intermediates) = chain.split_first().ok_or(rustls::Error::NoCertificatesPresented)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let verifier = webpki_client_verifier(roots)?;
     let at = UnixTime::since_unix_epoch(at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default());
     verifier.verify_client_cert(leaf, intermediates, at).map(|_| ())
 }
@@ -258,9 +263,7 @@ pub fn server_config(
     roots: Arc<RootCertStore>,
     trust_domain: &str,
 ) -> Result<ServerConfig, TlsError> {
-    let inner = WebPkiClientVerifier::builder_with_provider(roots, provider())
-        .build()
-        .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
+    let inner = webpki_client_verifier(roots).map_err(TlsError::Config)?;
     let verifier = Arc::new(TrustDomainClient { inner, trust_domain: trust_domain.to_string() });
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?

@@ -72,8 +72,7 @@ pub struct Entry {
 }
 
 fn contains((net, len): (Ipv4Addr, u8), ip: Ipv4Addr) -> bool {
-    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-    u32::from(net) & mask == u32::from(ip) & mask
+    ipnet::Ipv4Net::new(net, len).is_ok_and(|n| n.contains(&ip))
 }
 
 /// The desired entries: every pod CIDR of every other node, and why any was left out. Pure, so it

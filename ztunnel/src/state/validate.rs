@@ -146,10 +146,10 @@ pub fn node(name: &str, bytes: &[u8]) -> Result<Node, String> {
     for (i, c) in n.pod_cidrs.iter().enumerate() {
         match ipv4(&c.address) {
             Some(a) if c.length <= 32 => {
-                let host_bits = u32::MAX.checked_shr(c.length).unwrap_or(0);
-                if u32::from(a) & host_bits != 0 {
+                let net = ipnet::Ipv4Net::new(a, c.length as u8).map_err(|e| format!("{name}: pod_cidrs[{i}]: {e}"))?;
+                if net.trunc() != net {
                     // The kernel refuses such a route; the address is the overlay's gateway.
-                    return Err(format!("{name}: pod_cidrs[{i}] {a}/{} has host bits set", c.length));
+                    return Err(format!("{name}: pod_cidrs[{i}] {net} has host bits set"));
                 }
                 pod_cidrs.push((a, c.length as u8))
             }
