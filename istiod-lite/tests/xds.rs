@@ -185,25 +185,32 @@ async fn delta_client_sees_snapshot_single_changes_deletes_and_resyncs_by_differ
     assert_eq!(got, vec![(ADDRESS_TYPE_URL.to_string(), A.to_string())], "only the difference is sent");
 }
 
+type Requests = mpsc::Sender<DeltaDiscoveryRequest>;
+
+/// A delta ADS request for addresses, presenting `token` (if any) as the bearer. The request
+/// stream stays open while the returned sender lives.
+fn secure_request(
+    node: Option<Node>,
+    token: Option<&str>,
+) -> (Requests, tonic::Request<ReceiverStream<DeltaDiscoveryRequest>>) {
+    let (tx, rx) = mpsc::channel(4);
+    tx.try_send(DeltaDiscoveryRequest { node, type_url: ADDRESS_TYPE_URL.into(), ..Default::default() }).unwrap();
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = token {
+        req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    (tx, req)
+}
+
 #[tokio::test]
 async fn tls_port_requires_a_node_token() {
     let s = Istiod::start().await;
-    let channel = s.secure_channel().await;
-    let mut c = AggregatedDiscoveryServiceClient::new(channel.clone());
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(DeltaDiscoveryRequest { node: node(), type_url: ADDRESS_TYPE_URL.into(), ..Default::default() })
-        .await
-        .unwrap();
-    let err = c.delta_aggregated_resources(ReceiverStream::new(rx)).await.unwrap_err();
+    let mut c = AggregatedDiscoveryServiceClient::new(s.secure_channel().await);
+    let err = c.delta_aggregated_resources(secure_request(node(), None).1).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
     let token = s.running.tokens.issue("node1").unwrap();
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(DeltaDiscoveryRequest { node: node(), type_url: ADDRESS_TYPE_URL.into(), ..Default::default() })
-        .await
-        .unwrap();
-    let mut req = tonic::Request::new(ReceiverStream::new(rx));
-    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (_open, req) = secure_request(node(), Some(&token));
     let mut stream = c.delta_aggregated_resources(req).await.unwrap().into_inner();
     let first = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap().unwrap();
     assert_eq!(first.type_url, ADDRESS_TYPE_URL);
@@ -214,19 +221,38 @@ async fn tls_port_requires_a_node_token() {
     claims_node2.metadata = Some(trellis_proto::envoy::google::protobuf::Struct {
         fields: [("NODE_NAME".to_string(), name)].into_iter().collect(),
     });
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(DeltaDiscoveryRequest {
-        node: Some(claims_node2),
-        type_url: ADDRESS_TYPE_URL.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut req = tonic::Request::new(ReceiverStream::new(rx));
-    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (_open, req) = secure_request(Some(claims_node2), Some(&token));
     let mut stream = c.delta_aggregated_resources(req).await.unwrap().into_inner();
     let err = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+}
+
+#[tokio::test]
+async fn a_stream_ends_when_its_node_token_is_rotated() {
+    let s = Istiod::start().await;
+    let mut c = AggregatedDiscoveryServiceClient::new(s.secure_channel().await);
+    let old = s.running.tokens.issue("node1").unwrap();
+    let (_open, req) = secure_request(node(), Some(&old));
+    let mut stream = c.delta_aggregated_resources(req).await.unwrap().into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.type_url, ADDRESS_TYPE_URL);
+
+    // Another node's rotation leaves this stream alone.
+    s.running.tokens.issue("node2").unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(300), stream.message()).await.is_err(), "still open");
+
+    let new = s.running.tokens.issue("node1").unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    assert!(err.message().contains("node1") && err.message().contains("rotated"), "{err}");
+
+    // The old token cannot reconnect; the new one can.
+    let refused = c.delta_aggregated_resources(secure_request(node(), Some(&old)).1).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let (_open, req) = secure_request(node(), Some(&new));
+    let mut stream = c.delta_aggregated_resources(req).await.unwrap().into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.type_url, ADDRESS_TYPE_URL);
 }
 
 fn string_value(s: &str) -> trellis_proto::envoy::google::protobuf::Value {

@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::pods::Pods;
 use crate::proxy::{self, Proxy};
 use crate::state::State;
+use crate::token::NodeToken;
 use crate::{agent, overlay, xds};
 
 #[derive(Clone, Debug)]
@@ -68,13 +69,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("reading --root-cert {}", cfg.root_cert.display()))?;
     let roots = Arc::new(load_roots(&root_pem).with_context(|| format!("--root-cert {}", cfg.root_cert.display()))?);
     let token = match &cfg.token_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .with_context(|| format!("reading --token-file {}", p.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
+        Some(p) => NodeToken::from_file(p).map_err(anyhow::Error::msg)?,
+        None => NodeToken::none(),
     };
 
     let control = tokio::runtime::Builder::new_current_thread().enable_all().thread_name("ztunnel-control").build()?;
@@ -84,7 +80,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let certs = CertManager::new(CaConfig {
         address: cfg.ca_address.clone(),
         root_pem: root_pem.clone(),
-        token: token.clone().unwrap_or_default(),
+        token: token.clone(),
         ttl: cfg.cert_ttl,
         roots: roots.clone(),
     });

@@ -42,7 +42,7 @@ pub struct CaConfig {
     /// `https://istiod:15012`
     pub address: String,
     pub root_pem: String,
-    pub token: String,
+    pub token: crate::token::NodeToken,
     /// Requested lifetime; the CA may cap it.
     pub ttl: Duration,
     /// What issued certificates must chain to before they are used: the mesh root peers trust.
@@ -111,7 +111,7 @@ impl CertManager {
             validity_duration: self.cfg.ttl.as_secs() as i64,
             metadata: Some(Struct { fields }),
         });
-        let bearer = format!("Bearer {}", self.cfg.token)
+        let bearer = format!("Bearer {}", self.cfg.token.current().unwrap_or_default())
             .parse()
             .map_err(|_| CertError::Local("token is not a valid header value".into()))?;
         req.metadata_mut().insert("authorization", bearer);

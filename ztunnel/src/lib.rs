@@ -20,4 +20,5 @@ pub mod pods;
 pub mod proxy;
 pub mod sockets;
 pub mod state;
+pub mod token;
 pub mod xds;

@@ -52,7 +52,8 @@ struct Args {
     /// The mesh root certificate (istiod-lite's root-cert.pem).
     #[arg(long)]
     root_cert: PathBuf,
-    /// The node token from `meshctl create token node NAME`.
+    /// The node token from `meshctl create token node NAME`. Read again for every xDS connection
+    /// and certificate request: rotate by writing the new token here, no restart needed.
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// The node agent socket that enrolls pods.

@@ -28,7 +28,7 @@ fn manager_trusting(
     CertManager::new(CaConfig {
         address: format!("https://127.0.0.1:{secure}"),
         root_pem,
-        token,
+        token: ztunnel::token::NodeToken::fixed(token),
         ttl: Duration::from_secs(4),
         roots,
     })

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use common::{free_port, istiod, start_xds_client, Ports};
+use common::{free_port, istiod, start_xds_client, start_xds_client_with, Ports};
 use hyper::Method;
 use serde_json::json;
 use ztunnel::state::State;
@@ -96,6 +96,42 @@ async fn syncs_follows_changes_survives_an_outage_and_resyncs() {
     .await;
     let (w, svc, pol) = state.read().unwrap().counts();
     assert_eq!((w, svc, pol), (1, 1, 2), "b, echo, demo/p and the static strict policy");
+    task.abort();
+    running.shutdown().await;
+}
+
+/// A node token is rotated by writing the new token to `--token-file`: istiod-lite ends the
+/// stream opened with the old token, and the reconnect presents the new one. No restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_is_read_from_the_token_file_on_reconnect() {
+    let Mesh { dir, ports, running, api } = mesh_with_demo_namespace().await;
+    let token_file = dir.path().join("node1.token");
+    std::fs::write(&token_file, running.tokens.issue("node1").unwrap()).unwrap();
+    let root_pem = std::fs::read_to_string(dir.path().join("ca/root-cert.pem")).unwrap();
+    let token = ztunnel::token::NodeToken::from_file(&token_file).unwrap();
+    let (state, mut synced, task) =
+        start_xds_client_with(format!("https://127.0.0.1:{}", ports.secure), Some(root_pem), token);
+    tokio::time::timeout(Duration::from_secs(10), synced.wait_for(|s| *s)).await.expect("synced").unwrap();
+    api.ok(Method::PUT, "/api/v1/namespaces/demo/pods/a", Some(&pod("a", "10.244.1.2"))).await.unwrap();
+    eventually("pod a", &state, |s| s.workload_by_ip(ip("10.244.1.2")).is_some()).await;
+
+    // As `meshctl create token node node1 > FILE` does.
+    std::fs::write(&token_file, running.tokens.issue("node1").unwrap()).unwrap();
+    api.ok(Method::PUT, "/api/v1/namespaces/demo/pods/b", Some(&pod("b", "10.244.1.3"))).await.unwrap();
+    eventually("pod b, over the stream opened with the new token", &state, |s| {
+        s.workload_by_ip(ip("10.244.1.3")).is_some()
+    })
+    .await;
+
+    // A rotation the file never learns of cuts the node off: later changes no longer arrive.
+    running.tokens.issue("node1").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.ok(Method::PUT, "/api/v1/namespaces/demo/pods/c", Some(&pod("c", "10.244.1.4"))).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = state.read().unwrap();
+    assert!(s.workload_by_ip(ip("10.244.1.4")).is_none(), "a revoked token gets no updates");
+    assert!(s.workload_by_ip(ip("10.244.1.3")).is_some(), "the last good state is kept");
+    drop(s);
     task.abort();
     running.shutdown().await;
 }

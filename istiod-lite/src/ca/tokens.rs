@@ -23,6 +23,8 @@ pub enum TokenError {
 pub struct NodeTokens {
     path: PathBuf,
     hashes: Mutex<BTreeMap<String, String>>,
+    /// Bumped by every rotation, so holders of a token (long-lived xDS streams) can re-check it.
+    rotations: tokio::sync::watch::Sender<u64>,
 }
 
 fn hash(token: &str) -> String {
@@ -39,7 +41,7 @@ impl NodeTokens {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(err) => return Err(TokenError::Io { path, err }),
         };
-        Ok(NodeTokens { path, hashes: Mutex::new(hashes) })
+        Ok(NodeTokens { path, hashes: Mutex::new(hashes), rotations: tokio::sync::watch::Sender::new(0) })
     }
 
     /// Creates or rotates the token of `node`; the previous token stops working.
@@ -62,7 +64,23 @@ impl NodeTokens {
         crate::secrets::write_private(&self.path, &bytes)
             .map_err(|err| TokenError::Io { path: self.path.clone(), err })?;
         *hashes = next;
+        drop(hashes);
+        self.rotations.send_modify(|n| *n += 1);
         Ok(token)
+    }
+
+    /// Resolves once `token` no longer verifies, that is when its node's token is rotated.
+    /// A stream authenticated by a token must not outlive it: rotation is how an operator
+    /// revokes a node's access.
+    pub async fn revoked(&self, token: &str) {
+        // Subscribed before the first check, so a rotation between the two is not missed.
+        let mut rotations = self.rotations.subscribe();
+        while self.verify(token).is_some() {
+            if rotations.changed().await.is_err() {
+                // The sender lives in `self`, which outlives this borrow: unreachable in practice.
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Returns the node a token belongs to, or `None` if it is not a current token.
@@ -106,5 +124,23 @@ mod tests {
         std::fs::remove_dir_all(dir.path().join("state")).unwrap();
         assert!(t.issue("node1").is_err(), "nowhere to save it");
         assert_eq!(t.verify(&a).as_deref(), Some("node1"), "the saved token still works");
+    }
+
+    #[tokio::test]
+    async fn revoked_resolves_on_the_rotation_of_that_node_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = std::sync::Arc::new(NodeTokens::open(dir.path().join("tokens.json")).unwrap());
+        let a = t.issue("node1").unwrap();
+        let watcher = tokio::spawn({
+            let (t, a) = (t.clone(), a.clone());
+            async move { t.revoked(&a).await }
+        });
+        t.issue("node2").unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!watcher.is_finished(), "another node's rotation leaves node1's token valid");
+        t.issue("node1").unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), watcher).await.unwrap().unwrap();
+        // A token that is already invalid resolves at once.
+        tokio::time::timeout(std::time::Duration::from_secs(1), t.revoked(&a)).await.unwrap();
     }
 }

@@ -73,31 +73,18 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<SotwStream>, Status> {
-        let mut authenticated_node = None;
-        if let Some(tokens) = &self.tokens {
-            match crate::ca::service::bearer(&req).and_then(|t| tokens.verify(t)) {
-                Some(n) => authenticated_node = Some(n),
-                None => return Err(Status::unauthenticated("a valid node bearer token is required on this port")),
-            }
-        }
-        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let credential = self.authenticate(&req)?;
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let stream = super::sotw::SotwStreamTask::new(
             self.cache.clone(),
             self.registry.clone(),
             self.metrics.clone(),
-            tx,
+            tx.clone(),
             self.send_timeout,
-            authenticated_node,
+            credential.as_ref().map(|c| c.node.clone()),
         );
-        let shared = self.shared();
-        let mut shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = drive(stream, shared, req.into_inner(), peer) => {}
-                _ = shutdown.wait_for(|s| *s) => {}
-            }
-        });
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        self.spawn(drive(stream, self.shared(), req.into_inner(), peer.clone()), peer, credential, tx);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -105,37 +92,76 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
-        let mut authenticated_node = None;
-        if let Some(tokens) = &self.tokens {
-            let node = crate::ca::service::bearer(&req).and_then(|t| tokens.verify(t));
-            match node {
-                Some(n) => authenticated_node = Some(n),
-                None => return Err(Status::unauthenticated("a valid node bearer token is required on this port")),
-            }
-        }
-        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let credential = self.authenticate(&req)?;
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let stream = DeltaStreamTask {
             cache: self.cache.clone(),
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
-            tx,
+            tx: tx.clone(),
             send_timeout: self.send_timeout,
             subs: HashMap::new(),
             id: 0,
             nonce: 0,
-            authenticated_node,
+            authenticated_node: credential.as_ref().map(|c| c.node.clone()),
             node_name: None,
         };
-        let shared = self.shared();
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        self.spawn(drive(stream, self.shared(), req.into_inner(), peer.clone()), peer, credential, tx);
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// What a stream on the secure port authenticated with.
+struct Credential {
+    node: String,
+    token: String,
+}
+
+impl AdsServer {
+    /// On the TLS port, the node named by the request's bearer token; elsewhere `None`.
+    fn authenticate<T>(&self, req: &Request<T>) -> Result<Option<Credential>, Status> {
+        let Some(tokens) = &self.tokens else { return Ok(None) };
+        let token = crate::ca::service::bearer(req).unwrap_or_default();
+        match tokens.verify(token) {
+            Some(node) => Ok(Some(Credential { node, token: token.to_string() })),
+            None => Err(Status::unauthenticated("a valid node bearer token is required on this port")),
+        }
+    }
+
+    /// Runs a stream until the client leaves, istiod-lite shuts down, or the stream's token is
+    /// rotated. A revoked stream ends with UNAUTHENTICATED, so the client reconnects and must
+    /// present the new token.
+    fn spawn<R: Send + 'static>(
+        &self,
+        drive: impl std::future::Future<Output = ()> + Send + 'static,
+        peer: String,
+        credential: Option<Credential>,
+        tx: mpsc::Sender<Result<R, Status>>,
+    ) {
         let mut shutdown = self.shutdown.clone();
+        let tokens = self.tokens.clone();
         tokio::spawn(async move {
+            let revoked = async {
+                match (&tokens, &credential) {
+                    (Some(tokens), Some(c)) => tokens.revoked(&c.token).await,
+                    _ => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = drive(stream, shared, req.into_inner(), peer) => {}
-                _ = shutdown.wait_for(|s| *s) => {}
+                _ = drive => {}
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {}
+                _ = revoked => {
+                    let node = credential.map(|c| c.node).unwrap_or_default();
+                    tracing::info!(node, peer, "closing an xDS stream whose node token was rotated");
+                    let status = Status::unauthenticated(format!(
+                        "the token of node {node} was rotated; reconnect with the new token"
+                    ));
+                    // Bounded like every send: a client that does not read is cut off anyway.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), tx.send(Err(status))).await;
+                }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 

@@ -41,8 +41,8 @@ pub struct Config {
     pub address: String,
     /// PEM root to trust for https; the mesh root.
     pub root_pem: Option<String>,
-    /// Node bearer token (required on :15012).
-    pub token: Option<String>,
+    /// Node bearer token (required on :15012), read afresh for every connection.
+    pub token: crate::token::NodeToken,
     pub node_id: String,
     pub node_name: String,
 }
@@ -134,7 +134,7 @@ impl Client {
             tx.send(req).await.map_err(|_| XdsError::Config("request channel closed".into()))?;
         }
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
-        if let Some(token) = &self.cfg.token {
+        if let Some(token) = self.cfg.token.current() {
             let v = format!("Bearer {token}")
                 .parse()
                 .map_err(|_| XdsError::Config("token is not a valid header value".into()))?;

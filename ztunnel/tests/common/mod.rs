@@ -36,18 +36,23 @@ pub async fn istiod(dir: &std::path::Path, ports: &Ports, max_cert_ttl: Duration
 
 /// Starts ztunnel's xDS client for node1 over plaintext against `address`: its state, its
 /// synced signal and its task.
-pub fn start_xds_client(
-    address: String,
-) -> (
+pub fn start_xds_client(address: String) -> XdsClient {
+    start_xds_client_with(address, None, ztunnel::token::NodeToken::none())
+}
+
+pub type XdsClient = (
     std::sync::Arc<std::sync::RwLock<ztunnel::state::State>>,
     tokio::sync::watch::Receiver<bool>,
     tokio::task::JoinHandle<()>,
-) {
+);
+
+/// The same, over TLS trusting `root_pem` and presenting `token`.
+pub fn start_xds_client_with(address: String, root_pem: Option<String>, token: ztunnel::token::NodeToken) -> XdsClient {
     let state = std::sync::Arc::new(std::sync::RwLock::new(ztunnel::state::State::default()));
     let cfg = ztunnel::xds::Config {
         address,
-        root_pem: None,
-        token: None,
+        root_pem,
+        token,
         node_id: "ztunnel~10.0.0.1~ztunnel-node1.istio-system~istio-system.svc.cluster.local".into(),
         node_name: "node1".into(),
     };
