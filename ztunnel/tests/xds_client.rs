@@ -128,10 +128,11 @@ async fn a_rotated_token_is_read_from_the_token_file_on_reconnect() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     api.ok(Method::PUT, "/api/v1/namespaces/demo/pods/c", Some(&pod("c", "10.244.1.4"))).await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let s = state.read().unwrap();
-    assert!(s.workload_by_ip(ip("10.244.1.4")).is_none(), "a revoked token gets no updates");
-    assert!(s.workload_by_ip(ip("10.244.1.3")).is_some(), "the last good state is kept");
-    drop(s);
+    {
+        let s = state.read().unwrap();
+        assert!(s.workload_by_ip(ip("10.244.1.4")).is_none(), "a revoked token gets no updates");
+        assert!(s.workload_by_ip(ip("10.244.1.3")).is_some(), "the last good state is kept");
+    }
     task.abort();
     running.shutdown().await;
 }
