@@ -88,6 +88,7 @@ impl Mesh {
             max_cert_ttl: Duration::from_secs(3600),
             tls_sans: vec![],
             xds_send_timeout: Duration::from_secs(30),
+            serving_cert_ttl: Duration::from_secs(365 * 24 * 3600),
         };
         let running = server::start(cfg).await.expect("istiod-lite starts");
         let api = meshctl::client::Client::new(&format!("http://{}", running.api_addr)).unwrap();

@@ -9,5 +9,6 @@ pub mod ca;
 pub mod metrics;
 pub mod secrets;
 pub mod server;
+pub mod serving;
 pub mod store;
 pub mod xds;

@@ -36,6 +36,9 @@ struct Args {
     /// Longest workload certificate lifetime granted, e.g. 24h, 90m, 30s.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     max_cert_ttl: Duration,
+    /// Lifetime of istiod-lite's own :15012 certificate, renewed at half of it.
+    #[arg(long, default_value = "8760h", value_parser = parse_duration)]
+    serving_cert_ttl: Duration,
     /// Extra DNS name or IP for the :15012 certificate (repeatable).
     #[arg(long = "tls-san")]
     tls_sans: Vec<String>,
@@ -65,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
         },
         max_cert_ttl: args.max_cert_ttl,
         tls_sans: args.tls_sans,
+        serving_cert_ttl: args.serving_cert_ttl,
         xds_send_timeout: istiod_lite::xds::server::SEND_TIMEOUT,
     };
     let running = server::start(cfg).await?;

@@ -13,7 +13,6 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::{Identity, ServerTlsConfig};
 use trellis_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use trellis_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
 
@@ -22,6 +21,7 @@ use crate::ca::service::CaService;
 use crate::ca::tokens::NodeTokens;
 use crate::ca::Authority;
 use crate::metrics::Metrics;
+use crate::serving::ServingCert;
 use crate::store::file::FileStore;
 use crate::store::{Store, Write};
 use crate::xds::cache::Cache;
@@ -44,6 +44,9 @@ pub struct Config {
     pub max_cert_ttl: Duration,
     /// Extra DNS names / IPs for the :15012 serving certificate.
     pub tls_sans: Vec<String>,
+    /// Lifetime of the :15012 serving certificate (capped at the CA signer's); it is renewed
+    /// at half of it.
+    pub serving_cert_ttl: Duration,
     /// How long a push waits on an xDS client that does not read before its stream is closed.
     pub xds_send_timeout: Duration,
 }
@@ -57,6 +60,7 @@ pub struct Running {
     pub cache: Arc<Cache>,
     pub tokens: Arc<NodeTokens>,
     pub authority: Arc<Authority>,
+    pub serving_cert: Arc<ServingCert>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -184,8 +188,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     if !cfg.secure_addr.ip().is_unspecified() {
         ips.push(cfg.secure_addr.ip());
     }
-    let (chain, key) = authority.issue_server_cert(&dns, &ips, Duration::from_secs(365 * 24 * 3600))?;
-    let tls = ServerTlsConfig::new().identity(Identity::from_pem(chain.join(""), key));
+    let serving_cert = ServingCert::issue(authority.clone(), dns, ips, cfg.serving_cert_ttl)?;
+    tasks.push(tokio::spawn(serving_cert.clone().renew(shutdown_rx.clone())));
+    let tls = crate::serving::server_config(serving_cert.clone()).context("TLS config for :15012")?;
     let secure_listener = TcpListener::bind(cfg.secure_addr)
         .await
         .with_context(|| format!("binding TLS xDS/CA on {}", cfg.secure_addr))?;
@@ -200,10 +205,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     .max_decoding_message_size(MAX_GRPC_REQUEST);
     let secure_ads = ads(Some(tokens.clone()));
     let mut rx = shutdown_rx.clone();
-    let builder = tonic::transport::Server::builder().tls_config(tls).context("TLS config for :15012")?;
     tasks.push(tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(secure_listener);
-        let r = builder
+        let incoming = crate::serving::incoming(secure_listener, tls);
+        let r = tonic::transport::Server::builder()
             .timeout(Duration::from_secs(3600))
             .add_service(ca)
             .add_service(secure_ads)
@@ -218,5 +222,5 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
 
     ready.store(true, Ordering::Release);
     tracing::info!(%api_addr, ?xds_addr, %secure_addr, trust_domain = cfg.settings.trust_domain, "istiod-lite ready");
-    Ok(Running { api_addr, xds_addr, secure_addr, store, cache, tokens, authority, shutdown, tasks })
+    Ok(Running { api_addr, xds_addr, secure_addr, store, cache, tokens, authority, serving_cert, shutdown, tasks })
 }

@@ -255,6 +255,56 @@ async fn a_stream_ends_when_its_node_token_is_rotated() {
     assert_eq!(first.type_url, ADDRESS_TYPE_URL);
 }
 
+/// The leaf certificate :15012 presents to a new connection.
+async fn serving_leaf(s: &Istiod) -> Vec<u8> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut s.root_pem().as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(s.running.secure_addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("istiod.istio-system.svc").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn not_after(der: &[u8]) -> i64 {
+    x509_parser::parse_x509_certificate(der).unwrap().1.validity().not_after.timestamp()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serving_certificate_is_renewed_and_open_streams_outlive_the_old_one() {
+    let s = Istiod::start_config(tempfile::tempdir().unwrap(), |c| c.serving_cert_ttl = Duration::from_secs(4)).await;
+    // A client that connects and never speaks holds up no one else's handshake.
+    let _silent = tokio::net::TcpStream::connect(s.running.secure_addr).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(2), serving_leaf(&s)).await.expect("not held up");
+    let token = s.running.tokens.issue("node1").unwrap();
+    let mut c = AggregatedDiscoveryServiceClient::new(s.secure_channel().await);
+    let (_open, req) = secure_request(node(), Some(&token));
+    let mut stream = c.delta_aggregated_resources(req).await.unwrap().into_inner();
+    tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap().unwrap();
+
+    // Renewed at half of its 4 s: new connections get a later certificate.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let second = serving_leaf(&s).await;
+    assert_ne!(first, second, "renewed");
+    assert!(not_after(&second) > not_after(&first));
+
+    // Once the first certificate has expired, the stream opened under it still gets updates.
+    let wait = not_after(&first) + 1 - time::OffsetDateTime::now_utc().unix_timestamp();
+    tokio::time::sleep(Duration::from_secs(wait.max(0) as u64)).await;
+    seed(&s).await;
+    let update = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap().unwrap();
+    assert!(update.resources.iter().any(|r| r.name == "Kubernetes//v1/Pod/demo/a"), "{:?}", update.resources);
+    // And a new client still connects: it is handed the current certificate.
+    assert_ne!(serving_leaf(&s).await, first);
+}
+
 fn string_value(s: &str) -> trellis_proto::envoy::google::protobuf::Value {
     use trellis_proto::envoy::google::protobuf::value::Kind;
     trellis_proto::envoy::google::protobuf::Value { kind: Some(Kind::StringValue(s.into())) }

@@ -25,7 +25,16 @@ impl Istiod {
     }
 
     pub async fn start_full(dir: tempfile::TempDir, xds_send_timeout: Duration, max_cert_ttl: Duration) -> Istiod {
-        let cfg = Config {
+        Self::start_config(dir, |c| {
+            c.xds_send_timeout = xds_send_timeout;
+            c.max_cert_ttl = max_cert_ttl;
+        })
+        .await
+    }
+
+    /// Starts with the test defaults as changed by `edit`.
+    pub async fn start_config(dir: tempfile::TempDir, edit: impl FnOnce(&mut Config)) -> Istiod {
+        let mut cfg = Config {
             state_dir: dir.path().join("state"),
             ca_dir: dir.path().join("ca"),
             config_dir: None,
@@ -33,10 +42,12 @@ impl Istiod {
             xds_addr: Some("127.0.0.1:0".parse().unwrap()),
             secure_addr: "127.0.0.1:0".parse().unwrap(),
             settings: Settings::default(),
-            max_cert_ttl,
+            max_cert_ttl: Duration::from_secs(3600),
             tls_sans: vec![],
-            xds_send_timeout,
+            xds_send_timeout: Duration::from_secs(30),
+            serving_cert_ttl: Duration::from_secs(365 * 24 * 3600),
         };
+        edit(&mut cfg);
         let running = server::start(cfg).await.expect("istiod-lite starts");
         Istiod { running, dir }
     }

@@ -29,6 +29,7 @@ pub async fn istiod(dir: &std::path::Path, ports: &Ports, max_cert_ttl: Duration
         max_cert_ttl,
         tls_sans: vec![],
         xds_send_timeout: Duration::from_secs(30),
+        serving_cert_ttl: Duration::from_secs(365 * 24 * 3600),
     })
     .await
     .expect("istiod-lite starts")
