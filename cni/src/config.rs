@@ -28,6 +28,8 @@ pub struct NetConf {
     pub exclude_namespaces: Vec<String>,
     /// GC: the attachments the runtime still knows, as (container id, ifname).
     pub valid_attachments: Vec<(String, String)>,
+    /// ADD/CHECK: the result of the plugins before this one in the chain.
+    pub prev_result: Option<Value>,
     pub raw: Value,
 }
 
@@ -118,7 +120,42 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
             valid_attachments.push((id, ifname));
         }
     }
-    Ok(NetConf { cni_version, name, pod_cidr, data_dir, mtu, agent_socket, exclude_namespaces, valid_attachments, raw })
+    let prev_result = prev_result(&raw)?;
+    Ok(NetConf {
+        cni_version,
+        name,
+        pod_cidr,
+        data_dir,
+        mtu,
+        agent_socket,
+        exclude_namespaces,
+        valid_attachments,
+        prev_result,
+        raw,
+    })
+}
+
+/// `prevResult`, checked as far as ADD amends it: an object whose `interfaces`, `ips` and
+/// `routes` are lists, each entry an object. A plugin that mangled it would otherwise make us
+/// drop what it configured.
+fn prev_result(raw: &Value) -> Result<Option<Value>, CniError> {
+    let prev = match raw.get("prevResult") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(p @ Value::Object(_)) => p,
+        Some(other) => return Err(invalid("prevResult", format!("must be an object, not {other}"))),
+    };
+    for key in ["interfaces", "ips", "routes"] {
+        match prev.get(key) {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(items)) => {
+                if let Some(i) = items.iter().position(|v| !v.is_object()) {
+                    return Err(invalid(&format!("prevResult.{key}[{i}]"), "must be an object"));
+                }
+            }
+            Some(other) => return Err(invalid(&format!("prevResult.{key}"), format!("must be a list, not {other}"))),
+        }
+    }
+    Ok(Some(prev.clone()))
 }
 
 /// A Kubernetes namespace name: an RFC 1123 label.
@@ -181,6 +218,14 @@ mod tests {
                 INVALID_CONFIG,
             ),
             ("\"mtu\":1450", "\"mtu\":1450,\"excludeNamespaces\":[7]", "excludeNamespaces[0]", INVALID_CONFIG),
+            ("\"mtu\":1450", "\"mtu\":1450,\"prevResult\":[]", "prevResult", INVALID_CONFIG),
+            ("\"mtu\":1450", "\"mtu\":1450,\"prevResult\":{\"ips\":{}}", "prevResult.ips", INVALID_CONFIG),
+            (
+                "\"mtu\":1450",
+                "\"mtu\":1450,\"prevResult\":{\"interfaces\":[{},\"eth9\"]}",
+                "prevResult.interfaces[1]",
+                INVALID_CONFIG,
+            ),
         ];
         for (from, to, field, code) in cases {
             let text = GOOD.replacen(from, to, 1);

@@ -109,7 +109,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
     }
     let ip = ipam(conf).allocate(&env.container_id, &env.ifname)?;
     match wire(env, conf, netns, ip).and_then(|v| register(env, conf, netns, ip).map(|_| v)) {
-        Ok(v) => Ok(v),
+        Ok(v) => Ok(chain_result(conf.prev_result.as_ref(), v)),
         Err(e) => {
             // Leave nothing behind: no veth, no allocation.
             let host = net::host_name(&env.container_id, &env.ifname);
@@ -145,6 +145,36 @@ fn wire(env: &Env, conf: &NetConf, netns: &Path, ip: std::net::Ipv4Addr) -> Resu
         "routes": [{"dst": "0.0.0.0/0", "gw": gw.to_string()}],
         "dns": {},
     }))
+}
+
+/// Our ADD result amended onto `prev`, the result of the plugins before us in the chain, as the
+/// CNI spec asks: their interfaces, IPs and routes first, ours after, with our IPs' interface
+/// indexes shifted past theirs. Their other fields (DNS, anything newer) are kept; DNS is ours
+/// only if they set none.
+fn chain_result(prev: Option<&Value>, ours: Value) -> Value {
+    let Some(prev) = prev else { return ours };
+    let list = |v: &Value, key: &str| v.get(key).and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut out = prev.clone();
+    let mut interfaces = list(prev, "interfaces");
+    let offset = interfaces.len() as u64;
+    interfaces.extend(list(&ours, "interfaces"));
+    let mut ips = list(prev, "ips");
+    ips.extend(list(&ours, "ips").into_iter().map(|mut ip| {
+        if let Some(i) = ip.get("interface").and_then(Value::as_u64) {
+            ip["interface"] = json!(i + offset);
+        }
+        ip
+    }));
+    let mut routes = list(prev, "routes");
+    routes.extend(list(&ours, "routes"));
+    out["cniVersion"] = ours["cniVersion"].clone();
+    out["interfaces"] = json!(interfaces);
+    out["ips"] = json!(ips);
+    out["routes"] = json!(routes);
+    if prev.get("dns").is_none_or(|d| d.as_object().is_none_or(|o| o.is_empty())) {
+        out["dns"] = ours["dns"].clone();
+    }
+    out
 }
 
 /// Tells the node agent about the new pod; it decides whether to mesh it.

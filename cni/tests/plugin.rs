@@ -308,3 +308,33 @@ fn the_bridge_keeps_its_mac_when_ports_join() {
     join_low_port(&old, "low1");
     assert_eq!(mac_of(&old, "trellis0"), before, "the existing bridge still follows its ports");
 }
+
+/// Placed after another plugin, ADD amends that plugin's result instead of replacing it.
+#[test]
+fn add_amends_the_previous_plugins_result() {
+    let mut node = Node::new();
+    let prev = r#","prevResult":{"cniVersion":"1.1.0","interfaces":[{"name":"macvlan0"}],"ips":[{"address":"192.0.2.5/24","interface":0}],"routes":[{"dst":"192.0.2.0/24"}],"dns":{"nameservers":["192.0.2.53"]},"custom":"kept"}"#;
+    let conf = node.conf("10.250.3.0/24", prev);
+    let pod = node.pod();
+    let (ok, r) = node.cni("ADD", "cp", &pod, &conf);
+    assert!(ok, "{r}");
+    let names: Vec<&str> = r["interfaces"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 3, "{r}");
+    assert_eq!((names[0], names[2]), ("macvlan0", "eth0"));
+    assert_eq!(r["ips"][0]["address"], "192.0.2.5/24");
+    assert_eq!(r["ips"][1]["address"], "10.250.3.2/24");
+    assert_eq!(r["ips"][1]["interface"], 2, "our pod interface, after the earlier plugin's");
+    assert_eq!(r["routes"][0]["dst"], "192.0.2.0/24");
+    assert_eq!(r["routes"][1]["dst"], "0.0.0.0/0");
+    assert_eq!(r["dns"]["nameservers"][0], "192.0.2.53");
+    assert_eq!(r["custom"], "kept");
+    assert_eq!(r["cniVersion"], "1.1.0");
+
+    // A prevResult that is not a result is refused, naming it, and nothing is left behind.
+    let bad = node.conf("10.250.3.0/24", r#","prevResult":{"ips":"192.0.2.5"}"#);
+    let other = node.pod();
+    let (ok, e) = node.cni("ADD", "cq", &other, &bad);
+    assert!(!ok);
+    assert!(e["msg"].as_str().unwrap().starts_with("prevResult.ips"), "{e}");
+    assert_eq!(node.allocations(), ["10.250.3.2"]);
+}
