@@ -77,15 +77,9 @@ fn contains((net, len): (Ipv4Addr, u8), ip: Ipv4Addr) -> bool {
 
 /// The desired entries: every pod CIDR of every other node, and why any was left out. Pure, so it
 /// is unit-tested. A CIDR that covers a node's underlay address would route the tunnel into
-/// itself; one that overlaps the underlay subnet (`underlay_net`, this node's) would take
-/// addresses of the node network away from it; and two overlapping CIDRs would fight over one
-/// gateway. Such a CIDR is skipped (the smaller address wins an overlap), not installed.
-pub fn desired(
-    nodes: &[Node],
-    me: &str,
-    my_ip: Ipv4Addr,
-    underlay_net: Option<ipnet::Ipv4Net>,
-) -> (Vec<Entry>, Vec<String>) {
+/// itself, and two overlapping CIDRs would fight over one gateway: such a CIDR is skipped (the
+/// smaller address wins an overlap), not installed.
+pub fn desired(nodes: &[Node], me: &str, my_ip: Ipv4Addr) -> (Vec<Entry>, Vec<String>) {
     let mut all: Vec<(Entry, &str)> = nodes
         .iter()
         .filter(|n| n.name != me && n.underlay_ip != my_ip)
@@ -101,11 +95,8 @@ pub fn desired(
     let (mut out, mut skipped): (Vec<Entry>, Vec<String>) = (Vec::new(), Vec::new());
     for (e, node) in all {
         let (net, len) = e.cidr;
-        let on_underlay = underlay_net.filter(|u| u.contains(&net) || contains(e.cidr, u.network()));
         if let Some(ip) = underlay.iter().find(|ip| contains(e.cidr, **ip)) {
             skipped.push(format!("node {node}: pod CIDR {net}/{len} contains the underlay address {ip}"));
-        } else if let Some(u) = on_underlay {
-            skipped.push(format!("node {node}: pod CIDR {net}/{len} overlaps the node network {u}"));
         } else if let Some(o) = out.iter().find(|o| contains(o.cidr, net) || contains(e.cidr, o.cidr.0)) {
             skipped.push(format!("node {node}: pod CIDR {net}/{len} overlaps {}/{}", o.cidr.0, o.cidr.1));
         } else {
@@ -128,16 +119,15 @@ async fn link_index(h: &Handle, name: &str) -> Result<Option<(u32, u32)>, Overla
     }
 }
 
-/// The interface holding `ip`, its MTU, and the subnet of that address.
-async fn underlay(h: &Handle, ip: Ipv4Addr) -> Result<(u32, u32, ipnet::Ipv4Net), OverlayError> {
+/// The interface holding `ip`, and its MTU.
+async fn underlay(h: &Handle, ip: Ipv4Addr) -> Result<(u32, u32), OverlayError> {
     let mut addrs = h.address().get().execute();
     while let Some(a) = addrs.try_next().await.map_err(nl("listing addresses"))? {
         let holds = a.attributes.iter().any(|x| matches!(x, AddressAttribute::Local(IpAddr::V4(l)) if *l == ip));
         if holds {
             let mut links = h.link().get().match_index(a.header.index).execute();
             if let Some(l) = links.try_next().await.map_err(nl("looking up the underlay link"))? {
-                let net = ipnet::Ipv4Net::new(ip, a.header.prefix_len).map(|n| n.trunc()).unwrap_or(ip.into());
-                return Ok((a.header.index, mtu(&l), net));
+                return Ok((a.header.index, mtu(&l)));
             }
         }
     }
@@ -171,7 +161,7 @@ fn device_mismatch(l: &LinkMessage, node_ip: Ipv4Addr, want_mtu: u32) -> Option<
 
 /// Creates (or adopts) the VXLAN device and brings it up. Returns its index.
 async fn ensure_device(h: &Handle, cfg: &Config) -> Result<u32, OverlayError> {
-    let (under_idx, under_mtu, _) = underlay(h, cfg.node_ip).await?;
+    let (under_idx, under_mtu) = underlay(h, cfg.node_ip).await?;
     let mtu = under_mtu.saturating_sub(OVERHEAD);
     let existing = match h.link().get().match_name(DEVICE.to_string()).execute().try_next().await {
         Ok(l) => l,
@@ -387,12 +377,9 @@ pub async fn run(cfg: Config, state: Arc<RwLock<State>>, mut changes: watch::Rec
     let mut last: Option<Vec<Entry>> = None;
     let mut last_skipped = Vec::new();
     loop {
-        // Looked up each pass: the node's address may have been renumbered. When it cannot be
-        // found, reconcile below fails and says so.
-        let underlay_net = underlay(&h, cfg.node_ip).await.ok().map(|(_, _, net)| net);
         let (want, skipped) = {
             let s = state.read().unwrap_or_else(|e| e.into_inner());
-            desired(&s.nodes().cloned().collect::<Vec<_>>(), &cfg.node_name, cfg.node_ip, underlay_net)
+            desired(&s.nodes().cloned().collect::<Vec<_>>(), &cfg.node_name, cfg.node_ip)
         };
         if skipped != last_skipped {
             for why in &skipped {
@@ -431,7 +418,7 @@ mod tests {
             node("n1", [172, 30, 0, 11], [10, 244, 1, 0]),
             node("n2", [172, 30, 0, 12], [10, 244, 2, 0]),
         ];
-        let (d, skipped) = desired(&nodes, "n1", Ipv4Addr::new(172, 30, 0, 11), "172.30.0.0/24".parse().ok());
+        let (d, skipped) = desired(&nodes, "n1", Ipv4Addr::new(172, 30, 0, 11));
         assert!(skipped.is_empty(), "{skipped:?}");
         assert_eq!(d.len(), 2);
         assert_eq!(d[0].cidr, (Ipv4Addr::new(10, 244, 2, 0), 24));
@@ -449,10 +436,8 @@ mod tests {
             node("n3", [172, 30, 0, 13], [172, 30, 0, 0]),
             n4,
             node("n5", [172, 30, 0, 15], [10, 244, 5, 0]),
-            // Inside the node network without covering a node address.
-            Node { pod_cidrs: vec![([172, 30, 0, 128].into(), 25)], ..node("n6", [172, 30, 0, 16], [0; 4]) },
         ];
-        let (d, skipped) = desired(&nodes, "n1", Ipv4Addr::new(172, 30, 0, 11), "172.30.0.0/24".parse().ok());
+        let (d, skipped) = desired(&nodes, "n1", Ipv4Addr::new(172, 30, 0, 11));
         let cidrs: Vec<String> = d.iter().map(|e| format!("{}/{}", e.cidr.0, e.cidr.1)).collect();
         assert_eq!(cidrs, ["10.244.2.0/23", "10.244.5.0/24"]);
         assert_eq!(
@@ -460,7 +445,6 @@ mod tests {
             [
                 "node n2: pod CIDR 10.244.2.0/24 overlaps 10.244.2.0/23",
                 "node n3: pod CIDR 172.30.0.0/24 contains the underlay address 172.30.0.11",
-                "node n6: pod CIDR 172.30.0.128/25 overlaps the node network 172.30.0.0/24",
             ]
         );
     }
