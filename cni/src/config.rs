@@ -28,8 +28,6 @@ pub struct NetConf {
     pub exclude_namespaces: Vec<String>,
     /// GC: the attachments the runtime still knows, as (container id, ifname).
     pub valid_attachments: Vec<(String, String)>,
-    /// ADD/CHECK: the result of the plugins before this one in the chain.
-    pub prev_result: Option<Value>,
     pub raw: Value,
 }
 
@@ -120,25 +118,14 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
             valid_attachments.push((id, ifname));
         }
     }
-    let prev_result = prev_result(&raw)?;
-    Ok(NetConf {
-        cni_version,
-        name,
-        pod_cidr,
-        data_dir,
-        mtu,
-        agent_socket,
-        exclude_namespaces,
-        valid_attachments,
-        prev_result,
-        raw,
-    })
+    Ok(NetConf { cni_version, name, pod_cidr, data_dir, mtu, agent_socket, exclude_namespaces, valid_attachments, raw })
 }
 
-/// `prevResult`, checked as far as ADD amends it: an object whose `interfaces`, `ips` and
-/// `routes` are lists, each entry an object. A plugin that mangled it would otherwise make us
-/// drop what it configured.
-fn prev_result(raw: &Value) -> Result<Option<Value>, CniError> {
+/// ADD's `prevResult` (the result of the plugins before this one in the chain), checked as far
+/// as ADD amends it: an object whose `interfaces`, `ips` and `routes` are lists of objects. A
+/// plugin that mangled it would otherwise make us drop what it configured. Only ADD reads it:
+/// DEL must succeed whatever it is handed.
+pub fn prev_result(raw: &Value) -> Result<Option<&Value>, CniError> {
     let prev = match raw.get("prevResult") {
         None | Some(Value::Null) => return Ok(None),
         Some(p @ Value::Object(_)) => p,
@@ -155,7 +142,7 @@ fn prev_result(raw: &Value) -> Result<Option<Value>, CniError> {
             Some(other) => return Err(invalid(&format!("prevResult.{key}"), format!("must be a list, not {other}"))),
         }
     }
-    Ok(Some(prev.clone()))
+    Ok(Some(prev))
 }
 
 /// A Kubernetes namespace name: an RFC 1123 label.
@@ -218,14 +205,6 @@ mod tests {
                 INVALID_CONFIG,
             ),
             ("\"mtu\":1450", "\"mtu\":1450,\"excludeNamespaces\":[7]", "excludeNamespaces[0]", INVALID_CONFIG),
-            ("\"mtu\":1450", "\"mtu\":1450,\"prevResult\":[]", "prevResult", INVALID_CONFIG),
-            ("\"mtu\":1450", "\"mtu\":1450,\"prevResult\":{\"ips\":{}}", "prevResult.ips", INVALID_CONFIG),
-            (
-                "\"mtu\":1450",
-                "\"mtu\":1450,\"prevResult\":{\"interfaces\":[{},\"eth9\"]}",
-                "prevResult.interfaces[1]",
-                INVALID_CONFIG,
-            ),
         ];
         for (from, to, field, code) in cases {
             let text = GOOD.replacen(from, to, 1);
@@ -233,5 +212,22 @@ mod tests {
             assert_eq!(e.code, *code, "{text}: {e:?}");
             assert!(e.msg.starts_with(field), "{text}: {}", e.msg);
         }
+    }
+
+    #[test]
+    fn a_bad_prev_result_names_the_field() {
+        for (prev, field) in [
+            (r#"[]"#, "prevResult"),
+            (r#"{"ips":{}}"#, "prevResult.ips"),
+            (r#"{"interfaces":[{},"eth9"]}"#, "prevResult.interfaces[1]"),
+        ] {
+            let text = GOOD.replacen("}", &format!(r#","prevResult":{prev}}}"#), 1);
+            let conf = parse(text.as_bytes()).expect("only ADD reads prevResult");
+            let e = prev_result(&conf.raw).unwrap_err();
+            assert_eq!(e.code, INVALID_CONFIG);
+            assert!(e.msg.starts_with(field), "{text}: {}", e.msg);
+        }
+        let conf = parse(GOOD.as_bytes()).unwrap();
+        assert!(prev_result(&conf.raw).unwrap().is_none());
     }
 }

@@ -100,6 +100,7 @@ fn agent_for<'c>(env: &Env, conf: &'c NetConf) -> Result<Option<&'c Path>, CniEr
 }
 
 fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
+    let prev = config::prev_result(&conf.raw)?;
     if let Some(p) = agent_for(env, conf)? {
         agent_reachable(p).map_err(|e| CniError::new(TRY_AGAIN_LATER, format!("{e}; try again later")))?;
     }
@@ -109,7 +110,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
     }
     let ip = ipam(conf).allocate(&env.container_id, &env.ifname)?;
     match wire(env, conf, netns, ip).and_then(|v| register(env, conf, netns, ip).map(|_| v)) {
-        Ok(v) => Ok(chain_result(conf.prev_result.as_ref(), v)),
+        Ok(v) => Ok(chain_result(prev, v)),
         Err(e) => {
             // Leave nothing behind: no veth, no allocation.
             let host = net::host_name(&env.container_id, &env.ifname);

@@ -337,4 +337,10 @@ fn add_amends_the_previous_plugins_result() {
     assert!(!ok);
     assert!(e["msg"].as_str().unwrap().starts_with("prevResult.ips"), "{e}");
     assert_eq!(node.allocations(), ["10.250.3.2"]);
+
+    // DEL is handed prevResult too, and succeeds whatever it holds: a failed DEL would leak the
+    // veth and the address while the runtime retries forever.
+    let (ok, e) = node.cni("DEL", "cp", &pod, &bad);
+    assert!(ok, "{e}");
+    assert!(node.allocations().is_empty());
 }

@@ -205,8 +205,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     .max_decoding_message_size(MAX_GRPC_REQUEST);
     let secure_ads = ads(Some(tokens.clone()));
     let mut rx = shutdown_rx.clone();
+    let (incoming, accepting) = crate::serving::incoming(secure_listener, tls, shutdown_rx.clone());
+    tasks.push(accepting);
     tasks.push(tokio::spawn(async move {
-        let incoming = crate::serving::incoming(secure_listener, tls);
         let r = tonic::transport::Server::builder()
             .timeout(Duration::from_secs(3600))
             .add_service(ca)

@@ -5,8 +5,9 @@
 //! long-lived xDS streams are not dropped. Handshakes run concurrently with a deadline and a cap,
 //! so a slow or silent client holds up neither the accept loop nor other clients.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::CertificateDer;
@@ -24,8 +25,13 @@ use crate::ca::{Authority, CaError};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once; connections beyond it are closed at accept.
 const MAX_HANDSHAKES: usize = 256;
-/// Retry delay after a failed renewal (the CA's signer may be replaced meanwhile).
+/// Handshakes in progress from one address, so that one client cannot take everyone's slots.
+const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
+/// Retry delay after a failed renewal.
 const RETRY: Duration = Duration::from_secs(60);
+/// Longest single wait for a renewal: the schedule is recomputed from the wall clock at least
+/// this often, so a suspended host or a stepped clock cannot carry a renewal past expiry.
+const MAX_SLEEP: Duration = Duration::from_secs(3600);
 
 /// The certificate :15012 presents, and what it takes to issue the next one.
 pub struct ServingCert {
@@ -79,23 +85,32 @@ impl ServingCert {
             let c = self.current();
             let half = c.not_after.duration_since(c.issued).unwrap_or_default() / 2;
             let due = (c.issued + half).duration_since(SystemTime::now()).unwrap_or_default();
-            tokio::select! {
-                _ = tokio::time::sleep(due) => {}
-                _ = shutdown.wait_for(|s| *s) => return,
-            }
-            match issue(&self.authority, &self.dns_names, &self.ips, self.ttl) {
-                Ok(next) => {
-                    tracing::info!(not_after = ?next.not_after, "renewed the :15012 serving certificate");
-                    *self.current.write().unwrap_or_else(|e| e.into_inner()) = next;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, not_after = ?c.not_after, retry_in = ?RETRY,
-                        "cannot renew the :15012 serving certificate");
-                    tokio::select! {
-                        _ = tokio::time::sleep(RETRY) => {}
-                        _ = shutdown.wait_for(|s| *s) => return,
+            let wait = if !due.is_zero() {
+                due.min(MAX_SLEEP)
+            } else {
+                match issue(&self.authority, &self.dns_names, &self.ips, self.ttl) {
+                    Ok(next) if next.not_after > c.not_after => {
+                        tracing::info!(not_after = ?next.not_after, "renewed the :15012 serving certificate");
+                        *self.current.write().unwrap_or_else(|e| e.into_inner()) = next;
+                        continue;
+                    }
+                    // Capped at the CA signer's expiry: renewing again cannot extend it.
+                    Ok(_) => {
+                        tracing::warn!(not_after = ?c.not_after,
+                            "the :15012 serving certificate cannot outlive the CA's signing certificate; \
+                             replace the CA before then");
+                        MAX_SLEEP
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, not_after = ?c.not_after, retry_in = ?RETRY,
+                            "cannot renew the :15012 serving certificate");
+                        RETRY
                     }
                 }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
             }
         }
     }
@@ -135,16 +150,50 @@ pub fn server_config(cert: Arc<ServingCert>) -> Result<Arc<rustls::ServerConfig>
     Ok(Arc::new(config))
 }
 
-/// Accepts on `listener` and yields connections whose TLS handshake completed. Ends when the
-/// consumer drops the stream.
+/// A handshake slot: one of [`MAX_HANDSHAKES`], and one of its source's.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    source: IpAddr,
+}
+
+impl Slot {
+    fn take(all: &Arc<Semaphore>, sources: &Arc<Mutex<HashMap<IpAddr, usize>>>, source: IpAddr) -> Option<Slot> {
+        let permit = all.clone().try_acquire_owned().ok()?;
+        let mut by_source = sources.lock().unwrap_or_else(|e| e.into_inner());
+        let n = by_source.entry(source).or_default();
+        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(Slot { _permit: permit, sources: sources.clone(), source })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut by_source = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Accepts on `listener` and yields connections whose TLS handshake completed, until `shutdown`
+/// turns true or the consumer drops the stream; the task then closes the listener.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
-) -> impl tokio_stream::Stream<Item = std::io::Result<TlsStream<TcpStream>>> {
+    mut shutdown: watch::Receiver<bool>,
+) -> (impl tokio_stream::Stream<Item = std::io::Result<TlsStream<TcpStream>>>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
-    let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    tokio::spawn(async move {
+    let all = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let sources = Arc::new(Mutex::new(HashMap::new()));
+    let task = tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -157,9 +206,10 @@ pub fn incoming(
                     }
                 },
                 _ = tx.closed() => return,
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, limit = MAX_HANDSHAKES, "too many TLS handshakes in progress; connection closed");
+            let Some(slot) = Slot::take(&all, &sources, peer.ip()) else {
+                tracing::debug!(%peer, "too many TLS handshakes in progress; connection closed");
                 continue;
             };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
@@ -175,5 +225,5 @@ pub fn incoming(
             });
         }
     });
-    tokio_stream::StreamExt::map(ReceiverStream::new(rx), Ok)
+    (tokio_stream::StreamExt::map(ReceiverStream::new(rx), Ok), task)
 }

@@ -280,9 +280,7 @@ fn not_after(der: &[u8]) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_serving_certificate_is_renewed_and_open_streams_outlive_the_old_one() {
     let s = Istiod::start_config(tempfile::tempdir().unwrap(), |c| c.serving_cert_ttl = Duration::from_secs(4)).await;
-    // A client that connects and never speaks holds up no one else's handshake.
-    let _silent = tokio::net::TcpStream::connect(s.running.secure_addr).await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(2), serving_leaf(&s)).await.expect("not held up");
+    let first = serving_leaf(&s).await;
     let token = s.running.tokens.issue("node1").unwrap();
     let mut c = AggregatedDiscoveryServiceClient::new(s.secure_channel().await);
     let (_open, req) = secure_request(node(), Some(&token));
@@ -303,6 +301,29 @@ async fn the_serving_certificate_is_renewed_and_open_streams_outlive_the_old_one
     assert!(update.resources.iter().any(|r| r.name == "Kubernetes//v1/Pod/demo/a"), "{:?}", update.resources);
     // And a new client still connects: it is handed the current certificate.
     assert_ne!(serving_leaf(&s).await, first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_clients_are_capped_per_address_and_hold_up_no_one_else() {
+    use tokio::io::AsyncReadExt;
+    let s = Istiod::start().await;
+    let mut silent = Vec::new();
+    for _ in 0..24 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        silent.push(socket.connect(s.running.secure_addr).await.unwrap());
+    }
+    // 16 handshakes may be in progress from one address; the connections beyond are closed.
+    let mut closed = 0;
+    for c in &mut silent {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(200), c.read(&mut b)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 8);
+    // Another address still gets its handshake at once.
+    tokio::time::timeout(Duration::from_secs(2), serving_leaf(&s)).await.expect("not held up");
 }
 
 fn string_value(s: &str) -> trellis_proto::envoy::google::protobuf::Value {

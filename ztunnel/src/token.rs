@@ -12,12 +12,23 @@ use std::sync::{Arc, Mutex};
 /// Tokens are about 60 bytes; a larger file is not a token.
 const MAX_TOKEN_FILE: u64 = 4096;
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct NodeToken {
     source: Option<Source>,
 }
 
-#[derive(Clone, Debug)]
+/// Names where the token comes from, never the token: configs holding it are logged.
+impl std::fmt::Debug for NodeToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.source {
+            None => f.write_str("NodeToken(none)"),
+            Some(Source::Fixed(_)) => f.write_str("NodeToken(<redacted>)"),
+            Some(Source::File(path, _)) => write!(f, "NodeToken(file {})", path.display()),
+        }
+    }
+}
+
+#[derive(Clone)]
 enum Source {
     Fixed(String),
     /// The file, and the last token read from it.
@@ -98,5 +109,6 @@ mod tests {
 
         assert_eq!(NodeToken::none().current(), None);
         assert_eq!(NodeToken::fixed("a.b").current().as_deref(), Some("a.b"));
+        assert!(!format!("{:?}", NodeToken::fixed("node1.secret")).contains("secret"), "never logged");
     }
 }
