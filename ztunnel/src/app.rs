@@ -128,6 +128,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         synced.clone(),
     ));
     let pod_changes = xds_client.changes();
+    let revalidation = {
+        let (proxy, mut changes) = (proxy.clone(), xds_client.changes());
+        async move {
+            while changes.changed().await.is_ok() {
+                proxy.revalidate();
+            }
+        }
+    };
     let overlay = cfg.overlay.map(|node_ip| {
         let c = overlay::Config { node_name: cfg.node_name.clone(), node_ip };
         overlay::run(c, state.clone(), xds_client.changes())
@@ -158,6 +166,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             tokio::spawn(overlay);
         }
         tokio::spawn(pods.clone().run(pod_changes));
+        tokio::spawn(revalidation);
         tokio::spawn(agent::serve(agent_l, pods));
         spawn_server("admin", admin::serve_admin(admin_l, admin.clone()));
         spawn_server("metrics", admin::serve_metrics(metrics_l, admin.clone()));

@@ -716,6 +716,48 @@ fn long_connection_survives_rotation_and_istiod_restart_then_drains() {
     });
 }
 
+/// A policy change reaches connections already open: a DENY for a caller cuts off the tunnel it
+/// holds, and STRICT cuts off a PERMISSIVE plaintext connection; a policy that matches neither
+/// leaves both alone.
+#[test]
+fn a_policy_applied_later_cuts_off_connections_it_no_longer_allows() {
+    let Mesh { lab, client, outsider, server_b, .. } = mesh(&[]);
+    lab.app(&server_b, &["echo", "9000"], 9000);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/app.py");
+    let python = std::path::Path::new("python3");
+    lab.spawn("tunnel", &client.netns, python, &[script, "hold", &server_b.ip, "9000", "60"]);
+    lab.spawn("plain", &outsider.netns, python, &[script, "hold", &server_b.ip, "9000", "60"]);
+    for held in ["tunnel", "plain"] {
+        wait_for(&format!("{held} to connect"), Duration::from_secs(20), || {
+            held_connection_state(&lab, held, "connected")
+        });
+    }
+    let still_open = |held: &str| {
+        assert!(!lab.exited(held) && !lab.log(held).contains("mismatch"), "{held} was cut off:\n{}", lab.log(held))
+    };
+
+    lab.apply("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: cut-other, namespace: demo}\nspec:\n  action: DENY\n  rules:\n  - from: [{source: {namespaces: [\"other\"]}}]\n");
+    std::thread::sleep(Duration::from_secs(3));
+    still_open("tunnel");
+    still_open("plain");
+
+    lab.apply("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: cut-client, namespace: demo}\nspec:\n  action: DENY\n  rules:\n  - from: [{source: {principals: [\"cluster.local/ns/demo/sa/client\"]}}]\n");
+    wait_for("the client's tunnel to be cut off", Duration::from_secs(15), || lab.exited("tunnel").then_some(()));
+    assert!(!lab.log("tunnel").contains("ok 60"), "{}", lab.log("tunnel"));
+    let log = lab.log("ztunnel2");
+    assert!(
+        log.lines().any(|l| l.contains("closing a connection the policy no longer allows")
+            && l.contains("demo/cut-client")
+            && l.contains("spiffe://cluster.local/ns/demo/sa/client")),
+        "no log line naming the policy and the caller:\n{log}"
+    );
+    still_open("plain");
+
+    lab.apply(STRICT_DEMO);
+    wait_for("the plaintext connection to be cut off", Duration::from_secs(15), || lab.exited("plain").then_some(()));
+    assert!(!lab.log("plain").contains("ok 60"), "{}", lab.log("plain"));
+}
+
 mod hostile {
     //! A misbehaving HBONE peer, run from inside a pod's network namespace.
 

@@ -1,17 +1,20 @@
 //! Per-connection accounting: metrics when a connection opens and closes, and one access log line
-//! when it ends, whatever way it ends.
+//! when it ends, whatever way it ends. An inbound connection also keeps what its authorization was
+//! decided on ([`Guard`]), so a policy change can re-decide it and cut it off ([`Tracker::revoke`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use serde_json::{json, Value};
 
+use futures_util::task::AtomicWaker;
+use hbone::Identity;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::route::Peer;
@@ -81,6 +84,29 @@ impl Table {
         // Outside the lock: dropping the last reference here runs Tracker::drop, which takes it.
         (live.iter().map(|c| c.describe("open")).collect(), recent)
     }
+
+    /// The open connections whose authorization can be decided again.
+    pub fn guarded(&self) -> Vec<Arc<Tracker>> {
+        let t = self.lock();
+        t.live.values().filter_map(Weak::upgrade).filter(|c| c.guard.is_some()).collect()
+    }
+}
+
+/// What an inbound connection's authorization was decided on: the pod it reaches and the
+/// verified caller (`None` for plaintext). With the addresses in its [`Record`], that is all a
+/// policy looks at.
+pub struct Guard {
+    pub pod_uid: String,
+    pub source: Option<Identity>,
+}
+
+/// Set once a policy change no longer allows the connection; its sockets then fail.
+#[derive(Default)]
+struct Revocation {
+    why: OnceLock<String>,
+    /// The tasks reading and writing the destination socket, woken to see the revocation.
+    reader: AtomicWaker,
+    writer: AtomicWaker,
 }
 
 /// Live accounting for one admitted connection; reported when dropped.
@@ -93,10 +119,17 @@ pub struct Tracker {
     started: Instant,
     sent: AtomicU64,
     received: AtomicU64,
+    guard: Option<Guard>,
+    revocation: Revocation,
 }
 
 impl Tracker {
     pub fn open(record: Record, metrics: Arc<Metrics>) -> Arc<Tracker> {
+        Self::open_guarded(record, metrics, None)
+    }
+
+    /// Opens accounting for a connection whose authorization may be re-decided.
+    pub fn open_guarded(record: Record, metrics: Arc<Metrics>, guard: Option<Guard>) -> Arc<Tracker> {
         let labels = record.labels();
         metrics.opened.get_or_create(&labels).inc();
         metrics.active.inc();
@@ -112,9 +145,38 @@ impl Tracker {
             started: Instant::now(),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            guard,
+            revocation: Revocation::default(),
         });
         table.live.insert(id, Arc::downgrade(&t));
         t
+    }
+
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+
+    pub fn guard(&self) -> Option<&Guard> {
+        self.guard.as_ref()
+    }
+
+    /// Cuts the connection off: its destination socket's reads and writes fail from now on, so
+    /// the splice ends with an error and resets both sides. Returns `false` if it already was.
+    pub fn revoke(&self, why: String) -> bool {
+        if self.revocation.why.set(why).is_err() {
+            return false;
+        }
+        self.revocation.reader.wake();
+        self.revocation.writer.wake();
+        true
+    }
+
+    /// The revocation as the error a socket operation returns, once `waker` will see a later one.
+    fn revoked(&self, waker: &AtomicWaker, cx: &Context<'_>) -> Option<io::Error> {
+        self.guard.as_ref()?;
+        waker.register(cx.waker());
+        let why = self.revocation.why.get()?;
+        Some(io::Error::new(io::ErrorKind::PermissionDenied, why.clone()))
     }
 
     fn describe(&self, state: &str) -> Value {
@@ -228,6 +290,9 @@ impl<S: hbone::Abort> hbone::Abort for Tracked<S> {
 
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Some(e) = self.tracker.revoked(&self.tracker.revocation.reader, cx) {
+            return Poll::Ready(Err(e));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         self.count_read((buf.filled().len() - before) as u64);
@@ -237,6 +302,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.tracker.revoked(&self.tracker.revocation.writer, cx) {
+            return Poll::Ready(Err(e));
+        }
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
             self.count_written(n as u64);
@@ -299,5 +367,32 @@ mod tests {
         let client = exchange(true).await;
         assert!(client.lines().any(|l| l.starts_with("istio_tcp_sent") && l.ends_with(" 5")), "{client}");
         assert!(client.lines().any(|l| l.starts_with("istio_tcp_received") && l.ends_with(" 3")), "{client}");
+    }
+
+    #[tokio::test]
+    async fn a_revoked_connection_fails_its_pending_and_later_socket_operations() {
+        let metrics = Arc::new(Metrics::new());
+        let (ours, mut peer) = tokio::io::duplex(64);
+        let guard = Guard { pod_uid: "Kubernetes//v1/Pod/demo/a".into(), source: None };
+        let tracker = Tracker::open_guarded(record(), metrics.clone(), Some(guard));
+        assert_eq!(metrics.connections.guarded().len(), 1);
+        let mut s = Tracked::new(ours, tracker.clone());
+        // Blocked on a read, as an idle connection is: the revocation wakes it.
+        let reader = tokio::spawn(async move {
+            let mut b = [0u8; 8];
+            let e = s.read(&mut b).await.unwrap_err();
+            (s, e)
+        });
+        tokio::task::yield_now().await;
+        assert!(tracker.revoke("denied by demo/cut".into()));
+        assert!(!tracker.revoke("again".into()), "revoked once");
+        let (mut s, e) = tokio::time::timeout(std::time::Duration::from_secs(5), reader).await.unwrap().unwrap();
+        assert_eq!((e.kind(), e.to_string()), (io::ErrorKind::PermissionDenied, "denied by demo/cut".to_string()));
+        assert!(s.write_all(b"x").await.is_err(), "nothing more reaches the pod");
+        peer.write_all(b"late").await.unwrap();
+        assert!(s.read(&mut [0u8; 8]).await.is_err(), "nothing more reaches the caller");
+        // Connections without a guard (outbound) are never listed for re-decision.
+        let _outbound = Tracker::open(record(), metrics.clone());
+        assert_eq!(metrics.connections.guarded().len(), 1);
     }
 }

@@ -10,7 +10,7 @@ use http::StatusCode;
 use tokio::net::TcpStream;
 
 use super::admission::Slot;
-use super::conn::{Record, Tracked};
+use super::conn::{self, Record, Tracked};
 use super::{is_listener_loop, peer_of, Authorized, Pod, Proxy, TLS_HANDSHAKE_TIMEOUT};
 use crate::metrics::Reporter;
 use crate::state::policy::Decision;
@@ -53,6 +53,7 @@ impl Proxy {
 
     async fn tunnel(&self, pod: &Pod, src: SocketAddr, req: Inbound) -> Result<Tracked<TcpStream>, StatusCode> {
         let dst = req.authority;
+        let guard = conn::Guard { pod_uid: pod.uid.clone(), source: req.peer.clone() };
         let Authorized { source: src_peer, destination: dst_peer, decision } =
             match self.authorize(pod, req.peer, src, dst) {
                 Some(a) if !is_listener_loop(dst) => a,
@@ -87,7 +88,7 @@ impl Proxy {
         // Each tunnel takes a slot of its own, counted against the calling pod's share too: one
         // HBONE connection carries up to 100 of them, and each is an upstream socket on this node.
         let slot = self.admit(DIRECTION, src.ip()).ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
-        let upstream = self.connect_tracked(pod, record).await.ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
+        let upstream = self.connect_tracked(pod, record, Some(guard)).await.ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
         Ok(upstream.holding(slot))
     }
 }

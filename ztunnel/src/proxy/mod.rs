@@ -173,26 +173,77 @@ impl Proxy {
     /// pod's addresses (or the pod left the config).
     fn authorize(&self, pod: &Pod, source: Option<Identity>, src: SocketAddr, dst: SocketAddr) -> Option<Authorized> {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        let w = state.workload_by_uid(&pod.uid)?;
+        Self::authorize_in(&state, &pod.uid, source, src, dst)
+    }
+
+    fn authorize_in(
+        state: &State,
+        pod_uid: &str,
+        source: Option<Identity>,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Option<Authorized> {
+        let w = state.workload_by_uid(pod_uid)?;
         if !w.addresses.iter().any(|a| crate::state::ip(a) == Some(dst.ip())) {
             return None;
         }
         let conn = policy::Connection { source: source.clone(), source_ip: src.ip(), destination: dst };
         Some(Authorized {
-            decision: policy::evaluate(&state, w, &conn),
-            source: route::Peer::at(&state, src.ip(), source),
+            decision: policy::evaluate(state, w, &conn),
+            source: route::Peer::at(state, src.ip(), source),
             destination: route::Peer::of(w),
         })
+    }
+
+    /// Decides again the authorization of every open inbound connection, as config changes
+    /// arrive, and cuts off those the policies no longer allow or whose workload left the
+    /// configuration: a DENY applied to cut off a caller must reach the connections it already
+    /// has, not only its next ones. Returns how many were cut off.
+    pub fn revalidate(&self) -> usize {
+        let open = self.metrics.connections.guarded();
+        if open.is_empty() {
+            return 0;
+        }
+        let mut denied = Vec::new();
+        {
+            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+            for c in open {
+                let (Some(g), r) = (c.guard(), c.record()) else { continue };
+                let why = match Self::authorize_in(&state, &g.pod_uid, g.source.clone(), r.src, r.dst) {
+                    Some(Authorized { decision: Decision::Allow, .. }) => continue,
+                    Some(Authorized { decision: Decision::Deny(policy), .. }) => format!("denied by {policy}"),
+                    None => "its workload left the configuration".to_string(),
+                };
+                denied.push((c, why));
+            }
+        }
+        let mut revoked = 0;
+        for (c, why) in denied {
+            let r = c.record();
+            let source = r.src_peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default();
+            if c.revoke(why.clone()) {
+                tracing::warn!(%why, source, src = %r.src, dst = %r.dst, direction = r.direction,
+                    "closing a connection the policy no longer allows");
+                self.metrics.reject(r.direction, "policy");
+                revoked += 1;
+            }
+        }
+        revoked
     }
 
     /// Connects to `record.dst` from inside the pod's namespace (marked, so capture lets it
     /// through) and starts accounting for the connection. Inbound connections leave from the
     /// client's address (`record.src`), so the pod sees its real caller. A failure is logged and
     /// counted as an `upstream` rejection.
-    async fn connect_tracked(&self, pod: &Pod, record: conn::Record) -> Option<conn::Tracked<TcpStream>> {
+    async fn connect_tracked(
+        &self,
+        pod: &Pod,
+        record: conn::Record,
+        guard: Option<conn::Guard>,
+    ) -> Option<conn::Tracked<TcpStream>> {
         let source = (record.reporter == Reporter::destination).then(|| record.src.ip());
         match sockets::connect(&pod.ns, source, record.dst, self.settings.mark).await {
-            Ok(up) => Some(conn::Tracked::new(up, conn::Tracker::open(record, self.metrics.clone()))),
+            Ok(up) => Some(conn::Tracked::new(up, conn::Tracker::open_guarded(record, self.metrics.clone(), guard))),
             Err(e) => {
                 tracing::info!(dst = %record.dst, direction = record.direction, error = %e, "upstream connect failed");
                 self.metrics.reject(record.direction, "upstream");

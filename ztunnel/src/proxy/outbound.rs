@@ -105,7 +105,7 @@ impl Proxy {
     }
 
     async fn plain(&self, pod: Arc<Pod>, client: TcpStream, record: Record) {
-        match self.connect_tracked(&pod, record).await {
+        match self.connect_tracked(&pod, record, None).await {
             Some(up) => splice(client, up).await,
             None => sockets::reset(client),
         }

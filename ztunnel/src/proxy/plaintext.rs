@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::conn::Record;
+use super::conn::{self, Record};
 use super::{is_listener_loop, peer_of, splice, Authorized, Pod, Proxy};
 use crate::metrics::Reporter;
 use crate::sockets;
@@ -52,7 +52,8 @@ impl Proxy {
             service: String::new(),
             mtls: false,
         };
-        match self.connect_tracked(&pod, record).await {
+        let guard = conn::Guard { pod_uid: pod.uid.clone(), source: None };
+        match self.connect_tracked(&pod, record, Some(guard)).await {
             Some(up) => splice(client, up).await,
             None => sockets::reset(client),
         }
