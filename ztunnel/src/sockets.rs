@@ -17,6 +17,22 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 // this node is gone; a pod that is slow to accept must get its 503 well before that.
 const _: () = assert!(CONNECT_TIMEOUT.as_secs() * 2 <= hbone::client::RESPONSE_TIMEOUT.as_secs());
 const BACKLOG: i32 = 1024;
+/// TCP keepalive on every proxied socket: an idle peer that vanished without a FIN or reset (a
+/// lost node, an expired NAT entry) is found after about 7.5 minutes, and its connection gives
+/// back its slot, sockets and buffers. (A peer gone while data waits for it is found by TCP's own
+/// retransmission limit; a user timeout would also cut off a receiver that is merely slow.)
+/// HBONE connections also ping at the HTTP/2 level.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(180);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_PROBES: u32 = 9;
+
+pub fn keepalive(s: SockRef<'_>) -> io::Result<()> {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    s.set_tcp_keepalive(&ka)
+}
 
 fn domain(addr: &SocketAddr) -> Domain {
     if addr.is_ipv4() {
@@ -62,6 +78,7 @@ pub async fn connect(ns: &Netns, source: Option<IpAddr>, dst: SocketAddr, mark: 
             s.set_mark(mark)?;
             s.set_nonblocking(true)?;
             s.set_tcp_nodelay(true)?;
+            keepalive(SockRef::from(&s))?;
             if let Some(ip) = source.filter(|ip| ip.is_ipv4() == dst.is_ipv4() && !ip.is_unspecified()) {
                 bind_transparent(&s, ip).map_err(|e| io::Error::new(e.kind(), format!("binding to {ip}: {e}")))?;
             }

@@ -732,6 +732,15 @@ fn a_policy_applied_later_cuts_off_connections_it_no_longer_allows() {
             held_connection_state(&lab, held, "connected")
         });
     }
+    // Every proxied socket has TCP keepalive, so a caller that vanishes silently is found: the
+    // client-side socket on node1 (its local address is the original destination) and the
+    // pod-side socket on node2.
+    for (netns, filter) in [(&client.netns, "src"), (&server_b.netns, "dst")] {
+        let cmd = format!("ss -tnoH state established {filter} {}:9000", server_b.ip);
+        wait_for(&format!("keepalive on {netns}"), Duration::from_secs(10), || {
+            lab.exec_ok(netns, &cmd).lines().any(|l| l.contains("keepalive")).then_some(())
+        });
+    }
     let still_open = |held: &str| {
         assert!(!lab.exited(held) && !lab.log(held).contains("mismatch"), "{held} was cut off:\n{}", lab.log(held))
     };

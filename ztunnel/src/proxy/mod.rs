@@ -326,6 +326,7 @@ impl Proxy {
             };
             // Proxied bytes must not wait for Nagle: latency is the whole point of an L4 proxy.
             let _ = tcp.set_nodelay(true);
+            let _ = sockets::keepalive(socket2::SockRef::from(&tcp));
             // An HBONE peer has proven nothing until its TLS handshake completes, so until then it
             // holds a handshake slot; `inbound` trades it for a connection slot once verified.
             let source = peer_of(&tcp).ip();
