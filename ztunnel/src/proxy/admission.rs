@@ -5,7 +5,7 @@
 //! same shape (see [`crate::proxy`]), so a peer that has proven nothing holds no connection slot.
 //! That budget also caps what sources outside the mesh may hold together (an [`Admission`] with
 //! an unknown-source share), so a flood from many such addresses cannot keep mesh peers from
-//! starting new connections.
+//! starting new connections. The connection budget has such a share too, for plaintext callers.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -127,7 +127,8 @@ impl Proxy {
     ) -> Arc<Proxy> {
         Arc::new(Proxy {
             pool: Pool::new(hbone::settings::MAX_STREAMS as usize, hbone::pool::IDLE_TIMEOUT),
-            admission: admission::Admission::new(settings.max_connections, settings.max_connections_per_source),
+            admission: admission::Admission::new(settings.max_connections, settings.max_connections_per_source)
+                .with_unknown_share((settings.max_connections / 4).max(1)),
             handshakes: handshake_budget(&settings),
             inbound_windows: WindowBudget::new(settings.max_inbound_buffer),
             outbound_windows: WindowBudget::new(settings.max_outbound_buffer),
@@ -261,6 +262,14 @@ impl Proxy {
         self.admission.admit(source).inspect_err(|refused| self.metrics.reject(direction, refused.reason())).ok()
     }
 
+    /// A slot for a plaintext caller, which has proven nothing: plaintext callers together hold
+    /// at most a quarter of the node's slots, so a flood from outside the mesh (from however many
+    /// addresses) leaves local pods and mesh peers the rest.
+    fn admit_plaintext(&self, source: IpAddr) -> Option<admission::Slot> {
+        let refused = |r: &admission::Refused| self.metrics.reject("inbound_plaintext", r.reason());
+        self.admission.admit_unknown(source).inspect_err(refused).ok()
+    }
+
     /// A handshake slot for an HBONE connection, or `None` when at the handshake cap. A source
     /// that is not an HBONE workload also needs a slot of the unknown-source share.
     fn admit_handshake(&self, source: IpAddr) -> Option<admission::Slot> {
@@ -330,8 +339,11 @@ impl Proxy {
             // An HBONE peer has proven nothing until its TLS handshake completes, so until then it
             // holds a handshake slot; `inbound` trades it for a connection slot once verified.
             let source = peer_of(&tcp).ip();
-            let admitted =
-                if port == HBONE_PORT { self.admit_handshake(source) } else { self.admit(direction, source) };
+            let admitted = match port {
+                HBONE_PORT => self.admit_handshake(source),
+                PLAINTEXT_PORT => self.admit_plaintext(source),
+                _ => self.admit(direction, source),
+            };
             let Some(slot) = admitted else {
                 sockets::reset(tcp);
                 continue;
