@@ -39,6 +39,13 @@ const MAX_DOUBLINGS: u8 = 4;
 pub trait Abort {
     /// Makes the coming close send a reset (RST) instead of a FIN.
     fn abort_on_close(&self);
+
+    /// Ready with the reason once the connection must end at once (its authorization was revoked,
+    /// say), whatever either direction is doing: [`splice`] checks it first on every wake-up, so
+    /// an idle or half-closed connection ends too. Never, by default.
+    fn poll_revoked(&self, _cx: &mut Context<'_>) -> Poll<io::Error> {
+        Poll::Pending
+    }
 }
 
 impl Abort for tokio::net::TcpStream {
@@ -60,6 +67,9 @@ where
     let tunnel = tunnel.as_mut();
     let (mut up, mut down) = (ToTunnel::default(), FromTunnel::default());
     let done = poll_fn(|cx| {
+        if let Poll::Ready(e) = io.poll_revoked(cx) {
+            return Poll::Ready(Err(e));
+        }
         let up_done = up.poll(cx, &mut io, &mut tunnel.send)?.is_ready();
         let down_done = down.poll(cx, &mut io, &mut tunnel.recv)?.is_ready();
         if up_done && down_done {

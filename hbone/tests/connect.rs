@@ -257,6 +257,98 @@ async fn spliced_tunnel_carries_bytes_both_ways_and_half_closes() {
     proxy.await.unwrap().expect("splice ends cleanly once both directions are done");
 }
 
+/// A socket whose connection can be revoked from outside, as ztunnel's policy re-check does.
+struct Revocable {
+    inner: TcpStream,
+    revoked: Arc<(std::sync::atomic::AtomicBool, Mutex<Option<std::task::Waker>>)>,
+}
+
+impl hbone::Abort for Revocable {
+    fn abort_on_close(&self) {
+        self.inner.abort_on_close();
+    }
+    fn poll_revoked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Error> {
+        *self.revoked.1.lock().unwrap() = Some(cx.waker().clone());
+        if self.revoked.0.load(Ordering::SeqCst) {
+            return std::task::Poll::Ready(std::io::Error::other("revoked"));
+        }
+        std::task::Poll::Pending
+    }
+}
+
+impl AsyncRead for Revocable {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Revocable {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A revocation ends a splice that only waits on its tunnel (the app half-closed, the far end is
+/// idle), and the app sees a reset, not a clean close.
+#[tokio::test]
+async fn a_revoked_socket_ends_an_idle_half_closed_splice_with_a_reset() {
+    let h = harness().await;
+    let conn = client(&h).await;
+    // Reads everything, then holds the connection open without a byte or a FIN.
+    let idle = upstream(|mut s| async move {
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    })
+    .await;
+    let app_side = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app_side.local_addr().unwrap();
+    let revoked = Arc::new((std::sync::atomic::AtomicBool::new(false), Mutex::new(None)));
+    let proxy = tokio::spawn({
+        let revoked = revoked.clone();
+        async move {
+            let (inner, _) = app_side.accept().await.unwrap();
+            let stream = conn.open(&tunnel(idle)).await.unwrap();
+            hbone::splice(Revocable { inner, revoked }, stream).await
+        }
+    });
+    let mut app = TcpStream::connect(app_addr).await.unwrap();
+    app.write_all(b"hello").await.unwrap();
+    app.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!proxy.is_finished(), "the tunnel is idle, not done");
+
+    revoked.0.store(true, Ordering::SeqCst);
+    if let Some(w) = revoked.1.lock().unwrap().take() {
+        w.wake();
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(5), proxy).await.expect("revocation ends the splice");
+    assert!(ended.unwrap().is_err(), "an error, so both sides are reset");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut rest)).await.unwrap();
+    assert_eq!(read.map_err(|e| e.kind()).err(), Some(std::io::ErrorKind::ConnectionReset), "{rest:?}");
+}
+
 /// How long `conn` took to close, if it did within `limit`.
 async fn closed_within(conn: &Connection, limit: Duration) -> Option<Duration> {
     let started = std::time::Instant::now();

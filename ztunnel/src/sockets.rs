@@ -56,6 +56,8 @@ pub async fn listen(ns: &Netns, addr: SocketAddr, mark: u32) -> io::Result<TcpLi
                 s.set_ip_transparent_v6(true)?;
             }
             s.set_mark(mark)?;
+            // Accepted sockets inherit it.
+            keepalive(SockRef::from(&s))?;
             s.set_nonblocking(true)?;
             s.bind(&addr.into())?;
             s.listen(BACKLOG)?;

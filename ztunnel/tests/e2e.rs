@@ -768,11 +768,14 @@ fn a_policy_applied_later_cuts_off_connections_it_no_longer_allows() {
     assert!(!lab.log("tunnel").contains("ok 60"), "{}", lab.log("tunnel"));
     let log = lab.log("ztunnel2");
     assert!(
-        log.lines().any(|l| l.contains("closing a connection the policy no longer allows")
+        log.lines().any(|l| l.contains("closing connections the policy no longer allows")
             && l.contains("demo/cut-client")
             && l.contains("spiffe://cluster.local/ns/demo/sa/client")),
         "no log line naming the policy and the caller:\n{log}"
     );
+    let m = lab.ztunnel_get(2, 15020, "/metrics");
+    let labels = ["direction=\"inbound\"", "reason=\"revoked\""];
+    assert!(metric_line(&m, "trellis_connections_rejected_total", &labels).is_some(), "{m}");
     still_open("plain");
 
     lab.apply(STRICT_DEMO);

@@ -87,8 +87,9 @@ impl Table {
 
     /// The open connections whose authorization can be decided again.
     pub fn guarded(&self) -> Vec<Arc<Tracker>> {
-        let t = self.lock();
-        t.live.values().filter_map(Weak::upgrade).filter(|c| c.guard.is_some()).collect()
+        let live: Vec<Arc<Tracker>> = self.lock().live.values().filter_map(Weak::upgrade).collect();
+        // Filtered outside the lock: dropping the last reference runs Tracker::drop, which takes it.
+        live.into_iter().filter(|c| c.guard.is_some()).collect()
     }
 }
 
@@ -104,9 +105,11 @@ pub struct Guard {
 #[derive(Default)]
 struct Revocation {
     why: OnceLock<String>,
-    /// The tasks reading and writing the destination socket, woken to see the revocation.
+    /// The tasks reading and writing the destination socket, and the one splicing it, woken to
+    /// see the revocation.
     reader: AtomicWaker,
     writer: AtomicWaker,
+    splice: AtomicWaker,
 }
 
 /// Live accounting for one admitted connection; reported when dropped.
@@ -168,7 +171,21 @@ impl Tracker {
         }
         self.revocation.reader.wake();
         self.revocation.writer.wake();
+        self.revocation.splice.wake();
         true
+    }
+
+    /// Whether the connection was revoked already.
+    pub fn is_revoked(&self) -> bool {
+        self.revocation.why.get().is_some()
+    }
+
+    /// Ready once the connection is revoked; never for one without a guard.
+    pub fn poll_revoked(&self, cx: &Context<'_>) -> Poll<io::Error> {
+        match self.revoked(&self.revocation.splice, cx) {
+            Some(e) => Poll::Ready(e),
+            None => Poll::Pending,
+        }
     }
 
     /// The revocation as the error a socket operation returns, once `waker` will see a later one.
@@ -266,6 +283,10 @@ impl<S> Tracked<S> {
         Tracked { inner, tracker, client_side: true, _slot: None }
     }
 
+    pub fn tracker(&self) -> &Arc<Tracker> {
+        &self.tracker
+    }
+
     /// Holds `slot` until the socket is dropped.
     pub fn holding(self, slot: super::admission::Slot) -> Tracked<S> {
         Tracked { _slot: Some(slot), ..self }
@@ -285,6 +306,10 @@ impl<S> Tracked<S> {
 impl<S: hbone::Abort> hbone::Abort for Tracked<S> {
     fn abort_on_close(&self) {
         self.inner.abort_on_close();
+    }
+
+    fn poll_revoked(&self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        self.tracker.poll_revoked(cx)
     }
 }
 
@@ -315,6 +340,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A revoked connection ends with a reset, never a clean close.
+        if let Some(e) = self.tracker.revoked(&self.tracker.revocation.writer, cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -384,7 +413,15 @@ mod tests {
             (s, e)
         });
         tokio::task::yield_now().await;
+        let splice_sees = tokio::spawn({
+            let t = tracker.clone();
+            async move { std::future::poll_fn(|cx| t.poll_revoked(cx)).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!splice_sees.is_finished());
         assert!(tracker.revoke("denied by demo/cut".into()));
+        let e = tokio::time::timeout(std::time::Duration::from_secs(5), splice_sees).await.unwrap().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "a splice idle on the other side sees it too");
         assert!(!tracker.revoke("again".into()), "revoked once");
         let (mut s, e) = tokio::time::timeout(std::time::Duration::from_secs(5), reader).await.unwrap().unwrap();
         assert_eq!((e.kind(), e.to_string()), (io::ErrorKind::PermissionDenied, "denied by demo/cut".to_string()));

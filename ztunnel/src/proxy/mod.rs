@@ -196,40 +196,77 @@ impl Proxy {
         })
     }
 
+    /// Why an open connection's authorization no longer holds in `state`, if it does not.
+    fn denial(state: &State, c: &conn::Tracker) -> Option<String> {
+        let (g, r) = (c.guard()?, c.record());
+        match Self::authorize_in(state, &g.pod_uid, g.source.clone(), r.src, r.dst) {
+            Some(Authorized { decision: Decision::Allow, .. }) => None,
+            Some(Authorized { decision: Decision::Deny(policy), .. }) => Some(format!("denied by {policy}")),
+            None => Some("its workload left the configuration".to_string()),
+        }
+    }
+
     /// Decides again the authorization of every open inbound connection, as config changes
     /// arrive, and cuts off those the policies no longer allow or whose workload left the
     /// configuration: a DENY applied to cut off a caller must reach the connections it already
-    /// has, not only its next ones. Returns how many were cut off.
+    /// has, not only its next ones. One line is logged per pass, however many are cut off.
+    /// Returns how many were.
     pub fn revalidate(&self) -> usize {
         let open = self.metrics.connections.guarded();
         if open.is_empty() {
             return 0;
         }
-        let mut denied = Vec::new();
-        {
+        let denied: Vec<(Arc<conn::Tracker>, String)> = {
             let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-            for c in open {
-                let (Some(g), r) = (c.guard(), c.record()) else { continue };
-                let why = match Self::authorize_in(&state, &g.pod_uid, g.source.clone(), r.src, r.dst) {
-                    Some(Authorized { decision: Decision::Allow, .. }) => continue,
-                    Some(Authorized { decision: Decision::Deny(policy), .. }) => format!("denied by {policy}"),
-                    None => "its workload left the configuration".to_string(),
-                };
-                denied.push((c, why));
+            open.into_iter()
+                // Only this list holds a connection that has closed meanwhile.
+                .filter(|c| Arc::strong_count(c) > 1 && !c.is_revoked())
+                .filter_map(|c| Self::denial(&state, &c).map(|why| (c, why)))
+                .collect()
+        };
+        let (mut revoked, mut example) = (0, None);
+        for (c, why) in denied {
+            if self.revoke(&c, why.clone()) {
+                revoked += 1;
+                let source = c.record().src_peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default();
+                example.get_or_insert((why, source, c.record().src));
             }
         }
-        let mut revoked = 0;
-        for (c, why) in denied {
-            let r = c.record();
-            let source = r.src_peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default();
-            if c.revoke(why.clone()) {
-                tracing::warn!(%why, source, src = %r.src, dst = %r.dst, direction = r.direction,
-                    "closing a connection the policy no longer allows");
-                self.metrics.reject(r.direction, "policy");
-                revoked += 1;
-            }
+        if let Some((why, source, src)) = example {
+            tracing::warn!(connections = revoked, example.why = %why, example.source = source, example.src = %src,
+                "closing connections the policy no longer allows");
         }
         revoked
+    }
+
+    /// Cuts off one connection: logged at debug (a pass logs one summary), counted as `revoked`.
+    fn revoke(&self, c: &conn::Tracker, why: String) -> bool {
+        let r = c.record();
+        let source = r.src_peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default();
+        tracing::debug!(%why, source, src = %r.src, dst = %r.dst, direction = r.direction,
+            "closing a connection the policy no longer allows");
+        let first = c.revoke(why);
+        if first {
+            self.metrics.reject(r.direction, "revoked");
+        }
+        first
+    }
+
+    /// Re-decides a connection just opened. Its decision was taken before the connect, and a
+    /// config change meanwhile ran its revalidation pass before this connection was listed.
+    fn recheck(&self, c: &conn::Tracker) {
+        if c.guard().is_none() {
+            return;
+        }
+        let denial = {
+            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+            Self::denial(&state, c)
+        };
+        if let Some(why) = denial {
+            tracing::warn!(%why, src = %c.record().src, dst = %c.record().dst,
+                "closing a connection the policy stopped allowing while it was set up");
+            self.revoke(c, why);
+        }
     }
 
     /// Connects to `record.dst` from inside the pod's namespace (marked, so capture lets it
@@ -244,7 +281,11 @@ impl Proxy {
     ) -> Option<conn::Tracked<TcpStream>> {
         let source = (record.reporter == Reporter::destination).then(|| record.src.ip());
         match sockets::connect(&pod.ns, source, record.dst, self.settings.mark).await {
-            Ok(up) => Some(conn::Tracked::new(up, conn::Tracker::open_guarded(record, self.metrics.clone(), guard))),
+            Ok(up) => {
+                let tracker = conn::Tracker::open_guarded(record, self.metrics.clone(), guard);
+                self.recheck(&tracker);
+                Some(conn::Tracked::new(up, tracker))
+            }
             Err(e) => {
                 tracing::info!(dst = %record.dst, direction = record.direction, error = %e, "upstream connect failed");
                 self.metrics.reject(record.direction, "upstream");
@@ -335,7 +376,6 @@ impl Proxy {
             };
             // Proxied bytes must not wait for Nagle: latency is the whole point of an L4 proxy.
             let _ = tcp.set_nodelay(true);
-            let _ = sockets::keepalive(socket2::SockRef::from(&tcp));
             // An HBONE peer has proven nothing until its TLS handshake completes, so until then it
             // holds a handshake slot; `inbound` trades it for a connection slot once verified.
             let source = peer_of(&tcp).ip();
@@ -366,18 +406,22 @@ impl Proxy {
     }
 }
 
-/// Splices the client and the destination until both directions finish. An error on either
-/// side resets both, so neither mistakes the failure for a clean end.
-async fn splice<A, B>(mut client: A, mut upstream: B)
+/// Splices the client and the destination until both directions finish, or the connection is
+/// revoked. An error on either side resets both, so neither mistakes the failure for a clean end.
+async fn splice<A>(mut client: A, mut upstream: conn::Tracked<TcpStream>)
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + hbone::Abort,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + hbone::Abort,
 {
-    if let Err(e) = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER).await
-    {
+    let tracker = upstream.tracker().clone();
+    let copied = tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER) => r.map(drop),
+        // Checked apart from the copy, which may be waiting on the other side only.
+        e = std::future::poll_fn(|cx| tracker.poll_revoked(cx)) => Err(e),
+    };
+    if let Err(e) = copied {
         tracing::debug!(error = %e, "connection ended with an error");
         client.abort_on_close();
-        upstream.abort_on_close();
+        hbone::Abort::abort_on_close(&upstream);
     }
 }
 
