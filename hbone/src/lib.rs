@@ -5,7 +5,11 @@
 //! certificate slot that can be swapped without dropping connections), and the HTTP/2 CONNECT
 //! [`client`] and [`server`] with HBONE's [`settings`] and PING [`Keepalive`], the connection
 //! [`pool`], and [`splice`], which joins a socket to a tunnel without copying payload in user space.
+//!
+//! Bounds for what network peers can make a process hold: connection slots per process and per
+//! source ([`admission`]), and HTTP/2 window budgets ([`window`]).
 
+pub mod admission;
 pub mod client;
 pub mod identity;
 mod keepalive;

@@ -60,7 +60,6 @@ pub struct Running {
     pub cache: Arc<Cache>,
     pub tokens: Arc<NodeTokens>,
     pub authority: Arc<Authority>,
-    pub serving_cert: Arc<ServingCert>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -223,5 +222,5 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
 
     ready.store(true, Ordering::Release);
     tracing::info!(%api_addr, ?xds_addr, %secure_addr, trust_domain = cfg.settings.trust_domain, "istiod-lite ready");
-    Ok(Running { api_addr, xds_addr, secure_addr, store, cache, tokens, authority, serving_cert, shutdown, tasks })
+    Ok(Running { api_addr, xds_addr, secure_addr, store, cache, tokens, authority, shutdown, tasks })
 }

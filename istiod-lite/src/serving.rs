@@ -5,16 +5,16 @@
 //! long-lived xDS streams are not dropped. Handshakes run concurrently with a deadline and a cap,
 //! so a slow or silent client holds up neither the accept loop nor other clients.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use hbone::admission::Admission;
 use rustls::pki_types::CertificateDer;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
@@ -72,11 +72,6 @@ impl ServingCert {
 
     fn current(&self) -> Current {
         self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// When the certificate in use stops being valid.
-    pub fn not_after(&self) -> SystemTime {
-        self.current().not_after
     }
 
     /// Renews the certificate at half its lifetime until `shutdown` turns true.
@@ -150,38 +145,6 @@ pub fn server_config(cert: Arc<ServingCert>) -> Result<Arc<rustls::ServerConfig>
     Ok(Arc::new(config))
 }
 
-/// A handshake slot: one of [`MAX_HANDSHAKES`], and one of its source's.
-struct Slot {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    source: IpAddr,
-}
-
-impl Slot {
-    fn take(all: &Arc<Semaphore>, sources: &Arc<Mutex<HashMap<IpAddr, usize>>>, source: IpAddr) -> Option<Slot> {
-        let permit = all.clone().try_acquire_owned().ok()?;
-        let mut by_source = sources.lock().unwrap_or_else(|e| e.into_inner());
-        let n = by_source.entry(source).or_default();
-        if *n >= MAX_HANDSHAKES_PER_SOURCE {
-            return None;
-        }
-        *n += 1;
-        Some(Slot { _permit: permit, sources: sources.clone(), source })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut by_source = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = by_source.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                by_source.remove(&self.source);
-            }
-        }
-    }
-}
-
 /// Accepts on `listener` and yields connections whose TLS handshake completed, until `shutdown`
 /// turns true or the consumer drops the stream; the task then closes the listener.
 pub fn incoming(
@@ -191,8 +154,7 @@ pub fn incoming(
 ) -> (impl tokio_stream::Stream<Item = std::io::Result<TlsStream<TcpStream>>>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
-    let all = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    let sources = Arc::new(Mutex::new(HashMap::new()));
+    let handshakes = Admission::new(MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE);
     let task = tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -208,9 +170,12 @@ pub fn incoming(
                 _ = tx.closed() => return,
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
             };
-            let Some(slot) = Slot::take(&all, &sources, peer.ip()) else {
-                tracing::debug!(%peer, "too many TLS handshakes in progress; connection closed");
-                continue;
+            let slot = match handshakes.admit(peer.ip()) {
+                Ok(slot) => slot,
+                Err(refused) => {
+                    tracing::debug!(%peer, ?refused, "too many TLS handshakes in progress; connection closed");
+                    continue;
+                }
             };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {

@@ -26,7 +26,7 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(180);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_PROBES: u32 = 9;
 
-pub fn keepalive(s: SockRef<'_>) -> io::Result<()> {
+fn keepalive(s: SockRef<'_>) -> io::Result<()> {
     let ka = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)

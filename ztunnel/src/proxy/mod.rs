@@ -32,7 +32,7 @@ use crate::sockets;
 use crate::state::policy::{self, Decision};
 use crate::state::State;
 
-pub mod admission;
+pub use hbone::admission;
 pub mod conn;
 mod inbound;
 mod outbound;
@@ -210,11 +210,10 @@ impl Proxy {
     /// arrive, and cuts off those the policies no longer allow or whose workload left the
     /// configuration: a DENY applied to cut off a caller must reach the connections it already
     /// has, not only its next ones. One line is logged per pass, however many are cut off.
-    /// Returns how many were.
-    pub fn revalidate(&self) -> usize {
+    pub fn revalidate(&self) {
         let open = self.metrics.connections.guarded();
         if open.is_empty() {
-            return 0;
+            return;
         }
         let denied: Vec<(Arc<conn::Tracker>, String)> = {
             let state = self.state.read().unwrap_or_else(|e| e.into_inner());
@@ -236,7 +235,6 @@ impl Proxy {
             tracing::warn!(connections = revoked, example.why = %why, example.source = source, example.src = %src,
                 "closing connections the policy no longer allows");
         }
-        revoked
     }
 
     /// Cuts off one connection: logged at debug (a pass logs one summary), counted as `revoked`.
@@ -414,9 +412,10 @@ where
 {
     let tracker = upstream.tracker().clone();
     let copied = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER) => r.map(drop),
-        // Checked apart from the copy, which may be waiting on the other side only.
+        // Revocation first: nothing more is copied once it is seen.
+        biased;
         e = std::future::poll_fn(|cx| tracker.poll_revoked(cx)) => Err(e),
+        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER) => r.map(drop),
     };
     if let Err(e) = copied {
         tracing::debug!(error = %e, "connection ended with an error");

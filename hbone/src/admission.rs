@@ -1,11 +1,11 @@
-//! Connection slots. The node has `--max-connections` of them; a source (the client's address:
-//! a local pod outbound, the calling pod inbound) may hold at most `--max-connections-per-source`
-//! at once, so one misbehaving or compromised client cannot take the slots every other pod on
-//! the node needs. HBONE peers wait for their TLS handshake in a separate, smaller budget of the
-//! same shape (see [`crate::proxy`]), so a peer that has proven nothing holds no connection slot.
-//! That budget also caps what sources outside the mesh may hold together (an [`Admission`] with
-//! an unknown-source share), so a flood from many such addresses cannot keep mesh peers from
-//! starting new connections. The connection budget has such a share too, for plaintext callers.
+//! Connection slots for a listener that faces the network: a cap for the whole process, and a
+//! smaller one per source address, so one misbehaving or compromised client cannot take the slots
+//! every other client needs. An optional unknown-source share caps what sources the caller has
+//! not verified may hold together, so a flood from many such addresses leaves known ones the rest.
+//!
+//! ztunnel admits every proxied connection and tunnel through one, and HBONE handshakes through a
+//! smaller one (a peer that has proven nothing holds no connection slot); istiod-lite admits its
+//! :15012 TLS handshakes through one.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -24,7 +24,7 @@ pub struct Admission {
 /// Which limit refused a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refused {
-    /// The node is at `--max-connections`.
+    /// The whole cap is taken (ztunnel's `--max-connections`: the node's).
     Node,
     /// The source holds `--max-connections-per-source` already.
     Source,
@@ -52,7 +52,7 @@ impl Refused {
     }
 }
 
-/// One admitted connection's slot, node and source (and unknown-source share, if it took one);
+/// One admitted connection's slot, process and source (and unknown-source share, if it took one);
 /// all are given back when it is dropped.
 pub struct Slot {
     _node: OwnedSemaphorePermit,
