@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub struct Admission {
+    max: usize,
     node: Arc<Semaphore>,
     per_source: usize,
     held: Arc<Mutex<HashMap<IpAddr, usize>>>,
@@ -77,6 +78,7 @@ impl Admission {
     /// `per_source` is at least 1.
     pub fn new(max: usize, per_source: usize) -> Admission {
         Admission {
+            max,
             node: Arc::new(Semaphore::new(max)),
             per_source: per_source.max(1),
             held: Arc::default(),
@@ -116,6 +118,11 @@ impl Admission {
         Ok(Slot { _node: node, _unknown: share, source, held: self.held.clone() })
     }
 
+    /// Slots held now: connections admitted and not yet closed.
+    pub fn held(&self) -> usize {
+        self.max - self.node.available_permits()
+    }
+
     /// Sources holding at least one slot.
     #[cfg(test)]
     fn sources(&self) -> usize {
@@ -138,11 +145,13 @@ mod tests {
         assert_eq!(a.admit(ip("10.0.0.1")).err(), Some(Refused::Source));
         let held_b: Vec<Slot> = (0..2).map(|_| a.admit(ip("10.0.0.2")).unwrap()).collect();
         assert_eq!(a.admit(ip("10.0.0.2")).err(), Some(Refused::Node), "the node is full before b's share");
+        assert_eq!(a.held(), 5);
         assert_eq!(a.admit(ip("10.0.0.1")).err(), Some(Refused::Source), "a's own limit is checked first");
         drop(held_a);
         assert_eq!(a.sources(), 1, "a source with nothing held is forgotten");
         assert!(a.admit(ip("10.0.0.2")).is_ok(), "slots come back");
         drop(held_b);
+        assert_eq!(a.held(), 0);
     }
 
     #[test]

@@ -114,6 +114,8 @@ impl Admin {
             "policies": policies,
             "certificates": certificates,
             "pods": self.pods.list(),
+            // Once true, a newer ztunnel manages the pods and this one only serves until it drains.
+            "pods_handed_over": self.pods.handed_over(),
             "capture": self.pods.capture_mode(),
             "nodes": self.state.read().unwrap_or_else(|e| e.into_inner()).nodes().cloned().collect::<Vec<_>>(),
             "connections": {
@@ -128,13 +130,19 @@ impl Admin {
     }
 
     fn ready(&self) -> Result<(), &'static str> {
-        if !*self.synced.borrow() {
-            return Err("waiting for the first xDS snapshot");
-        }
-        if self.pods.in_progress() > 0 {
-            return Err("enrolling pods (fetching certificates)");
-        }
-        Ok(())
+        readiness(*self.synced.borrow(), self.pods.reconciled_once(), self.pods.in_progress())
+    }
+}
+
+/// Ready once ztunnel has its config and serves every pod it should: a newer ztunnel taking over
+/// is told ready before the old one drains, so ready must mean the pods registered before are
+/// enrolled again. Before the first reconcile pass none is enrolling yet.
+fn readiness(synced: bool, reconciled: bool, enrolling: usize) -> Result<(), &'static str> {
+    match (synced, reconciled, enrolling) {
+        (false, _, _) => Err("waiting for the first xDS snapshot"),
+        (true, false, _) => Err("enrolling pods"),
+        (true, true, 1..) => Err("enrolling pods (fetching certificates)"),
+        (true, true, 0) => Ok(()),
     }
 }
 
@@ -166,4 +174,16 @@ pub async fn serve_metrics(listener: TcpListener, a: Admin) -> std::io::Result<(
 pub async fn serve_readiness(listener: TcpListener, a: Admin) -> std::io::Result<()> {
     let app = Router::new().route("/healthz/ready", get(ready)).with_state(a);
     axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ready_only_once_the_pods_registered_before_are_served() {
+        use super::readiness;
+        assert!(readiness(false, false, 0).is_err());
+        assert!(readiness(true, false, 0).is_err(), "the first pass has not started enrolling yet");
+        assert!(readiness(true, true, 2).is_err());
+        assert_eq!(readiness(true, true, 0), Ok(()));
+    }
 }

@@ -140,6 +140,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let c = overlay::Config { node_name: cfg.node_name.clone(), node_ip };
         overlay::run(c, state.clone(), xds_client.changes())
     });
+    let serving = proxy.clone();
     let admin = Admin {
         node: cfg.node_name.clone(),
         state,
@@ -150,8 +151,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         synced,
     };
 
-    let agent_socket = cfg.agent_socket.clone();
-    control.block_on(async move {
+    let agent_socket = control.block_on(async move {
         // Bind everything first: a port conflict is a startup error, not a log line later.
         let bind = |addr: SocketAddr, what: &'static str| async move {
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {what} on {addr}"))
@@ -159,7 +159,17 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let admin_l = bind(cfg.admin_addr, "admin").await?;
         let metrics_l = bind(cfg.metrics_addr, "metrics").await?;
         let ready_l = bind(cfg.readiness_addr, "readiness").await?;
-        let agent_l = agent::bind(&cfg.agent_socket)
+        // Only once nothing else can fail: the running ztunnel stops managing pods when asked.
+        match agent::take_over(&cfg.agent_socket).await {
+            agent::TakeOver::NoneRunning => {}
+            agent::TakeOver::HandedOver => tracing::info!("took the pods over from the running ztunnel"),
+            agent::TakeOver::Refused(why) => tracing::warn!(
+                why,
+                "the running ztunnel did not hand its pods over; both manage them until it exits"
+            ),
+        }
+        pods.restore();
+        let (agent_l, agent_socket) = agent::bind(&cfg.agent_socket)
             .with_context(|| format!("binding the agent socket {}", cfg.agent_socket.display()))?;
         tokio::spawn(xds_client.run());
         if let Some(overlay) = overlay {
@@ -176,13 +186,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         tracing::info!(deadline = ?cfg.drain_timeout, "draining: no new connections");
         drain_tx.send_replace(true);
         let deadline = Instant::now() + cfg.drain_timeout;
-        while metrics.active.get() > 0 && Instant::now() < deadline {
+        // Connections still being set up count too: exiting under one resets it.
+        while serving.in_flight() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tracing::info!(remaining = metrics.active.get(), "drained; exiting");
-        anyhow::Ok(())
+        tracing::info!(remaining = serving.in_flight(), "drained; exiting");
+        anyhow::Ok(agent_socket)
     })?;
-    let _ = std::fs::remove_file(&agent_socket);
+    agent_socket.remove_if_ours();
     drop(data);
     Ok(())
 }

@@ -25,6 +25,12 @@
 //! ztunnel is down, the capture it left in each enrolled pod stays in place and has nothing to
 //! deliver to, so new connections fail rather than leave the pod unprotected (fail closed); after
 //! the first xDS snapshot the pod is enrolled again, or released if it was unlabelled meanwhile.
+//!
+//! An upgrade need not leave that gap: a new ztunnel started next to the running one asks it to
+//! hand its pods over ([`Pods::hand_over`]). The old one writes its registry one last time and
+//! stops managing pods (no more passes, capture changes or registry writes) but keeps serving;
+//! the new one loads the registry and enrolls every pod again, its listeners joining the old
+//! ones' `SO_REUSEPORT` groups, so each pod is served by both until the old one drains.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
@@ -184,6 +190,10 @@ pub struct Pods {
     /// table is installed, which each pass retries.
     probe_targets: Mutex<Option<Vec<Ipv4Addr>>>,
     probe_table_warned: AtomicBool,
+    /// Set once a newer ztunnel on this node has taken the pods over.
+    handed_over: AtomicBool,
+    /// Set after the first reconcile pass, which starts enrolling the pods registered before.
+    reconciled: AtomicBool,
 }
 
 impl Pods {
@@ -198,13 +208,6 @@ impl Pods {
         registry_file: Option<PathBuf>,
         synced: watch::Receiver<bool>,
     ) -> Pods {
-        let registered = registry_file.as_deref().map(load).unwrap_or_default();
-        if !registered.is_empty() {
-            tracing::info!(
-                pods = registered.len(),
-                "pods registered before restart; re-enrolling after the first snapshot"
-            );
-        }
         Pods {
             proxy,
             state,
@@ -213,7 +216,7 @@ impl Pods {
             cluster_id,
             capture,
             registry_file,
-            registered: Mutex::new(registered),
+            registered: Mutex::default(),
             enrolled: Mutex::default(),
             enrolling: Mutex::default(),
             enroll_slots: tokio::sync::Semaphore::new(MAX_ENROLLING),
@@ -224,7 +227,42 @@ impl Pods {
             synced,
             probe_targets: Mutex::default(),
             probe_table_warned: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
+            reconciled: AtomicBool::new(false),
         }
+    }
+
+    /// Loads the registry a previous (or the handing-over) ztunnel persisted. Called once, after
+    /// any hand-over and before the agent socket accepts requests.
+    pub fn restore(&self) {
+        let Some(registered) = self.registry_file.as_deref().map(load) else { return };
+        if !registered.is_empty() {
+            tracing::info!(pods = registered.len(), "pods registered before; re-enrolling after the first snapshot");
+        }
+        *lock(&self.registered) = registered;
+    }
+
+    /// Gives the pods up to a newer ztunnel on this node: the registry is written one last time
+    /// for it to load, and from then on this one changes neither capture nor the registry (the
+    /// newer one does). Its listeners keep serving until it drains.
+    pub fn hand_over(&self) {
+        self.persist();
+        if !self.handed_over.swap(true, Ordering::AcqRel) {
+            tracing::info!(
+                pods = lock(&self.enrolled).len(),
+                "handed the pods over to a newer ztunnel; serving their connections until told to drain"
+            );
+            // Wake the reconciler so it sees the hand-over and stops.
+            self.kick.notify_one();
+        }
+    }
+
+    pub fn handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::Acquire)
+    }
+
+    pub fn reconciled_once(&self) -> bool {
+        self.reconciled.load(Ordering::Acquire)
     }
 
     pub fn uid(&self, namespace: &str, name: &str) -> String {
@@ -378,7 +416,11 @@ impl Pods {
         let mut synced = self.synced.clone();
         let _ = synced.wait_for(|s| *s).await;
         loop {
+            if self.handed_over() {
+                return;
+            }
             self.reconcile().await;
+            self.reconciled.store(true, Ordering::Release);
             self.passes.send_modify(|n| *n += 1);
             let now = Instant::now();
             // Only retries still ahead: one already due is started by the pass above, or has its
@@ -562,6 +604,9 @@ impl Pods {
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("listeners: {e}"))?;
         let enrolled = Enrolled { ns: ns.clone(), identity: id.clone(), cni_ip: r.ip, tasks };
+        if self.handed_over() {
+            return Err("handed over to a newer ztunnel".into());
+        }
         // Mark before installing: if we crash in between, the next run cleans up.
         self.set_captured(uid, true);
         let capture = self.capture.clone();
@@ -579,6 +624,10 @@ impl Pods {
     /// still registered keeps its listeners (its traffic is still steered to them) and the error
     /// is returned for the caller to retry; a pod already forgotten loses them regardless.
     async fn unenroll(&self, uid: &str, r: &Registered) -> Result<(), String> {
+        if self.handed_over() {
+            // The capture is the newer ztunnel's now; this one's listeners go when it drains.
+            return Ok(());
+        }
         let enrolled = lock(&self.enrolled).remove(uid);
         let removed = self.remove_capture(enrolled.as_ref().map(|e| e.ns.clone()), r).await;
         if let Err(e) = &removed {
@@ -620,6 +669,9 @@ impl Pods {
 
     fn persist(&self) {
         let Some(path) = &self.registry_file else { return };
+        if self.handed_over() {
+            return;
+        }
         let body = match serde_json::to_vec_pretty(&*lock(&self.registered)) {
             Ok(b) => b,
             Err(e) => return tracing::warn!(error = %e, "serializing the pod registry"),

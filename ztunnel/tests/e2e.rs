@@ -620,6 +620,20 @@ fn hbone_windows_are_drawn_from_the_node_budgets() {
 }
 
 /// The first sample of metric `name` in Prometheus `text` whose labels include every one of `labels`.
+/// A log as text: without the terminal colour codes around its fields.
+fn without_colours(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn metric_line<'a>(text: &'a str, name: &str, labels: &[&str]) -> Option<&'a str> {
     text.lines().find(|l| {
         l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{')) && labels.iter().all(|x| l.contains(x))
@@ -732,6 +746,92 @@ fn long_connection_survives_rotation_and_istiod_restart_then_drains() {
     });
     wait_for("ztunnel to exit", Duration::from_secs(10), || {
         lab.log("ztunnel1").contains("drained; exiting").then_some(())
+    });
+}
+
+/// An upgrade without a gap: a newer ztunnel started next to the running one takes its pods over
+/// (its listeners join the old ones, and it manages the pods from then on), and the old one drains
+/// away. New connections, opened every 20 ms through both nodes while first the server's and then
+/// the client's ztunnel is replaced, are never refused.
+#[test]
+fn a_newer_ztunnel_takes_the_pods_over_without_refusing_a_connection() {
+    let Mesh { lab, client, server_a, server_b, .. } = mesh(&["--drain-timeout", "3s"]);
+    lab.app(&server_b, &["echo", "9000"], 9000);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/app.py");
+    let stop = lab.dir.path().join("stop-probing");
+    let stop_arg = stop.display().to_string();
+    lab.spawn(
+        "probe",
+        &client.netns,
+        std::path::Path::new("python3"),
+        &[script, "probe", &server_b.ip, "9000", &stop_arg],
+    );
+    wait_for("the probes to start", Duration::from_secs(20), || held_connection_state(&lab, "probe", "probing"));
+    let mtls_opened = |port: u16, node: usize, reporter: &str| {
+        let text = lab.ztunnel_get(node, port, "/metrics");
+        let labels = [reporter, "connection_security_policy=\"mutual_tls\""];
+        metric_line(&text, "istio_tcp_connections_opened_total", &labels)
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let new_ports =
+        ["--admin-addr", "127.0.0.1:16000", "--metrics-addr", "0.0.0.0:16020", "--readiness-addr", "0.0.0.0:16021"];
+
+    for (node, pod) in [(2, &server_b), (1, &server_a)] {
+        let (old, new) = (format!("ztunnel{node}"), format!("ztunnel{node}-new"));
+        lab.spawn_another_ztunnel(&new, node, &new_ports);
+        wait_for(&format!("{new} ready"), Duration::from_secs(20), || {
+            lab.exec(&lab.node(node), "curl -sf http://127.0.0.1:16021/healthz/ready").status.success().then_some(())
+        });
+        assert!(lab.log(&old).contains("handed the pods over to a newer ztunnel"), "{}", lab.log(&old));
+        assert!(lab.log(&new).contains("took the pods over from the running ztunnel"), "{}", lab.log(&new));
+        let dump: serde_json::Value = serde_json::from_str(&lab.ztunnel_get(node, 15000, "/config_dump")).unwrap();
+        assert_eq!(dump["pods_handed_over"], true, "the old one says it no longer manages the pods");
+        // Let the probes run against both for a moment, then the old one drains and exits.
+        std::thread::sleep(Duration::from_millis(500));
+        lab.stop(&old);
+        assert!(lab.log(&old).contains("drained; exiting"), "{}", lab.log(&old));
+        // The old one left the new one's agent socket in place, and the pods are enrolled there.
+        assert_eq!(lab.enrollment(pod), (true, "meshed".to_string()), "after {old} exited");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Both new ztunnels carried probes: node1's opened tunnels, node2's accepted them.
+    let (out, inn) = (mtls_opened(16020, 1, "reporter=\"source\""), mtls_opened(16020, 2, "reporter=\"destination\""));
+    std::fs::write(&stop, "").unwrap();
+    wait_for("the probe summary", Duration::from_secs(10), || held_connection_state(&lab, "probe", "probes ok="));
+    let log = lab.log("probe");
+    let summary = log.lines().find(|l| l.starts_with("probes ok=")).unwrap().to_string();
+    let (ok, failed): (u32, u32) = {
+        let n = |k: &str| summary.split(k).nth(1).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap();
+        (n("ok="), n("failed="))
+    };
+    assert_eq!(failed, 0, "connections failed during the hand-overs:\n{log}");
+    assert!(ok >= 50, "too few probes to say anything: {summary}");
+    assert!(out > 0.0 && inn > 0.0, "the new ztunnels carried no mTLS connection: node1 {out}, node2 {inn}");
+}
+
+/// SIGTERM waits for connections still being set up, not only for those already proxied: one
+/// whose upstream connect is slow (its first SYN is dropped, so it is answered a second later)
+/// completes after the drain began, and ztunnel exits once it is done.
+#[test]
+fn a_drain_waits_for_connections_still_being_set_up() {
+    let Mesh { lab, client, outsider, .. } = mesh(&["--drain-timeout", "10s"]);
+    lab.app(&outsider, &["echo", "9100"], 9100);
+    let drop_first_syn = "nft -f - <<'EOF'\ntable inet slow {\n  chain input {\n    type filter hook input priority 0; policy accept;\n    tcp dport 9100 tcp flags syn numgen inc mod 2 vmap { 0 : drop, 1 : accept }\n  }\n}\nEOF";
+    lab.exec_ok(&outsider.netns, drop_first_syn);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/app.py");
+    lab.spawn("hold", &client.netns, std::path::Path::new("python3"), &[script, "hold", &outsider.ip, "9100", "2"]);
+    // ztunnel's own connect to the outsider (passthrough), waiting for its SYN to be answered.
+    let connecting = format!("ss -Htn state syn-sent dst {}:9100 | wc -l", outsider.ip);
+    wait_for("ztunnel to be connecting upstream", Duration::from_secs(20), || {
+        (lab.exec_ok(&client.netns, &connecting).trim() != "0").then_some(())
+    });
+    netlab::sh(&format!("kill -TERM {}", lab.pid("ztunnel1").expect("ztunnel1 running")));
+    wait_for("the connection set up during the drain to finish", Duration::from_secs(15), || {
+        held_connection_state(&lab, "hold", "ok 2")
+    });
+    wait_for("ztunnel to exit", Duration::from_secs(10), || {
+        without_colours(&lab.log("ztunnel1")).contains("drained; exiting remaining=0").then_some(())
     });
 }
 

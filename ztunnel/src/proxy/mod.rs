@@ -143,6 +143,12 @@ impl Proxy {
         })
     }
 
+    /// Connections accepted and not yet closed, including those still being set up (in their
+    /// TLS handshake, or waiting for their upstream): what a drain waits for.
+    pub fn in_flight(&self) -> usize {
+        self.admission.held() + self.handshakes.held()
+    }
+
     pub fn pooled_connections(&self) -> usize {
         self.pool.connections()
     }

@@ -342,7 +342,19 @@ impl Lab {
         self.spawn_ztunnel_env(i, token, extra, &[]);
     }
 
+    /// Starts another ztunnel on node `i`, next to the one running there, under `label`; `extra`
+    /// must move its admin, metrics and readiness ports.
+    /// It reads the running one's token file (a new token would revoke the running one's).
+    pub fn spawn_another_ztunnel(&self, label: &str, i: usize, extra: &[&str]) {
+        let token = self.dir.path().join(format!("token{i}"));
+        self.spawn_ztunnel_as(label, i, &token, extra, &[]);
+    }
+
     fn spawn_ztunnel_env(&self, i: usize, token: &Path, extra: &[&str], env: &[(&str, &str)]) {
+        self.spawn_ztunnel_as(&format!("ztunnel{i}"), i, token, extra, env);
+    }
+
+    fn spawn_ztunnel_as(&self, label: &str, i: usize, token: &Path, extra: &[&str], env: &[(&str, &str)]) {
         let root = self.state_dir().join("ca/root-cert.pem");
         let sock = self.agent_socket(i);
         let mut args = vec![
@@ -365,7 +377,7 @@ impl Lab {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.spawn_env(&format!("ztunnel{i}"), &self.node(i), &bin("ztunnel"), &args, env);
+        self.spawn_env(label, &self.node(i), &bin("ztunnel"), &args, env);
     }
 
     /// The Pod object, scheduled to node `node`, and running with address `ip` once it has one.
