@@ -4,7 +4,8 @@
 //! [`identity`] keeps workload certificates fresh; the node [`agent`] enrolls [`pods`], each of
 //! which gets [`proxy`] listeners inside its network namespace ([`netns`], [`sockets`]) and the
 //! [`capture`] rules that steer its traffic to them; [`overlay`] routes pod CIDRs of other nodes
-//! over VXLAN. [`admin`] and [`metrics`] are for operators;
+//! over VXLAN. [`admin`] and [`metrics`] are for operators, and [`log_budget`] keeps what
+//! outsiders can make ztunnel log bounded;
 //! [`app`] wires the process together.
 
 pub mod admin;
@@ -12,6 +13,7 @@ pub mod agent;
 pub mod app;
 pub mod capture;
 pub mod identity;
+pub mod log_budget;
 pub mod metrics;
 pub mod netlink;
 pub mod netns;

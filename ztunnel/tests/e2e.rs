@@ -1079,6 +1079,16 @@ fn hostile_hbone_peers_are_rejected_and_bounded() {
                 tokio::time::timeout(Duration::from_secs(15), tokio::io::AsyncReadExt::read(&mut slow, &mut buf)).await;
             assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "slowloris connection still open: {closed:?}");
             drop(flood);
+            // 200 connections sending plain text instead of a ClientHello, one after another:
+            // each is rejected and counted, and the log keeps to its budget of lines about them.
+            for _ in 0..200 {
+                if let Ok(mut s) = tokio::net::TcpStream::connect(hbone).await {
+                    let _ = tokio::io::AsyncWriteExt::write_all(&mut s, b"GET / HTTP/1.1\r\n\r\n").await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut s, &mut buf))
+                            .await;
+                }
+            }
             during
         })
     });
@@ -1106,6 +1116,11 @@ fn hostile_hbone_peers_are_rejected_and_bounded() {
     );
     let log = lab.log("ztunnel2");
     assert!(log.contains("HBONE TLS handshake rejected"), "{log}");
+    assert!(count("tls") >= 203, "every rejected handshake is counted:\n{m}");
+    // The three bad certificates, then at most two windows' worth of the 200.
+    let lines = log.matches("HBONE TLS handshake rejected").count() as u32;
+    let budget = 3 + 2 * ztunnel::log_budget::LINES_PER_WINDOW;
+    assert!(lines <= budget, "{lines} lines about rejected handshakes; the budget allows {budget}");
 
     // As a client, ztunnel refuses an impostor: a mesh address (a `demo` pod of service account
     // `server`) whose 15008 presents a certificate the mesh CA signed for another identity. The

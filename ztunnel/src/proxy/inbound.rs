@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use super::admission::Slot;
 use super::conn::{self, Record, Tracked};
 use super::{is_listener_loop, peer_of, Authorized, Pod, Proxy, TLS_HANDSHAKE_TIMEOUT};
+use crate::log_budget::warn_limited;
 use crate::metrics::Reporter;
 use crate::state::policy::Decision;
 
@@ -23,12 +24,12 @@ impl Proxy {
         let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, pod.acceptor.accept(tcp)).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
-                tracing::warn!(%src, pod = pod.uid, error = %e, "HBONE TLS handshake rejected");
+                warn_limited!("HBONE TLS handshake rejected", %src, pod = pod.uid, error = %e);
                 self.metrics.reject(DIRECTION, "tls");
                 return;
             }
             Err(_) => {
-                tracing::warn!(%src, pod = pod.uid, "HBONE TLS handshake timed out");
+                warn_limited!("HBONE TLS handshake timed out", %src, pod = pod.uid);
                 self.metrics.reject(DIRECTION, "tls");
                 return;
             }
@@ -58,19 +59,19 @@ impl Proxy {
             match self.authorize(pod, req.peer, src, dst) {
                 Some(a) if !is_listener_loop(dst) => a,
                 _ => {
-                    tracing::warn!(%src, authority = %dst, pod = pod.uid, "CONNECT authority is not this workload");
+                    warn_limited!("CONNECT authority is not this workload", %src, authority = %dst, pod = pod.uid);
                     self.metrics.reject(DIRECTION, "bad_request");
                     return Err(StatusCode::BAD_REQUEST);
                 }
             };
         if let Decision::Deny(policy) = decision {
-            tracing::warn!(
+            warn_limited!(
+                "connection denied by authorization policy",
                 policy,
                 source = src_peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
                 destination = dst_peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
                 %src,
-                %dst,
-                "connection denied by authorization policy"
+                %dst
             );
             self.metrics.reject(DIRECTION, "policy");
             return Err(StatusCode::UNAUTHORIZED);

@@ -26,6 +26,7 @@ use tokio_rustls::TlsAcceptor;
 use trellis_proto::istio::workload::TunnelProtocol;
 
 use crate::identity::{CertError, CertManager, Issued};
+use crate::log_budget::warn_limited;
 use crate::metrics::{Metrics, Reporter};
 use crate::netns::Netns;
 use crate::sockets;
@@ -267,8 +268,8 @@ impl Proxy {
             Self::denial(&state, c)
         };
         if let Some(why) = denial {
-            tracing::warn!(%why, src = %c.record().src, dst = %c.record().dst,
-                "closing a connection the policy stopped allowing while it was set up");
+            warn_limited!("closing a connection the policy stopped allowing while it was set up",
+                %why, src = %c.record().src, dst = %c.record().dst);
             self.revoke(c, why);
         }
     }
@@ -366,7 +367,7 @@ impl Proxy {
                     Ok(a) => a,
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(port, error = %e, "accept failed");
+                        warn_limited!("accept failed", port, error = %e);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }

@@ -15,6 +15,7 @@ use super::conn::{Record, Tracked, Tracker};
 use super::route::{self, Peer, Route};
 use super::{is_listener_loop, peer_of, splice, Pod, Proxy};
 use crate::identity::Issued;
+use crate::log_budget::warn_limited;
 use crate::metrics::Reporter;
 use crate::netns::Netns;
 use crate::sockets;
@@ -42,7 +43,7 @@ impl Proxy {
         };
         // Fail closed: a pod whose workload vanished from config has no identity to send as.
         let Some(source) = source else {
-            tracing::warn!(pod = pod.uid, %dst, "source workload unknown; connection refused");
+            warn_limited!("source workload unknown; connection refused", pod = pod.uid, %dst);
             self.metrics.reject(DIRECTION, "unknown_source");
             return sockets::reset(client);
         };
@@ -58,7 +59,7 @@ impl Proxy {
         };
         match route {
             Route::NoEndpoint { service } => {
-                tracing::warn!(%src, %dst, service, "no healthy endpoint");
+                warn_limited!("no healthy endpoint", %src, %dst, service);
                 self.metrics.reject(DIRECTION, "no_endpoint");
                 sockets::reset(client);
             }
@@ -66,14 +67,14 @@ impl Proxy {
             Route::Direct { addr, peer, service } => self.plain(pod, client, record(addr, peer, service, false)).await,
             Route::Hbone { addr, authority, identities, peer, service } => {
                 let Some(src_id) = source.identity.clone() else {
-                    tracing::warn!(pod = pod.uid, "source workload has no service account; cannot use mTLS");
+                    warn_limited!("source workload has no service account; cannot use mTLS", pod = pod.uid);
                     self.metrics.reject(DIRECTION, "unknown_source");
                     return sockets::reset(client);
                 };
                 let cert = match self.cert(&src_id).await {
                     Ok(c) => c,
                     Err(e) => {
-                        tracing::warn!(identity = %src_id, error = %e, "no certificate; connection refused");
+                        warn_limited!("no certificate; connection refused", identity = %src_id, error = %e);
                         self.metrics.reject(DIRECTION, "tls");
                         return sockets::reset(client);
                     }
@@ -95,7 +96,7 @@ impl Proxy {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(%src, %dst, via = %addr, error = %e, "HBONE tunnel failed");
+                        warn_limited!("HBONE tunnel failed", %src, %dst, via = %addr, error = %e);
                         self.metrics.reject(DIRECTION, rejection_reason(&e));
                         sockets::reset(client);
                     }

@@ -8,6 +8,7 @@ use tokio::net::TcpStream;
 
 use super::conn::{self, Record};
 use super::{is_listener_loop, peer_of, splice, Authorized, Pod, Proxy};
+use crate::log_budget::warn_limited;
 use crate::metrics::Reporter;
 use crate::sockets;
 use crate::state::policy::Decision;
@@ -27,17 +28,17 @@ impl Proxy {
         let Some(Authorized { source: src_peer, destination: dst_peer, decision }) =
             self.authorize(&pod, None, src, dst)
         else {
-            tracing::warn!(%src, %dst, pod = pod.uid, "plaintext connection not addressed to this workload");
+            warn_limited!("plaintext connection not addressed to this workload", %src, %dst, pod = pod.uid);
             self.metrics.reject(DIRECTION, "bad_request");
             return sockets::reset(client);
         };
         if let Decision::Deny(policy) = decision {
-            tracing::warn!(
+            warn_limited!(
+                "plaintext connection denied",
                 policy,
                 %src,
                 %dst,
-                destination = dst_peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
-                "plaintext connection denied"
+                destination = dst_peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default()
             );
             self.metrics.reject(DIRECTION, "policy");
             return sockets::reset(client);
