@@ -43,6 +43,7 @@ pub struct Config {
     pub worker_threads: usize,
     pub max_connections: usize,
     pub max_connections_per_source: usize,
+    pub max_plaintext_connections: usize,
     /// Bytes of HTTP/2 window all inbound HBONE connections share.
     pub max_inbound_buffer: u64,
     /// The same for outbound HBONE connections.
@@ -97,6 +98,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 trust_domain: cfg.trust_domain.clone(),
                 max_connections: cfg.max_connections,
                 max_connections_per_source: cfg.max_connections_per_source,
+                max_plaintext_connections: cfg.max_plaintext_connections,
                 max_inbound_buffer: cfg.max_inbound_buffer,
                 max_outbound_buffer: cfg.max_outbound_buffer,
             },

@@ -84,6 +84,10 @@ struct Args {
     /// connections and tunnels) may hold; default half of --max-connections.
     #[arg(long)]
     max_connections_per_source: Option<usize>,
+    /// Of those, how many plaintext callers on 15006 (outside the mesh, PERMISSIVE) may hold
+    /// together, from however many addresses; default a quarter of --max-connections.
+    #[arg(long)]
+    max_plaintext_connections: Option<usize>,
     /// MiB of tunnel data HBONE peers may have in flight to this node's pods, across all inbound
     /// connections: each connection's HTTP/2 window (16 MiB) is drawn from it, and once it is
     /// spent a new connection gets 64 KiB, growing as others close. Bounds what pods that read
@@ -145,6 +149,13 @@ fn main() -> anyhow::Result<()> {
     if args.max_connections_per_source == Some(0) {
         anyhow::bail!("--max-connections-per-source must be at least 1");
     }
+    let max_plaintext = args.max_plaintext_connections.unwrap_or((args.max_connections / 4).max(1));
+    if max_plaintext == 0 || max_plaintext > args.max_connections {
+        anyhow::bail!(
+            "--max-plaintext-connections {max_plaintext} must be between 1 and --max-connections ({})",
+            args.max_connections
+        );
+    }
     let ca_address = args.ca_address.unwrap_or_else(|| args.xds_address.clone());
     if !ca_address.starts_with("https://") {
         anyhow::bail!("--ca-address {ca_address:?} must be https:// (the CA is only served over TLS)");
@@ -200,6 +211,7 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
         max_connections: args.max_connections,
         max_connections_per_source: args.max_connections_per_source.unwrap_or((args.max_connections / 2).max(1)),
+        max_plaintext_connections: max_plaintext,
         max_inbound_buffer: args.max_inbound_buffer_mib << 20,
         max_outbound_buffer: args.max_outbound_buffer_mib << 20,
         overlay,

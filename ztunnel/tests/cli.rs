@@ -10,6 +10,16 @@ fn refused(args: &[&str]) -> String {
 }
 
 #[test]
+fn the_plaintext_share_must_be_between_1_and_the_node_cap() {
+    for bad in
+        [&["--max-plaintext-connections", "0"][..], &["--max-connections", "10", "--max-plaintext-connections", "11"]]
+    {
+        let err = refused(&[&["--node-name", "node1", "--root-cert", "/nonexistent"][..], bad].concat());
+        assert!(err.contains("--max-plaintext-connections") && err.contains("must be between 1 and"), "{bad:?}: {err}");
+    }
+}
+
+#[test]
 fn the_buffer_budgets_must_be_between_1_mib_and_1_tib() {
     for flag in ["--max-inbound-buffer-mib", "--max-outbound-buffer-mib"] {
         for bad in ["0", "1048577", "18446744073709551615"] {

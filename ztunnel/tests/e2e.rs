@@ -448,7 +448,7 @@ while not os.path.exists(release) and time.time() < deadline:
 #[test]
 fn the_connection_caps_count_every_tunnel_per_node_and_per_source() {
     let Mesh { lab, client, server_a, server_b, outsider, .. } =
-        mesh(&["--max-connections", "7", "--max-connections-per-source", "4"]);
+        mesh(&["--max-connections", "7", "--max-connections-per-source", "4", "--max-plaintext-connections", "2"]);
     lab.app(&server_b, &["echo", "9000"], 9000);
     // A connection counts as held when the echo server answers through it.
     let echoed = Holders::new(&lab, "echoed", "s.sendall(b\"x\\n\")\nok = s.recv(8) == b\"x\\n\"");
@@ -478,12 +478,13 @@ fn the_connection_caps_count_every_tunnel_per_node_and_per_source() {
         assert_eq!(echoed.held(&client), 3);
         echoed.release();
     });
-    // Plaintext callers have proven nothing: together they hold at most a quarter of the node's
-    // slots (here one), so a flood from outside the mesh leaves mesh traffic its slots.
+    // Plaintext callers have proven nothing: together they hold at most
+    // --max-plaintext-connections (here two), so a flood from outside the mesh leaves mesh
+    // traffic its slots.
     echoed.rearm();
     std::thread::scope(|s| {
         s.spawn(|| hold(&outsider, 3));
-        assert_eq!(echoed.held(&outsider), 1, "plaintext beyond the unknown-source share is refused");
+        assert_eq!(echoed.held(&outsider), 2, "plaintext beyond the unknown-source share is refused");
         s.spawn(|| hold(&client, 3));
         assert_eq!(echoed.held(&client), 3, "mesh callers keep their slots");
         let metrics = lab.ztunnel_get(2, 15020, "/metrics");

@@ -63,6 +63,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Of those, how many one source address may hold.
     pub max_connections_per_source: usize,
+    /// Of those, how many plaintext callers on 15006 may hold together.
+    pub max_plaintext_connections: usize,
     /// Bytes of HTTP/2 window all inbound HBONE connections share (see [`hbone::window`]).
     pub max_inbound_buffer: u64,
     /// The same for outbound HBONE connections, whose windows hold replies to local pods.
@@ -129,7 +131,7 @@ impl Proxy {
         Arc::new(Proxy {
             pool: Pool::new(hbone::settings::MAX_STREAMS as usize, hbone::pool::IDLE_TIMEOUT),
             admission: admission::Admission::new(settings.max_connections, settings.max_connections_per_source)
-                .with_unknown_share((settings.max_connections / 4).max(1)),
+                .with_unknown_share(settings.max_plaintext_connections),
             handshakes: handshake_budget(&settings),
             inbound_windows: WindowBudget::new(settings.max_inbound_buffer),
             outbound_windows: WindowBudget::new(settings.max_outbound_buffer),
@@ -309,8 +311,8 @@ impl Proxy {
     }
 
     /// A slot for a plaintext caller, which has proven nothing: plaintext callers together hold
-    /// at most a quarter of the node's slots, so a flood from outside the mesh (from however many
-    /// addresses) leaves local pods and mesh peers the rest.
+    /// at most `max_plaintext_connections` (by default a quarter of the node's slots), so a flood
+    /// from outside the mesh (from however many addresses) leaves local pods and mesh peers the rest.
     fn admit_plaintext(&self, source: IpAddr) -> Option<admission::Slot> {
         let refused = |r: &admission::Refused| self.metrics.reject("inbound_plaintext", r.reason());
         self.admission.admit_unknown(source).inspect_err(refused).ok()
