@@ -130,6 +130,9 @@ impl Admin {
     }
 
     fn ready(&self) -> Result<(), &'static str> {
+        if self.pods.handed_over() {
+            return Err("handed the pods over to a newer ztunnel; serving until told to drain");
+        }
         readiness(*self.synced.borrow(), self.pods.reconciled_once(), self.pods.in_progress())
     }
 }

@@ -17,11 +17,13 @@
 //! The socket is created with mode 0600: registering a pod changes its traffic, so only root may.
 //!
 //! `handover` is how a new ztunnel takes over from the one running ([`take_over`]) before it
-//! binds the socket: the old one persists its registry and stops managing pods, and answers
-//! `add` and `remove` that still reach it with an error, so the CNI plugin retries them against
-//! the new one.
+//! binds the socket: the old one persists its registry, stops managing pods and answers with its
+//! pods' listening sockets (`{"ok":true,"listeners":[{netns,port}],"more":…}` lines, each with
+//! the sockets attached, see [`crate::fdpass`]). From then on it answers `add` and `remove` that
+//! still reach it with an error, so the CNI plugin retries them against the new one.
 
 use std::io::ErrorKind;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -69,18 +71,45 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pods: Option<Vec<PodInfo>>,
+    /// `handover`: the listening sockets attached to this line, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listeners: Option<Vec<HandedListener>>,
+    /// `handover`: more lines with listeners follow.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
 }
+
+/// Which pod and port a socket passed in a hand-over listens for.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+pub struct HandedListener {
+    pub netns: PathBuf,
+    pub port: u16,
+}
+
+/// A listening socket received in a hand-over, not yet checked (see [`crate::fdpass::check_listener`]).
+#[derive(Debug)]
+pub struct Inherited {
+    pub listener: HandedListener,
+    pub fd: OwnedFd,
+}
+
+/// Listeners per hand-over line: three pods' worth below the kernel's per-message limit.
+const LISTENERS_PER_LINE: usize = crate::fdpass::MAX_FDS_PER_MESSAGE / 3 * 3;
+/// What a starting ztunnel reads from the running one at most: far above any node's pods.
+const MAX_HANDOVER_BYTES: usize = 16 << 20;
+const MAX_HANDOVER_LISTENERS: usize = 3 * 16384;
 
 /// How long a starting ztunnel waits for the running one to hand over.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What [`take_over`] found at the socket path.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub enum TakeOver {
     /// Nothing answers there: no ztunnel is running (or it died).
     NoneRunning,
-    /// The running ztunnel persisted its registry and stopped managing pods.
-    HandedOver,
+    /// The running ztunnel persisted its registry, stopped managing pods, and passed the
+    /// listening sockets of the pods it serves.
+    HandedOver(Vec<Inherited>),
     /// A ztunnel answers but did not hand over (an older version, or it failed): both will
     /// manage the pods until it exits.
     Refused(String),
@@ -89,26 +118,71 @@ pub enum TakeOver {
 /// Asks the ztunnel listening on `path`, if any, to hand its pods over. Call before loading the
 /// registry, so that it holds the running one's final state.
 pub async fn take_over(path: &Path) -> TakeOver {
-    let ask = async {
-        let mut s = UnixStream::connect(path).await?;
-        s.write_all(b"{\"op\":\"handover\"}\n").await?;
-        let mut line = String::new();
-        BufReader::new(s.take(MAX_LINE as u64)).read_line(&mut line).await?;
-        std::io::Result::Ok(line)
-    };
-    let answer = match tokio::time::timeout(HANDOVER_TIMEOUT, ask).await {
-        Ok(Ok(line)) => line,
-        Ok(Err(e)) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
-            return TakeOver::NoneRunning
-        }
-        Ok(Err(e)) => return TakeOver::Refused(format!("asking {}: {e}", path.display())),
-        Err(_) => return TakeOver::Refused(format!("no answer from {} within {HANDOVER_TIMEOUT:?}", path.display())),
-    };
-    match serde_json::from_str::<Response>(&answer) {
-        Ok(Response { ok: true, .. }) => TakeOver::HandedOver,
-        Ok(Response { error, .. }) => TakeOver::Refused(error.unwrap_or_else(|| "refused".into())),
-        Err(e) => TakeOver::Refused(format!("unreadable answer {:?}: {e}", answer.trim())),
+    match tokio::time::timeout(HANDOVER_TIMEOUT, ask_handover(path)).await {
+        Ok(Ok(inherited)) => TakeOver::HandedOver(inherited),
+        Ok(Err(e)) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => TakeOver::NoneRunning,
+        Ok(Err(e)) => TakeOver::Refused(format!("{}: {e}", path.display())),
+        Err(_) => TakeOver::Refused(format!("no answer from {} within {HANDOVER_TIMEOUT:?}", path.display())),
     }
+}
+
+async fn ask_handover(path: &Path) -> std::io::Result<Vec<Inherited>> {
+    use std::os::fd::AsFd;
+    let mut s = UnixStream::connect(path).await?;
+    s.write_all(b"{\"op\":\"handover\"}\n").await?;
+    let (mut bytes, mut fds, mut listeners) = (Vec::new(), Vec::new(), Vec::new());
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        // Complete lines first: the last one says whether more follow.
+        while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = bytes.drain(..=end).collect();
+            let r: Response = serde_json::from_slice(&line).map_err(|e| {
+                std::io::Error::other(format!("unreadable answer {:?}: {e}", String::from_utf8_lossy(&line).trim()))
+            })?;
+            if !r.ok {
+                return Err(std::io::Error::other(r.error.unwrap_or_else(|| "refused".into())));
+            }
+            listeners.extend(r.listeners.unwrap_or_default());
+            if !r.more {
+                if listeners.len() != fds.len() {
+                    let msg = format!("{} listeners named but {} sockets passed", listeners.len(), fds.len());
+                    return Err(std::io::Error::other(msg));
+                }
+                let inherited = listeners.into_iter().zip(fds).map(|(listener, fd)| Inherited { listener, fd });
+                return Ok(inherited.collect());
+            }
+        }
+        s.readable().await?;
+        let n = match s.try_io(tokio::io::Interest::READABLE, || crate::fdpass::recv(s.as_fd(), &mut buf, &mut fds)) {
+            Ok(0) => return Err(std::io::Error::other("the running ztunnel closed the connection mid-answer")),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        bytes.extend_from_slice(&buf[..n]);
+        if bytes.len() > MAX_HANDOVER_BYTES || fds.len() > MAX_HANDOVER_LISTENERS {
+            return Err(std::io::Error::other("hand-over answer too large"));
+        }
+    }
+}
+
+/// Sends one answer line with `fds` attached (all of them go with its first bytes).
+async fn send_line(w: &mut tokio::net::unix::OwnedWriteHalf, line: &[u8], fds: &[OwnedFd]) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    if fds.is_empty() {
+        return w.write_all(line).await;
+    }
+    let s: &UnixStream = w.as_ref();
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    let sent = loop {
+        s.writable().await?;
+        match s.try_io(tokio::io::Interest::WRITABLE, || crate::fdpass::send(s.as_fd(), line, &borrowed)) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    w.write_all(&line[sent..]).await
 }
 
 /// The bound socket's path, and which file it was, so that exiting removes it only if no newer
@@ -127,21 +201,39 @@ impl Bound {
     }
 }
 
-/// Binds the socket (replacing a stale one from a previous run, or the one of a ztunnel that
-/// handed over).
-pub fn bind(path: &Path) -> std::io::Result<(UnixListener, Bound)> {
-    use std::os::unix::fs::MetadataExt;
+/// A socket bound beside the agent socket's path, not yet in its place.
+pub struct Unpublished {
+    listener: UnixListener,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+/// Binds the socket beside `path`: everything that can fail about it fails here, before a running
+/// ztunnel is asked to hand over.
+pub fn bind(path: &Path) -> std::io::Result<Unpublished> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    match std::fs::remove_file(path) {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    match std::fs::remove_file(&tmp) {
         Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let m = std::fs::symlink_metadata(path)?;
-    Ok((l, Bound { path: path.to_path_buf(), dev_ino: (m.dev(), m.ino()) }))
+    let listener = UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    Ok(Unpublished { listener, tmp, path: path.to_path_buf() })
+}
+
+impl Unpublished {
+    /// Moves the socket to its path, replacing a stale one or that of a ztunnel that handed over.
+    pub fn publish(self) -> std::io::Result<(UnixListener, Bound)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(&self.tmp)?;
+        std::fs::rename(&self.tmp, &self.path)?;
+        Ok((self.listener, Bound { path: self.path, dev_ino: (m.dev(), m.ino()) }))
+    }
 }
 
 pub async fn serve(listener: UnixListener, pods: Arc<Pods>) {
@@ -167,31 +259,45 @@ async fn session(stream: UnixStream, pods: Arc<Pods>) {
             Ok(Ok(Some(l))) => l,
             _ => return,
         };
-        let resp = if line.len() > MAX_LINE {
-            Response { error: Some(format!("request longer than {MAX_LINE} bytes")), ..Default::default() }
+        let answer = if line.len() > MAX_LINE {
+            vec![(
+                Response { error: Some(format!("request longer than {MAX_LINE} bytes")), ..Default::default() },
+                vec![],
+            )]
         } else {
             handle(&line, &pods).await
         };
-        let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
-        out.push(b'\n');
-        if w.write_all(&out).await.is_err() {
-            return;
+        for (resp, fds) in answer {
+            let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+            out.push(b'\n');
+            if let Err(e) = send_line(&mut w, &out, &fds).await {
+                if !fds.is_empty() {
+                    tracing::warn!(error = %e, "passing the listeners to the newer ztunnel failed");
+                }
+                return;
+            }
         }
     }
 }
 
-async fn handle(line: &str, pods: &Pods) -> Response {
-    let fail = |e: String| Response { error: Some(e), ..Default::default() };
+/// The answer to one request: one line, or several for a hand-over, each with the sockets it
+/// carries.
+type Answer = Vec<(Response, Vec<OwnedFd>)>;
+
+async fn handle(line: &str, pods: &Pods) -> Answer {
+    let one = |r: Response| vec![(r, vec![])];
+    let fail = |e: String| one(Response { error: Some(e), ..Default::default() });
     let req: Request = match serde_json::from_str(line) {
         Ok(r) => r,
         Err(e) => return fail(format!("invalid request: {e}")),
     };
-    let handed_over = || fail("this ztunnel handed its pods over to a newer one; try again".into());
     match req {
-        Request::Add { .. } | Request::Remove { .. } if pods.handed_over() => handed_over(),
+        Request::Add { .. } | Request::Remove { .. } if pods.handed_over() => {
+            fail("this ztunnel handed its pods over to a newer one; try again".into())
+        }
         Request::Add { namespace, name, netns, ip, container } => {
             match pods.add(&namespace, &name, &netns, ip, container).await {
-                Ok(p) => Response { ok: true, pods: Some(vec![p]), ..Default::default() },
+                Ok(p) => one(Response { ok: true, pods: Some(vec![p]), ..Default::default() }),
                 Err(e) => {
                     tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "registration refused");
                     fail(e)
@@ -200,12 +306,21 @@ async fn handle(line: &str, pods: &Pods) -> Response {
         }
         Request::Remove { namespace, name, container } => {
             pods.remove(&namespace, &name, container.as_deref()).await;
-            Response { ok: true, ..Default::default() }
+            one(Response { ok: true, ..Default::default() })
         }
-        Request::List {} => Response { ok: true, pods: Some(pods.list()), ..Default::default() },
+        Request::List {} => one(Response { ok: true, pods: Some(pods.list()), ..Default::default() }),
         Request::Handover {} => {
-            pods.hand_over();
-            Response { ok: true, ..Default::default() }
+            let handed = pods.hand_over();
+            let mut chunks: Answer = Vec::new();
+            let mut rest = handed.into_iter().peekable();
+            loop {
+                let (listeners, fds): (Vec<_>, Vec<_>) = rest.by_ref().take(LISTENERS_PER_LINE).unzip();
+                let more = rest.peek().is_some();
+                chunks.push((Response { ok: true, listeners: Some(listeners), more, ..Default::default() }, fds));
+                if !more {
+                    return chunks;
+                }
+            }
         }
     }
 }
@@ -237,36 +352,67 @@ mod tests {
         }
     }
 
-    /// One answer from whatever listens at `path` (standing in for the running ztunnel).
-    async fn answering(path: &Path, answer: String) -> tokio::task::JoinHandle<String> {
+    /// Whatever listens at `path`, standing in for the running ztunnel: reads one request and
+    /// answers with `lines`, each with the sockets to attach.
+    async fn answering(path: &Path, lines: Vec<(String, Vec<OwnedFd>)>) -> tokio::task::JoinHandle<String> {
         let l = UnixListener::bind(path).unwrap();
         tokio::spawn(async move {
             let (s, _) = l.accept().await.unwrap();
             let (r, mut w) = s.into_split();
             let mut asked = String::new();
             BufReader::new(r).read_line(&mut asked).await.unwrap();
-            w.write_all(answer.as_bytes()).await.unwrap();
+            for (line, fds) in lines {
+                send_line(&mut w, line.as_bytes(), &fds).await.unwrap();
+            }
             asked
         })
     }
 
+    fn listener() -> OwnedFd {
+        OwnedFd::from(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+    }
+
     #[tokio::test]
-    async fn take_over_asks_the_running_ztunnel_and_reads_its_answer() {
+    async fn take_over_asks_the_running_ztunnel_and_receives_its_listeners() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
-        assert_eq!(take_over(&path).await, TakeOver::NoneRunning, "no socket");
+        assert!(matches!(take_over(&path).await, TakeOver::NoneRunning), "no socket");
         drop(UnixListener::bind(&path).unwrap());
-        assert_eq!(take_over(&path).await, TakeOver::NoneRunning, "a stale socket nobody listens on");
+        assert!(matches!(take_over(&path).await, TakeOver::NoneRunning), "a stale socket nobody listens on");
         std::fs::remove_file(&path).unwrap();
 
-        let asked = answering(&path, "{\"ok\":true}\n".into()).await;
-        assert_eq!(take_over(&path).await, TakeOver::HandedOver);
+        // Two lines: the first says more follow; the sockets come in the order named.
+        let first =
+            r#"{"ok":true,"listeners":[{"netns":"/n/a","port":15001},{"netns":"/n/a","port":15006}],"more":true}"#;
+        let last = r#"{"ok":true,"listeners":[{"netns":"/n/b","port":15008}]}"#;
+        let (a1, a6, b8) = (listener(), listener(), listener());
+        let ports: Vec<u16> = [&a1, &a6, &b8]
+            .iter()
+            .map(|f| socket2::SockRef::from(f).local_addr().unwrap().as_socket().unwrap().port())
+            .collect();
+        let asked = answering(&path, vec![(format!("{first}\n"), vec![a1, a6]), (format!("{last}\n"), vec![b8])]).await;
+        let TakeOver::HandedOver(got) = take_over(&path).await else { panic!("not handed over") };
         assert_eq!(asked.await.unwrap(), "{\"op\":\"handover\"}\n");
+        let named: Vec<_> = got.iter().map(|i| (i.listener.netns.display().to_string(), i.listener.port)).collect();
+        assert_eq!(named, [("/n/a".into(), 15001), ("/n/a".into(), 15006), ("/n/b".to_string(), 15008)]);
+        let passed: Vec<u16> = got
+            .iter()
+            .map(|i| socket2::SockRef::from(&i.fd).local_addr().unwrap().as_socket().unwrap().port())
+            .collect();
+        assert_eq!(passed, ports, "each socket is the one named at its place");
+        std::fs::remove_file(&path).unwrap();
+
+        // Names without sockets are refused, not zipped short.
+        let _short = answering(&path, vec![(format!("{last}\n"), vec![])]).await;
+        match take_over(&path).await {
+            TakeOver::Refused(why) => assert!(why.contains("1 listeners named but 0 sockets passed"), "{why}"),
+            other => panic!("{other:?}"),
+        }
         std::fs::remove_file(&path).unwrap();
 
         // A ztunnel from before hand-overs existed rejects the request.
         let older = r#"{"ok":false,"error":"invalid request: unknown variant `handover`"}"#;
-        let _older = answering(&path, format!("{older}\n")).await;
+        let _older = answering(&path, vec![(format!("{older}\n"), vec![])]).await;
         match take_over(&path).await {
             TakeOver::Refused(why) => assert!(why.contains("unknown variant"), "{why}"),
             other => panic!("{other:?}"),
@@ -279,8 +425,8 @@ mod tests {
         let path = dir.path().join("agent.sock");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _in_rt = rt.enter();
-        let (_old, old_bound) = bind(&path).unwrap();
-        let (_new, new_bound) = bind(&path).unwrap();
+        let (_old, old_bound) = bind(&path).unwrap().publish().unwrap();
+        let (_new, new_bound) = bind(&path).unwrap().publish().unwrap();
         old_bound.remove_if_ours();
         assert!(path.exists(), "the newer ztunnel's socket must stay");
         new_bound.remove_if_ours();

@@ -143,6 +143,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         overlay::run(c, state.clone(), xds_client.changes())
     });
     let serving = proxy.clone();
+    let pods_for_drain = pods.clone();
     let admin = Admin {
         node: cfg.node_name.clone(),
         state,
@@ -161,18 +162,25 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let admin_l = bind(cfg.admin_addr, "admin").await?;
         let metrics_l = bind(cfg.metrics_addr, "metrics").await?;
         let ready_l = bind(cfg.readiness_addr, "readiness").await?;
-        // Only once nothing else can fail: the running ztunnel stops managing pods when asked.
+        let agent_l = agent::bind(&cfg.agent_socket)
+            .with_context(|| format!("binding the agent socket {}", cfg.agent_socket.display()))?;
+        // Only once nothing else is likely to fail: the running ztunnel stops managing pods when
+        // asked, and cannot take them back.
         match agent::take_over(&cfg.agent_socket).await {
             agent::TakeOver::NoneRunning => {}
-            agent::TakeOver::HandedOver => tracing::info!("took the pods over from the running ztunnel"),
+            agent::TakeOver::HandedOver(listeners) => {
+                tracing::info!(listeners = listeners.len(), "took the pods over from the running ztunnel");
+                pods.inherit(listeners);
+            }
             agent::TakeOver::Refused(why) => tracing::warn!(
                 why,
-                "the running ztunnel did not hand its pods over; both manage them until it exits"
+                "the running ztunnel did not hand its pods over; pods it serves are enrolled here once it exits"
             ),
         }
         pods.restore();
-        let (agent_l, agent_socket) = agent::bind(&cfg.agent_socket)
-            .with_context(|| format!("binding the agent socket {}", cfg.agent_socket.display()))?;
+        let (agent_l, agent_socket) = agent_l
+            .publish()
+            .with_context(|| format!("moving the agent socket into place at {}", cfg.agent_socket.display()))?;
         tokio::spawn(xds_client.run());
         if let Some(overlay) = overlay {
             tokio::spawn(overlay);
@@ -187,6 +195,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         shutdown_signal().await;
         tracing::info!(deadline = ?cfg.drain_timeout, "draining: no new connections");
         drain_tx.send_replace(true);
+        pods_for_drain.close_listeners();
         let deadline = Instant::now() + cfg.drain_timeout;
         // Connections still being set up count too: exiting under one resets it.
         while serving.in_flight() > 0 && Instant::now() < deadline {

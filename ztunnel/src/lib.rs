@@ -1,7 +1,8 @@
 //! ztunnel: Trellis's per-node L4 proxy.
 //!
 //! Layout follows the data flow: [`xds`] keeps [`state`] in step with istiod-lite and
-//! [`identity`] keeps workload certificates fresh; the node [`agent`] enrolls [`pods`], each of
+//! [`identity`] keeps workload certificates fresh; the node [`agent`] enrolls [`pods`] (and hands
+//! them and their listeners, through [`fdpass`], to a newer ztunnel), each of
 //! which gets [`proxy`] listeners inside its network namespace ([`netns`], [`sockets`]) and the
 //! [`capture`] rules that steer its traffic to them; [`overlay`] routes pod CIDRs of other nodes
 //! over VXLAN. [`admin`] and [`metrics`] are for operators, and [`log_budget`] keeps what
@@ -12,6 +13,7 @@ pub mod admin;
 pub mod agent;
 pub mod app;
 pub mod capture;
+pub mod fdpass;
 pub mod identity;
 pub mod log_budget;
 pub mod metrics;

@@ -15,9 +15,9 @@
 //! and the kubelet retries until the pod can start captured, or known to be outside the mesh.
 //!
 //! Enrolling is ordered so that traffic is never captured before something listens: obtain the
-//! workload certificate, open the three listeners inside the pod's namespace, and only then
-//! install the capture. Unenrolling removes the capture first, then closes the listeners;
-//! connections already proxied run to completion. Each enrollment runs as its own task (at most
+//! workload certificate, open the three listeners inside the pod's namespace (or take those a
+//! handing-over ztunnel passed), and only then install the capture. Unenrolling removes the
+//! capture first, then closes the listeners; connections already proxied run to completion. Each enrollment runs as its own task (at most
 //! [`MAX_ENROLLING`] at once), so a CA that is slow for one identity delays neither other pods
 //! nor the next pass.
 //!
@@ -27,13 +27,17 @@
 //! the first xDS snapshot the pod is enrolled again, or released if it was unlabelled meanwhile.
 //!
 //! An upgrade need not leave that gap: a new ztunnel started next to the running one asks it to
-//! hand its pods over ([`Pods::hand_over`]). The old one writes its registry one last time and
-//! stops managing pods (no more passes, capture changes or registry writes) but keeps serving;
-//! the new one loads the registry and enrolls every pod again, its listeners joining the old
-//! ones' `SO_REUSEPORT` groups, so each pod is served by both until the old one drains.
+//! hand its pods over ([`Pods::hand_over`]). The old one writes its registry one last time, stops
+//! managing pods (no more passes, capture changes or registry writes; it reports not ready) and
+//! passes the new one its pods' listening sockets, which it keeps serving until it drains. The new
+//! one loads the registry and enrolls every pod again with those same sockets ([`Pods::inherit`]),
+//! so both accept from one queue and nothing waiting in it is lost when the old one closes its
+//! copies. A new ztunnel that fails after the hand-over leaves the old one serving but no longer
+//! managing: new pods cannot start on the node until a ztunnel takes over again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -45,10 +49,11 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use trellis_proto::istio::workload::TunnelProtocol;
 
+use crate::agent::{HandedListener, Inherited};
 use crate::capture::{probes, Capture};
 use crate::identity::CertManager;
 use crate::netns::Netns;
-use crate::proxy::{route, Proxy};
+use crate::proxy::{route, Proxy, LISTENER_PORTS};
 use crate::state::State;
 
 /// Reconcile at least this often, to retry failed enrollments (e.g. the CA was unreachable).
@@ -70,6 +75,8 @@ struct Enrolled {
     /// The address the CNI plugin gave the pod, for the probe table until its workload has one.
     cni_ip: Option<Ipv4Addr>,
     tasks: Vec<JoinHandle<()>>,
+    /// Second descriptors of its listeners, to pass on in a hand-over; closed when it drains.
+    listeners: Vec<(u16, OwnedFd)>,
 }
 
 impl Drop for Enrolled {
@@ -192,6 +199,9 @@ pub struct Pods {
     probe_table_warned: AtomicBool,
     /// Set once a newer ztunnel on this node has taken the pods over.
     handed_over: AtomicBool,
+    /// Listeners passed by the ztunnel this one took over from, by pod namespace, until the pod
+    /// is enrolled with them (or dropped, when it will not be).
+    inherited: Mutex<HashMap<PathBuf, Vec<(u16, OwnedFd)>>>,
     /// Set after the first reconcile pass, which starts enrolling the pods registered before.
     reconciled: AtomicBool,
 }
@@ -228,6 +238,7 @@ impl Pods {
             probe_targets: Mutex::default(),
             probe_table_warned: AtomicBool::new(false),
             handed_over: AtomicBool::new(false),
+            inherited: Mutex::default(),
             reconciled: AtomicBool::new(false),
         }
     }
@@ -244,8 +255,9 @@ impl Pods {
 
     /// Gives the pods up to a newer ztunnel on this node: the registry is written one last time
     /// for it to load, and from then on this one changes neither capture nor the registry (the
-    /// newer one does). Its listeners keep serving until it drains.
-    pub fn hand_over(&self) {
+    /// newer one does). Returns a descriptor of every enrolled pod's listeners for the newer one;
+    /// this one keeps accepting on them until it drains.
+    pub fn hand_over(&self) -> Vec<(HandedListener, OwnedFd)> {
         self.persist();
         if !self.handed_over.swap(true, Ordering::AcqRel) {
             tracing::info!(
@@ -255,6 +267,34 @@ impl Pods {
             // Wake the reconciler so it sees the hand-over and stops.
             self.kick.notify_one();
         }
+        let mut handed = Vec::new();
+        for e in lock(&self.enrolled).values() {
+            for (port, fd) in &e.listeners {
+                match fd.try_clone() {
+                    Ok(fd) => handed.push((HandedListener { netns: e.ns.path().to_path_buf(), port: *port }, fd)),
+                    Err(err) => tracing::warn!(netns = %e.ns.path().display(), port, error = %err,
+                        "cannot pass a listener on; the newer ztunnel opens its own once this one drains"),
+                }
+            }
+        }
+        handed
+    }
+
+    /// Keeps the listeners a handing-over ztunnel passed, for the pods' enrollments to use.
+    pub fn inherit(&self, listeners: Vec<Inherited>) {
+        let mut inherited = lock(&self.inherited);
+        for i in listeners {
+            inherited.entry(i.listener.netns).or_default().push((i.listener.port, i.fd));
+        }
+    }
+
+    /// Closes this process's copies of the pods' listeners, so that a draining ztunnel no longer
+    /// holds them open (a newer one that took them over keeps its own).
+    pub fn close_listeners(&self) {
+        for e in lock(&self.enrolled).values_mut() {
+            e.listeners.clear();
+        }
+        lock(&self.inherited).clear();
     }
 
     pub fn handed_over(&self) -> bool {
@@ -411,7 +451,8 @@ impl Pods {
         true
     }
 
-    /// Reconciles registered pods with the control plane until dropped.
+    /// Reconciles registered pods with the control plane until dropped, or until they are handed
+    /// over.
     pub async fn run(self: Arc<Self>, mut changes: watch::Receiver<u64>) {
         let mut synced = self.synced.clone();
         let _ = synced.wait_for(|s| *s).await;
@@ -440,6 +481,9 @@ impl Pods {
         let registered = lock(&self.registered).clone();
         lock(&self.retry_at).retain(|uid, _| registered.contains_key(uid));
         for (uid, r) in registered {
+            if self.handed_over() {
+                return;
+            }
             if lock(&self.enrolling).contains_key(&uid) {
                 continue; // its task kicks another pass when done
             }
@@ -486,11 +530,25 @@ impl Pods {
                 }
             }
         }
+        if self.handed_over() {
+            return;
+        }
+        self.drop_unclaimed_listeners();
         self.sync_probe_table().await;
         let mut in_use: std::collections::HashSet<_> =
             lock(&self.enrolled).values().map(|e| e.identity.clone()).collect();
         in_use.extend(lock(&self.enrolling).values().cloned());
         self.certs.release_unused(&in_use);
+    }
+
+    /// Inherited listeners of pods that no enrollment is about to take: kept, they would queue
+    /// connections nobody accepts once the old ztunnel is gone, instead of refusing them.
+    fn drop_unclaimed_listeners(&self) {
+        let enrolling = lock(&self.enrolling);
+        let registered = lock(&self.registered);
+        let claimed =
+            |netns: &PathBuf| registered.iter().any(|(uid, r)| &r.netns == netns && enrolling.contains_key(uid));
+        lock(&self.inherited).retain(|netns, _| claimed(netns));
     }
 
     /// One pod's enrollment task, started by a pass (which counted it in `in_progress`).
@@ -596,14 +654,15 @@ impl Pods {
                 .map_err(|e| e.to_string())?,
         );
         let pod = self.proxy.pod(uid.to_string(), ns.clone(), &cert)?;
+        let inherited = self.take_inherited(uid, &r.netns);
         let proxy = self.proxy.clone();
-        let tasks = self
+        let (tasks, listeners) = self
             .data
-            .spawn(async move { proxy.serve_pod(pod).await })
+            .spawn(async move { proxy.serve_pod(pod, inherited).await })
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("listeners: {e}"))?;
-        let enrolled = Enrolled { ns: ns.clone(), identity: id.clone(), cni_ip: r.ip, tasks };
+        let enrolled = Enrolled { ns: ns.clone(), identity: id.clone(), cni_ip: r.ip, tasks, listeners };
         if self.handed_over() {
             return Err("handed over to a newer ztunnel".into());
         }
@@ -618,6 +677,23 @@ impl Pods {
         tracing::info!(pod = uid, netns = %r.netns.display(), identity = %id, capture = self.capture.name(), "pod enrolled");
         lock(&self.enrolled).insert(uid.to_string(), enrolled);
         Ok(())
+    }
+
+    /// The listeners the previous ztunnel passed for this pod, by port, each checked to be a TCP
+    /// listener on that port inside the pod's namespace; one that is not is closed, and a new one
+    /// opened in its place.
+    fn take_inherited(&self, uid: &str, netns: &Path) -> HashMap<u16, std::net::TcpListener> {
+        let mut usable = HashMap::new();
+        for (port, fd) in lock(&self.inherited).remove(netns).unwrap_or_default() {
+            match crate::fdpass::check_listener(fd.as_fd(), netns, port) {
+                Ok(()) if LISTENER_PORTS.contains(&port) => {
+                    usable.insert(port, std::net::TcpListener::from(fd));
+                }
+                Ok(()) => tracing::warn!(pod = uid, port, "ignoring a passed listener for a port ztunnel does not use"),
+                Err(e) => tracing::warn!(pod = uid, port, error = %e, "ignoring a passed listener"),
+            }
+        }
+        usable
     }
 
     /// Removes a pod's capture, then its listeners. When the capture cannot be removed, a pod

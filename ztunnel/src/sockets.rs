@@ -45,19 +45,14 @@ fn domain(addr: &SocketAddr) -> Domain {
 /// A listener with `IP_TRANSPARENT`, so it can also accept connections steered to it by TPROXY or
 /// `bpf_sk_assign` for addresses that are not local. Created inside `ns`.
 ///
-/// With `SO_REUSEPORT`, so that a newer ztunnel taking the pod over listens next to this one and
-/// the kernel spreads new connections over both; with `tcp_migrate_req` in the pod's namespace,
-/// connections still waiting in the queue of a listener that closes move to the other one
-/// instead of being reset. (Only a process of the same user can join the group, and in the pod's
-/// namespace that user is root, who can change its traffic anyway.)
+/// Never `SO_REUSEPORT`: any process of the same user in the pod (often root) could then join
+/// the group and take a share of the pod's captured connections, past mTLS and policy. A
+/// hand-over passes the socket itself instead (see [`crate::fdpass`]).
 pub async fn listen(ns: &Netns, addr: SocketAddr, mark: u32) -> io::Result<TcpListener> {
     let std = ns
         .run(move || {
-            // Per namespace; since Linux 5.14. Without it a hand-over may reset a few connections.
-            let _ = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1");
             let s = Socket::new(domain(&addr), Type::STREAM, Some(Protocol::TCP))?;
             s.set_reuse_address(true)?;
-            s.set_reuse_port(true)?;
             if addr.is_ipv4() {
                 s.set_ip_transparent_v4(true)?;
             } else {

@@ -620,8 +620,7 @@ fn hbone_windows_are_drawn_from_the_node_budgets() {
     assert_eq!((inbound(), outbound()), ((1 << 20) + 65_535, (1 << 20) + 65_535));
 }
 
-/// The first sample of metric `name` in Prometheus `text` whose labels include every one of `labels`.
-/// A log as text: without the terminal colour codes around its fields.
+/// A log as text, without the terminal colour codes around its fields.
 fn without_colours(log: &str) -> String {
     let mut out = String::with_capacity(log.len());
     let mut chars = log.chars();
@@ -635,6 +634,7 @@ fn without_colours(log: &str) -> String {
     out
 }
 
+/// The first sample of metric `name` in Prometheus `text` whose labels include every one of `labels`.
 fn metric_line<'a>(text: &'a str, name: &str, labels: &[&str]) -> Option<&'a str> {
     text.lines().find(|l| {
         l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{')) && labels.iter().all(|x| l.contains(x))
@@ -741,6 +741,9 @@ fn long_connection_survives_rotation_and_istiod_restart_then_drains() {
     });
     // The accept loops see the drain signal on the data runtime, a moment after the log line.
     std::thread::sleep(Duration::from_millis(300));
+    // Its listeners are closed (not only no longer accepted from), so nothing queues on them.
+    let listening = lab.exec_ok(&client.netns, "ss -Hltn sport = :15001");
+    assert!(listening.trim().is_empty(), "a draining ztunnel still listens: {listening}");
     assert!(lab.curl(&client, &url_b).is_err(), "a draining ztunnel accepted a new connection");
     wait_for("the second held connection to finish", Duration::from_secs(15), || {
         held_connection_state(&lab, "hold2", "ok 4")
@@ -751,7 +754,7 @@ fn long_connection_survives_rotation_and_istiod_restart_then_drains() {
 }
 
 /// An upgrade without a gap: a newer ztunnel started next to the running one takes its pods over
-/// (its listeners join the old ones, and it manages the pods from then on), and the old one drains
+/// (the pods' listening sockets, and managing the pods from then on), and the old one drains
 /// away. New connections, opened every 20 ms through both nodes while first the server's and then
 /// the client's ztunnel is replaced, are never refused.
 #[test]
@@ -788,10 +791,26 @@ fn a_newer_ztunnel_takes_the_pods_over_without_refusing_a_connection() {
         assert!(lab.log(&new).contains("took the pods over from the running ztunnel"), "{}", lab.log(&new));
         let dump: serde_json::Value = serde_json::from_str(&lab.ztunnel_get(node, 15000, "/config_dump")).unwrap();
         assert_eq!(dump["pods_handed_over"], true, "the old one says it no longer manages the pods");
+        let ready = lab.exec(&lab.node(node), "curl -s http://127.0.0.1:15021/healthz/ready");
+        assert!(String::from_utf8_lossy(&ready.stdout).contains("handed the pods over"), "the old one is not ready");
+        // The new one serves each pod with the old one's listening sockets: the same socket
+        // (inode) is open in both processes.
+        let sockets = |label: &str| -> BTreeSet<String> {
+            let pid = lab.pid(label).unwrap();
+            netlab::sh(&format!("ls -l /proc/{pid}/fd | grep -o 'socket:\\[[0-9]*\\]'"))
+                .lines()
+                .map(String::from)
+                .collect()
+        };
+        let listening = netlab::sh(&format!("ip netns exec {} ss -Hltne sport = :15008", pod.netns));
+        let inode = listening.split("ino:").nth(1).and_then(|v| v.split_whitespace().next()).unwrap().to_string();
+        let inode = format!("socket:[{inode}]");
+        assert!(sockets(&old).contains(&inode) && sockets(&new).contains(&inode), "15008 is not shared: {listening}");
         // Let the probes run against both for a moment, then the old one drains and exits.
         std::thread::sleep(Duration::from_millis(500));
         lab.stop(&old);
-        assert!(lab.log(&old).contains("drained; exiting"), "{}", lab.log(&old));
+        let old_log = without_colours(&lab.log(&old));
+        assert!(old_log.contains("drained; exiting remaining=0"), "{old_log}");
         // The old one left the new one's agent socket in place, and the pods are enrolled there.
         assert_eq!(lab.enrollment(pod), (true, "meshed".to_string()), "after {old} exited");
         std::thread::sleep(Duration::from_millis(500));

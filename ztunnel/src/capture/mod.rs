@@ -4,7 +4,8 @@
 //! go to 15001, inbound plaintext to 15006, and HBONE on 15008 reaches its listener directly.
 //! ztunnel's own sockets carry the proxy mark and are never captured, and the node's own probes
 //! pass untouched ([`probes`]). Capture is installed only after the listeners exist, and removed
-//! before they close.
+//! before they close. (A ztunnel that handed its pods over closes only its own descriptors of
+//! their listeners; the sockets stay open with the newer ztunnel.)
 
 pub mod ebpf;
 pub mod local_route;

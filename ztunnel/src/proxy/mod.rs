@@ -10,7 +10,9 @@
 //! Listeners live inside each enrolled pod's network namespace ([`crate::pods`]); this module
 //! only needs the namespace handle to create sockets there.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -43,7 +45,7 @@ pub mod route;
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const PLAINTEXT_PORT: u16 = 15006;
 pub const HBONE_PORT: u16 = route::HBONE_PORT;
-const LISTENER_PORTS: [u16; 3] = [OUTBOUND_PORT, PLAINTEXT_PORT, HBONE_PORT];
+pub const LISTENER_PORTS: [u16; 3] = [OUTBOUND_PORT, PLAINTEXT_PORT, HBONE_PORT];
 
 /// Bounds a peer that connects and then stalls in the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -337,19 +339,38 @@ impl Proxy {
         Ok(Arc::new(Pod { uid, ns, acceptor: TlsAcceptor::from(Arc::new(cfg)) }))
     }
 
-    /// Opens the pod's three listeners inside its namespace and serves them on the current
-    /// (data-plane) runtime. Listeners are all created before any is served, so a failure leaves
-    /// nothing half-open.
-    pub async fn serve_pod(self: &Arc<Self>, pod: Arc<Pod>) -> std::io::Result<Vec<JoinHandle<()>>> {
+    /// Serves the pod's three listeners on the current (data-plane) runtime: those `inherited`
+    /// from a ztunnel that handed the pod over, by port, and new ones opened inside the pod's
+    /// namespace for the rest. Listeners are all ready before any is served, so a failure leaves
+    /// nothing half-open. Returns the accept loops, and a descriptor of each listener to hand over.
+    pub async fn serve_pod(
+        self: &Arc<Self>,
+        pod: Arc<Pod>,
+        mut inherited: HashMap<u16, std::net::TcpListener>,
+    ) -> std::io::Result<(Vec<JoinHandle<()>>, Vec<(u16, OwnedFd)>)> {
         let mut listeners = Vec::new();
         for port in LISTENER_PORTS {
-            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-            listeners.push((port, sockets::listen(&pod.ns, addr, self.settings.mark).await?));
+            let l = match inherited.remove(&port) {
+                Some(l) => {
+                    l.set_nonblocking(true)?;
+                    TcpListener::from_std(l)?
+                }
+                None => {
+                    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+                    sockets::listen(&pod.ns, addr, self.settings.mark).await?
+                }
+            };
+            listeners.push((port, l));
         }
-        Ok(listeners
+        let handable = listeners
+            .iter()
+            .map(|(port, l)| Ok((*port, l.as_fd().try_clone_to_owned()?)))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let tasks = listeners
             .into_iter()
             .map(|(port, l)| tokio::spawn(self.clone().accept_loop(pod.clone(), port, l)))
-            .collect())
+            .collect();
+        Ok((tasks, handable))
     }
 
     /// Completes when ztunnel starts draining (at once if it already has).
