@@ -129,22 +129,28 @@ impl Admin {
         })
     }
 
-    fn ready(&self) -> Result<(), &'static str> {
+    fn ready(&self) -> Result<(), String> {
         if self.pods.handed_over() {
-            return Err("handed the pods over to a newer ztunnel; serving until told to drain");
+            return Err("handed the pods over to a newer ztunnel; serving until told to drain".into());
         }
-        readiness(*self.synced.borrow(), self.pods.reconciled_once(), self.pods.in_progress())
+        readiness(*self.synced.borrow(), self.pods.reconciled_once(), self.pods.in_progress())?;
+        match self.pods.restored_waiting() {
+            Some((pod, standing)) => {
+                Err(format!("pod {pod}, registered before this start, is not served yet: {standing}"))
+            }
+            None => Ok(()),
+        }
     }
 }
 
-/// Ready once ztunnel has its config and serves every pod it should: a newer ztunnel taking over
-/// is told ready before the old one drains, so ready must mean the pods registered before are
-/// enrolled again. Before the first reconcile pass none is enrolling yet.
-fn readiness(synced: bool, reconciled: bool, enrolling: usize) -> Result<(), &'static str> {
+/// Ready once ztunnel has its config and has started serving its pods: before the first reconcile
+/// pass none is enrolling yet. (The pods registered before must be served too: see
+/// [`crate::pods::Pods::restored_waiting`].)
+fn readiness(synced: bool, reconciled: bool, enrolling: usize) -> Result<(), String> {
     match (synced, reconciled, enrolling) {
-        (false, _, _) => Err("waiting for the first xDS snapshot"),
-        (true, false, _) => Err("enrolling pods"),
-        (true, true, 1..) => Err("enrolling pods (fetching certificates)"),
+        (false, _, _) => Err("waiting for the first xDS snapshot".into()),
+        (true, false, _) => Err("enrolling pods".into()),
+        (true, true, 1..) => Err("enrolling pods (fetching certificates)".into()),
         (true, true, 0) => Ok(()),
     }
 }

@@ -309,6 +309,9 @@ async fn handle(line: &str, pods: &Pods) -> Answer {
             one(Response { ok: true, ..Default::default() })
         }
         Request::List {} => one(Response { ok: true, pods: Some(pods.list()), ..Default::default() }),
+        Request::Handover {} if !pods.has_registry() => {
+            fail("this ztunnel runs without a pod registry, so it has nothing to hand over".into())
+        }
         Request::Handover {} => {
             let handed = pods.hand_over();
             let mut chunks: Answer = Vec::new();

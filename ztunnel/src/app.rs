@@ -166,7 +166,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("binding the agent socket {}", cfg.agent_socket.display()))?;
         // Only once nothing else is likely to fail: the running ztunnel stops managing pods when
         // asked, and cannot take them back.
-        match agent::take_over(&cfg.agent_socket).await {
+        let take_over = match pods.has_registry() {
+            true => agent::take_over(&cfg.agent_socket).await,
+            // Without one, the pods handed over would be unknown here, and so never served again.
+            false => agent::TakeOver::Refused("not asking: this ztunnel runs without a pod registry".into()),
+        };
+        match take_over {
             agent::TakeOver::NoneRunning => {}
             agent::TakeOver::HandedOver(listeners) => {
                 tracing::info!(listeners = listeners.len(), "took the pods over from the running ztunnel");

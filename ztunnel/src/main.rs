@@ -137,8 +137,23 @@ fn tune_allocator() {
     }
 }
 
+/// Every proxied connection is two descriptors (and each pod's listeners three, six while they
+/// can be handed over), so the common soft limit of 1024 would cap ztunnel long before
+/// --max-connections. The hard limit is the administrator's; raise the soft one to it.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        let mut l: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tune_allocator();
+    raise_fd_limit();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let fmt = tracing_subscriber::fmt().with_env_filter(filter);

@@ -204,6 +204,8 @@ pub struct Pods {
     inherited: Mutex<HashMap<PathBuf, Vec<(u16, OwnedFd)>>>,
     /// Set after the first reconcile pass, which starts enrolling the pods registered before.
     reconciled: AtomicBool,
+    /// The pods loaded from the registry at start, until all have been served once.
+    restored: Mutex<Option<std::collections::HashSet<String>>>,
 }
 
 impl Pods {
@@ -240,6 +242,7 @@ impl Pods {
             handed_over: AtomicBool::new(false),
             inherited: Mutex::default(),
             reconciled: AtomicBool::new(false),
+            restored: Mutex::default(),
         }
     }
 
@@ -250,7 +253,30 @@ impl Pods {
         if !registered.is_empty() {
             tracing::info!(pods = registered.len(), "pods registered before; re-enrolling after the first snapshot");
         }
+        *lock(&self.restored) = Some(registered.keys().cloned().collect());
         *lock(&self.registered) = registered;
+    }
+
+    /// Whether this ztunnel has a registry to take pods over into.
+    pub fn has_registry(&self) -> bool {
+        self.registry_file.is_some()
+    }
+
+    /// A pod registered before this ztunnel started that is not yet served (or known to stay
+    /// outside the mesh), and where it stands: readiness waits for none to be left, once. A
+    /// newer ztunnel is told ready before the one it took over from drains, so ready must mean
+    /// that every pod that one served is served here.
+    pub fn restored_waiting(&self) -> Option<(String, String)> {
+        let mut restored = lock(&self.restored);
+        let registered = lock(&self.registered);
+        let waiting = restored.as_ref()?.iter().find_map(|uid| match registered.get(uid).map(|r| &r.standing) {
+            None | Some(Standing::Meshed | Standing::NotMeshed { .. } | Standing::Unknown) => None,
+            Some(s) => Some((uid.clone(), s.to_string())),
+        });
+        if waiting.is_none() {
+            *restored = None;
+        }
+        waiting
     }
 
     /// Gives the pods up to a newer ztunnel on this node: the registry is written one last time
@@ -267,14 +293,20 @@ impl Pods {
             // Wake the reconciler so it sees the hand-over and stops.
             self.kick.notify_one();
         }
+        // The enrolled pods' listeners, and those this one inherited and has not used yet (a
+        // hand-over that follows another before every pod was enrolled again).
+        let enrolled = lock(&self.enrolled);
+        let inherited = lock(&self.inherited);
+        let listeners =
+            enrolled.values().flat_map(|e| e.listeners.iter().map(move |(port, fd)| (e.ns.path(), *port, fd))).chain(
+                inherited.iter().flat_map(|(netns, l)| l.iter().map(move |(port, fd)| (netns.as_path(), *port, fd))),
+            );
         let mut handed = Vec::new();
-        for e in lock(&self.enrolled).values() {
-            for (port, fd) in &e.listeners {
-                match fd.try_clone() {
-                    Ok(fd) => handed.push((HandedListener { netns: e.ns.path().to_path_buf(), port: *port }, fd)),
-                    Err(err) => tracing::warn!(netns = %e.ns.path().display(), port, error = %err,
-                        "cannot pass a listener on; the newer ztunnel opens its own once this one drains"),
-                }
+        for (netns, port, fd) in listeners {
+            match fd.try_clone() {
+                Ok(fd) => handed.push((HandedListener { netns: netns.to_path_buf(), port }, fd)),
+                Err(err) => tracing::warn!(netns = %netns.display(), port, error = %err,
+                    "cannot pass a listener on; the newer ztunnel opens its own once this one drains"),
             }
         }
         handed
@@ -541,14 +573,16 @@ impl Pods {
         self.certs.release_unused(&in_use);
     }
 
-    /// Inherited listeners of pods that no enrollment is about to take: kept, they would queue
-    /// connections nobody accepts once the old ztunnel is gone, instead of refusing them.
+    /// Inherited listeners of pods that are gone or stay outside the mesh: kept, they would queue
+    /// connections nobody accepts once the old ztunnel is gone, instead of refusing them. Those of
+    /// a pod whose enrollment failed are kept for its retry: while the old ztunnel lives, nothing
+    /// else can listen on its ports.
     fn drop_unclaimed_listeners(&self) {
-        let enrolling = lock(&self.enrolling);
         let registered = lock(&self.registered);
-        let claimed =
-            |netns: &PathBuf| registered.iter().any(|(uid, r)| &r.netns == netns && enrolling.contains_key(uid));
-        lock(&self.inherited).retain(|netns, _| claimed(netns));
+        let wanted = |netns: &PathBuf| {
+            registered.values().any(|r| &r.netns == netns && !matches!(r.standing, Standing::NotMeshed { .. }))
+        };
+        lock(&self.inherited).retain(|netns, _| wanted(netns));
     }
 
     /// One pod's enrollment task, started by a pass (which counted it in `in_progress`).
@@ -654,7 +688,7 @@ impl Pods {
                 .map_err(|e| e.to_string())?,
         );
         let pod = self.proxy.pod(uid.to_string(), ns.clone(), &cert)?;
-        let inherited = self.take_inherited(uid, &r.netns);
+        let inherited = self.inherited_for(uid, &r.netns);
         let proxy = self.proxy.clone();
         let (tasks, listeners) = self
             .data
@@ -674,23 +708,43 @@ impl Pods {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("capture ({}): {e}", self.capture.name()))?;
+        if self.handed_over() {
+            // Handed over during the install, so its listeners were not passed on: closing them
+            // lets the newer ztunnel open its own.
+            return Err("handed over to a newer ztunnel".into());
+        }
         tracing::info!(pod = uid, netns = %r.netns.display(), identity = %id, capture = self.capture.name(), "pod enrolled");
         lock(&self.enrolled).insert(uid.to_string(), enrolled);
+        // Its listeners hold the inherited sockets now.
+        lock(&self.inherited).remove(&r.netns);
         Ok(())
     }
 
-    /// The listeners the previous ztunnel passed for this pod, by port, each checked to be a TCP
-    /// listener on that port inside the pod's namespace; one that is not is closed, and a new one
-    /// opened in its place.
-    fn take_inherited(&self, uid: &str, netns: &Path) -> HashMap<u16, std::net::TcpListener> {
+    /// Copies of the listeners the previous ztunnel passed for this pod, by port, each checked to
+    /// be a TCP listener on that port inside the pod's namespace; one that is not is closed, and a
+    /// new one opened in its place. The originals stay until the enrollment succeeds, so a failed
+    /// one can be retried with them.
+    fn inherited_for(&self, uid: &str, netns: &Path) -> HashMap<u16, std::net::TcpListener> {
+        let mut inherited = lock(&self.inherited);
+        let Some(passed) = inherited.get_mut(netns) else { return HashMap::new() };
+        passed.retain(|(port, fd)| match crate::fdpass::check_listener(fd.as_fd(), netns, *port) {
+            Ok(()) if LISTENER_PORTS.contains(port) => true,
+            Ok(()) => {
+                tracing::warn!(pod = uid, port, "ignoring a passed listener for a port ztunnel does not use");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(pod = uid, port, error = %e, "ignoring a passed listener");
+                false
+            }
+        });
         let mut usable = HashMap::new();
-        for (port, fd) in lock(&self.inherited).remove(netns).unwrap_or_default() {
-            match crate::fdpass::check_listener(fd.as_fd(), netns, port) {
-                Ok(()) if LISTENER_PORTS.contains(&port) => {
-                    usable.insert(port, std::net::TcpListener::from(fd));
+        for (port, fd) in passed.iter() {
+            match fd.try_clone() {
+                Ok(fd) => {
+                    usable.insert(*port, std::net::TcpListener::from(fd));
                 }
-                Ok(()) => tracing::warn!(pod = uid, port, "ignoring a passed listener for a port ztunnel does not use"),
-                Err(e) => tracing::warn!(pod = uid, port, error = %e, "ignoring a passed listener"),
+                Err(e) => tracing::warn!(pod = uid, port, error = %e, "cannot use a passed listener"),
             }
         }
         usable

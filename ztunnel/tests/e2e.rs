@@ -781,12 +781,35 @@ fn a_newer_ztunnel_takes_the_pods_over_without_refusing_a_connection() {
     let new_ports =
         ["--admin-addr", "127.0.0.1:16000", "--metrics-addr", "0.0.0.0:16020", "--readiness-addr", "0.0.0.0:16021"];
 
+    // Node 2's new ztunnel reaches the CA through a relay that at first hangs up on it: its pods'
+    // enrollments fail, and it must neither report ready nor let go of the listeners it was
+    // passed (nothing else could listen on those ports while the old one lives).
+    let ca_down = lab.dir.path().join("ca-down");
+    std::fs::write(&ca_down, "close").unwrap();
+    let ca_down_arg = ca_down.display().to_string();
+    let relay_args = [script, "relay", "172.30.0.1", "15999", "172.30.0.1", "15012", &ca_down_arg];
+    lab.spawn("ca-relay", &lab.underlay(), std::path::Path::new("python3"), &relay_args);
+    let ready = |node: usize| {
+        let out = lab.exec(&lab.node(node), "curl -s http://127.0.0.1:16021/healthz/ready");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
     for (node, pod) in [(2, &server_b), (1, &server_a)] {
         let (old, new) = (format!("ztunnel{node}"), format!("ztunnel{node}-new"));
-        lab.spawn_another_ztunnel(&new, node, &new_ports);
-        wait_for(&format!("{new} ready"), Duration::from_secs(20), || {
-            lab.exec(&lab.node(node), "curl -sf http://127.0.0.1:16021/healthz/ready").status.success().then_some(())
-        });
+        let mut args = new_ports.to_vec();
+        if node == 2 {
+            args.extend(["--ca-address", "https://172.30.0.1:15999"]);
+        }
+        lab.spawn_another_ztunnel(&new, node, &args);
+        if node == 2 {
+            wait_for("the new ztunnel's enrollments to fail", Duration::from_secs(20), || {
+                ready(2).contains("is not served yet: enrolling failed").then_some(())
+            });
+            std::thread::sleep(Duration::from_secs(1));
+            assert!(ready(2).starts_with("not ready"), "ready while a pod it took over is not served");
+            std::fs::remove_file(&ca_down).unwrap();
+        }
+        wait_for(&format!("{new} ready"), Duration::from_secs(40), || ready(node).starts_with("ready").then_some(()));
         assert!(lab.log(&old).contains("handed the pods over to a newer ztunnel"), "{}", lab.log(&old));
         assert!(lab.log(&new).contains("took the pods over from the running ztunnel"), "{}", lab.log(&new));
         let dump: serde_json::Value = serde_json::from_str(&lab.ztunnel_get(node, 15000, "/config_dump")).unwrap();
