@@ -16,10 +16,10 @@
 //!
 //! Enrolling is ordered so that traffic is never captured before something listens: obtain the
 //! workload certificate, open the three listeners inside the pod's namespace (or take those a
-//! handing-over ztunnel passed), and only then install the capture. Unenrolling removes the
-//! capture first, then closes the listeners; connections already proxied run to completion. Each enrollment runs as its own task (at most
-//! [`MAX_ENROLLING`] at once), so a CA that is slow for one identity delays neither other pods
-//! nor the next pass.
+//! handing-over ztunnel passed), and only then install the capture. Unenrolling removes the capture
+//! first, then closes the listeners; connections already proxied run to completion. Each enrollment
+//! runs as its own task (at most [`MAX_ENROLLING`] at once), so a CA that is slow for one identity
+//! delays neither other pods nor the next pass.
 //!
 //! The registry is persisted (mode 0600) so a restarted ztunnel knows its pods again. While
 //! ztunnel is down, the capture it left in each enrolled pod stays in place and has nothing to
