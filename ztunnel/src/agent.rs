@@ -193,11 +193,70 @@ pub struct Bound {
 }
 
 impl Bound {
-    pub fn remove_if_ours(&self) {
+    /// Whether the path still names this socket (no newer ztunnel has bound it since).
+    pub fn is_current(&self) -> bool {
         use std::os::unix::fs::MetadataExt;
-        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.dev_ino) {
+        std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.dev_ino)
+    }
+
+    pub fn remove_if_ours(&self) {
+        if self.is_current() {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+/// How often a ztunnel that handed its pods over checks that the newer one is still there.
+const TAKE_BACK_CHECK: Duration = Duration::from_secs(2);
+/// How long a newer ztunnel may take from the hand-over to binding the agent socket's path.
+const PUBLISH_GRACE: Duration = Duration::from_secs(30);
+
+/// After a hand-over, takes the pods back if the newer ztunnel is gone: its socket no longer
+/// answers (it died), or it never bound the path. Otherwise no ztunnel would manage the node's
+/// pods: new pods could not start, and label changes would wait. `bound` is this ztunnel's
+/// socket; it is replaced when the path has to be bound again.
+pub async fn take_back_when_abandoned(
+    pods: Arc<Pods>,
+    bound: Arc<std::sync::Mutex<Bound>>,
+    changes: tokio::sync::watch::Receiver<u64>,
+) {
+    let mut handed_at = None;
+    loop {
+        tokio::time::sleep(TAKE_BACK_CHECK).await;
+        if !pods.handed_over() {
+            handed_at = None;
+            continue;
+        }
+        let since = *handed_at.get_or_insert_with(tokio::time::Instant::now);
+        let (path, ours) = {
+            let b = bound.lock().unwrap_or_else(|e| e.into_inner());
+            (b.path.clone(), b.is_current())
+        };
+        let abandoned = if ours {
+            since.elapsed() >= PUBLISH_GRACE
+        } else {
+            !matches!(tokio::time::timeout(Duration::from_secs(1), UnixStream::connect(&path)).await, Ok(Ok(_)))
+        };
+        if !abandoned {
+            continue;
+        }
+        if !ours {
+            let rebound = bind(&path).and_then(Unpublished::publish);
+            match rebound {
+                Ok((listener, b)) => {
+                    *bound.lock().unwrap_or_else(|e| e.into_inner()) = b;
+                    tokio::spawn(serve(listener, pods.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot bind the agent socket to take the pods back; retrying");
+                    continue;
+                }
+            }
+        }
+        tracing::warn!(path = %path.display(), "the ztunnel that took the pods over is gone; taking them back");
+        pods.take_back().await;
+        tokio::spawn(pods.clone().run(changes.clone()));
+        handed_at = None;
     }
 }
 

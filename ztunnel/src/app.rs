@@ -186,6 +186,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let (agent_l, agent_socket) = agent_l
             .publish()
             .with_context(|| format!("moving the agent socket into place at {}", cfg.agent_socket.display()))?;
+        let agent_socket = Arc::new(std::sync::Mutex::new(agent_socket));
+        tokio::spawn(agent::take_back_when_abandoned(pods.clone(), agent_socket.clone(), pod_changes.clone()));
         tokio::spawn(xds_client.run());
         if let Some(overlay) = overlay {
             tokio::spawn(overlay);
@@ -209,7 +211,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         tracing::info!(remaining = serving.in_flight(), "drained; exiting");
         anyhow::Ok(agent_socket)
     })?;
-    agent_socket.remove_if_ours();
+    agent_socket.lock().unwrap_or_else(|e| e.into_inner()).remove_if_ours();
     drop(data);
     Ok(())
 }

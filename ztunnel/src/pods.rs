@@ -32,8 +32,8 @@
 //! passes the new one its pods' listening sockets, which it keeps serving until it drains. The new
 //! one loads the registry and enrolls every pod again with those same sockets ([`Pods::inherit`]),
 //! so both accept from one queue and nothing waiting in it is lost when the old one closes its
-//! copies. A new ztunnel that fails after the hand-over leaves the old one serving but no longer
-//! managing: new pods cannot start on the node until a ztunnel takes over again.
+//! copies. If the new ztunnel dies after the hand-over, the old one takes the pods back
+//! ([`Pods::take_back`], driven by [`crate::agent::take_back_when_abandoned`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
@@ -310,6 +310,29 @@ impl Pods {
             }
         }
         handed
+    }
+
+    /// Manages the pods again after a hand-over whose newer ztunnel is gone: the registry it may
+    /// have changed is loaded, pods it removed meanwhile are released here too, and the caller
+    /// restarts the reconciler. This ztunnel kept serving the pods throughout.
+    pub async fn take_back(&self) {
+        let reloaded = self.registry_file.as_deref().map(load).unwrap_or_default();
+        let before = std::mem::replace(&mut *lock(&self.registered), reloaded);
+        self.handed_over.store(false, Ordering::Release);
+        let gone: Vec<(String, Registered)> = {
+            let registered = lock(&self.registered);
+            let enrolled = lock(&self.enrolled);
+            enrolled
+                .keys()
+                .filter(|uid| registered.get(*uid).is_none_or(|r| before.get(*uid).is_some_and(|b| b.netns != r.netns)))
+                .filter_map(|uid| Some((uid.clone(), before.get(uid)?.clone())))
+                .collect()
+        };
+        for (uid, r) in gone {
+            let _ = self.unenroll(&uid, &r).await;
+        }
+        self.persist();
+        self.kick.notify_one();
     }
 
     /// Keeps the listeners a handing-over ztunnel passed, for the pods' enrollments to use.

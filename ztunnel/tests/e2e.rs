@@ -853,6 +853,50 @@ fn a_newer_ztunnel_takes_the_pods_over_without_refusing_a_connection() {
     assert!(out > 0.0 && inn > 0.0, "the new ztunnels carried no mTLS connection: node1 {out}, node2 {inn}");
 }
 
+/// A hand-over whose newer ztunnel dies is taken back: the old one, which kept serving the pods
+/// throughout, manages them again (its agent socket answers, it is ready, new pods are enrolled),
+/// and no connection is refused on the way.
+#[test]
+fn a_ztunnel_takes_its_pods_back_when_the_newer_one_dies() {
+    let Mesh { lab, client, server_b, .. } = mesh(&[]);
+    lab.app(&server_b, &["echo", "9000"], 9000);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/app.py");
+    let stop = lab.dir.path().join("stop-probing");
+    let stop_arg = stop.display().to_string();
+    lab.spawn(
+        "probe",
+        &client.netns,
+        std::path::Path::new("python3"),
+        &[script, "probe", &server_b.ip, "9000", &stop_arg],
+    );
+    wait_for("the probes to start", Duration::from_secs(20), || held_connection_state(&lab, "probe", "probing"));
+    let ready = |port: u16| {
+        let out = lab.exec(&lab.node(2), &format!("curl -s http://127.0.0.1:{port}/healthz/ready"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let new_ports =
+        ["--admin-addr", "127.0.0.1:16000", "--metrics-addr", "0.0.0.0:16020", "--readiness-addr", "0.0.0.0:16021"];
+    lab.spawn_another_ztunnel("ztunnel2-new", 2, &new_ports);
+    wait_for("the new ztunnel ready", Duration::from_secs(20), || ready(16021).starts_with("ready").then_some(()));
+    assert!(ready(15021).contains("handed the pods over"), "{}", ready(15021));
+    // It dies without a chance to clean up: its socket file stays, and nothing answers on it.
+    netlab::sh(&format!("kill -KILL {}", lab.pid("ztunnel2-new").unwrap()));
+    wait_for("the old ztunnel to take the pods back", Duration::from_secs(20), || {
+        ready(15021).starts_with("ready").then_some(())
+    });
+    assert!(lab.log("ztunnel2").contains("the ztunnel that took the pods over is gone; taking them back"));
+    assert_eq!(lab.enrollment(&server_b), (true, "meshed".to_string()), "the agent socket answers again");
+    // It manages pods again: a new one is enrolled and reachable over the mesh.
+    let late = lab.add_pod(2, "demo", "late", "server", "app: late", 40);
+    lab.enroll(&late);
+    lab.app(&late, &["http", "late", "8080"], 8080);
+    assert_eq!(lab.curl(&client, &format!("http://{}:8080/", late.ip)).as_deref(), Ok("late"));
+    std::fs::write(&stop, "").unwrap();
+    wait_for("the probe summary", Duration::from_secs(10), || held_connection_state(&lab, "probe", "probes ok="));
+    let log = lab.log("probe");
+    assert!(log.contains("failed=0"), "connections failed while the pods changed hands:\n{log}");
+}
+
 /// SIGTERM waits for connections still being set up, not only for those already proxied: one
 /// whose upstream connect is slow (its first SYN is dropped, so it is answered a second later)
 /// completes after the drain began, and ztunnel exits once it is done.
