@@ -753,6 +753,33 @@ fn long_connection_survives_rotation_and_istiod_restart_then_drains() {
     });
 }
 
+/// New connections from `client` to an echo server on `server`:9000, one every 20 ms.
+struct Probes {
+    stop: std::path::PathBuf,
+}
+
+impl Probes {
+    fn start(lab: &Lab, client: &Pod, server: &Pod) -> Probes {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/app.py");
+        let stop = lab.dir.path().join("stop-probing");
+        let args = [script, "probe", &server.ip, "9000", &stop.display().to_string()].map(String::from);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lab.spawn("probe", &client.netns, std::path::Path::new("python3"), &args);
+        wait_for("the probes to start", Duration::from_secs(20), || held_connection_state(lab, "probe", "probing"));
+        Probes { stop }
+    }
+
+    /// Stops probing: how many connections succeeded and failed, and the log naming failures.
+    fn finish(&self, lab: &Lab) -> (u32, u32, String) {
+        std::fs::write(&self.stop, "").unwrap();
+        wait_for("the probe summary", Duration::from_secs(10), || held_connection_state(lab, "probe", "probes ok="));
+        let log = lab.log("probe");
+        let summary = log.lines().find(|l| l.starts_with("probes ok=")).unwrap().to_string();
+        let n = |k: &str| summary.split(k).nth(1).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap();
+        (n("ok="), n("failed="), log)
+    }
+}
+
 /// An upgrade without a gap: a newer ztunnel started next to the running one takes its pods over
 /// (the pods' listening sockets, and managing the pods from then on), and the old one drains
 /// away. New connections, opened every 20 ms through both nodes while first the server's and then
@@ -762,15 +789,7 @@ fn a_newer_ztunnel_takes_the_pods_over_without_refusing_a_connection() {
     let Mesh { lab, client, server_a, server_b, .. } = mesh(&["--drain-timeout", "3s"]);
     lab.app(&server_b, &["echo", "9000"], 9000);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/app.py");
-    let stop = lab.dir.path().join("stop-probing");
-    let stop_arg = stop.display().to_string();
-    lab.spawn(
-        "probe",
-        &client.netns,
-        std::path::Path::new("python3"),
-        &[script, "probe", &server_b.ip, "9000", &stop_arg],
-    );
-    wait_for("the probes to start", Duration::from_secs(20), || held_connection_state(&lab, "probe", "probing"));
+    let probes = Probes::start(&lab, &client, &server_b);
     let mtls_opened = |port: u16, node: usize, reporter: &str| {
         let text = lab.ztunnel_get(node, port, "/metrics");
         let labels = [reporter, "connection_security_policy=\"mutual_tls\""];
@@ -840,16 +859,9 @@ fn a_newer_ztunnel_takes_the_pods_over_without_refusing_a_connection() {
     }
     // Both new ztunnels carried probes: node1's opened tunnels, node2's accepted them.
     let (out, inn) = (mtls_opened(16020, 1, "reporter=\"source\""), mtls_opened(16020, 2, "reporter=\"destination\""));
-    std::fs::write(&stop, "").unwrap();
-    wait_for("the probe summary", Duration::from_secs(10), || held_connection_state(&lab, "probe", "probes ok="));
-    let log = lab.log("probe");
-    let summary = log.lines().find(|l| l.starts_with("probes ok=")).unwrap().to_string();
-    let (ok, failed): (u32, u32) = {
-        let n = |k: &str| summary.split(k).nth(1).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap();
-        (n("ok="), n("failed="))
-    };
+    let (ok, failed, log) = probes.finish(&lab);
     assert_eq!(failed, 0, "connections failed during the hand-overs:\n{log}");
-    assert!(ok >= 50, "too few probes to say anything: {summary}");
+    assert!(ok >= 50, "too few probes to say anything: {ok}");
     assert!(out > 0.0 && inn > 0.0, "the new ztunnels carried no mTLS connection: node1 {out}, node2 {inn}");
 }
 
@@ -860,16 +872,7 @@ fn a_newer_ztunnel_takes_the_pods_over_without_refusing_a_connection() {
 fn a_ztunnel_takes_its_pods_back_when_the_newer_one_dies() {
     let Mesh { lab, client, server_b, .. } = mesh(&[]);
     lab.app(&server_b, &["echo", "9000"], 9000);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/app.py");
-    let stop = lab.dir.path().join("stop-probing");
-    let stop_arg = stop.display().to_string();
-    lab.spawn(
-        "probe",
-        &client.netns,
-        std::path::Path::new("python3"),
-        &[script, "probe", &server_b.ip, "9000", &stop_arg],
-    );
-    wait_for("the probes to start", Duration::from_secs(20), || held_connection_state(&lab, "probe", "probing"));
+    let probes = Probes::start(&lab, &client, &server_b);
     let ready = |port: u16| {
         let out = lab.exec(&lab.node(2), &format!("curl -s http://127.0.0.1:{port}/healthz/ready"));
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -891,10 +894,8 @@ fn a_ztunnel_takes_its_pods_back_when_the_newer_one_dies() {
     lab.enroll(&late);
     lab.app(&late, &["http", "late", "8080"], 8080);
     assert_eq!(lab.curl(&client, &format!("http://{}:8080/", late.ip)).as_deref(), Ok("late"));
-    std::fs::write(&stop, "").unwrap();
-    wait_for("the probe summary", Duration::from_secs(10), || held_connection_state(&lab, "probe", "probes ok="));
-    let log = lab.log("probe");
-    assert!(log.contains("failed=0"), "connections failed while the pods changed hands:\n{log}");
+    let (ok, failed, log) = probes.finish(&lab);
+    assert!(ok > 0 && failed == 0, "connections failed while the pods changed hands:\n{log}");
 }
 
 /// SIGTERM waits for connections still being set up, not only for those already proxied: one
