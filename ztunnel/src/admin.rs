@@ -133,7 +133,7 @@ impl Admin {
         if self.pods.handed_over() {
             return Err("handed the pods over to a newer ztunnel; serving until told to drain".into());
         }
-        readiness(*self.synced.borrow(), self.pods.reconciled_once(), self.pods.in_progress())?;
+        readiness(*self.synced.borrow(), self.pods.in_progress())?;
         match self.pods.restored_waiting() {
             Some((pod, standing)) => {
                 Err(format!("pod {pod}, registered before this start, is not served yet: {standing}"))
@@ -143,15 +143,14 @@ impl Admin {
     }
 }
 
-/// Ready once ztunnel has its config and has started serving its pods: before the first reconcile
-/// pass none is enrolling yet. (The pods registered before must be served too: see
-/// [`crate::pods::Pods::restored_waiting`].)
-fn readiness(synced: bool, reconciled: bool, enrolling: usize) -> Result<(), String> {
-    match (synced, reconciled, enrolling) {
-        (false, _, _) => Err("waiting for the first xDS snapshot".into()),
-        (true, false, _) => Err("enrolling pods".into()),
-        (true, true, 1..) => Err("enrolling pods (fetching certificates)".into()),
-        (true, true, 0) => Ok(()),
+/// Ready once ztunnel has its config and no enrollment is under way. (The pods registered before
+/// this start must be served too, which also covers the time before the first reconcile pass:
+/// see [`crate::pods::Pods::restored_waiting`].)
+fn readiness(synced: bool, enrolling: usize) -> Result<(), String> {
+    match (synced, enrolling) {
+        (false, _) => Err("waiting for the first xDS snapshot".into()),
+        (true, 1..) => Err("enrolling pods (fetching certificates)".into()),
+        (true, 0) => Ok(()),
     }
 }
 
@@ -188,11 +187,10 @@ pub async fn serve_readiness(listener: TcpListener, a: Admin) -> std::io::Result
 #[cfg(test)]
 mod tests {
     #[test]
-    fn ready_only_once_the_pods_registered_before_are_served() {
+    fn ready_after_the_first_snapshot_with_no_enrollment_under_way() {
         use super::readiness;
-        assert!(readiness(false, false, 0).is_err());
-        assert!(readiness(true, false, 0).is_err(), "the first pass has not started enrolling yet");
-        assert!(readiness(true, true, 2).is_err());
-        assert_eq!(readiness(true, true, 0), Ok(()));
+        assert!(readiness(false, 0).is_err());
+        assert!(readiness(true, 2).is_err());
+        assert_eq!(readiness(true, 0), Ok(()));
     }
 }

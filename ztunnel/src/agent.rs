@@ -110,8 +110,8 @@ pub enum TakeOver {
     /// The running ztunnel persisted its registry, stopped managing pods, and passed the
     /// listening sockets of the pods it serves.
     HandedOver(Vec<Inherited>),
-    /// A ztunnel answers but did not hand over (an older version, or it failed): both will
-    /// manage the pods until it exits.
+    /// A ztunnel answers but did not hand over (an older version, or it failed): the pods it
+    /// serves keep its listeners, and are enrolled here once it exits.
     Refused(String),
 }
 

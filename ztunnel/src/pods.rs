@@ -202,8 +202,6 @@ pub struct Pods {
     /// Listeners passed by the ztunnel this one took over from, by pod namespace, until the pod
     /// is enrolled with them (or dropped, when it will not be).
     inherited: Mutex<HashMap<PathBuf, Vec<(u16, OwnedFd)>>>,
-    /// Set after the first reconcile pass, which starts enrolling the pods registered before.
-    reconciled: AtomicBool,
     /// The pods loaded from the registry at start, until all have been served once.
     restored: Mutex<Option<std::collections::HashSet<String>>>,
 }
@@ -241,7 +239,6 @@ impl Pods {
             probe_table_warned: AtomicBool::new(false),
             handed_over: AtomicBool::new(false),
             inherited: Mutex::default(),
-            reconciled: AtomicBool::new(false),
             restored: Mutex::default(),
         }
     }
@@ -354,10 +351,6 @@ impl Pods {
 
     pub fn handed_over(&self) -> bool {
         self.handed_over.load(Ordering::Acquire)
-    }
-
-    pub fn reconciled_once(&self) -> bool {
-        self.reconciled.load(Ordering::Acquire)
     }
 
     pub fn uid(&self, namespace: &str, name: &str) -> String {
@@ -516,7 +509,6 @@ impl Pods {
                 return;
             }
             self.reconcile().await;
-            self.reconciled.store(true, Ordering::Release);
             self.passes.send_modify(|n| *n += 1);
             let now = Instant::now();
             // Only retries still ahead: one already due is started by the pass above, or has its
