@@ -17,6 +17,7 @@ use trellis_proto::istio::workload::{TunnelProtocol, Workload, WorkloadStatus};
 
 use crate::identity::CertManager;
 use crate::metrics::Metrics;
+use crate::node_ports::Stop;
 use crate::pods::Pods;
 use crate::proxy::{route, Proxy};
 use crate::state::{ip, State};
@@ -169,19 +170,19 @@ async fn ready(Extract(a): Extract<Admin>) -> (StatusCode, String) {
     }
 }
 
-pub async fn serve_admin(listener: TcpListener, a: Admin) -> std::io::Result<()> {
+pub async fn serve_admin(listener: TcpListener, a: Admin, stop: Stop) -> std::io::Result<()> {
     let app = Router::new().route("/config_dump", get(config_dump)).route("/healthz/ready", get(ready)).with_state(a);
-    axum::serve(listener, app).await
+    axum::serve(listener, app).with_graceful_shutdown(stop).await
 }
 
-pub async fn serve_metrics(listener: TcpListener, a: Admin) -> std::io::Result<()> {
+pub async fn serve_metrics(listener: TcpListener, a: Admin, stop: Stop) -> std::io::Result<()> {
     let app = Router::new().route("/metrics", get(metrics)).route("/stats/prometheus", get(metrics)).with_state(a);
-    axum::serve(listener, app).await
+    axum::serve(listener, app).with_graceful_shutdown(stop).await
 }
 
-pub async fn serve_readiness(listener: TcpListener, a: Admin) -> std::io::Result<()> {
+pub async fn serve_readiness(listener: TcpListener, a: Admin, stop: Stop) -> std::io::Result<()> {
     let app = Router::new().route("/healthz/ready", get(ready)).with_state(a);
-    axum::serve(listener, app).await
+    axum::serve(listener, app).with_graceful_shutdown(stop).await
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! {"op":"add","namespace":"demo","name":"client","netns":"/var/run/netns/client","ip":"10.244.1.5"}
 //! {"op":"remove","namespace":"demo","name":"client"}
 //! {"op":"list"}
-//! {"op":"handover"}
+//! {"op":"handover","ports":["127.0.0.1:15000"]}
 //! → {"ok":true,"pods":[{uid,netns,enrolled,reason}]} | {"ok":false,"error":"…"}
 //! ```
 //!
@@ -19,10 +19,14 @@
 //! `handover` is how a new ztunnel takes over from the one running ([`take_over`]) before it
 //! binds the socket: the old one persists its registry, stops managing pods and answers with its
 //! pods' listening sockets (`{"ok":true,"listeners":[{netns,port}],"more":…}` lines, each with
-//! the sockets attached, see [`crate::fdpass`]). From then on it answers `add` and `remove` that
-//! still reach it with an error, so the CNI plugin retries them against the new one.
+//! the sockets attached, see [`crate::fdpass`]). `ports` names the node ports (admin, metrics,
+//! readiness) the new one could not bind because the old one holds them: they are passed first
+//! (`"node_listeners":[addr]`), and the old one stops serving them ([`NodePorts::hand_over`]). If
+//! it does not hold one of them it hands nothing over. From then on it answers `add` and `remove`
+//! that still reach it with an error, so the CNI plugin retries them against the new one.
 
 use std::io::ErrorKind;
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -33,7 +37,15 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::log_budget::warn_limited;
+use crate::node_ports::NodePorts;
 use crate::pods::{PodInfo, Pods};
+
+/// What the agent socket acts on: the node's pods, and its own ports (passed on in a hand-over).
+pub struct Agent {
+    pub pods: Arc<Pods>,
+    pub ports: Arc<NodePorts>,
+}
 
 const MAX_LINE: usize = 4096;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -61,7 +73,12 @@ pub enum Request {
     /// internally tagged enum accepts any extra field.
     List {},
     /// Sent by a newer ztunnel starting on this node; see [`take_over`].
-    Handover {},
+    Handover {
+        /// Node ports the newer ztunnel needs from this one. Left out when none, so that a
+        /// ztunnel from before node ports were passed can still hand over.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ports: Vec<SocketAddr>,
+    },
 }
 
 #[derive(Deserialize, Serialize, Debug, Default)]
@@ -71,7 +88,11 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pods: Option<Vec<PodInfo>>,
-    /// `handover`: the listening sockets attached to this line, in order.
+    /// `handover`: the node ports whose sockets are attached to this line first, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_listeners: Option<Vec<SocketAddr>>,
+    /// `handover`: the pods' listening sockets attached to this line (after any node ports), in
+    /// order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listeners: Option<Vec<HandedListener>>,
     /// `handover`: more lines with listeners follow.
@@ -108,17 +129,27 @@ pub enum TakeOver {
     /// Nothing answers there: no ztunnel is running (or it died).
     NoneRunning,
     /// The running ztunnel persisted its registry, stopped managing pods, and passed the
-    /// listening sockets of the pods it serves.
-    HandedOver(Vec<Inherited>),
+    /// listening sockets of the pods it serves and of the node ports asked for.
+    HandedOver(Handed),
     /// A ztunnel answers but did not hand over (an older version, or it failed): the pods it
     /// serves keep its listeners, and are enrolled here once it exits.
     Refused(String),
 }
 
-/// Asks the ztunnel listening on `path`, if any, to hand its pods over. Call before loading the
-/// registry, so that it holds the running one's final state.
-pub async fn take_over(path: &Path) -> TakeOver {
-    match tokio::time::timeout(HANDOVER_TIMEOUT, ask_handover(path)).await {
+/// What a hand-over passed.
+#[derive(Debug, Default)]
+pub struct Handed {
+    pub pods: Vec<Inherited>,
+    /// The node ports asked for, each with its listening socket (not yet checked, see
+    /// [`crate::node_ports::adopt`]).
+    pub node: Vec<(SocketAddr, OwnedFd)>,
+}
+
+/// Asks the ztunnel listening on `path`, if any, to hand its pods over, and the node ports at
+/// `ports` (which this one could not bind). Call before loading the registry, so that it holds
+/// the running one's final state.
+pub async fn take_over(path: &Path, ports: &[SocketAddr]) -> TakeOver {
+    match tokio::time::timeout(HANDOVER_TIMEOUT, ask_handover(path, ports)).await {
         Ok(Ok(inherited)) => TakeOver::HandedOver(inherited),
         Ok(Err(e)) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => TakeOver::NoneRunning,
         Ok(Err(e)) => TakeOver::Refused(format!("{}: {e}", path.display())),
@@ -126,10 +157,18 @@ pub async fn take_over(path: &Path) -> TakeOver {
     }
 }
 
-async fn ask_handover(path: &Path) -> std::io::Result<Vec<Inherited>> {
+/// A socket's name in a hand-over answer.
+enum Named {
+    Node(SocketAddr),
+    Pod(HandedListener),
+}
+
+async fn ask_handover(path: &Path, ports: &[SocketAddr]) -> std::io::Result<Handed> {
     use std::os::fd::AsFd;
     let mut s = UnixStream::connect(path).await?;
-    s.write_all(b"{\"op\":\"handover\"}\n").await?;
+    let mut ask = serde_json::to_vec(&Request::Handover { ports: ports.to_vec() }).map_err(std::io::Error::other)?;
+    ask.push(b'\n');
+    s.write_all(&ask).await?;
     let (mut bytes, mut fds, mut listeners) = (Vec::new(), Vec::new(), Vec::new());
     let mut buf = vec![0u8; 64 << 10];
     loop {
@@ -142,14 +181,21 @@ async fn ask_handover(path: &Path) -> std::io::Result<Vec<Inherited>> {
             if !r.ok {
                 return Err(std::io::Error::other(r.error.unwrap_or_else(|| "refused".into())));
             }
-            listeners.extend(r.listeners.unwrap_or_default());
+            listeners.extend(r.node_listeners.unwrap_or_default().into_iter().map(Named::Node));
+            listeners.extend(r.listeners.unwrap_or_default().into_iter().map(Named::Pod));
             if !r.more {
                 if listeners.len() != fds.len() {
                     let msg = format!("{} listeners named but {} sockets passed", listeners.len(), fds.len());
                     return Err(std::io::Error::other(msg));
                 }
-                let inherited = listeners.into_iter().zip(fds).map(|(listener, fd)| Inherited { listener, fd });
-                return Ok(inherited.collect());
+                let mut handed = Handed::default();
+                for (name, fd) in listeners.into_iter().zip(fds) {
+                    match name {
+                        Named::Node(addr) => handed.node.push((addr, fd)),
+                        Named::Pod(listener) => handed.pods.push(Inherited { listener, fd }),
+                    }
+                }
+                return Ok(handed);
             }
         }
         s.readable().await?;
@@ -214,17 +260,22 @@ const PUBLISH_GRACE: Duration = Duration::from_secs(30);
 /// After a hand-over, takes the pods back if the newer ztunnel is gone: its socket no longer
 /// answers (it died), or it never bound the path. Otherwise no ztunnel would manage the node's
 /// pods: new pods could not start, and label changes would wait. `bound` is this ztunnel's
-/// socket; it is replaced when the path has to be bound again.
+/// socket; it is replaced when the path has to be bound again. The node ports handed over are
+/// bound again too, retried at each check while one is still held.
 pub async fn take_back_when_abandoned(
-    pods: Arc<Pods>,
+    agent: Arc<Agent>,
     bound: Arc<std::sync::Mutex<Bound>>,
     changes: tokio::sync::watch::Receiver<u64>,
 ) {
+    let pods = &agent.pods;
     let mut handed_at = None;
     loop {
         tokio::time::sleep(TAKE_BACK_CHECK).await;
         if !pods.handed_over() {
             handed_at = None;
+            if let Err(e) = agent.ports.reopen() {
+                warn_limited!("node ports still held after taking the pods back; retrying", error = %e);
+            }
             continue;
         }
         let since = *handed_at.get_or_insert_with(tokio::time::Instant::now);
@@ -245,7 +296,7 @@ pub async fn take_back_when_abandoned(
             match rebound {
                 Ok((listener, b)) => {
                     *bound.lock().unwrap_or_else(|e| e.into_inner()) = b;
-                    tokio::spawn(serve(listener, pods.clone()));
+                    tokio::spawn(serve(listener, agent.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "cannot bind the agent socket to take the pods back; retrying");
@@ -256,6 +307,9 @@ pub async fn take_back_when_abandoned(
         tracing::warn!(path = %path.display(), "the ztunnel that took the pods over is gone; taking them back");
         pods.take_back().await;
         tokio::spawn(pods.clone().run(changes.clone()));
+        if let Err(e) = agent.ports.reopen() {
+            warn_limited!("node ports still held after taking the pods back; retrying", error = %e);
+        }
         handed_at = None;
     }
 }
@@ -265,24 +319,45 @@ pub struct Unpublished {
     listener: UnixListener,
     tmp: PathBuf,
     path: PathBuf,
+    /// Held from binding until the socket is in place, so that two ztunnels starting at once do
+    /// not bind, ask and publish over each other.
+    _starting: std::fs::File,
+}
+
+/// `path` with `suffix` appended.
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
 }
 
 /// Binds the socket beside `path`: everything that can fail about it fails here, before a running
-/// ztunnel is asked to hand over.
+/// ztunnel is asked to hand over. Fails if another ztunnel is starting with the same path.
 pub fn bind(path: &Path) -> std::io::Result<Unpublished> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".new");
-    let tmp = PathBuf::from(tmp);
+    let lock_path = beside(path, ".lock");
+    let starting = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&lock_path)?;
+    // SAFETY: flock on a file we hold open; the lock goes with the descriptor.
+    if unsafe { libc::flock(starting.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == ErrorKind::WouldBlock {
+            let msg = format!("another ztunnel is starting with this agent socket (it holds {})", lock_path.display());
+            return Err(std::io::Error::new(ErrorKind::AddrInUse, msg));
+        }
+        return Err(e);
+    }
+    let tmp = beside(path, ".new");
     match std::fs::remove_file(&tmp) {
         Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
         _ => {}
     }
     let listener = UnixListener::bind(&tmp)?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    Ok(Unpublished { listener, tmp, path: path.to_path_buf() })
+    Ok(Unpublished { listener, tmp, path: path.to_path_buf(), _starting: starting })
 }
 
 impl Unpublished {
@@ -295,12 +370,12 @@ impl Unpublished {
     }
 }
 
-pub async fn serve(listener: UnixListener, pods: Arc<Pods>) {
+pub async fn serve(listener: UnixListener, agent: Arc<Agent>) {
     loop {
         match listener.accept().await {
             Ok((s, _)) => {
-                let pods = pods.clone();
-                tokio::spawn(async move { session(s, pods).await });
+                let agent = agent.clone();
+                tokio::spawn(async move { session(s, agent).await });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "agent socket accept failed");
@@ -310,7 +385,7 @@ pub async fn serve(listener: UnixListener, pods: Arc<Pods>) {
     }
 }
 
-async fn session(stream: UnixStream, pods: Arc<Pods>) {
+async fn session(stream: UnixStream, agent: Arc<Agent>) {
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r.take(MAX_LINE as u64 * 64)).lines();
     loop {
@@ -324,7 +399,7 @@ async fn session(stream: UnixStream, pods: Arc<Pods>) {
                 vec![],
             )]
         } else {
-            handle(&line, &pods).await
+            handle(&line, &agent).await
         };
         for (resp, fds) in answer {
             let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
@@ -343,7 +418,8 @@ async fn session(stream: UnixStream, pods: Arc<Pods>) {
 /// carries.
 type Answer = Vec<(Response, Vec<OwnedFd>)>;
 
-async fn handle(line: &str, pods: &Pods) -> Answer {
+async fn handle(line: &str, agent: &Agent) -> Answer {
+    let pods = &agent.pods;
     let one = |r: Response| vec![(r, vec![])];
     let fail = |e: String| one(Response { error: Some(e), ..Default::default() });
     let req: Request = match serde_json::from_str(line) {
@@ -368,12 +444,22 @@ async fn handle(line: &str, pods: &Pods) -> Answer {
             one(Response { ok: true, ..Default::default() })
         }
         Request::List {} => one(Response { ok: true, pods: Some(pods.list()), ..Default::default() }),
-        Request::Handover {} if !pods.has_registry() => {
+        Request::Handover { .. } if !pods.has_registry() => {
             fail("this ztunnel runs without a pod registry, so it has nothing to hand over".into())
         }
-        Request::Handover {} => {
+        Request::Handover { ports } => {
+            // The ports first: if one cannot be handed over, neither are the pods.
+            let node = match agent.ports.hand_over(&ports) {
+                Ok(node) => node,
+                Err(e) => return fail(format!("no hand-over: {e}")),
+            };
             let handed = pods.hand_over();
             let mut chunks: Answer = Vec::new();
+            if !node.is_empty() {
+                let (addrs, fds) = node.into_iter().unzip();
+                let r = Response { ok: true, node_listeners: Some(addrs), more: true, ..Default::default() };
+                chunks.push((r, fds));
+            }
             let mut rest = handed.into_iter().peekable();
             loop {
                 let (listeners, fds): (Vec<_>, Vec<_>) = rest.by_ref().take(LISTENERS_PER_LINE).unzip();
@@ -403,7 +489,7 @@ mod tests {
         let bad_ip = r#"{"op":"add","namespace":"demo","name":"client","netns":"/n","ip":"10.244.1"}"#;
         assert!(serde_json::from_str::<Request>(bad_ip).unwrap_err().to_string().contains("invalid IPv4 address"));
         assert!(matches!(serde_json::from_str::<Request>(r#"{"op":"list"}"#), Ok(Request::List {})));
-        assert!(matches!(serde_json::from_str::<Request>(r#"{"op":"handover"}"#), Ok(Request::Handover {})));
+        assert!(matches!(serde_json::from_str::<Request>(r#"{"op":"handover"}"#), Ok(Request::Handover { .. })));
         for unknown in [
             r#"{"op":"list","verbose":true}"#,
             r#"{"op":"remove","namespace":"d","name":"c","force":1}"#,
@@ -438,9 +524,9 @@ mod tests {
     async fn take_over_asks_the_running_ztunnel_and_receives_its_listeners() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
-        assert!(matches!(take_over(&path).await, TakeOver::NoneRunning), "no socket");
+        assert!(matches!(take_over(&path, &[]).await, TakeOver::NoneRunning), "no socket");
         drop(UnixListener::bind(&path).unwrap());
-        assert!(matches!(take_over(&path).await, TakeOver::NoneRunning), "a stale socket nobody listens on");
+        assert!(matches!(take_over(&path, &[]).await, TakeOver::NoneRunning), "a stale socket nobody listens on");
         std::fs::remove_file(&path).unwrap();
 
         // Two lines: the first says more follow; the sockets come in the order named.
@@ -453,7 +539,9 @@ mod tests {
             .map(|f| socket2::SockRef::from(f).local_addr().unwrap().as_socket().unwrap().port())
             .collect();
         let asked = answering(&path, vec![(format!("{first}\n"), vec![a1, a6]), (format!("{last}\n"), vec![b8])]).await;
-        let TakeOver::HandedOver(got) = take_over(&path).await else { panic!("not handed over") };
+        let TakeOver::HandedOver(Handed { pods: got, .. }) = take_over(&path, &[]).await else {
+            panic!("not handed over")
+        };
         assert_eq!(asked.await.unwrap(), "{\"op\":\"handover\"}\n");
         let named: Vec<_> = got.iter().map(|i| (i.listener.netns.display().to_string(), i.listener.port)).collect();
         assert_eq!(named, [("/n/a".into(), 15001), ("/n/a".into(), 15006), ("/n/b".to_string(), 15008)]);
@@ -466,19 +554,51 @@ mod tests {
 
         // Names without sockets are refused, not zipped short.
         let _short = answering(&path, vec![(format!("{last}\n"), vec![])]).await;
-        match take_over(&path).await {
+        match take_over(&path, &[]).await {
             TakeOver::Refused(why) => assert!(why.contains("1 listeners named but 0 sockets passed"), "{why}"),
             other => panic!("{other:?}"),
         }
         std::fs::remove_file(&path).unwrap();
 
+        // Node ports asked for come first, on a line of their own, and are told apart from pods'.
+        let node = r#"{"ok":true,"node_listeners":["127.0.0.1:15000"],"more":true}"#;
+        let (n, b8) = (listener(), listener());
+        let node_port = socket2::SockRef::from(&n).local_addr().unwrap().as_socket().unwrap().port();
+        let asked = answering(&path, vec![(format!("{node}\n"), vec![n]), (format!("{last}\n"), vec![b8])]).await;
+        let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
+        let TakeOver::HandedOver(got) = take_over(&path, &[admin]).await else { panic!("not handed over") };
+        assert_eq!(asked.await.unwrap(), "{\"op\":\"handover\",\"ports\":[\"127.0.0.1:15000\"]}\n");
+        assert_eq!(got.pods.len(), 1);
+        assert_eq!(got.pods[0].listener.port, 15008);
+        let passed: Vec<_> = got
+            .node
+            .iter()
+            .map(|(a, fd)| (*a, socket2::SockRef::from(fd).local_addr().unwrap().as_socket().unwrap().port()))
+            .collect();
+        assert_eq!(passed, [(admin, node_port)]);
+        std::fs::remove_file(&path).unwrap();
+
         // A ztunnel from before hand-overs existed rejects the request.
         let older = r#"{"ok":false,"error":"invalid request: unknown variant `handover`"}"#;
         let _older = answering(&path, vec![(format!("{older}\n"), vec![])]).await;
-        match take_over(&path).await {
+        match take_over(&path, &[]).await {
             TakeOver::Refused(why) => assert!(why.contains("unknown variant"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn two_ztunnels_cannot_start_on_one_socket_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _in_rt = rt.enter();
+        let first = bind(&path).unwrap();
+        let e = bind(&path).err().expect("a second start while the first has not published");
+        assert_eq!(e.kind(), ErrorKind::AddrInUse);
+        assert!(e.to_string().contains("another ztunnel is starting"), "{e}");
+        let _published = first.publish().unwrap();
+        let _second = bind(&path).expect("once the first has published, the next may start");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use crate::admin::{self, Admin};
 use crate::identity::{CaConfig, CertManager};
 use crate::metrics::Metrics;
+use crate::node_ports::{self, NodePorts, Serve};
 use crate::pods::Pods;
 use crate::proxy::{self, Proxy};
 use crate::state::State;
@@ -155,49 +156,73 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     };
 
     let agent_socket = control.block_on(async move {
-        // Bind everything first: a port conflict is a startup error, not a log line later.
-        let bind = |addr: SocketAddr, what: &'static str| async move {
-            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {what} on {addr}"))
-        };
-        let admin_l = bind(cfg.admin_addr, "admin").await?;
-        let metrics_l = bind(cfg.metrics_addr, "metrics").await?;
-        let ready_l = bind(cfg.readiness_addr, "readiness").await?;
+        // Bind everything first: a port conflict is a startup error, not a log line later. A port
+        // in use may be held by the ztunnel this one takes over from, which then passes it on.
+        let servers: [(&'static str, SocketAddr, Serve); 3] = [
+            ("admin", cfg.admin_addr, admin_server(admin.clone(), admin::serve_admin)),
+            ("metrics", cfg.metrics_addr, admin_server(admin.clone(), admin::serve_metrics)),
+            ("readiness", cfg.readiness_addr, admin_server(admin, admin::serve_readiness)),
+        ];
+        let (mut bound, mut in_use) = (Vec::new(), Vec::new());
+        for (what, addr, serve) in servers {
+            match node_ports::bind(addr) {
+                Ok(l) => bound.push((what, l, serve)),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => in_use.push((what, addr, serve, e)),
+                Err(e) => return Err(e).with_context(|| format!("binding {what} on {addr}")),
+            }
+        }
         let agent_l = agent::bind(&cfg.agent_socket)
             .with_context(|| format!("binding the agent socket {}", cfg.agent_socket.display()))?;
         // Only once nothing else is likely to fail: the running ztunnel stops managing pods when
         // asked, and cannot take them back.
         let take_over = match pods.has_registry() {
-            true => agent::take_over(&cfg.agent_socket).await,
+            true => agent::take_over(&cfg.agent_socket, &in_use.iter().map(|p| p.1).collect::<Vec<_>>()).await,
             // Without one, the pods handed over would be unknown here, and so never served again.
             false => agent::TakeOver::Refused("not asking: this ztunnel runs without a pod registry".into()),
         };
+        let mut passed_ports = Vec::new();
         match take_over {
-            agent::TakeOver::NoneRunning => {}
-            agent::TakeOver::HandedOver(listeners) => {
-                tracing::info!(listeners = listeners.len(), "took the pods over from the running ztunnel");
-                pods.inherit(listeners);
+            agent::TakeOver::HandedOver(handed) => {
+                tracing::info!(listeners = handed.pods.len(), "took the pods over from the running ztunnel");
+                pods.inherit(handed.pods);
+                passed_ports = handed.node;
             }
+            agent::TakeOver::Refused(why) if !in_use.is_empty() => {
+                let (what, addr, _, e) = &in_use[0];
+                anyhow::bail!("binding {what} on {addr}: {e}, and the running ztunnel did not hand it over: {why}");
+            }
+            agent::TakeOver::NoneRunning => {}
             agent::TakeOver::Refused(why) => tracing::warn!(
                 why,
                 "the running ztunnel did not hand its pods over; pods it serves are enrolled here once it exits"
             ),
+        }
+        for (what, addr, serve, e) in in_use {
+            let Some(i) = passed_ports.iter().position(|(a, _)| *a == addr) else {
+                return Err(e).with_context(|| format!("binding {what} on {addr}"));
+            };
+            let l = node_ports::adopt(passed_ports.swap_remove(i).1, addr)
+                .with_context(|| format!("adopting {what} on {addr} from the running ztunnel"))?;
+            bound.push((what, l, serve));
+        }
+        let node_ports = Arc::new(NodePorts::default());
+        for (what, l, serve) in bound {
+            node_ports.start(what, l, serve).with_context(|| format!("serving {what}"))?;
         }
         pods.restore();
         let (agent_l, agent_socket) = agent_l
             .publish()
             .with_context(|| format!("moving the agent socket into place at {}", cfg.agent_socket.display()))?;
         let agent_socket = Arc::new(std::sync::Mutex::new(agent_socket));
-        tokio::spawn(agent::take_back_when_abandoned(pods.clone(), agent_socket.clone(), pod_changes.clone()));
+        let agent = Arc::new(agent::Agent { pods, ports: node_ports });
+        tokio::spawn(agent::take_back_when_abandoned(agent.clone(), agent_socket.clone(), pod_changes.clone()));
         tokio::spawn(xds_client.run());
         if let Some(overlay) = overlay {
             tokio::spawn(overlay);
         }
-        tokio::spawn(pods.clone().run(pod_changes));
+        tokio::spawn(agent.pods.clone().run(pod_changes));
         tokio::spawn(revalidation);
-        tokio::spawn(agent::serve(agent_l, pods));
-        spawn_server("admin", admin::serve_admin(admin_l, admin.clone()));
-        spawn_server("metrics", admin::serve_metrics(metrics_l, admin.clone()));
-        spawn_server("readiness", admin::serve_readiness(ready_l, admin));
+        tokio::spawn(agent::serve(agent_l, agent));
         tracing::info!(node = cfg.node_name, xds = cfg.xds_address, agent = %cfg.agent_socket.display(), "ztunnel started");
         shutdown_signal().await;
         tracing::info!(deadline = ?cfg.drain_timeout, "draining: no new connections");
@@ -246,12 +271,12 @@ impl DataPlane {
     }
 }
 
-fn spawn_server(what: &'static str, f: impl std::future::Future<Output = std::io::Result<()>> + Send + 'static) {
-    tokio::spawn(async move {
-        if let Err(e) = f.await {
-            tracing::error!(server = what, error = %e, "server stopped");
-        }
-    });
+/// One of the admin servers as a node port can run it, again after a take-back.
+fn admin_server<F>(a: Admin, serve: fn(tokio::net::TcpListener, Admin, node_ports::Stop) -> F) -> Serve
+where
+    F: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    Arc::new(move |l, stop| Box::pin(serve(l, a.clone(), stop)))
 }
 
 async fn shutdown_signal() {

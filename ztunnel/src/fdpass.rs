@@ -90,7 +90,7 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io:
 
 /// Checks that `fd` is a listening TCP socket on `port` inside the network namespace at `netns`,
 /// so that a socket handed over can only ever serve the pod it was made for.
-pub fn check_listener(fd: BorrowedFd<'_>, netns: &Path, port: u16) -> io::Result<()> {
+pub fn check_listener(fd: BorrowedFd<'_>, netns: &Path, port: u16) -> io::Result<std::net::SocketAddr> {
     let raw = fd.as_raw_fd();
     let int_opt = |level, name| -> io::Result<libc::c_int> {
         let mut v: libc::c_int = 0;
@@ -107,10 +107,10 @@ pub fn check_listener(fd: BorrowedFd<'_>, netns: &Path, port: u16) -> io::Result
     {
         return Err(io::Error::other("not a listening TCP socket"));
     }
-    let local = socket2::SockRef::from(&fd).local_addr()?.as_socket().map(|a| a.port());
-    if local != Some(port) {
-        return Err(io::Error::other(format!("bound to port {local:?}, not {port}")));
-    }
+    let local = socket2::SockRef::from(&fd).local_addr()?.as_socket();
+    let Some(local) = local.filter(|a| a.port() == port) else {
+        return Err(io::Error::other(format!("bound to {local:?}, not port {port}")));
+    };
     // SIOCGSKNS (linux/sockios.h): a descriptor for the socket's network namespace.
     const SIOCGSKNS: libc::c_ulong = 0x894c;
     // SAFETY: the ioctl takes no argument and returns a new descriptor, which we own.
@@ -126,7 +126,7 @@ pub fn check_listener(fd: BorrowedFd<'_>, netns: &Path, port: u16) -> io::Result
     if (theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino()) {
         return Err(io::Error::other(format!("not in the network namespace {}", netns.display())));
     }
-    Ok(())
+    Ok(local)
 }
 
 #[cfg(test)]
@@ -149,7 +149,7 @@ mod tests {
 
         let here = Path::new("/proc/self/ns/net");
         let port = |l: &std::net::TcpListener| l.local_addr().unwrap().port();
-        check_listener(fds[0].as_fd(), here, port(&l1)).unwrap();
+        assert_eq!(check_listener(fds[0].as_fd(), here, port(&l1)).unwrap(), l1.local_addr().unwrap());
         // The received descriptor is the same socket: a connection to it is accepted through it.
         let received = std::net::TcpListener::from(fds.remove(1));
         let _c = std::net::TcpStream::connect(l2.local_addr().unwrap()).unwrap();

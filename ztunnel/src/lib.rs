@@ -6,7 +6,8 @@
 //! which gets [`proxy`] listeners inside its network namespace ([`netns`], [`sockets`]) and the
 //! [`capture`] rules that steer its traffic to them; [`overlay`] routes pod CIDRs of other nodes
 //! over VXLAN. [`admin`] and [`metrics`] are for operators, and [`log_budget`] keeps what
-//! outsiders can make ztunnel log bounded;
+//! outsiders can make ztunnel log bounded; [`node_ports`] are its own ports (passed on in a
+//! hand-over too);
 //! [`app`] wires the process together.
 
 pub mod admin;
@@ -19,6 +20,7 @@ pub mod log_budget;
 pub mod metrics;
 pub mod netlink;
 pub mod netns;
+pub mod node_ports;
 pub mod overlay;
 pub mod pods;
 pub mod proxy;

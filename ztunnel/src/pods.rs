@@ -743,8 +743,8 @@ impl Pods {
         let mut inherited = lock(&self.inherited);
         let Some(passed) = inherited.get_mut(netns) else { return HashMap::new() };
         passed.retain(|(port, fd)| match crate::fdpass::check_listener(fd.as_fd(), netns, *port) {
-            Ok(()) if LISTENER_PORTS.contains(port) => true,
-            Ok(()) => {
+            Ok(_) if LISTENER_PORTS.contains(port) => true,
+            Ok(_) => {
                 tracing::warn!(pod = uid, port, "ignoring a passed listener for a port ztunnel does not use");
                 false
             }

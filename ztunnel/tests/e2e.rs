@@ -783,7 +783,9 @@ impl Probes {
 /// An upgrade without a gap: a newer ztunnel started next to the running one takes its pods over
 /// (the pods' listening sockets, and managing the pods from then on), and the old one drains
 /// away. New connections, opened every 20 ms through both nodes while first the server's and then
-/// the client's ztunnel is replaced, are never refused.
+/// the client's ztunnel is replaced, are never refused. Node 2's new ztunnel listens on ports of
+/// its own, so the old one can be asked how it stands; node 1's is started with the same flags
+/// as the old one and takes over its admin, metrics and readiness sockets too.
 #[test]
 fn a_newer_ztunnel_takes_the_pods_over_without_refusing_a_connection() {
     let Mesh { lab, client, server_a, server_b, .. } = mesh(&["--drain-timeout", "3s"]);
@@ -797,7 +799,7 @@ fn a_newer_ztunnel_takes_the_pods_over_without_refusing_a_connection() {
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    let new_ports =
+    let own_ports =
         ["--admin-addr", "127.0.0.1:16000", "--metrics-addr", "0.0.0.0:16020", "--readiness-addr", "0.0.0.0:16021"];
 
     // Node 2's new ztunnel reaches the CA through a relay that at first hangs up on it: its pods'
@@ -808,46 +810,69 @@ fn a_newer_ztunnel_takes_the_pods_over_without_refusing_a_connection() {
     let ca_down_arg = ca_down.display().to_string();
     let relay_args = [script, "relay", "172.30.0.1", "15999", "172.30.0.1", "15012", &ca_down_arg];
     lab.spawn("ca-relay", &lab.underlay(), std::path::Path::new("python3"), &relay_args);
-    let ready = |node: usize| {
-        let out = lab.exec(&lab.node(node), "curl -s http://127.0.0.1:16021/healthz/ready");
+    let ready = |node: usize, port: u16| {
+        let out = lab.exec(&lab.node(node), &format!("curl -s http://127.0.0.1:{port}/healthz/ready"));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    let sockets = |label: &str| -> BTreeSet<String> {
+        let pid = lab.pid(label).unwrap();
+        netlab::sh(&format!("ls -l /proc/{pid}/fd | grep -o 'socket:\\[[0-9]*\\]'")).lines().map(String::from).collect()
+    };
+    // The listening socket on `port` in `netns`, as /proc/<pid>/fd names it.
+    let listening = |netns: &str, port: u16| {
+        let ss = netlab::sh(&format!("ip netns exec {netns} ss -Hltne sport = :{port}"));
+        let inode = ss.split("ino:").nth(1).and_then(|v| v.split_whitespace().next());
+        format!("socket:[{}]", inode.unwrap_or_else(|| panic!("nothing listens on {port} in {netns}: {ss}")))
+    };
 
-    for (node, pod) in [(2, &server_b), (1, &server_a)] {
+    for (node, pod, same_ports) in [(2, &server_b, false), (1, &server_a, true)] {
         let (old, new) = (format!("ztunnel{node}"), format!("ztunnel{node}-new"));
-        let mut args = new_ports.to_vec();
+        let mut args = if same_ports { vec![] } else { own_ports.to_vec() };
+        let ready_port = if same_ports { 15021 } else { 16021 };
         if node == 2 {
             args.extend(["--ca-address", "https://172.30.0.1:15999"]);
         }
         lab.spawn_another_ztunnel(&new, node, &args);
         if node == 2 {
             wait_for("the new ztunnel's enrollments to fail", Duration::from_secs(20), || {
-                ready(2).contains("is not served yet: enrolling failed").then_some(())
+                ready(2, ready_port).contains("is not served yet: enrolling failed").then_some(())
             });
             std::thread::sleep(Duration::from_secs(1));
-            assert!(ready(2).starts_with("not ready"), "ready while a pod it took over is not served");
+            assert!(ready(2, ready_port).starts_with("not ready"), "ready while a pod it took over is not served");
             std::fs::remove_file(&ca_down).unwrap();
         }
-        wait_for(&format!("{new} ready"), Duration::from_secs(40), || ready(node).starts_with("ready").then_some(()));
+        // Until it has taken over, the readiness port may still be the old one's (same ports).
+        wait_for(&format!("{new} to take over"), Duration::from_secs(20), || {
+            lab.log(&new).contains("took the pods over from the running ztunnel").then_some(())
+        });
+        wait_for(&format!("{new} ready"), Duration::from_secs(40), || {
+            ready(node, ready_port).starts_with("ready").then_some(())
+        });
         assert!(lab.log(&old).contains("handed the pods over to a newer ztunnel"), "{}", lab.log(&old));
-        assert!(lab.log(&new).contains("took the pods over from the running ztunnel"), "{}", lab.log(&new));
-        let dump: serde_json::Value = serde_json::from_str(&lab.ztunnel_get(node, 15000, "/config_dump")).unwrap();
-        assert_eq!(dump["pods_handed_over"], true, "the old one says it no longer manages the pods");
-        let ready = lab.exec(&lab.node(node), "curl -s http://127.0.0.1:15021/healthz/ready");
-        assert!(String::from_utf8_lossy(&ready.stdout).contains("handed the pods over"), "the old one is not ready");
+        if same_ports {
+            // The old one passed its own listening sockets on and no longer holds them: each is
+            // open in the new one only, which answers on them.
+            let node_ns = lab.node(node);
+            for port in [15000, 15020, 15021] {
+                let inode = listening(&node_ns, port);
+                wait_for(&format!("{old} to let go of {port}"), Duration::from_secs(5), || {
+                    (!sockets(&old).contains(&inode)).then_some(())
+                });
+                assert!(sockets(&new).contains(&inode), "{port} is not {new}'s");
+            }
+            let handed = without_colours(&lab.log(&old)).matches("handed the port over to the newer ztunnel").count();
+            assert_eq!(handed, 3, "{}", lab.log(&old));
+            let dump: serde_json::Value = serde_json::from_str(&lab.ztunnel_get(node, 15000, "/config_dump")).unwrap();
+            assert_eq!(dump["pods_handed_over"], false, "15000 is the new one's");
+        } else {
+            let dump: serde_json::Value = serde_json::from_str(&lab.ztunnel_get(node, 15000, "/config_dump")).unwrap();
+            assert_eq!(dump["pods_handed_over"], true, "the old one says it no longer manages the pods");
+            assert!(ready(node, 15021).contains("handed the pods over"), "the old one is not ready");
+        }
         // The new one serves each pod with the old one's listening sockets: the same socket
         // (inode) is open in both processes.
-        let sockets = |label: &str| -> BTreeSet<String> {
-            let pid = lab.pid(label).unwrap();
-            netlab::sh(&format!("ls -l /proc/{pid}/fd | grep -o 'socket:\\[[0-9]*\\]'"))
-                .lines()
-                .map(String::from)
-                .collect()
-        };
-        let listening = netlab::sh(&format!("ip netns exec {} ss -Hltne sport = :15008", pod.netns));
-        let inode = listening.split("ino:").nth(1).and_then(|v| v.split_whitespace().next()).unwrap().to_string();
-        let inode = format!("socket:[{inode}]");
-        assert!(sockets(&old).contains(&inode) && sockets(&new).contains(&inode), "15008 is not shared: {listening}");
+        let inode = listening(&pod.netns, 15008);
+        assert!(sockets(&old).contains(&inode) && sockets(&new).contains(&inode), "15008 is not shared: {inode}");
         // Let the probes run against both for a moment, then the old one drains and exits.
         std::thread::sleep(Duration::from_millis(500));
         lab.stop(&old);
@@ -858,7 +883,7 @@ fn a_newer_ztunnel_takes_the_pods_over_without_refusing_a_connection() {
         std::thread::sleep(Duration::from_millis(500));
     }
     // Both new ztunnels carried probes: node1's opened tunnels, node2's accepted them.
-    let (out, inn) = (mtls_opened(16020, 1, "reporter=\"source\""), mtls_opened(16020, 2, "reporter=\"destination\""));
+    let (out, inn) = (mtls_opened(15020, 1, "reporter=\"source\""), mtls_opened(16020, 2, "reporter=\"destination\""));
     let (ok, failed, log) = probes.finish(&lab);
     assert_eq!(failed, 0, "connections failed during the hand-overs:\n{log}");
     assert!(ok >= 50, "too few probes to say anything: {ok}");
@@ -866,28 +891,35 @@ fn a_newer_ztunnel_takes_the_pods_over_without_refusing_a_connection() {
 }
 
 /// A hand-over whose newer ztunnel dies is taken back: the old one, which kept serving the pods
-/// throughout, manages them again (its agent socket answers, it is ready, new pods are enrolled),
-/// and no connection is refused on the way.
+/// throughout, manages them again (its agent socket answers, it listens on its node ports again
+/// and is ready, new pods are enrolled), and no connection is refused on the way. Both run with
+/// nftables capture and the same flags, so the newer one also took the node ports over.
 #[test]
 fn a_ztunnel_takes_its_pods_back_when_the_newer_one_dies() {
-    let Mesh { lab, client, server_b, .. } = mesh(&[]);
+    let nftables = ["--capture", "nftables"];
+    let Mesh { lab, client, server_b, .. } = mesh(&nftables);
     lab.app(&server_b, &["echo", "9000"], 9000);
     let probes = Probes::start(&lab, &client, &server_b);
-    let ready = |port: u16| {
-        let out = lab.exec(&lab.node(2), &format!("curl -s http://127.0.0.1:{port}/healthz/ready"));
+    let ready = || {
+        let out = lab.exec(&lab.node(2), "curl -s http://127.0.0.1:15021/healthz/ready");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let new_ports =
-        ["--admin-addr", "127.0.0.1:16000", "--metrics-addr", "0.0.0.0:16020", "--readiness-addr", "0.0.0.0:16021"];
-    lab.spawn_another_ztunnel("ztunnel2-new", 2, &new_ports);
-    wait_for("the new ztunnel ready", Duration::from_secs(20), || ready(16021).starts_with("ready").then_some(()));
-    assert!(ready(15021).contains("handed the pods over"), "{}", ready(15021));
+    lab.spawn_another_ztunnel("ztunnel2-new", 2, &nftables);
+    wait_for("the hand-over", Duration::from_secs(20), || {
+        lab.log("ztunnel2-new").contains("took the pods over from the running ztunnel").then_some(())
+    });
+    wait_for("the new ztunnel ready", Duration::from_secs(20), || ready().starts_with("ready").then_some(()));
+    assert!(lab.log("ztunnel2").contains("handed the port over to the newer ztunnel"), "{}", lab.log("ztunnel2"));
+    let rules = lab.exec_ok(&server_b.netns, "nft list ruleset");
+    assert!(rules.contains("15008"), "nftables capture stays in place under the new ztunnel: {rules}");
     // It dies without a chance to clean up: its socket file stays, and nothing answers on it.
     netlab::sh(&format!("kill -KILL {}", lab.pid("ztunnel2-new").unwrap()));
     wait_for("the old ztunnel to take the pods back", Duration::from_secs(20), || {
-        ready(15021).starts_with("ready").then_some(())
+        ready().starts_with("ready").then_some(())
     });
-    assert!(lab.log("ztunnel2").contains("the ztunnel that took the pods over is gone; taking them back"));
+    let log = without_colours(&lab.log("ztunnel2"));
+    assert!(log.contains("the ztunnel that took the pods over is gone; taking them back"), "{log}");
+    assert!(log.contains("listening again after taking the pods back"), "{log}");
     assert_eq!(lab.enrollment(&server_b), (true, "meshed".to_string()), "the agent socket answers again");
     // It manages pods again: a new one is enrolled and reachable over the mesh.
     let late = lab.add_pod(2, "demo", "late", "server", "app: late", 40);
@@ -896,6 +928,49 @@ fn a_ztunnel_takes_its_pods_back_when_the_newer_one_dies() {
     assert_eq!(lab.curl(&client, &format!("http://{}:8080/", late.ip)).as_deref(), Ok("late"));
     let (ok, failed, log) = probes.finish(&lab);
     assert!(ok > 0 && failed == 0, "connections failed while the pods changed hands:\n{log}");
+}
+
+/// A hand-over whose taker never moves its agent socket into place (it hung, or it crashed
+/// before) is taken back once the grace for that has passed (30 s), node ports included. The
+/// taker here is a bare client of the agent protocol that asks, reads the first answer line and
+/// goes away, so the sockets it was passed are closed unused.
+#[test]
+fn a_ztunnel_takes_its_pods_back_when_the_newer_one_never_moves_in() {
+    let Mesh { lab, client, server_b, .. } = mesh(&[]);
+    lab.app(&server_b, &["echo", "9000"], 9000);
+    let probes = Probes::start(&lab, &client, &server_b);
+    let ready = || {
+        let out = lab.exec(&lab.node(2), "curl -s http://127.0.0.1:15021/healthz/ready");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(ready().starts_with("ready"));
+    let refused = lab.agent(2, &serde_json::json!({"op": "handover", "ports": ["0.0.0.0:15021", "127.0.0.1:1"]}));
+    assert_eq!(refused["ok"], false);
+    let why = refused["error"].as_str().unwrap();
+    assert!(why.contains("does not listen on 127.0.0.1:1") && why.contains("readiness on 0.0.0.0:15021"), "{why}");
+    assert!(ready().starts_with("ready"), "a refused hand-over gives nothing up");
+
+    let handed_at = std::time::Instant::now();
+    let answer = lab.agent(2, &serde_json::json!({"op": "handover", "ports": ["0.0.0.0:15021"]}));
+    assert_eq!(
+        (answer["ok"].clone(), answer["node_listeners"].clone()),
+        (true.into(), serde_json::json!(["0.0.0.0:15021"]))
+    );
+    assert_eq!(ready(), "", "the readiness port went with the hand-over");
+    let add = lab
+        .agent(2, &serde_json::json!({"op": "add", "namespace": "demo", "name": "server-b", "netns": "/nonexistent"}));
+    assert!(add["error"].as_str().unwrap().contains("handed its pods over"), "{add}");
+    wait_for("the old ztunnel to take the pods back", Duration::from_secs(45), || {
+        ready().starts_with("ready").then_some(())
+    });
+    let waited = handed_at.elapsed();
+    assert!(waited >= Duration::from_secs(29), "taken back after {waited:?}, before the grace ran out");
+    let log = without_colours(&lab.log("ztunnel2"));
+    assert!(log.contains("the ztunnel that took the pods over is gone; taking them back"), "{log}");
+    assert!(log.contains("listening again after taking the pods back"), "{log}");
+    assert_eq!(lab.enrollment(&server_b), (true, "meshed".to_string()));
+    let (ok, failed, log) = probes.finish(&lab);
+    assert!(ok > 0 && failed == 0, "connections failed while the pods were handed over:\n{log}");
 }
 
 /// SIGTERM waits for connections still being set up, not only for those already proxied: one
