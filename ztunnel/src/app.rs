@@ -222,6 +222,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         }
         tokio::spawn(agent.pods.clone().run(pod_changes));
         tokio::spawn(revalidation);
+        tokio::spawn(async {
+            let mut every = tokio::time::interval(crate::log_budget::WINDOW);
+            loop {
+                every.tick().await;
+                crate::log_budget::report_suppressed();
+            }
+        });
         tokio::spawn(agent::serve(agent_l, agent));
         tracing::info!(node = cfg.node_name, xds = cfg.xds_address, agent = %cfg.agent_socket.display(), "ztunnel started");
         shutdown_signal().await;

@@ -24,12 +24,12 @@ impl Proxy {
         let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, pod.acceptor.accept(tcp)).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
-                warn_limited!("HBONE TLS handshake rejected", %src, pod = pod.uid, error = %e);
+                warn_limited!(per src.ip(); "HBONE TLS handshake rejected", %src, pod = pod.uid, error = %e);
                 self.metrics.reject(DIRECTION, "tls");
                 return;
             }
             Err(_) => {
-                warn_limited!("HBONE TLS handshake timed out", %src, pod = pod.uid);
+                warn_limited!(per src.ip(); "HBONE TLS handshake timed out", %src, pod = pod.uid);
                 self.metrics.reject(DIRECTION, "tls");
                 return;
             }
@@ -55,17 +55,18 @@ impl Proxy {
     async fn tunnel(&self, pod: &Pod, src: SocketAddr, req: Inbound) -> Result<Tracked<TcpStream>, StatusCode> {
         let dst = req.authority;
         let guard = conn::Guard { pod_uid: pod.uid.clone(), source: req.peer.clone() };
-        let Authorized { source: src_peer, destination: dst_peer, decision } =
-            match self.authorize(pod, req.peer, src, dst) {
-                Some(a) if !is_listener_loop(dst) => a,
-                _ => {
-                    warn_limited!("CONNECT authority is not this workload", %src, authority = %dst, pod = pod.uid);
-                    self.metrics.reject(DIRECTION, "bad_request");
-                    return Err(StatusCode::BAD_REQUEST);
-                }
-            };
+        let Authorized { source: src_peer, destination: dst_peer, decision } = match self
+            .authorize(pod, req.peer, src, dst)
+        {
+            Some(a) if !is_listener_loop(dst) => a,
+            _ => {
+                warn_limited!(per src.ip(); "CONNECT authority is not this workload", %src, authority = %dst, pod = pod.uid);
+                self.metrics.reject(DIRECTION, "bad_request");
+                return Err(StatusCode::BAD_REQUEST);
+            }
+        };
         if let Decision::Deny(policy) = decision {
-            warn_limited!(
+            warn_limited!(per src.ip();
                 "connection denied by authorization policy",
                 policy,
                 source = src_peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),

@@ -272,7 +272,7 @@ impl Proxy {
             Self::denial(&state, c)
         };
         if let Some(why) = denial {
-            warn_limited!("closing a connection the policy stopped allowing while it was set up",
+            warn_limited!(per c.record().src.ip(); "closing a connection the policy stopped allowing while it was set up",
                 %why, src = %c.record().src, dst = %c.record().dst);
             self.revoke(c, why);
         }

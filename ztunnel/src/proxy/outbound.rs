@@ -43,7 +43,7 @@ impl Proxy {
         };
         // Fail closed: a pod whose workload vanished from config has no identity to send as.
         let Some(source) = source else {
-            warn_limited!("source workload unknown; connection refused", pod = pod.uid, %dst);
+            warn_limited!(per src.ip(); "source workload unknown; connection refused", pod = pod.uid, %dst);
             self.metrics.reject(DIRECTION, "unknown_source");
             return sockets::reset(client);
         };
@@ -59,7 +59,7 @@ impl Proxy {
         };
         match route {
             Route::NoEndpoint { service } => {
-                warn_limited!("no healthy endpoint", %src, %dst, service);
+                warn_limited!(per src.ip(); "no healthy endpoint", %src, %dst, service);
                 self.metrics.reject(DIRECTION, "no_endpoint");
                 sockets::reset(client);
             }
@@ -67,14 +67,14 @@ impl Proxy {
             Route::Direct { addr, peer, service } => self.plain(pod, client, record(addr, peer, service, false)).await,
             Route::Hbone { addr, authority, identities, peer, service } => {
                 let Some(src_id) = source.identity.clone() else {
-                    warn_limited!("source workload has no service account; cannot use mTLS", pod = pod.uid);
+                    warn_limited!(per src.ip(); "source workload has no service account; cannot use mTLS", pod = pod.uid);
                     self.metrics.reject(DIRECTION, "unknown_source");
                     return sockets::reset(client);
                 };
                 let cert = match self.cert(&src_id).await {
                     Ok(c) => c,
                     Err(e) => {
-                        warn_limited!("no certificate; connection refused", identity = %src_id, error = %e);
+                        warn_limited!(per src.ip(); "no certificate; connection refused", identity = %src_id, error = %e);
                         self.metrics.reject(DIRECTION, "tls");
                         return sockets::reset(client);
                     }
@@ -96,7 +96,7 @@ impl Proxy {
                         }
                     }
                     Err(e) => {
-                        warn_limited!("HBONE tunnel failed", %src, %dst, via = %addr, error = %e);
+                        warn_limited!(per src.ip(); "HBONE tunnel failed", %src, %dst, via = %addr, error = %e);
                         self.metrics.reject(DIRECTION, rejection_reason(&e));
                         sockets::reset(client);
                     }

@@ -28,12 +28,12 @@ impl Proxy {
         let Some(Authorized { source: src_peer, destination: dst_peer, decision }) =
             self.authorize(&pod, None, src, dst)
         else {
-            warn_limited!("plaintext connection not addressed to this workload", %src, %dst, pod = pod.uid);
+            warn_limited!(per src.ip(); "plaintext connection not addressed to this workload", %src, %dst, pod = pod.uid);
             self.metrics.reject(DIRECTION, "bad_request");
             return sockets::reset(client);
         };
         if let Decision::Deny(policy) = decision {
-            warn_limited!(
+            warn_limited!(per src.ip();
                 "plaintext connection denied",
                 policy,
                 %src,
