@@ -134,6 +134,11 @@ pub enum TakeOver {
     /// A ztunnel answers but did not hand over (an older version, or it failed): the pods it
     /// serves keep its listeners, and are enrolled here once it exits.
     Refused(String),
+    /// The hand-over may have happened, but its answer was lost (a timeout, a broken or
+    /// malformed answer): the running one may have stopped managing the pods without this one
+    /// holding their listeners. This one must exit, so that the running one takes the pods back
+    /// ([`take_back_when_abandoned`]) and a later start asks again.
+    Broken(String),
 }
 
 /// What a hand-over passed.
@@ -149,11 +154,32 @@ pub struct Handed {
 /// `ports` (which this one could not bind). Call before loading the registry, so that it holds
 /// the running one's final state.
 pub async fn take_over(path: &Path, ports: &[SocketAddr]) -> TakeOver {
-    match tokio::time::timeout(HANDOVER_TIMEOUT, ask_handover(path, ports)).await {
-        Ok(Ok(inherited)) => TakeOver::HandedOver(inherited),
-        Ok(Err(e)) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => TakeOver::NoneRunning,
-        Ok(Err(e)) => TakeOver::Refused(format!("{}: {e}", path.display())),
-        Err(_) => TakeOver::Refused(format!("no answer from {} within {HANDOVER_TIMEOUT:?}", path.display())),
+    let mut s = match UnixStream::connect(path).await {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+            return TakeOver::NoneRunning
+        }
+        Err(e) => return TakeOver::Refused(format!("{}: {e}", path.display())),
+    };
+    match tokio::time::timeout(HANDOVER_TIMEOUT, ask_handover(&mut s, ports)).await {
+        Ok(Ok(handed)) => TakeOver::HandedOver(handed),
+        Ok(Err(Failed::Refused(why))) => TakeOver::Refused(format!("{}: {why}", path.display())),
+        Ok(Err(Failed::Broken(e))) => TakeOver::Broken(format!("{}: {e}", path.display())),
+        Err(_) => TakeOver::Broken(format!("no complete answer from {} within {HANDOVER_TIMEOUT:?}", path.display())),
+    }
+}
+
+/// How asking for a hand-over failed.
+enum Failed {
+    /// The running ztunnel said no before handing anything over.
+    Refused(String),
+    /// Anything else: whether it handed over is unknown.
+    Broken(std::io::Error),
+}
+
+impl From<std::io::Error> for Failed {
+    fn from(e: std::io::Error) -> Failed {
+        Failed::Broken(e)
     }
 }
 
@@ -163,9 +189,8 @@ enum Named {
     Pod(HandedListener),
 }
 
-async fn ask_handover(path: &Path, ports: &[SocketAddr]) -> std::io::Result<Handed> {
+async fn ask_handover(s: &mut UnixStream, ports: &[SocketAddr]) -> Result<Handed, Failed> {
     use std::os::fd::AsFd;
-    let mut s = UnixStream::connect(path).await?;
     let mut ask = serde_json::to_vec(&Request::Handover { ports: ports.to_vec() }).map_err(std::io::Error::other)?;
     ask.push(b'\n');
     s.write_all(&ask).await?;
@@ -179,14 +204,18 @@ async fn ask_handover(path: &Path, ports: &[SocketAddr]) -> std::io::Result<Hand
                 std::io::Error::other(format!("unreadable answer {:?}: {e}", String::from_utf8_lossy(&line).trim()))
             })?;
             if !r.ok {
-                return Err(std::io::Error::other(r.error.unwrap_or_else(|| "refused".into())));
+                let why = r.error.unwrap_or_else(|| "refused".into());
+                return Err(match listeners.is_empty() && fds.is_empty() {
+                    true => Failed::Refused(why),
+                    false => Failed::Broken(std::io::Error::other(format!("refused part-way: {why}"))),
+                });
             }
             listeners.extend(r.node_listeners.unwrap_or_default().into_iter().map(Named::Node));
             listeners.extend(r.listeners.unwrap_or_default().into_iter().map(Named::Pod));
             if !r.more {
                 if listeners.len() != fds.len() {
                     let msg = format!("{} listeners named but {} sockets passed", listeners.len(), fds.len());
-                    return Err(std::io::Error::other(msg));
+                    return Err(std::io::Error::other(msg).into());
                 }
                 let mut handed = Handed::default();
                 for (name, fd) in listeners.into_iter().zip(fds) {
@@ -200,14 +229,14 @@ async fn ask_handover(path: &Path, ports: &[SocketAddr]) -> std::io::Result<Hand
         }
         s.readable().await?;
         let n = match s.try_io(tokio::io::Interest::READABLE, || crate::fdpass::recv(s.as_fd(), &mut buf, &mut fds)) {
-            Ok(0) => return Err(std::io::Error::other("the running ztunnel closed the connection mid-answer")),
+            Ok(0) => return Err(std::io::Error::other("the running ztunnel closed the connection mid-answer").into()),
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         bytes.extend_from_slice(&buf[..n]);
         if bytes.len() > MAX_HANDOVER_BYTES || fds.len() > MAX_HANDOVER_LISTENERS {
-            return Err(std::io::Error::other("hand-over answer too large"));
+            return Err(std::io::Error::other("hand-over answer too large").into());
         }
     }
 }
@@ -552,13 +581,32 @@ mod tests {
         assert_eq!(passed, ports, "each socket is the one named at its place");
         std::fs::remove_file(&path).unwrap();
 
-        // Names without sockets are refused, not zipped short.
+        // Names without sockets are not zipped short; whether the running one let go is then
+        // unknown, so the starting one must not go on as if it had been refused.
         let _short = answering(&path, vec![(format!("{last}\n"), vec![])]).await;
         match take_over(&path, &[]).await {
-            TakeOver::Refused(why) => assert!(why.contains("1 listeners named but 0 sockets passed"), "{why}"),
+            TakeOver::Broken(why) => assert!(why.contains("1 listeners named but 0 sockets passed"), "{why}"),
             other => panic!("{other:?}"),
         }
         std::fs::remove_file(&path).unwrap();
+        // Likewise an answer cut off, or turned into a refusal, after a first line that handed over.
+        for (cut, expect) in [
+            (vec![(format!("{first}\n"), vec![listener(), listener()])], "closed the connection mid-answer"),
+            (
+                vec![
+                    (format!("{first}\n"), vec![listener(), listener()]),
+                    ("{\"ok\":false,\"error\":\"oops\"}\n".to_string(), vec![]),
+                ],
+                "refused part-way: oops",
+            ),
+        ] {
+            let _cut = answering(&path, cut).await;
+            match take_over(&path, &[]).await {
+                TakeOver::Broken(why) => assert!(why.contains(expect), "{why}"),
+                other => panic!("{other:?}"),
+            }
+            std::fs::remove_file(&path).unwrap();
+        }
 
         // Node ports asked for come first, on a line of their own, and are told apart from pods'.
         let node = r#"{"ok":true,"node_listeners":["127.0.0.1:15000"],"more":true}"#;

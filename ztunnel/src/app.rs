@@ -187,6 +187,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 pods.inherit(handed.pods);
                 passed_ports = handed.node;
             }
+            agent::TakeOver::Broken(why) => anyhow::bail!(
+                "the hand-over from the running ztunnel broke off: {why}; exiting, so that it takes the pods back"
+            ),
             agent::TakeOver::Refused(why) if !in_use.is_empty() => {
                 let (what, addr, _, e) = &in_use[0];
                 anyhow::bail!("binding {what} on {addr}: {e}, and the running ztunnel did not hand it over: {why}");
