@@ -16,14 +16,15 @@
 //! (optional) is the address the CNI plugin assigned, which the control plane learns only later.
 //! The socket is created with mode 0600: registering a pod changes its traffic, so only root may.
 //!
-//! `handover` is how a new ztunnel takes over from the one running ([`take_over`]) before it
-//! binds the socket: the old one persists its registry, stops managing pods and answers with its
-//! pods' listening sockets (`{"ok":true,"listeners":[{netns,port}],"more":…}` lines, each with
-//! the sockets attached, see [`crate::fdpass`]). `ports` names the node ports (admin, metrics,
-//! readiness) the new one could not bind because the old one holds them: they are passed first
-//! (`"node_listeners":[addr]`), and the old one stops serving them ([`NodePorts::hand_over`]). If
-//! it does not hold one of them it hands nothing over. From then on it answers `add` and `remove`
-//! that still reach it with an error, so the CNI plugin retries them against the new one.
+//! `handover` is how a new ztunnel takes over from the one running ([`crate::handover`]) before
+//! it moves its own socket into place: the old one persists its registry, stops managing pods and
+//! answers with its pods' listening sockets (`{"ok":true,"listeners":[{netns,port}],"more":…}`
+//! lines, each with the sockets attached, see [`crate::fdpass`]). `ports` names the node ports
+//! (admin, metrics, readiness) the new one could not bind because the old one holds them: they
+//! are passed first (`"node_listeners":[addr]`), and the old one stops serving them
+//! ([`NodePorts::hand_over`]). If it does not hold one of them it hands nothing over. From then
+//! on it answers `add` and `remove` that still reach it with an error, so the CNI plugin retries
+//! them against the new one.
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -37,7 +38,6 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::log_budget::warn_limited;
 use crate::node_ports::NodePorts;
 use crate::pods::{PodInfo, Pods};
 
@@ -72,7 +72,7 @@ pub enum Request {
     /// A struct variant, so that `deny_unknown_fields` applies to it too: a unit variant of an
     /// internally tagged enum accepts any extra field.
     List {},
-    /// Sent by a newer ztunnel starting on this node; see [`take_over`].
+    /// Sent by a newer ztunnel starting on this node; see [`crate::handover::take_over`].
     Handover {
         /// Node ports the newer ztunnel needs from this one. Left out when none, so that a
         /// ztunnel from before node ports were passed can still hand over.
@@ -116,133 +116,12 @@ pub struct Inherited {
 
 /// Listeners per hand-over line: three pods' worth below the kernel's per-message limit.
 const LISTENERS_PER_LINE: usize = crate::fdpass::MAX_FDS_PER_MESSAGE / 3 * 3;
-/// What a starting ztunnel reads from the running one at most: far above any node's pods.
-const MAX_HANDOVER_BYTES: usize = 16 << 20;
-const MAX_HANDOVER_LISTENERS: usize = 3 * 16384;
-
-/// How long a starting ztunnel waits for the running one to hand over.
-const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What [`take_over`] found at the socket path.
-#[derive(Debug)]
-pub enum TakeOver {
-    /// Nothing answers there: no ztunnel is running (or it died).
-    NoneRunning,
-    /// The running ztunnel persisted its registry, stopped managing pods, and passed the
-    /// listening sockets of the pods it serves and of the node ports asked for.
-    HandedOver(Handed),
-    /// A ztunnel answers but did not hand over (an older version, or it failed): the pods it
-    /// serves keep its listeners, and are enrolled here once it exits.
-    Refused(String),
-    /// The hand-over may have happened, but its answer was lost (a timeout, a broken or
-    /// malformed answer): the running one may have stopped managing the pods without this one
-    /// holding their listeners. This one must exit, so that the running one takes the pods back
-    /// ([`take_back_when_abandoned`]) and a later start asks again.
-    Broken(String),
-}
-
-/// What a hand-over passed.
-#[derive(Debug, Default)]
-pub struct Handed {
-    pub pods: Vec<Inherited>,
-    /// The node ports asked for, each with its listening socket (not yet checked, see
-    /// [`crate::node_ports::adopt`]).
-    pub node: Vec<(SocketAddr, OwnedFd)>,
-}
-
-/// Asks the ztunnel listening on `path`, if any, to hand its pods over, and the node ports at
-/// `ports` (which this one could not bind). Call before loading the registry, so that it holds
-/// the running one's final state.
-pub async fn take_over(path: &Path, ports: &[SocketAddr]) -> TakeOver {
-    let mut s = match UnixStream::connect(path).await {
-        Ok(s) => s,
-        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
-            return TakeOver::NoneRunning
-        }
-        Err(e) => return TakeOver::Refused(format!("{}: {e}", path.display())),
-    };
-    match tokio::time::timeout(HANDOVER_TIMEOUT, ask_handover(&mut s, ports)).await {
-        Ok(Ok(handed)) => TakeOver::HandedOver(handed),
-        Ok(Err(Failed::Refused(why))) => TakeOver::Refused(format!("{}: {why}", path.display())),
-        Ok(Err(Failed::Broken(e))) => TakeOver::Broken(format!("{}: {e}", path.display())),
-        Err(_) => TakeOver::Broken(format!("no complete answer from {} within {HANDOVER_TIMEOUT:?}", path.display())),
-    }
-}
-
-/// How asking for a hand-over failed.
-enum Failed {
-    /// The running ztunnel said no before handing anything over.
-    Refused(String),
-    /// Anything else: whether it handed over is unknown.
-    Broken(std::io::Error),
-}
-
-impl From<std::io::Error> for Failed {
-    fn from(e: std::io::Error) -> Failed {
-        Failed::Broken(e)
-    }
-}
-
-/// A socket's name in a hand-over answer.
-enum Named {
-    Node(SocketAddr),
-    Pod(HandedListener),
-}
-
-async fn ask_handover(s: &mut UnixStream, ports: &[SocketAddr]) -> Result<Handed, Failed> {
-    use std::os::fd::AsFd;
-    let mut ask = serde_json::to_vec(&Request::Handover { ports: ports.to_vec() }).map_err(std::io::Error::other)?;
-    ask.push(b'\n');
-    s.write_all(&ask).await?;
-    let (mut bytes, mut fds, mut listeners) = (Vec::new(), Vec::new(), Vec::new());
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        // Complete lines first: the last one says whether more follow.
-        while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = bytes.drain(..=end).collect();
-            let r: Response = serde_json::from_slice(&line).map_err(|e| {
-                std::io::Error::other(format!("unreadable answer {:?}: {e}", String::from_utf8_lossy(&line).trim()))
-            })?;
-            if !r.ok {
-                let why = r.error.unwrap_or_else(|| "refused".into());
-                return Err(match listeners.is_empty() && fds.is_empty() {
-                    true => Failed::Refused(why),
-                    false => Failed::Broken(std::io::Error::other(format!("refused part-way: {why}"))),
-                });
-            }
-            listeners.extend(r.node_listeners.unwrap_or_default().into_iter().map(Named::Node));
-            listeners.extend(r.listeners.unwrap_or_default().into_iter().map(Named::Pod));
-            if !r.more {
-                if listeners.len() != fds.len() {
-                    let msg = format!("{} listeners named but {} sockets passed", listeners.len(), fds.len());
-                    return Err(std::io::Error::other(msg).into());
-                }
-                let mut handed = Handed::default();
-                for (name, fd) in listeners.into_iter().zip(fds) {
-                    match name {
-                        Named::Node(addr) => handed.node.push((addr, fd)),
-                        Named::Pod(listener) => handed.pods.push(Inherited { listener, fd }),
-                    }
-                }
-                return Ok(handed);
-            }
-        }
-        s.readable().await?;
-        let n = match s.try_io(tokio::io::Interest::READABLE, || crate::fdpass::recv(s.as_fd(), &mut buf, &mut fds)) {
-            Ok(0) => return Err(std::io::Error::other("the running ztunnel closed the connection mid-answer").into()),
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e.into()),
-        };
-        bytes.extend_from_slice(&buf[..n]);
-        if bytes.len() > MAX_HANDOVER_BYTES || fds.len() > MAX_HANDOVER_LISTENERS {
-            return Err(std::io::Error::other("hand-over answer too large").into());
-        }
-    }
-}
-
 /// Sends one answer line with `fds` attached (all of them go with its first bytes).
-async fn send_line(w: &mut tokio::net::unix::OwnedWriteHalf, line: &[u8], fds: &[OwnedFd]) -> std::io::Result<()> {
+pub(crate) async fn send_line(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    line: &[u8],
+    fds: &[OwnedFd],
+) -> std::io::Result<()> {
     use std::os::fd::AsFd;
     if fds.is_empty() {
         return w.write_all(line).await;
@@ -265,9 +144,23 @@ async fn send_line(w: &mut tokio::net::unix::OwnedWriteHalf, line: &[u8], fds: &
 pub struct Bound {
     path: PathBuf,
     dev_ino: (u64, u64),
+    /// The loop accepting on it, stopped when a take-back binds the path again.
+    serving: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        if let Some(s) = self.serving.take() {
+            s.abort();
+        }
+    }
 }
 
 impl Bound {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Whether the path still names this socket (no newer ztunnel has bound it since).
     pub fn is_current(&self) -> bool {
         use std::os::unix::fs::MetadataExt;
@@ -281,66 +174,11 @@ impl Bound {
     }
 }
 
-/// How often a ztunnel that handed its pods over checks that the newer one is still there.
-const TAKE_BACK_CHECK: Duration = Duration::from_secs(2);
-/// How long a newer ztunnel may take from the hand-over to binding the agent socket's path.
-const PUBLISH_GRACE: Duration = Duration::from_secs(30);
-
-/// After a hand-over, takes the pods back if the newer ztunnel is gone: its socket no longer
-/// answers (it died), or it never bound the path. Otherwise no ztunnel would manage the node's
-/// pods: new pods could not start, and label changes would wait. `bound` is this ztunnel's
-/// socket; it is replaced when the path has to be bound again. The node ports handed over are
-/// bound again too, retried at each check while one is still held.
-pub async fn take_back_when_abandoned(
-    agent: Arc<Agent>,
-    bound: Arc<std::sync::Mutex<Bound>>,
-    changes: tokio::sync::watch::Receiver<u64>,
-) {
-    let pods = &agent.pods;
-    let mut handed_at = None;
-    loop {
-        tokio::time::sleep(TAKE_BACK_CHECK).await;
-        if !pods.handed_over() {
-            handed_at = None;
-            if let Err(e) = agent.ports.reopen() {
-                warn_limited!("node ports still held after taking the pods back; retrying", error = %e);
-            }
-            continue;
-        }
-        let since = *handed_at.get_or_insert_with(tokio::time::Instant::now);
-        let (path, ours) = {
-            let b = bound.lock().unwrap_or_else(|e| e.into_inner());
-            (b.path.clone(), b.is_current())
-        };
-        let abandoned = if ours {
-            since.elapsed() >= PUBLISH_GRACE
-        } else {
-            !matches!(tokio::time::timeout(Duration::from_secs(1), UnixStream::connect(&path)).await, Ok(Ok(_)))
-        };
-        if !abandoned {
-            continue;
-        }
-        if !ours {
-            let rebound = bind(&path).and_then(Unpublished::publish);
-            match rebound {
-                Ok((listener, b)) => {
-                    *bound.lock().unwrap_or_else(|e| e.into_inner()) = b;
-                    tokio::spawn(serve(listener, agent.clone()));
-                }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot bind the agent socket to take the pods back; retrying");
-                    continue;
-                }
-            }
-        }
-        tracing::warn!(path = %path.display(), "the ztunnel that took the pods over is gone; taking them back");
-        pods.take_back().await;
-        tokio::spawn(pods.clone().run(changes.clone()));
-        if let Err(e) = agent.ports.reopen() {
-            warn_limited!("node ports still held after taking the pods back; retrying", error = %e);
-        }
-        handed_at = None;
-    }
+/// Starts accepting on `listener`, in place as `bound`; the loop stops when `bound` drops (a
+/// take-back that binds the path again replaces it).
+pub fn serve_on(agent: &Arc<Agent>, listener: UnixListener, mut bound: Bound) -> Bound {
+    bound.serving = Some(tokio::spawn(serve(listener, agent.clone())).abort_handle());
+    bound
 }
 
 /// A socket bound beside the agent socket's path, not yet in its place.
@@ -348,9 +186,47 @@ pub struct Unpublished {
     listener: UnixListener,
     tmp: PathBuf,
     path: PathBuf,
-    /// Held from binding until the socket is in place, so that two ztunnels starting at once do
-    /// not bind, ask and publish over each other.
-    _starting: std::fs::File,
+    _starting: StartLock,
+}
+
+/// Held by a ztunnel from before it binds anything until its agent socket is in place, and by
+/// a take-back while it acts, so that two of them never bind, ask and publish over each other.
+/// The kernel releases it with the process, however that ends.
+pub struct StartLock(#[allow(dead_code)] std::fs::File);
+
+/// Takes the start lock for the agent socket at `path` (`<path>.lock`), or fails at once with
+/// [`ErrorKind::AddrInUse`] naming it if another ztunnel holds it.
+pub fn lock_start(path: &Path) -> std::io::Result<StartLock> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let lock_path = beside(path, ".lock");
+    // Not through a symlink, and only a file of this user's: anyone else able to create or hold
+    // it could keep every ztunnel from starting.
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&lock_path)?;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if file.metadata()?.uid() != me {
+        return Err(std::io::Error::new(
+            ErrorKind::PermissionDenied,
+            format!("{} belongs to another user", lock_path.display()),
+        ));
+    }
+    match file.try_lock() {
+        Ok(()) => Ok(StartLock(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(std::io::Error::new(
+            ErrorKind::AddrInUse,
+            format!("another ztunnel is starting with this agent socket (it holds {})", lock_path.display()),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
 }
 
 /// `path` with `suffix` appended.
@@ -361,24 +237,8 @@ fn beside(path: &Path, suffix: &str) -> PathBuf {
 }
 
 /// Binds the socket beside `path`: everything that can fail about it fails here, before a running
-/// ztunnel is asked to hand over. Fails if another ztunnel is starting with the same path.
-pub fn bind(path: &Path) -> std::io::Result<Unpublished> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let lock_path = beside(path, ".lock");
-    let starting = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&lock_path)?;
-    // SAFETY: flock on a file we hold open; the lock goes with the descriptor.
-    if unsafe { libc::flock(starting.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() == ErrorKind::WouldBlock {
-            let msg = format!("another ztunnel is starting with this agent socket (it holds {})", lock_path.display());
-            return Err(std::io::Error::new(ErrorKind::AddrInUse, msg));
-        }
-        return Err(e);
-    }
+/// ztunnel is asked to hand over. The start lock is held until [`Unpublished::publish`].
+pub fn bind(path: &Path, starting: StartLock) -> std::io::Result<Unpublished> {
     let tmp = beside(path, ".new");
     match std::fs::remove_file(&tmp) {
         Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
@@ -395,7 +255,7 @@ impl Unpublished {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::symlink_metadata(&self.tmp)?;
         std::fs::rename(&self.tmp, &self.path)?;
-        Ok((self.listener, Bound { path: self.path, dev_ino: (m.dev(), m.ino()) }))
+        Ok((self.listener, Bound { path: self.path, dev_ino: (m.dev(), m.ino()), serving: None }))
     }
 }
 
@@ -477,12 +337,16 @@ async fn handle(line: &str, agent: &Agent) -> Answer {
             fail("this ztunnel runs without a pod registry, so it has nothing to hand over".into())
         }
         Request::Handover { ports } => {
-            // The ports first: if one cannot be handed over, neither are the pods.
+            // If one of the ports is not this one's, nothing is handed over. They stop accepting
+            // here only once the registry is written, so that they are answered meanwhile.
+            if let Err(e) = agent.ports.check(&ports) {
+                return fail(format!("no hand-over: {e}"));
+            }
+            let handed = pods.hand_over();
             let node = match agent.ports.hand_over(&ports) {
                 Ok(node) => node,
-                Err(e) => return fail(format!("no hand-over: {e}")),
+                Err(e) => return fail(format!("the ports went while handing over: {e}")),
             };
-            let handed = pods.hand_over();
             let mut chunks: Answer = Vec::new();
             if !node.is_empty() {
                 let (addrs, fds) = node.into_iter().unzip();
@@ -529,124 +393,26 @@ mod tests {
         }
     }
 
-    /// Whatever listens at `path`, standing in for the running ztunnel: reads one request and
-    /// answers with `lines`, each with the sockets to attach.
-    async fn answering(path: &Path, lines: Vec<(String, Vec<OwnedFd>)>) -> tokio::task::JoinHandle<String> {
-        let l = UnixListener::bind(path).unwrap();
-        tokio::spawn(async move {
-            let (s, _) = l.accept().await.unwrap();
-            let (r, mut w) = s.into_split();
-            let mut asked = String::new();
-            BufReader::new(r).read_line(&mut asked).await.unwrap();
-            for (line, fds) in lines {
-                send_line(&mut w, line.as_bytes(), &fds).await.unwrap();
-            }
-            asked
-        })
-    }
-
-    fn listener() -> OwnedFd {
-        OwnedFd::from(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-    }
-
-    #[tokio::test]
-    async fn take_over_asks_the_running_ztunnel_and_receives_its_listeners() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.sock");
-        assert!(matches!(take_over(&path, &[]).await, TakeOver::NoneRunning), "no socket");
-        drop(UnixListener::bind(&path).unwrap());
-        assert!(matches!(take_over(&path, &[]).await, TakeOver::NoneRunning), "a stale socket nobody listens on");
-        std::fs::remove_file(&path).unwrap();
-
-        // Two lines: the first says more follow; the sockets come in the order named.
-        let first =
-            r#"{"ok":true,"listeners":[{"netns":"/n/a","port":15001},{"netns":"/n/a","port":15006}],"more":true}"#;
-        let last = r#"{"ok":true,"listeners":[{"netns":"/n/b","port":15008}]}"#;
-        let (a1, a6, b8) = (listener(), listener(), listener());
-        let ports: Vec<u16> = [&a1, &a6, &b8]
-            .iter()
-            .map(|f| socket2::SockRef::from(f).local_addr().unwrap().as_socket().unwrap().port())
-            .collect();
-        let asked = answering(&path, vec![(format!("{first}\n"), vec![a1, a6]), (format!("{last}\n"), vec![b8])]).await;
-        let TakeOver::HandedOver(Handed { pods: got, .. }) = take_over(&path, &[]).await else {
-            panic!("not handed over")
-        };
-        assert_eq!(asked.await.unwrap(), "{\"op\":\"handover\"}\n");
-        let named: Vec<_> = got.iter().map(|i| (i.listener.netns.display().to_string(), i.listener.port)).collect();
-        assert_eq!(named, [("/n/a".into(), 15001), ("/n/a".into(), 15006), ("/n/b".to_string(), 15008)]);
-        let passed: Vec<u16> = got
-            .iter()
-            .map(|i| socket2::SockRef::from(&i.fd).local_addr().unwrap().as_socket().unwrap().port())
-            .collect();
-        assert_eq!(passed, ports, "each socket is the one named at its place");
-        std::fs::remove_file(&path).unwrap();
-
-        // Names without sockets are not zipped short; whether the running one let go is then
-        // unknown, so the starting one must not go on as if it had been refused.
-        let _short = answering(&path, vec![(format!("{last}\n"), vec![])]).await;
-        match take_over(&path, &[]).await {
-            TakeOver::Broken(why) => assert!(why.contains("1 listeners named but 0 sockets passed"), "{why}"),
-            other => panic!("{other:?}"),
-        }
-        std::fs::remove_file(&path).unwrap();
-        // Likewise an answer cut off, or turned into a refusal, after a first line that handed over.
-        for (cut, expect) in [
-            (vec![(format!("{first}\n"), vec![listener(), listener()])], "closed the connection mid-answer"),
-            (
-                vec![
-                    (format!("{first}\n"), vec![listener(), listener()]),
-                    ("{\"ok\":false,\"error\":\"oops\"}\n".to_string(), vec![]),
-                ],
-                "refused part-way: oops",
-            ),
-        ] {
-            let _cut = answering(&path, cut).await;
-            match take_over(&path, &[]).await {
-                TakeOver::Broken(why) => assert!(why.contains(expect), "{why}"),
-                other => panic!("{other:?}"),
-            }
-            std::fs::remove_file(&path).unwrap();
-        }
-
-        // Node ports asked for come first, on a line of their own, and are told apart from pods'.
-        let node = r#"{"ok":true,"node_listeners":["127.0.0.1:15000"],"more":true}"#;
-        let (n, b8) = (listener(), listener());
-        let node_port = socket2::SockRef::from(&n).local_addr().unwrap().as_socket().unwrap().port();
-        let asked = answering(&path, vec![(format!("{node}\n"), vec![n]), (format!("{last}\n"), vec![b8])]).await;
-        let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
-        let TakeOver::HandedOver(got) = take_over(&path, &[admin]).await else { panic!("not handed over") };
-        assert_eq!(asked.await.unwrap(), "{\"op\":\"handover\",\"ports\":[\"127.0.0.1:15000\"]}\n");
-        assert_eq!(got.pods.len(), 1);
-        assert_eq!(got.pods[0].listener.port, 15008);
-        let passed: Vec<_> = got
-            .node
-            .iter()
-            .map(|(a, fd)| (*a, socket2::SockRef::from(fd).local_addr().unwrap().as_socket().unwrap().port()))
-            .collect();
-        assert_eq!(passed, [(admin, node_port)]);
-        std::fs::remove_file(&path).unwrap();
-
-        // A ztunnel from before hand-overs existed rejects the request.
-        let older = r#"{"ok":false,"error":"invalid request: unknown variant `handover`"}"#;
-        let _older = answering(&path, vec![(format!("{older}\n"), vec![])]).await;
-        match take_over(&path, &[]).await {
-            TakeOver::Refused(why) => assert!(why.contains("unknown variant"), "{why}"),
-            other => panic!("{other:?}"),
-        }
-    }
-
     #[test]
     fn two_ztunnels_cannot_start_on_one_socket_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _in_rt = rt.enter();
-        let first = bind(&path).unwrap();
-        let e = bind(&path).err().expect("a second start while the first has not published");
+        let first = bind(&path, lock_start(&path).unwrap()).unwrap();
+        let e = lock_start(&path).err().expect("a second start while the first has not published");
         assert_eq!(e.kind(), ErrorKind::AddrInUse);
         assert!(e.to_string().contains("another ztunnel is starting"), "{e}");
         let _published = first.publish().unwrap();
-        let _second = bind(&path).expect("once the first has published, the next may start");
+        let _second = lock_start(&path).expect("once the first has published, the next may start");
+        drop(_second);
+
+        // The lock file is never followed through a symlink.
+        let lock = dir.path().join("agent.sock.lock");
+        std::fs::remove_file(&lock).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), &lock).unwrap();
+        assert!(lock_start(&path).is_err(), "a symlinked lock file");
+        assert!(!dir.path().join("elsewhere").exists());
     }
 
     #[test]
@@ -655,8 +421,8 @@ mod tests {
         let path = dir.path().join("agent.sock");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _in_rt = rt.enter();
-        let (_old, old_bound) = bind(&path).unwrap().publish().unwrap();
-        let (_new, new_bound) = bind(&path).unwrap().publish().unwrap();
+        let (_old, old_bound) = bind(&path, lock_start(&path).unwrap()).unwrap().publish().unwrap();
+        let (_new, new_bound) = bind(&path, lock_start(&path).unwrap()).unwrap().publish().unwrap();
         old_bound.remove_if_ours();
         assert!(path.exists(), "the newer ztunnel's socket must stay");
         new_bound.remove_if_ours();

@@ -15,6 +15,7 @@ use rustls::RootCertStore;
 use tokio::sync::watch;
 
 use crate::admin::{self, Admin};
+use crate::handover::{self, TakeOver};
 use crate::identity::{CaConfig, CertManager};
 use crate::metrics::Metrics;
 use crate::node_ports::{self, NodePorts, Serve};
@@ -163,6 +164,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             ("metrics", cfg.metrics_addr, admin_server(admin.clone(), admin::serve_metrics)),
             ("readiness", cfg.readiness_addr, admin_server(admin, admin::serve_readiness)),
         ];
+        // Before anything is bound, so that two ztunnels starting at once cannot each take some
+        // of the ports; held until the agent socket is in place.
+        let start_lock = agent::lock_start(&cfg.agent_socket)?;
         let (mut bound, mut in_use) = (Vec::new(), Vec::new());
         for (what, addr, serve) in servers {
             match node_ports::bind(addr) {
@@ -171,37 +175,43 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 Err(e) => return Err(e).with_context(|| format!("binding {what} on {addr}")),
             }
         }
-        let agent_l = agent::bind(&cfg.agent_socket)
+        let agent_l = agent::bind(&cfg.agent_socket, start_lock)
             .with_context(|| format!("binding the agent socket {}", cfg.agent_socket.display()))?;
         // Only once nothing else is likely to fail: the running ztunnel stops managing pods when
         // asked, and cannot take them back.
         let take_over = match pods.has_registry() {
-            true => agent::take_over(&cfg.agent_socket, &in_use.iter().map(|p| p.1).collect::<Vec<_>>()).await,
+            true => handover::take_over(&cfg.agent_socket, &in_use.iter().map(|p| p.1).collect::<Vec<_>>()).await,
             // Without one, the pods handed over would be unknown here, and so never served again.
-            false => agent::TakeOver::Refused("not asking: this ztunnel runs without a pod registry".into()),
+            false => TakeOver::Refused("not asking: this ztunnel runs without a pod registry".into()),
         };
         let mut passed_ports = Vec::new();
         match take_over {
-            agent::TakeOver::HandedOver(handed) => {
+            TakeOver::HandedOver(handed) => {
                 tracing::info!(listeners = handed.pods.len(), "took the pods over from the running ztunnel");
                 pods.inherit(handed.pods);
                 passed_ports = handed.node;
             }
-            agent::TakeOver::Broken(why) => anyhow::bail!(
+            TakeOver::Broken(why) => anyhow::bail!(
                 "the hand-over from the running ztunnel broke off: {why}; exiting, so that it takes the pods back"
             ),
-            agent::TakeOver::Refused(why) if !in_use.is_empty() => {
+            TakeOver::Refused(why) if !in_use.is_empty() => {
                 let (what, addr, _, e) = &in_use[0];
                 anyhow::bail!("binding {what} on {addr}: {e}, and the running ztunnel did not hand it over: {why}");
             }
-            agent::TakeOver::NoneRunning => {}
-            agent::TakeOver::Refused(why) => tracing::warn!(
+            TakeOver::NoneRunning => {}
+            TakeOver::Refused(why) => tracing::warn!(
                 why,
                 "the running ztunnel did not hand its pods over; pods it serves are enrolled here once it exits"
             ),
         }
+        let handed_over = !passed_ports.is_empty();
         for (what, addr, serve, e) in in_use {
             let Some(i) = passed_ports.iter().position(|(a, _)| *a == addr) else {
+                if handed_over {
+                    anyhow::bail!(
+                        "the running ztunnel handed over but did not pass {what} on {addr}; exiting, so that it takes the pods back"
+                    );
+                }
                 return Err(e).with_context(|| format!("binding {what} on {addr}"));
             };
             let l = node_ports::adopt(passed_ports.swap_remove(i).1, addr)
@@ -216,9 +226,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let (agent_l, agent_socket) = agent_l
             .publish()
             .with_context(|| format!("moving the agent socket into place at {}", cfg.agent_socket.display()))?;
-        let agent_socket = Arc::new(std::sync::Mutex::new(agent_socket));
         let agent = Arc::new(agent::Agent { pods, ports: node_ports });
-        tokio::spawn(agent::take_back_when_abandoned(agent.clone(), agent_socket.clone(), pod_changes.clone()));
+        let agent_socket = Arc::new(std::sync::Mutex::new(agent::serve_on(&agent, agent_l, agent_socket)));
+        tokio::spawn(handover::take_back_when_abandoned(agent.clone(), agent_socket.clone(), pod_changes.clone()));
         tokio::spawn(xds_client.run());
         if let Some(overlay) = overlay {
             tokio::spawn(overlay);
@@ -232,7 +242,6 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 crate::log_budget::report_suppressed();
             }
         });
-        tokio::spawn(agent::serve(agent_l, agent));
         tracing::info!(node = cfg.node_name, xds = cfg.xds_address, agent = %cfg.agent_socket.display(), "ztunnel started");
         shutdown_signal().await;
         tracing::info!(deadline = ?cfg.drain_timeout, "draining: no new connections");

@@ -1,7 +1,7 @@
 //! ztunnel: Trellis's per-node L4 proxy.
 //!
 //! Layout follows the data flow: [`xds`] keeps [`state`] in step with istiod-lite and
-//! [`identity`] keeps workload certificates fresh; the node [`agent`] enrolls [`pods`] (and hands
+//! [`identity`] keeps workload certificates fresh; the node [`agent`] enrolls [`pods`] (and [`handover`] passes
 //! them and their listeners, through [`fdpass`], to a newer ztunnel), each of
 //! which gets [`proxy`] listeners inside its network namespace ([`netns`], [`sockets`]) and the
 //! [`capture`] rules that steer its traffic to them; [`overlay`] routes pod CIDRs of other nodes
@@ -15,6 +15,7 @@ pub mod agent;
 pub mod app;
 pub mod capture;
 pub mod fdpass;
+pub mod handover;
 pub mod identity;
 pub mod log_budget;
 pub mod metrics;

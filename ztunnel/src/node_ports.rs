@@ -4,7 +4,9 @@
 //! the running one holds them. So a hand-over passes them on together with the pods' listeners
 //! ([`NodePorts::hand_over`]): the running one stops accepting on its copy and the newer one
 //! serves the same socket, so a probe or scrape waiting in its queue is answered, by the newer
-//! one. If the newer one dies, the old one binds them again ([`NodePorts::reopen`]).
+//! one. The running one keeps its copy (without accepting on it) until it exits: if the newer one
+//! goes away, the old one serves the same socket again ([`NodePorts::resume`]), so the port is
+//! never closed, nothing waiting in its queue is lost, and nobody else can take it in between.
 
 use std::future::Future;
 use std::io;
@@ -32,14 +34,10 @@ struct Port {
     what: &'static str,
     addr: SocketAddr,
     serve: Serve,
-    /// Set while this process accepts on the port.
-    open: Option<Open>,
-}
-
-struct Open {
-    /// A copy of the listening socket, to pass on.
-    fd: OwnedFd,
-    stop: oneshot::Sender<()>,
+    /// This process's copy of the listening socket, kept while a newer ztunnel serves it.
+    socket: OwnedFd,
+    /// Set while this process accepts on it.
+    stop: Option<oneshot::Sender<()>>,
 }
 
 /// Binds `addr` the way every node port is bound (address reuse, so that connections of an
@@ -66,19 +64,19 @@ pub fn adopt(fd: OwnedFd, addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 impl NodePorts {
-    /// Starts serving `what` on `listener` (bound here or adopted), and keeps what it takes to
-    /// hand the port over or bind it again.
+    /// Starts serving `what` on `listener` (bound here or adopted), and keeps a copy of its
+    /// socket to hand over or serve again.
     pub fn start(&self, what: &'static str, listener: TcpListener, serve: Serve) -> io::Result<()> {
         let addr = listener.local_addr()?;
-        let open = Self::spawn(what, listener, &serve)?;
+        let socket = listener.as_fd().try_clone_to_owned()?;
+        let stop = Some(Self::spawn(what, listener, &serve));
         let mut ports = lock(&self.ports);
         ports.retain(|p| p.addr != addr);
-        ports.push(Port { what, addr, serve, open: Some(open) });
+        ports.push(Port { what, addr, serve, socket, stop });
         Ok(())
     }
 
-    fn spawn(what: &'static str, listener: TcpListener, serve: &Serve) -> io::Result<Open> {
-        let fd = listener.as_fd().try_clone_to_owned()?;
+    fn spawn(what: &'static str, listener: TcpListener, serve: &Serve) -> oneshot::Sender<()> {
         let (stop, stopped) = oneshot::channel::<()>();
         let stopped: Stop = Box::pin(async move {
             let _ = stopped.await;
@@ -89,51 +87,59 @@ impl NodePorts {
                 tracing::error!(server = what, error = %e, "server stopped");
             }
         });
-        Ok(Open { fd, stop })
+        stop
     }
 
-    /// Gives up the ports at `addrs` for a newer ztunnel: each stops accepting here, and its socket
-    /// is returned, to be passed on. Either all are handed over or, if one is not served here,
-    /// none is and the error names it.
-    pub fn hand_over(&self, addrs: &[SocketAddr]) -> Result<Vec<(SocketAddr, OwnedFd)>, String> {
-        let mut ports = lock(&self.ports);
-        for addr in addrs {
-            if !ports.iter().any(|p| p.addr == *addr && p.open.is_some()) {
+    /// Whether every port at `addrs` is served here; if not, the error names the first that is
+    /// not, and what is.
+    pub fn check(&self, addrs: &[SocketAddr]) -> Result<(), String> {
+        let ports = lock(&self.ports);
+        match addrs.iter().find(|a| !ports.iter().any(|p| p.addr == **a && p.stop.is_some())) {
+            None => Ok(()),
+            Some(addr) => {
                 let served: Vec<String> =
-                    ports.iter().filter(|p| p.open.is_some()).map(|p| format!("{} on {}", p.what, p.addr)).collect();
-                return Err(format!("this ztunnel does not listen on {addr} (it serves {})", served.join(", ")));
+                    ports.iter().filter(|p| p.stop.is_some()).map(|p| format!("{} on {}", p.what, p.addr)).collect();
+                Err(format!("this ztunnel does not listen on {addr} (it serves {})", served.join(", ")))
             }
         }
+    }
+
+    /// Gives up the ports at `addrs` for a newer ztunnel: each stops accepting here, and a copy
+    /// of its socket is returned, to be passed on. Either all are handed over or, if one is not
+    /// served here ([`NodePorts::check`]), none is.
+    pub fn hand_over(&self, addrs: &[SocketAddr]) -> Result<Vec<(SocketAddr, OwnedFd)>, String> {
+        self.check(addrs)?;
+        let mut ports = lock(&self.ports);
         let mut handed = Vec::new();
         for p in ports.iter_mut().filter(|p| addrs.contains(&p.addr)) {
-            if let Some(open) = p.open.take() {
-                let _ = open.stop.send(());
-                tracing::info!(server = p.what, addr = %p.addr, "handed the port over to the newer ztunnel");
-                handed.push((p.addr, open.fd));
+            let copy = p.socket.try_clone().map_err(|e| format!("{} on {}: {e}", p.what, p.addr))?;
+            if let Some(stop) = p.stop.take() {
+                let _ = stop.send(());
             }
+            tracing::info!(server = p.what, addr = %p.addr, "handed the port over to the newer ztunnel");
+            handed.push((p.addr, copy));
         }
         Ok(handed)
     }
 
-    /// Binds again the ports this ztunnel handed over, after the newer one is gone. A port still
-    /// held (the newer one hangs rather than died) stays closed; the error names it, and the
-    /// next call tries again.
-    pub fn reopen(&self) -> Result<(), String> {
+    /// Serves again, on this process's copies of their sockets, the ports it handed over, after
+    /// the newer ztunnel is gone. A port that cannot be served (out of descriptors) is logged and
+    /// tried again at the next call.
+    pub fn resume(&self) {
         let mut ports = lock(&self.ports);
-        let mut failed = Vec::new();
-        for p in ports.iter_mut().filter(|p| p.open.is_none()) {
-            match bind(p.addr).and_then(|l| Self::spawn(p.what, l, &p.serve)) {
-                Ok(open) => {
-                    tracing::info!(server = p.what, addr = %p.addr, "listening again after taking the pods back");
-                    p.open = Some(open);
+        for p in ports.iter_mut().filter(|p| p.stop.is_none()) {
+            let listener = p.socket.try_clone().and_then(|fd| {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)
+            });
+            match listener {
+                Ok(l) => {
+                    tracing::info!(server = p.what, addr = %p.addr, "serving the port again after taking the pods back");
+                    p.stop = Some(Self::spawn(p.what, l, &p.serve));
                 }
-                Err(e) => failed.push(format!("{} on {}: {e}", p.what, p.addr)),
+                Err(e) => tracing::error!(server = p.what, addr = %p.addr, error = %e, "cannot serve the port again"),
             }
-        }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("cannot listen again: {}", failed.join("; ")))
         }
     }
 }
@@ -170,7 +176,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_port_is_handed_over_whole_or_not_at_all_and_can_be_opened_again() {
+    async fn a_port_is_handed_over_whole_or_not_at_all_and_served_again_on_the_same_socket() {
         let old = NodePorts::default();
         let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = l.local_addr().unwrap();
@@ -186,19 +192,25 @@ mod tests {
         // The newer one adopts the very socket; the old one no longer accepts on it.
         let mut handed = old.hand_over(&[addr]).unwrap();
         assert_eq!(handed.len(), 1);
+        assert!(old.check(&[addr]).is_err(), "handed over once only");
         let new = NodePorts::default();
         new.start("admin", adopt(handed.pop().unwrap().1, addr).unwrap(), replying("new")).unwrap();
         for _ in 0..5 {
             assert_eq!(ask(addr).await, "new");
         }
-        assert!(old.hand_over(&[addr]).is_err(), "handed over once only");
 
-        // While the newer one holds it, the old one cannot listen again; once it is gone, it can.
-        assert!(old.reopen().unwrap_err().contains(&format!("admin on {addr}")));
+        // The newer one goes: the port stays open (the old one's copy), a connection made
+        // meanwhile waits in its queue, and is answered once the old one serves it again.
         drop(new);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        old.reopen().unwrap();
+        let waiting = tokio::spawn(ask(addr));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished());
+        assert!(bind(addr).is_err(), "nobody else can take the port meanwhile");
+        old.resume();
+        assert_eq!(waiting.await.unwrap(), "old");
         assert_eq!(ask(addr).await, "old");
+        old.check(&[addr]).unwrap();
     }
 
     #[test]

@@ -33,7 +33,7 @@
 //! one loads the registry and enrolls every pod again with those same sockets ([`Pods::inherit`]),
 //! so both accept from one queue and nothing waiting in it is lost when the old one closes its
 //! copies. If the new ztunnel dies after the hand-over, the old one takes the pods back
-//! ([`Pods::take_back`], driven by [`crate::agent::take_back_when_abandoned`]).
+//! ([`Pods::take_back`], driven by [`crate::handover::take_back_when_abandoned`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
