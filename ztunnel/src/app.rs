@@ -137,6 +137,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         async move {
             while changes.changed().await.is_ok() {
                 proxy.revalidate();
+                tokio::time::sleep(proxy::REVALIDATE_PAUSE).await;
             }
         }
     };

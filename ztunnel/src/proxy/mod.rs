@@ -89,6 +89,14 @@ struct Authorized {
     decision: Decision,
 }
 
+/// How many open connections a revalidation pass decides under one hold of the state lock.
+const REVALIDATE_CHUNK: usize = 256;
+
+/// The pause after a revalidation pass: changes arriving meanwhile (pod churn on a large node)
+/// are coalesced into the next pass, so passes run at most a few times a second however fast
+/// config changes, and a DENY still reaches open connections within a fraction of a second.
+pub const REVALIDATE_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// What every connection handler shares.
 pub struct Proxy {
     pub state: Arc<RwLock<State>>,
@@ -226,14 +234,19 @@ impl Proxy {
         if open.is_empty() {
             return;
         }
-        let denied: Vec<(Arc<conn::Tracker>, String)> = {
+        // In chunks, each under its own read lock: an xDS update waiting to write, and the new
+        // connections queued behind it, wait for one chunk, not for every open connection.
+        let mut denied: Vec<(Arc<conn::Tracker>, String)> = Vec::new();
+        for chunk in open.chunks(REVALIDATE_CHUNK) {
             let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-            open.into_iter()
-                // Only this list holds a connection that has closed meanwhile.
-                .filter(|c| Arc::strong_count(c) > 1 && !c.is_revoked())
-                .filter_map(|c| Self::denial(&state, &c).map(|why| (c, why)))
-                .collect()
-        };
+            denied.extend(
+                chunk
+                    .iter()
+                    // Only this list holds a connection that has closed meanwhile.
+                    .filter(|c| Arc::strong_count(c) > 1 && !c.is_revoked())
+                    .filter_map(|c| Self::denial(&state, c).map(|why| (c.clone(), why))),
+            );
+        }
         let (mut revoked, mut example) = (0, None);
         for (c, why) in denied {
             if self.revoke(&c, why.clone()) {
