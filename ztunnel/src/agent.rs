@@ -45,6 +45,54 @@ use crate::pods::{PodInfo, Pods};
 pub struct Agent {
     pub pods: Arc<Pods>,
     pub ports: Arc<NodePorts>,
+    /// The agent socket's path.
+    pub path: PathBuf,
+    /// While handed over, a second socket at `<path>.handed`, where a ztunnel restarted after
+    /// the newer one died finds this one when the path has nobody behind it.
+    handed: std::sync::Mutex<Option<Bound>>,
+}
+
+impl Agent {
+    pub fn new(pods: Arc<Pods>, ports: Arc<NodePorts>, path: PathBuf) -> Agent {
+        Agent { pods, ports, path, handed: std::sync::Mutex::new(None) }
+    }
+
+    /// Listens at `<path>.handed` too, once this ztunnel has handed over.
+    fn listen_as_handed(self: &Arc<Self>) {
+        let mut handed = self.handed.lock().unwrap_or_else(|e| e.into_inner());
+        if handed.as_ref().is_some_and(Bound::is_current) {
+            return;
+        }
+        let path = handed_path(&self.path);
+        let bound = (|| {
+            use std::os::unix::fs::MetadataExt;
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            let listener = UnixListener::bind(&path)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            let m = std::fs::symlink_metadata(&path)?;
+            Ok((listener, Bound { path: path.clone(), dev_ino: (m.dev(), m.ino()), serving: None }))
+        })();
+        match bound {
+            Ok((listener, b)) => *handed = Some(serve_on(self, listener, b)),
+            Err(e) => tracing::warn!(path = %path.display(), error = %e,
+                "cannot listen where a restarted ztunnel would look for this one; it will not find it"),
+        }
+    }
+
+    /// Stops listening at `<path>.handed` (the pods are taken back, or this ztunnel exits).
+    pub fn stop_listening_as_handed(&self) {
+        if let Some(b) = self.handed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            b.remove_if_ours();
+        }
+    }
+}
+
+/// Where a ztunnel that handed over also listens ([`Agent`]).
+pub fn handed_path(path: &Path) -> PathBuf {
+    beside(path, ".handed")
 }
 
 const MAX_LINE: usize = 4096;
@@ -186,7 +234,7 @@ pub struct Unpublished {
     listener: UnixListener,
     tmp: PathBuf,
     path: PathBuf,
-    _starting: StartLock,
+    starting: StartLock,
 }
 
 /// Held by a ztunnel from before it binds anything until its agent socket is in place, and by
@@ -209,11 +257,15 @@ pub fn lock_start(path: &Path) -> std::io::Result<StartLock> {
         .truncate(false)
         .write(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(&lock_path)?;
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };
-    if file.metadata()?.uid() != me {
+    let m = file.metadata()?;
+    if !m.file_type().is_file() {
+        return Err(std::io::Error::other(format!("{} is not a regular file", lock_path.display())));
+    }
+    if m.uid() != me {
         return Err(std::io::Error::new(
             ErrorKind::PermissionDenied,
             format!("{} belongs to another user", lock_path.display()),
@@ -246,16 +298,18 @@ pub fn bind(path: &Path, starting: StartLock) -> std::io::Result<Unpublished> {
     }
     let listener = UnixListener::bind(&tmp)?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    Ok(Unpublished { listener, tmp, path: path.to_path_buf(), _starting: starting })
+    Ok(Unpublished { listener, tmp, path: path.to_path_buf(), starting })
 }
 
 impl Unpublished {
     /// Moves the socket to its path, replacing a stale one or that of a ztunnel that handed over.
-    pub fn publish(self) -> std::io::Result<(UnixListener, Bound)> {
+    /// The start lock comes back, for the caller to hold as long as it is still acting.
+    pub fn publish(self) -> std::io::Result<(UnixListener, Bound, StartLock)> {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::symlink_metadata(&self.tmp)?;
         std::fs::rename(&self.tmp, &self.path)?;
-        Ok((self.listener, Bound { path: self.path, dev_ino: (m.dev(), m.ino()), serving: None }))
+        let bound = Bound { path: self.path, dev_ino: (m.dev(), m.ino()), serving: None };
+        Ok((self.listener, bound, self.starting))
     }
 }
 
@@ -307,7 +361,7 @@ async fn session(stream: UnixStream, agent: Arc<Agent>) {
 /// carries.
 type Answer = Vec<(Response, Vec<OwnedFd>)>;
 
-async fn handle(line: &str, agent: &Agent) -> Answer {
+async fn handle(line: &str, agent: &Arc<Agent>) -> Answer {
     let pods = &agent.pods;
     let one = |r: Response| vec![(r, vec![])];
     let fail = |e: String| one(Response { error: Some(e), ..Default::default() });
@@ -347,6 +401,7 @@ async fn handle(line: &str, agent: &Agent) -> Answer {
                 Ok(node) => node,
                 Err(e) => return fail(format!("the ports went while handing over: {e}")),
             };
+            agent.listen_as_handed();
             let mut chunks: Answer = Vec::new();
             if !node.is_empty() {
                 let (addrs, fds) = node.into_iter().unzip();
@@ -403,7 +458,8 @@ mod tests {
         let e = lock_start(&path).err().expect("a second start while the first has not published");
         assert_eq!(e.kind(), ErrorKind::AddrInUse);
         assert!(e.to_string().contains("another ztunnel is starting"), "{e}");
-        let _published = first.publish().unwrap();
+        let (_listener, _bound, lock) = first.publish().unwrap();
+        drop(lock);
         let _second = lock_start(&path).expect("once the first has published, the next may start");
         drop(_second);
 
@@ -421,8 +477,8 @@ mod tests {
         let path = dir.path().join("agent.sock");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _in_rt = rt.enter();
-        let (_old, old_bound) = bind(&path, lock_start(&path).unwrap()).unwrap().publish().unwrap();
-        let (_new, new_bound) = bind(&path, lock_start(&path).unwrap()).unwrap().publish().unwrap();
+        let (_old, old_bound, _) = bind(&path, lock_start(&path).unwrap()).unwrap().publish().unwrap();
+        let (_new, new_bound, _) = bind(&path, lock_start(&path).unwrap()).unwrap().publish().unwrap();
         old_bound.remove_if_ours();
         assert!(path.exists(), "the newer ztunnel's socket must stay");
         new_bound.remove_if_ours();

@@ -136,7 +136,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let (proxy, mut changes) = (proxy.clone(), xds_client.changes());
         async move {
             while changes.changed().await.is_ok() {
-                proxy.revalidate();
+                proxy.revalidate().await;
                 tokio::time::sleep(proxy::REVALIDATE_PAUSE).await;
             }
         }
@@ -185,9 +185,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             // Without one, the pods handed over would be unknown here, and so never served again.
             false => TakeOver::Refused("not asking: this ztunnel runs without a pod registry".into()),
         };
-        let mut passed_ports = Vec::new();
+        let (mut passed_ports, mut handed_over) = (Vec::new(), false);
         match take_over {
             TakeOver::HandedOver(handed) => {
+                handed_over = true;
                 tracing::info!(listeners = handed.pods.len(), "took the pods over from the running ztunnel");
                 pods.inherit(handed.pods);
                 passed_ports = handed.node;
@@ -205,7 +206,6 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 "the running ztunnel did not hand its pods over; pods it serves are enrolled here once it exits"
             ),
         }
-        let handed_over = !passed_ports.is_empty();
         for (what, addr, serve, e) in in_use {
             let Some(i) = passed_ports.iter().position(|(a, _)| *a == addr) else {
                 if handed_over {
@@ -224,12 +224,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             node_ports.start(what, l, serve).with_context(|| format!("serving {what}"))?;
         }
         pods.restore();
-        let (agent_l, agent_socket) = agent_l
+        let (agent_l, agent_socket, start_lock) = agent_l
             .publish()
             .with_context(|| format!("moving the agent socket into place at {}", cfg.agent_socket.display()))?;
-        let agent = Arc::new(agent::Agent { pods, ports: node_ports });
+        drop(start_lock);
+        let agent = Arc::new(agent::Agent::new(pods, node_ports, cfg.agent_socket.clone()));
         let agent_socket = Arc::new(std::sync::Mutex::new(agent::serve_on(&agent, agent_l, agent_socket)));
-        tokio::spawn(handover::take_back_when_abandoned(agent.clone(), agent_socket.clone(), pod_changes.clone()));
+        let take_back =
+            tokio::spawn(handover::take_back_when_abandoned(agent.clone(), agent_socket.clone(), pod_changes.clone()));
         tokio::spawn(xds_client.run());
         if let Some(overlay) = overlay {
             tokio::spawn(overlay);
@@ -245,6 +247,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         });
         tracing::info!(node = cfg.node_name, xds = cfg.xds_address, agent = %cfg.agent_socket.display(), "ztunnel started");
         shutdown_signal().await;
+        // A draining ztunnel takes nothing back: its pods' listeners are closing.
+        take_back.abort();
+        agent.stop_listening_as_handed();
         tracing::info!(deadline = ?cfg.drain_timeout, "draining: no new connections");
         drain_tx.send_replace(true);
         pods_for_drain.close_listeners();

@@ -59,12 +59,19 @@ pub struct Handed {
 /// Asks the ztunnel listening on `path`, if any, to hand its pods over, and the node ports at
 /// `ports` (which this one could not bind). Call before loading the registry, so that it holds
 /// the running one's final state.
+///
+/// If nothing answers at `path` (the ztunnel that moved in there died), the one it took over
+/// from may still run, handed over, listening at [`agent::handed_path`]: that one is asked.
 pub async fn take_over(path: &Path, ports: &[SocketAddr]) -> TakeOver {
-    let mut s = match UnixStream::connect(path).await {
-        Ok(s) => s,
-        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
-            return TakeOver::NoneRunning
-        }
+    let gone = |e: &std::io::Error| matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused);
+    let handed = agent::handed_path(path);
+    let (mut s, path) = match UnixStream::connect(path).await {
+        Ok(s) => (s, path),
+        Err(e) if gone(&e) => match UnixStream::connect(&handed).await {
+            Ok(s) => (s, handed.as_path()),
+            Err(e) if gone(&e) => return TakeOver::NoneRunning,
+            Err(e) => return TakeOver::Refused(format!("{}: {e}", handed.display())),
+        },
         Err(e) => return TakeOver::Refused(format!("{}: {e}", path.display())),
     };
     match tokio::time::timeout(HANDOVER_TIMEOUT, ask_handover(&mut s, ports)).await {
@@ -190,8 +197,8 @@ pub async fn take_back_when_abandoned(
                 continue;
             }
         }
-        // Nobody else starts or takes back while this one acts.
-        let start_lock = match agent::lock_start(&path) {
+        // Nobody else starts or takes back while this one acts, until the pods and ports are back.
+        let mut start_lock = match agent::lock_start(&path) {
             Ok(l) => l,
             Err(e) if e.kind() == ErrorKind::AddrInUse => {
                 let since = *starting_since.get_or_insert_with(tokio::time::Instant::now);
@@ -212,8 +219,11 @@ pub async fn take_back_when_abandoned(
                 continue;
             }
             match agent::bind(&path, start_lock).and_then(agent::Unpublished::publish) {
-                // The socket replaced stops accepting as it drops.
-                Ok((listener, b)) => *lock(&bound) = agent::serve_on(&agent, listener, b),
+                Ok((listener, b, l)) => {
+                    start_lock = l;
+                    // The socket replaced stops accepting as it drops.
+                    *lock(&bound) = agent::serve_on(&agent, listener, b);
+                }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "cannot bind the agent socket to take the pods back; retrying");
                     continue;
@@ -229,6 +239,8 @@ pub async fn take_back_when_abandoned(
         pods.take_back().await;
         tokio::spawn(pods.clone().run(changes.clone()));
         agent.ports.resume();
+        agent.stop_listening_as_handed();
+        drop(start_lock);
         refusals = 0;
     }
 }
@@ -279,6 +291,17 @@ mod tests {
         assert!(matches!(take_over(&path, &[]).await, TakeOver::NoneRunning), "no socket");
         drop(UnixListener::bind(&path).unwrap());
         assert!(matches!(take_over(&path, &[]).await, TakeOver::NoneRunning), "a stale socket nobody listens on");
+
+        // The stale socket is a newer ztunnel that died after moving in; the one it took over
+        // from still runs, handed over, and answers beside the path.
+        let last = r#"{"ok":true,"listeners":[{"netns":"/n/b","port":15008}]}"#;
+        let asked = answering(&agent::handed_path(&path), vec![(format!("{last}\n"), vec![listener()])]).await;
+        let TakeOver::HandedOver(Handed { pods: got, .. }) = take_over(&path, &[]).await else {
+            panic!("the ztunnel that handed over was not asked")
+        };
+        assert_eq!(asked.await.unwrap(), "{\"op\":\"handover\"}\n");
+        assert_eq!(got.len(), 1);
+        std::fs::remove_file(agent::handed_path(&path)).unwrap();
         std::fs::remove_file(&path).unwrap();
 
         // Two lines: the first says more follow; the sockets come in the order named.

@@ -40,7 +40,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -199,6 +199,9 @@ pub struct Pods {
     probe_table_warned: AtomicBool,
     /// Set once a newer ztunnel on this node has taken the pods over.
     handed_over: AtomicBool,
+    /// Which [`Pods::run`] is the reconciler: a take-back starts a new one, and one from before
+    /// the hand-over that has not noticed yet (it may still wait for the first snapshot) stops.
+    reconciler: AtomicU64,
     /// Listeners passed by the ztunnel this one took over from, by pod namespace, until the pod
     /// is enrolled with them (or dropped, when it will not be).
     inherited: Mutex<HashMap<PathBuf, Vec<(u16, OwnedFd)>>>,
@@ -238,6 +241,7 @@ impl Pods {
             probe_targets: Mutex::default(),
             probe_table_warned: AtomicBool::new(false),
             handed_over: AtomicBool::new(false),
+            reconciler: AtomicU64::new(0),
             inherited: Mutex::default(),
             restored: Mutex::default(),
         }
@@ -315,6 +319,8 @@ impl Pods {
     pub async fn take_back(&self) {
         let reloaded = self.registry_file.as_deref().map(load).unwrap_or_default();
         let before = std::mem::replace(&mut *lock(&self.registered), reloaded);
+        // Before the hand-over ends, so that no reconciler from before it runs again.
+        self.reconciler.fetch_add(1, Ordering::AcqRel);
         self.handed_over.store(false, Ordering::Release);
         let gone: Vec<(String, Registered)> = {
             let registered = lock(&self.registered);
@@ -502,10 +508,11 @@ impl Pods {
     /// Reconciles registered pods with the control plane until dropped, or until they are handed
     /// over.
     pub async fn run(self: Arc<Self>, mut changes: watch::Receiver<u64>) {
+        let me = self.reconciler.load(Ordering::Acquire);
         let mut synced = self.synced.clone();
         let _ = synced.wait_for(|s| *s).await;
         loop {
-            if self.handed_over() {
+            if self.handed_over() || self.reconciler.load(Ordering::Acquire) != me {
                 return;
             }
             self.reconcile().await;

@@ -909,9 +909,12 @@ fn a_newer_ztunnel_takes_the_pods_over_without_refusing_a_connection() {
 }
 
 /// A hand-over whose newer ztunnel dies is taken back: the old one, which kept serving the pods
-/// throughout, manages them again (its agent socket answers, it listens on its node ports again
-/// and is ready, new pods are enrolled), and no connection is refused on the way. Both run with
-/// nftables capture and the same flags, so the newer one also took the node ports over.
+/// throughout, manages them again (its agent socket answers, it serves its node ports again and
+/// is ready, new pods are enrolled), and no connection is refused on the way. First the newer one
+/// is restarted at once after dying, as a supervisor would: the restart finds the old one (which
+/// listens beside the dead one's socket while handed over) and takes over from it. Then the
+/// restarted one dies too, and the old one takes back. All run with nftables capture and the same
+/// flags, so the node ports move with the pods.
 #[test]
 fn a_ztunnel_takes_its_pods_back_when_the_newer_one_dies() {
     let nftables = ["--capture", "nftables"];
@@ -919,22 +922,31 @@ fn a_ztunnel_takes_its_pods_back_when_the_newer_one_dies() {
     lab.app(&server_b, &["echo", "9000"], 9000);
     let probes = Probes::start(&lab, &client, &server_b);
     let ready = || {
-        let out = lab.exec(&lab.node(2), "curl -s http://127.0.0.1:15021/healthz/ready");
+        let out = lab.exec(&lab.node(2), "curl -s --max-time 10 http://127.0.0.1:15021/healthz/ready");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    let took_over = |label: &str| lab.log(label).contains("took the pods over from the running ztunnel").then_some(());
     lab.spawn_another_ztunnel("ztunnel2-new", 2, &nftables);
-    wait_for("the hand-over", Duration::from_secs(20), || {
-        lab.log("ztunnel2-new").contains("took the pods over from the running ztunnel").then_some(())
-    });
+    wait_for("the hand-over", Duration::from_secs(20), || took_over("ztunnel2-new"));
     wait_for("the new ztunnel ready", Duration::from_secs(20), || ready().starts_with("ready").then_some(()));
     assert!(lab.log("ztunnel2").contains("handed the port over to the newer ztunnel"), "{}", lab.log("ztunnel2"));
     let rules = lab.exec_ok(&server_b.netns, "nft list ruleset");
     assert!(rules.contains("15008"), "nftables capture stays in place under the new ztunnel: {rules}");
-    // It dies without a chance to clean up: its socket file stays, and nothing answers on it.
+
+    // It dies without a chance to clean up (its socket file stays, with nothing behind it) and
+    // is started again straight away.
     netlab::sh(&format!("kill -KILL {}", lab.pid("ztunnel2-new").unwrap()));
+    lab.spawn_another_ztunnel("ztunnel2-again", 2, &nftables);
+    wait_for("the restarted ztunnel to take over", Duration::from_secs(20), || took_over("ztunnel2-again"));
+    wait_for("the restarted ztunnel ready", Duration::from_secs(20), || ready().starts_with("ready").then_some(()));
+    assert_eq!(lab.enrollment(&server_b), (true, "meshed".to_string()), "the restarted one manages the pods");
+
+    // Now it dies too, and nobody restarts it: the old one takes back.
+    netlab::sh(&format!("kill -KILL {}", lab.pid("ztunnel2-again").unwrap()));
     wait_for("the old ztunnel to take the pods back", Duration::from_secs(20), || {
-        ready().starts_with("ready").then_some(())
+        without_colours(&lab.log("ztunnel2")).contains("taking them back").then_some(())
     });
+    wait_for("the old ztunnel ready", Duration::from_secs(20), || ready().starts_with("ready").then_some(()));
     let log = without_colours(&lab.log("ztunnel2"));
     assert!(log.contains("the ztunnel that took the pods over is gone; taking them back"), "{log}");
     assert!(log.contains("serving the port again after taking the pods back"), "{log}");

@@ -89,7 +89,7 @@ struct Authorized {
     decision: Decision,
 }
 
-/// How many open connections a revalidation pass decides under one hold of the state lock.
+/// How many open connections a revalidation pass decides before it lets other control work run.
 const REVALIDATE_CHUNK: usize = 256;
 
 /// The pause after a revalidation pass: changes arriving meanwhile (pod churn on a large node)
@@ -229,23 +229,27 @@ impl Proxy {
     /// arrive, and cuts off those the policies no longer allow or whose workload left the
     /// configuration: a DENY applied to cut off a caller must reach the connections it already
     /// has, not only its next ones. One line is logged per pass, however many are cut off.
-    pub fn revalidate(&self) {
+    pub async fn revalidate(&self) {
         let open = self.metrics.connections.guarded();
         if open.is_empty() {
             return;
         }
-        // In chunks, each under its own read lock: an xDS update waiting to write, and the new
-        // connections queued behind it, wait for one chunk, not for every open connection.
+        // In chunks, yielding between them: the pass runs on the control thread, which also
+        // answers the agent socket, readiness and xDS. A chunk may see a newer config than the
+        // one before; the change that brought it triggers another pass.
         let mut denied: Vec<(Arc<conn::Tracker>, String)> = Vec::new();
         for chunk in open.chunks(REVALIDATE_CHUNK) {
-            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-            denied.extend(
-                chunk
-                    .iter()
-                    // Only this list holds a connection that has closed meanwhile.
-                    .filter(|c| Arc::strong_count(c) > 1 && !c.is_revoked())
-                    .filter_map(|c| Self::denial(&state, c).map(|why| (c.clone(), why))),
-            );
+            {
+                let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+                denied.extend(
+                    chunk
+                        .iter()
+                        // Only this list holds a connection that has closed meanwhile.
+                        .filter(|c| Arc::strong_count(c) > 1 && !c.is_revoked())
+                        .filter_map(|c| Self::denial(&state, c).map(|why| (c.clone(), why))),
+                );
+            }
+            tokio::task::yield_now().await;
         }
         let (mut revoked, mut example) = (0, None);
         for (c, why) in denied {
