@@ -212,8 +212,8 @@ pub async fn take_back_when_abandoned(
         };
         starting_since = None;
         if !ours {
-            // Under the lock, nobody can have moved in since the last look but it may have
-            // restarted its accept loop: look once more.
+            // A ztunnel may have moved in between the last look and taking the lock: look once
+            // more before binding over it.
             if !refuses(&path).await {
                 refusals = 0;
                 continue;
