@@ -7,9 +7,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::kind::Kind;
 
-/// The subset of Kubernetes `ObjectMeta` Trellis understands. The server owns `uid`,
-/// `resourceVersion`, `generation` and `creationTimestamp`; values a client sends for them are
-/// replaced, except `resourceVersion`, which is an optimistic-concurrency precondition.
+/// Kubernetes `ObjectMeta`. The server owns `uid`, `resourceVersion`, `generation` and
+/// `creationTimestamp`; values a client sends for them are replaced, except `resourceVersion`,
+/// which is an optimistic-concurrency precondition. What another API server kept about an
+/// object it served (`managedFields`, `selfLink`, `deletionTimestamp`,
+/// `deletionGracePeriodSeconds`) is accepted, so that `kubectl get -o yaml` output applies as
+/// it is, and dropped: it describes that server's bookkeeping, not the object.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ObjectMeta {
@@ -17,6 +20,9 @@ pub struct ObjectMeta {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// Kept as written. Trellis does not generate names from it: `name` is still required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate_name: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -34,6 +40,27 @@ pub struct ObjectMeta {
     /// RFC 3339, UTC, second precision (as Kubernetes writes it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<String>,
+    /// Kept as written. Nothing in Trellis runs finalizers, so a delete is not held up by them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub finalizers: Vec<String>,
+    #[serde(default, skip_serializing)]
+    pub managed_fields: Dropped,
+    #[serde(default, skip_serializing)]
+    pub self_link: Dropped,
+    #[serde(default, skip_serializing)]
+    pub deletion_timestamp: Dropped,
+    #[serde(default, skip_serializing)]
+    pub deletion_grace_period_seconds: Dropped,
+}
+
+/// A field another API server owns: read (whatever its value) and never kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dropped;
+
+impl<'de> Deserialize<'de> for Dropped {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Dropped, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| Dropped)
+    }
 }
 
 /// Kubernetes `OwnerReference`. The owner need not be stored in Trellis (Deployments and

@@ -1,5 +1,6 @@
 //! Typed specs of every stored kind. Only fields Trellis understands are accepted
-//! (`deny_unknown_fields`), so a typo is an error instead of a silently ignored setting.
+//! (`deny_unknown_fields`), so a typo is an error instead of a silently ignored setting. A Pod
+//! also keeps the other fields Kubernetes defines for it, checked against the full list.
 //! Numbers are read as `i64` and range-checked by the validators, which gives a better message
 //! ("70000 is out of range 1-65535") than a deserializer overflow.
 
@@ -39,8 +40,11 @@ pub struct NodeAddress {
     pub address: String,
 }
 
+/// A Pod's spec. Trellis reads a few fields; every other field Kubernetes defines for a PodSpec
+/// is kept as written (`other`), so that a real Pod manifest applies and reads back whole. A
+/// field Kubernetes does not define is an error ([`POD_SPEC_FIELDS`]), as elsewhere.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PodSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
@@ -52,10 +56,57 @@ pub struct PodSpec {
     /// (to resolve a Service's named `targetPort`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<Value>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
 }
 
+/// Every field of a Kubernetes `PodSpec` (core/v1).
+pub const POD_SPEC_FIELDS: &[&str] = &[
+    "activeDeadlineSeconds",
+    "affinity",
+    "automountServiceAccountToken",
+    "containers",
+    "dnsConfig",
+    "dnsPolicy",
+    "enableServiceLinks",
+    "ephemeralContainers",
+    "hostAliases",
+    "hostIPC",
+    "hostNetwork",
+    "hostPID",
+    "hostUsers",
+    "hostname",
+    "imagePullSecrets",
+    "initContainers",
+    "nodeName",
+    "nodeSelector",
+    "os",
+    "overhead",
+    "preemptionPolicy",
+    "priority",
+    "priorityClassName",
+    "readinessGates",
+    "resourceClaims",
+    "resources",
+    "restartPolicy",
+    "runtimeClassName",
+    "schedulerName",
+    "schedulingGates",
+    "securityContext",
+    "serviceAccount",
+    "serviceAccountName",
+    "setHostnameAsFQDN",
+    "shareProcessNamespace",
+    "subdomain",
+    "terminationGracePeriodSeconds",
+    "tolerations",
+    "topologySpreadConstraints",
+    "volumes",
+];
+
+/// A Pod's status, read like its spec ([`PodSpec`], [`POD_STATUS_FIELDS`]).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PodStatus {
     #[serde(rename = "podIP", default, skip_serializing_if = "Option::is_none")]
     pub pod_ip: Option<String>,
@@ -63,7 +114,30 @@ pub struct PodStatus {
     pub pod_ips: Vec<PodIp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
 }
+
+/// Every field of a Kubernetes `PodStatus` (core/v1).
+pub const POD_STATUS_FIELDS: &[&str] = &[
+    "conditions",
+    "containerStatuses",
+    "ephemeralContainerStatuses",
+    "hostIP",
+    "hostIPs",
+    "initContainerStatuses",
+    "message",
+    "nominatedNodeName",
+    "observedGeneration",
+    "phase",
+    "podIP",
+    "podIPs",
+    "qosClass",
+    "reason",
+    "resize",
+    "resourceClaimStatuses",
+    "startTime",
+];
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(deny_unknown_fields)]

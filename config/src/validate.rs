@@ -45,6 +45,38 @@ pub(crate) fn object(obj: &Object) -> Vec<FieldError> {
     e.list
 }
 
+/// Fields kept as written must be ones Kubernetes defines for the type, so that a typo is still
+/// an error; the nearest known name is offered.
+fn kubernetes_fields<'a>(
+    e: &mut Errors,
+    at: &str,
+    type_name: &str,
+    keys: impl Iterator<Item = &'a String>,
+    known: &[&str],
+) {
+    for k in keys.filter(|k| !known.contains(&k.as_str())) {
+        let nearest = known.iter().map(|n| (edit_distance(k, n), *n)).min().filter(|(d, _)| *d <= 2);
+        let hint = nearest.map(|(_, n)| format!("; did you mean `{n}`?")).unwrap_or_default();
+        e.add(format!("{at}.{k}"), format!("unknown field `{k}`: not a Kubernetes {type_name} field{hint}"));
+    }
+}
+
+/// Levenshtein distance, for suggestions between short field names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1).min(row[j] + 1).min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
 fn owner_references(e: &mut Errors, owners: &[crate::OwnerReference]) {
     for (i, o) in owners.iter().enumerate() {
         let path = format!("metadata.ownerReferences[{i}]");
@@ -212,6 +244,10 @@ fn node(e: &mut Errors, n: &Node) {
 }
 
 fn pod(e: &mut Errors, p: &Pod) {
+    kubernetes_fields(e, "spec", "PodSpec", p.spec.other.keys(), POD_SPEC_FIELDS);
+    if let Some(s) = &p.status {
+        kubernetes_fields(e, "status", "PodStatus", s.other.keys(), POD_STATUS_FIELDS);
+    }
     if let Some(n) = &p.spec.node_name {
         dns_subdomain(e, "spec.nodeName", n);
     }

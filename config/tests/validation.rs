@@ -19,7 +19,12 @@ const CASES: &[(&str, &str, &str)] = &[
     ("two controllers", "apiVersion: v1\nkind: Pod\nmetadata: {name: a, ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: r, controller: true}, {apiVersion: apps/v1, kind: StatefulSet, name: s, controller: true}]}", "metadata.ownerReferences: at most one may have controller: true"),
     ("owner unknown field", "apiVersion: v1\nkind: Pod\nmetadata: {name: a, ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: r, contoller: true}]}", "unknown field `contoller`"),
     ("pod with bad ip", "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nstatus: {podIP: 10.244.1.500}", "status.podIP: \"10.244.1.500\" is not an IP address"),
-    ("pod unknown field", "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {nodeNme: x}", "spec.nodeNme: unknown field `nodeNme`, expected one of `nodeName`"),
+    ("pod unknown field", "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {nodeNme: x}", "spec.nodeNme: unknown field `nodeNme`: not a Kubernetes PodSpec field; did you mean `nodeName`?"),
+    ("pod unknown status field", "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nstatus: {hostIp: 10.0.0.1}", "status.hostIp: unknown field `hostIp`: not a Kubernetes PodStatus field; did you mean `hostIP`?"),
+    ("pod field nowhere near", "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {sidecarMode: ambient}", "spec.sidecarMode: unknown field `sidecarMode`: not a Kubernetes PodSpec field"),
+    ("pod other kubernetes fields", "apiVersion: v1\nkind: Pod\nmetadata: {name: a, generateName: a-, finalizers: [x/y]}\nspec: {restartPolicy: Always, volumes: []}\nstatus: {qosClass: BestEffort}", ""),
+    ("metadata typo", "apiVersion: v1\nkind: Pod\nmetadata: {name: a, lables: {app: a}}", "unknown field `lables`"),
+    ("generateName without name", "apiVersion: v1\nkind: Pod\nmetadata: {generateName: a-}", "metadata.name: is required"),
     ("wrong type", "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: \"eighty\"}]}", "spec.ports[0].port: invalid type: string \"eighty\", expected i64"),
     ("unknown kind", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}", "unknown kind \"Deployment\""),
     ("missing kind", "apiVersion: v1\nmetadata: {name: d}", "kind: is required"),
@@ -86,6 +91,33 @@ fn validation_table() {
         }
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+/// A Pod exported from a real cluster applies as it is and reads back whole, except what that
+/// cluster's API server kept about it for itself.
+#[test]
+fn a_pod_exported_with_kubectl_applies_and_keeps_its_fields() {
+    let yaml = include_str!("fixtures/pod-from-kubectl.yaml");
+    let loaded = load_text("pod.yaml", yaml, "default").unwrap_or_else(|e| panic!("{e:?}"));
+    let Object::Pod(pod) = &loaded[0].object else { panic!("not a pod") };
+    assert_eq!(pod.spec.service_account_name.as_deref(), Some("web"));
+    assert_eq!(pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()), Some("10.244.1.17"));
+    let back = loaded[0].object.to_value();
+    let meta = &back["metadata"];
+    assert_eq!(meta["generateName"], "web-7c5d9f8b6d-");
+    assert_eq!(meta["finalizers"][0], "batch.kubernetes.io/job-tracking");
+    for dropped in ["managedFields", "selfLink", "deletionTimestamp", "deletionGracePeriodSeconds"] {
+        assert!(meta.get(dropped).is_none(), "{dropped} was kept: {meta}");
+    }
+    assert_eq!(back["spec"]["volumes"][0]["name"], "kube-api-access-7xk2p");
+    assert_eq!(back["spec"]["tolerations"][1]["key"], "node.kubernetes.io/unreachable");
+    assert_eq!(back["spec"]["containers"][0]["readinessProbe"]["periodSeconds"], 5);
+    assert_eq!(back["status"]["conditions"][2]["type"], "Ready");
+    assert_eq!(back["status"]["containerStatuses"][0]["restartCount"], 0);
+    assert_eq!(back["status"]["qosClass"], "Burstable");
+    // What reads back loads again to the same object.
+    let again = Object::from_value(back.clone()).unwrap();
+    assert_eq!(again.to_value(), back);
 }
 
 #[test]

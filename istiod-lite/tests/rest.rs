@@ -63,6 +63,36 @@ async fn create_get_update_list_delete_round_trip() {
     assert_eq!(gone.body["code"], 404);
 }
 
+/// A Pod exported from a real cluster (`kubectl get -o yaml`) is stored whole and reads back
+/// whole, under this server's own uid and resourceVersion; the other server's bookkeeping
+/// (`managedFields`, `selfLink`) is dropped. Its resourceVersion, that server's, must go first, as
+/// with any create.
+#[tokio::test]
+async fn a_pod_exported_from_a_cluster_is_stored_whole() {
+    let s = Istiod::start().await;
+    let c = s.api();
+    let yaml = include_str!("../../config/tests/fixtures/pod-from-kubectl.yaml");
+    let loaded = trellis_config::load::load_text("pod.yaml", yaml, "demo").unwrap();
+    let mut exported = loaded[0].object.to_value();
+    let path = format!("{POD_PATH}/web-7c5d9f8b6d-q2x8z");
+    let stale = c.call(Method::PUT, &path, Some(&exported)).await.unwrap();
+    assert_eq!(stale.status, StatusCode::CONFLICT, "{}", stale.body);
+    exported["metadata"].as_object_mut().unwrap().remove("resourceVersion");
+    let created = c.call(Method::PUT, &path, Some(&exported)).await.unwrap();
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let got = c.ok(Method::GET, &path, None).await.unwrap().body;
+    assert_ne!(got["metadata"]["uid"], "9b8a7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d", "the uid is this server's");
+    assert_eq!(got["metadata"]["generateName"], "web-7c5d9f8b6d-");
+    assert_eq!(got["metadata"]["finalizers"][0], "batch.kubernetes.io/job-tracking");
+    assert!(got["metadata"].get("managedFields").is_none() && got["metadata"].get("selfLink").is_none());
+    assert_eq!(got["spec"]["volumes"][0]["projected"]["defaultMode"], 420);
+    assert_eq!(got["status"]["containerStatuses"][0]["ready"], true);
+    assert_eq!(got["status"]["podIP"], "10.244.1.17");
+    // Deleting it is not held up by its finalizer: nothing here runs finalizers.
+    c.ok(Method::DELETE, &path, None).await.unwrap();
+    assert_eq!(c.call(Method::GET, &path, None).await.unwrap().status, StatusCode::NOT_FOUND);
+}
+
 #[tokio::test]
 async fn stale_resource_version_is_a_conflict() {
     let s = Istiod::start().await;
