@@ -1023,6 +1023,67 @@ fn a_ztunnel_takes_its_pods_back_when_the_newer_one_never_moves_in() {
     assert!(ok > 0 && failed == 0, "connections failed while the pods were handed over:\n{log}");
 }
 
+/// A starting ztunnel whose hand-over answer breaks off cannot know whether the running one let
+/// go, so it exits, saying so, instead of running on unable to listen in the pods. Likewise when
+/// the answer hands over without a node port it asked for. The "running ztunnel" here is a bare
+/// server of the agent protocol on node 2, where no ztunnel runs.
+#[test]
+fn a_ztunnel_whose_hand_over_breaks_off_exits() {
+    let lab = Lab::new(2);
+    lab.start_istiod();
+    lab.apply(MESH);
+    lab.token(2);
+    let script = lab.dir.path().join("half-answer.py");
+    std::fs::write(
+        &script,
+        r#"import os, socket, sys
+path, answer, hold_port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if hold_port:
+    held = socket.socket(); held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.bind(("127.0.0.1", hold_port)); held.listen()
+s = socket.socket(socket.AF_UNIX); s.bind(path); s.listen()
+print("listening", flush=True)
+c, _ = s.accept()
+print("asked", c.makefile().readline().strip(), flush=True)
+c.sendall((answer + "\n").encode()); c.close(); os.unlink(path)
+print("answered", flush=True)
+"#,
+    )
+    .unwrap();
+    let sock = lab.agent_socket(2).display().to_string();
+    let cases = [
+        // One line naming a socket it never passes, promising more, then the connection closes.
+        (r#"{"ok":true,"listeners":[{"netns":"/var/run/netns/x","port":15008}],"more":true}"#, "0", "broke off"),
+        // A complete answer that leaves out the admin port the new one asked for.
+        (r#"{"ok":true,"listeners":[]}"#, "15000", "did not pass admin on 127.0.0.1:15000"),
+    ];
+    for (i, (answer, hold_port, expect)) in cases.into_iter().enumerate() {
+        let fake = format!("half-answer{i}");
+        lab.spawn(
+            &fake,
+            &lab.node(2),
+            std::path::Path::new("python3"),
+            &[&script.display().to_string(), &sock, answer, hold_port],
+        );
+        wait_for("the fake running ztunnel", Duration::from_secs(10), || {
+            lab.log(&fake).contains("listening").then_some(())
+        });
+        let new = format!("ztunnel2-{i}");
+        lab.spawn_another_ztunnel(&new, 2, &[]);
+        wait_for(&format!("{new} to exit"), Duration::from_secs(20), || lab.exited(&new).then_some(()));
+        let log = without_colours(&lab.log(&new));
+        assert!(log.contains(expect) && log.contains("exiting, so that it takes the pods back"), "{log}");
+        let asked = lab.log(&fake);
+        let ports = if hold_port == "0" { "" } else { ",\"ports\":[\"127.0.0.1:15000\"]" };
+        assert!(asked.contains(&format!("asked {{\"op\":\"handover\"{ports}}}")), "{asked}");
+        // It gave up before moving in: the path is not its socket, and the start lock is free.
+        assert!(!lab.agent_socket(2).exists(), "the exiting ztunnel left a socket at the path");
+        let lock = std::fs::OpenOptions::new().write(true).open(format!("{sock}.lock")).unwrap();
+        lock.try_lock().expect("the start lock went with the process");
+        netlab::sh(&format!("kill {} 2>/dev/null || true", lab.pid(&fake).unwrap()));
+    }
+}
+
 /// SIGTERM waits for connections still being set up, not only for those already proxied: one
 /// whose upstream connect is slow (its first SYN is dropped, so it is answered a second later)
 /// completes after the drain began, and ztunnel exits once it is done.
