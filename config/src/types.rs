@@ -50,6 +50,10 @@ pub struct PodSpec {
     pub node_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
+    /// The deprecated alias of `serviceAccountName`, which Kubernetes uses when that is unset:
+    /// read, so that an older manifest does not run as `default` ([`PodSpec::service_account`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_network: Option<bool>,
     /// Kept verbatim so that real Pod manifests apply; Trellis reads only named container ports
@@ -60,7 +64,16 @@ pub struct PodSpec {
     pub other: BTreeMap<String, Value>,
 }
 
-/// Every field of a Kubernetes `PodSpec` (core/v1).
+impl PodSpec {
+    /// The service account the pod runs as: `serviceAccountName`, else its deprecated alias
+    /// `serviceAccount`, else `default`, as Kubernetes decides it.
+    pub fn service_account(&self) -> &str {
+        self.service_account_name.as_deref().or(self.service_account.as_deref()).unwrap_or("default")
+    }
+}
+
+/// Every field of a Kubernetes `PodSpec` (core/v1), kept in step with Kubernetes by hand: a field
+/// added in a later release is rejected until it is added here.
 pub const POD_SPEC_FIELDS: &[&str] = &[
     "activeDeadlineSeconds",
     "affinity",
@@ -118,7 +131,7 @@ pub struct PodStatus {
     pub other: BTreeMap<String, Value>,
 }
 
-/// Every field of a Kubernetes `PodStatus` (core/v1).
+/// Every field of a Kubernetes `PodStatus` (core/v1), kept in step like [`POD_SPEC_FIELDS`].
 pub const POD_STATUS_FIELDS: &[&str] = &[
     "conditions",
     "containerStatuses",

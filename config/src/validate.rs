@@ -254,6 +254,12 @@ fn pod(e: &mut Errors, p: &Pod) {
     if let Some(sa) = &p.spec.service_account_name {
         dns_subdomain(e, "spec.serviceAccountName", sa);
     }
+    if let Some(alias) = &p.spec.service_account {
+        dns_subdomain(e, "spec.serviceAccount", alias);
+        if p.spec.service_account_name.as_ref().is_some_and(|n| n != alias) {
+            e.add("spec.serviceAccount", "must equal spec.serviceAccountName (it is its deprecated alias)");
+        }
+    }
     // Containers are kept as given, but their ports name Service targetPorts.
     for (i, c) in p.spec.containers.iter().enumerate() {
         let Some(ports) = c.get("ports") else { continue };

@@ -23,6 +23,8 @@ const CASES: &[(&str, &str, &str)] = &[
     ("pod unknown status field", "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nstatus: {hostIp: 10.0.0.1}", "status.hostIp: unknown field `hostIp`: not a Kubernetes PodStatus field; did you mean `hostIP`?"),
     ("pod field nowhere near", "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {sidecarMode: ambient}", "spec.sidecarMode: unknown field `sidecarMode`: not a Kubernetes PodSpec field"),
     ("pod other kubernetes fields", "apiVersion: v1\nkind: Pod\nmetadata: {name: a, generateName: a-, finalizers: [x/y]}\nspec: {restartPolicy: Always, volumes: []}\nstatus: {qosClass: BestEffort}", ""),
+    ("pod service account alias", "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {serviceAccount: web}", ""),
+    ("pod service account alias disagrees", "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {serviceAccount: web, serviceAccountName: api}", "spec.serviceAccount: must equal spec.serviceAccountName (it is its deprecated alias)"),
     ("metadata typo", "apiVersion: v1\nkind: Pod\nmetadata: {name: a, lables: {app: a}}", "unknown field `lables`"),
     ("generateName without name", "apiVersion: v1\nkind: Pod\nmetadata: {generateName: a-}", "metadata.name: is required"),
     ("wrong type", "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: \"eighty\"}]}", "spec.ports[0].port: invalid type: string \"eighty\", expected i64"),
@@ -101,6 +103,7 @@ fn a_pod_exported_with_kubectl_applies_and_keeps_its_fields() {
     let loaded = load_text("pod.yaml", yaml, "default").unwrap_or_else(|e| panic!("{e:?}"));
     let Object::Pod(pod) = &loaded[0].object else { panic!("not a pod") };
     assert_eq!(pod.spec.service_account_name.as_deref(), Some("web"));
+    assert_eq!(pod.spec.service_account(), "web");
     assert_eq!(pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()), Some("10.244.1.17"));
     let back = loaded[0].object.to_value();
     let meta = &back["metadata"];

@@ -30,7 +30,7 @@ fn policy_effect(p: &AuthorizationPolicy) -> String {
 pub fn describe_pod(c: &Cluster, pod: &Pod, ztunnel: Option<Value>) -> Value {
     let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
     let labels = &pod.metadata.labels;
-    let sa = pod.spec.service_account_name.as_deref().unwrap_or("default");
+    let sa = pod.spec.service_account();
     let enrollment = c.enrolled(ns, labels);
 
     let mut policies = Vec::new();

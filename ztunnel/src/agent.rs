@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::log_budget::warn_limited;
 use crate::node_ports::NodePorts;
 use crate::pods::{PodInfo, Pods};
 
@@ -50,11 +51,24 @@ pub struct Agent {
     /// While handed over, a second socket at `<path>.handed`, where a ztunnel restarted after
     /// the newer one died finds this one when the path has nobody behind it.
     handed: std::sync::Mutex<Option<Bound>>,
+    /// The process this one last handed over to, when the kernel could say (not across PID
+    /// namespaces): while it runs, nobody else gets the pods from here.
+    taker: std::sync::Mutex<Option<i32>>,
 }
 
 impl Agent {
     pub fn new(pods: Arc<Pods>, ports: Arc<NodePorts>, path: PathBuf) -> Agent {
-        Agent { pods, ports, path, handed: std::sync::Mutex::new(None) }
+        Agent { pods, ports, path, handed: std::sync::Mutex::new(None), taker: std::sync::Mutex::new(None) }
+    }
+
+    /// Whether the pods are handed over to a process that still runs and is not `asking`: a
+    /// ztunnel whose agent socket vanished while it runs must not get a rival.
+    fn taker_runs(&self, asking: Option<i32>) -> bool {
+        let taker = *self.taker.lock().unwrap_or_else(|e| e.into_inner());
+        match taker {
+            Some(pid) if self.pods.handed_over() && asking != Some(pid) => runs(pid),
+            _ => false,
+        }
     }
 
     /// Listens at `<path>.handed` too, once this ztunnel has handed over.
@@ -71,9 +85,15 @@ impl Agent {
                 _ => {}
             }
             let listener = UnixListener::bind(&path)?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-            let m = std::fs::symlink_metadata(&path)?;
-            Ok((listener, Bound { path: path.clone(), dev_ino: (m.dev(), m.ino()), serving: None }))
+            let made = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .and_then(|()| std::fs::symlink_metadata(&path));
+            match made {
+                Ok(m) => Ok((listener, Bound { path: path.clone(), dev_ino: (m.dev(), m.ino()), serving: None })),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    Err(e)
+                }
+            }
         })();
         match bound {
             Ok((listener, b)) => *handed = Some(serve_on(self, listener, b)),
@@ -88,6 +108,15 @@ impl Agent {
             b.remove_if_ours();
         }
     }
+}
+
+/// Whether process `pid` runs: it exists and is not a zombie waiting to be reaped (a ztunnel
+/// that was killed, whose supervisor has not collected it yet).
+fn runs(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // The state follows the command name, which is in parentheses and may contain anything.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, None | Some("Z" | "X" | "x"))
 }
 
 /// Where a ztunnel that handed over also listens ([`Agent`]).
@@ -232,9 +261,18 @@ pub fn serve_on(agent: &Arc<Agent>, listener: UnixListener, mut bound: Bound) ->
 /// A socket bound beside the agent socket's path, not yet in its place.
 pub struct Unpublished {
     listener: UnixListener,
-    tmp: PathBuf,
+    tmp: Beside,
     path: PathBuf,
     starting: StartLock,
+}
+
+/// The socket file beside the path, removed if a start fails before moving it into place.
+struct Beside(Bound);
+
+impl Drop for Beside {
+    fn drop(&mut self) {
+        self.0.remove_if_ours();
+    }
 }
 
 /// Held by a ztunnel from before it binds anything until its agent socket is in place, and by
@@ -296,8 +334,11 @@ pub fn bind(path: &Path, starting: StartLock) -> std::io::Result<Unpublished> {
         Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
         _ => {}
     }
+    use std::os::unix::fs::MetadataExt;
     let listener = UnixListener::bind(&tmp)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    let m = std::fs::symlink_metadata(&tmp)?;
+    let tmp = Beside(Bound { path: tmp, dev_ino: (m.dev(), m.ino()), serving: None });
+    std::fs::set_permissions(&tmp.0.path, std::fs::Permissions::from_mode(0o600))?;
     Ok(Unpublished { listener, tmp, path: path.to_path_buf(), starting })
 }
 
@@ -305,10 +346,8 @@ impl Unpublished {
     /// Moves the socket to its path, replacing a stale one or that of a ztunnel that handed over.
     /// The start lock comes back, for the caller to hold as long as it is still acting.
     pub fn publish(self) -> std::io::Result<(UnixListener, Bound, StartLock)> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::symlink_metadata(&self.tmp)?;
-        std::fs::rename(&self.tmp, &self.path)?;
-        let bound = Bound { path: self.path, dev_ino: (m.dev(), m.ino()), serving: None };
+        std::fs::rename(&self.tmp.0.path, &self.path)?;
+        let bound = Bound { path: self.path, dev_ino: self.tmp.0.dev_ino, serving: None };
         Ok((self.listener, bound, self.starting))
     }
 }
@@ -329,6 +368,15 @@ pub async fn serve(listener: UnixListener, agent: Arc<Agent>) {
 }
 
 async fn session(stream: UnixStream, agent: Arc<Agent>) {
+    // Only this user (root) may register pods or take them over, whatever the socket file's mode
+    // (it is 0600 only once created).
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let peer = match stream.peer_cred() {
+        Ok(c) if c.uid() == me => c,
+        Ok(c) => return warn_limited!("agent socket: refusing a peer of another user", uid = c.uid(), pid = ?c.pid()),
+        Err(e) => return tracing::warn!(error = %e, "agent socket: cannot tell who the peer is"),
+    };
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r.take(MAX_LINE as u64 * 64)).lines();
     loop {
@@ -342,7 +390,7 @@ async fn session(stream: UnixStream, agent: Arc<Agent>) {
                 vec![],
             )]
         } else {
-            handle(&line, &agent).await
+            handle(&line, &agent, peer.pid()).await
         };
         for (resp, fds) in answer {
             let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
@@ -361,7 +409,7 @@ async fn session(stream: UnixStream, agent: Arc<Agent>) {
 /// carries.
 type Answer = Vec<(Response, Vec<OwnedFd>)>;
 
-async fn handle(line: &str, agent: &Arc<Agent>) -> Answer {
+async fn handle(line: &str, agent: &Arc<Agent>, peer: Option<i32>) -> Answer {
     let pods = &agent.pods;
     let one = |r: Response| vec![(r, vec![])];
     let fail = |e: String| one(Response { error: Some(e), ..Default::default() });
@@ -390,6 +438,10 @@ async fn handle(line: &str, agent: &Arc<Agent>) -> Answer {
         Request::Handover { .. } if !pods.has_registry() => {
             fail("this ztunnel runs without a pod registry, so it has nothing to hand over".into())
         }
+        Request::Handover { .. } if agent.taker_runs(peer) => {
+            let taker = agent.taker.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or_default();
+            fail(format!("this ztunnel handed its pods over to the ztunnel with pid {taker}, which still runs"))
+        }
         Request::Handover { ports } => {
             // If one of the ports is not this one's, nothing is handed over. They stop accepting
             // here only once the registry is written, so that they are answered meanwhile.
@@ -402,6 +454,7 @@ async fn handle(line: &str, agent: &Arc<Agent>) -> Answer {
                 Err(e) => return fail(format!("the ports went while handing over: {e}")),
             };
             agent.listen_as_handed();
+            *agent.taker.lock().unwrap_or_else(|e| e.into_inner()) = peer.filter(|p| *p > 0);
             let mut chunks: Answer = Vec::new();
             if !node.is_empty() {
                 let (addrs, fds) = node.into_iter().unzip();
@@ -449,6 +502,20 @@ mod tests {
     }
 
     #[test]
+    fn a_process_runs_until_it_exits_even_if_nobody_reaped_it() {
+        assert!(runs(std::process::id() as i32));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        // Exited, not yet reaped: a zombie.
+        while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z")) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!runs(pid), "a zombie counts as gone");
+        child.wait().unwrap();
+        assert!(!runs(pid), "a reaped process is gone");
+    }
+
+    #[test]
     fn two_ztunnels_cannot_start_on_one_socket_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
@@ -460,8 +527,10 @@ mod tests {
         assert!(e.to_string().contains("another ztunnel is starting"), "{e}");
         let (_listener, _bound, lock) = first.publish().unwrap();
         drop(lock);
-        let _second = lock_start(&path).expect("once the first has published, the next may start");
-        drop(_second);
+        let second = lock_start(&path).expect("once the first has published, the next may start");
+        // A start that fails before publishing leaves no socket beside the path.
+        drop(bind(&path, second).unwrap());
+        assert!(!dir.path().join("agent.sock.new").exists());
 
         // The lock file is never followed through a symlink.
         let lock = dir.path().join("agent.sock.lock");

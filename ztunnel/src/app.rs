@@ -189,7 +189,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         match take_over {
             TakeOver::HandedOver(handed) => {
                 handed_over = true;
-                tracing::info!(listeners = handed.pods.len(), "took the pods over from the running ztunnel");
+                tracing::info!(listeners = handed.pods.len(), from = %handed.from.display(), "took the pods over from the running ztunnel");
                 pods.inherit(handed.pods);
                 passed_ports = handed.node;
             }
@@ -250,6 +250,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         // A draining ztunnel takes nothing back: its pods' listeners are closing.
         take_back.abort();
         agent.stop_listening_as_handed();
+        // Nor keeps the node ports it handed over: a ztunnel restarted meanwhile must bind them.
+        agent.ports.release_handed();
         tracing::info!(deadline = ?cfg.drain_timeout, "draining: no new connections");
         drain_tx.send_replace(true);
         pods_for_drain.close_listeners();

@@ -50,6 +50,8 @@ pub enum TakeOver {
 /// What a hand-over passed.
 #[derive(Debug, Default)]
 pub struct Handed {
+    /// Where the ztunnel that handed over answered: the agent socket, or beside it.
+    pub from: std::path::PathBuf,
     pub pods: Vec<Inherited>,
     /// The node ports asked for, each with its listening socket (not yet checked, see
     /// [`crate::node_ports::adopt`]).
@@ -75,7 +77,7 @@ pub async fn take_over(path: &Path, ports: &[SocketAddr]) -> TakeOver {
         Err(e) => return TakeOver::Refused(format!("{}: {e}", path.display())),
     };
     match tokio::time::timeout(HANDOVER_TIMEOUT, ask_handover(&mut s, ports)).await {
-        Ok(Ok(handed)) => TakeOver::HandedOver(handed),
+        Ok(Ok(handed)) => TakeOver::HandedOver(Handed { from: path.to_path_buf(), ..handed }),
         Ok(Err(Failed::Refused(why))) => TakeOver::Refused(format!("{}: {why}", path.display())),
         Ok(Err(Failed::Broken(e))) => TakeOver::Broken(format!("{}: {e}", path.display())),
         Err(_) => TakeOver::Broken(format!("no complete answer from {} within {HANDOVER_TIMEOUT:?}", path.display())),

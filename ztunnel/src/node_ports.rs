@@ -123,6 +123,12 @@ impl NodePorts {
         Ok(handed)
     }
 
+    /// Lets go of this process's copies of the ports it handed over (it is draining, and will not
+    /// take them back).
+    pub fn release_handed(&self) {
+        lock(&self.ports).retain(|p| p.stop.is_some());
+    }
+
     /// Serves again, on this process's copies of their sockets, the ports it handed over, after
     /// the newer ztunnel is gone. A port that cannot be served (out of descriptors) is logged and
     /// tried again at the next call.

@@ -506,36 +506,43 @@ impl Pods {
     }
 
     /// Reconciles registered pods with the control plane until dropped, or until they are handed
-    /// over.
-    pub async fn run(self: Arc<Self>, mut changes: watch::Receiver<u64>) {
+    /// over. The reconciler is the one current when this is called (not when the future is first
+    /// polled); one from before a take-back stops at its next step.
+    pub fn run(self: Arc<Self>, mut changes: watch::Receiver<u64>) -> impl std::future::Future<Output = ()> {
         let me = self.reconciler.load(Ordering::Acquire);
-        let mut synced = self.synced.clone();
-        let _ = synced.wait_for(|s| *s).await;
-        loop {
-            if self.handed_over() || self.reconciler.load(Ordering::Acquire) != me {
-                return;
-            }
-            self.reconcile().await;
-            self.passes.send_modify(|n| *n += 1);
-            let now = Instant::now();
-            // Only retries still ahead: one already due is started by the pass above, or has its
-            // enrollment in flight, and waiting on it would spin until that ends.
-            let next_retry = lock(&self.retry_at).values().filter(|(at, _)| *at > now).map(|(at, _)| *at - now).min();
-            tokio::select! {
-                r = changes.changed() => if r.is_err() { return },
-                _ = self.kick.notified() => {}
-                _ = tokio::time::sleep(next_retry.unwrap_or(RETRY).min(RETRY)) => {}
+        async move {
+            let mut synced = self.synced.clone();
+            let _ = synced.wait_for(|s| *s).await;
+            while !self.stale(me) {
+                self.reconcile(me).await;
+                self.passes.send_modify(|n| *n += 1);
+                let now = Instant::now();
+                // Only retries still ahead: one already due is started by the pass above, or has
+                // its enrollment in flight, and waiting on it would spin until that ends.
+                let next_retry =
+                    lock(&self.retry_at).values().filter(|(at, _)| *at > now).map(|(at, _)| *at - now).min();
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    _ = self.kick.notified() => {}
+                    _ = tokio::time::sleep(next_retry.unwrap_or(RETRY).min(RETRY)) => {}
+                }
             }
         }
     }
 
+    /// Whether reconciler `me` must stop: the pods are handed over, or a take-back started
+    /// another.
+    fn stale(&self, me: u64) -> bool {
+        self.handed_over() || self.reconciler.load(Ordering::Acquire) != me
+    }
+
     /// One pass: start enrolling pods that should be meshed and are not, release those that should
     /// not be.
-    async fn reconcile(self: &Arc<Self>) {
+    async fn reconcile(self: &Arc<Self>, me: u64) {
         let registered = lock(&self.registered).clone();
         lock(&self.retry_at).retain(|uid, _| registered.contains_key(uid));
         for (uid, r) in registered {
-            if self.handed_over() {
+            if self.stale(me) {
                 return;
             }
             if lock(&self.enrolling).contains_key(&uid) {
@@ -584,7 +591,7 @@ impl Pods {
                 }
             }
         }
-        if self.handed_over() {
+        if self.stale(me) {
             return;
         }
         self.drop_unclaimed_listeners();

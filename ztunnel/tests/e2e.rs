@@ -934,10 +934,18 @@ fn a_ztunnel_takes_its_pods_back_when_the_newer_one_dies() {
     assert!(rules.contains("15008"), "nftables capture stays in place under the new ztunnel: {rules}");
 
     // It dies without a chance to clean up (its socket file stays, with nothing behind it) and
-    // is started again straight away.
+    // is started again straight away. The old one is paused meanwhile, so that its take-back
+    // (two checks 2 s apart) cannot come first: the restart must find it beside the dead socket.
+    let old = lab.pid("ztunnel2").unwrap();
+    netlab::sh(&format!("kill -STOP {old}"));
     netlab::sh(&format!("kill -KILL {}", lab.pid("ztunnel2-new").unwrap()));
     lab.spawn_another_ztunnel("ztunnel2-again", 2, &nftables);
+    std::thread::sleep(Duration::from_millis(300));
+    netlab::sh(&format!("kill -CONT {old}"));
     wait_for("the restarted ztunnel to take over", Duration::from_secs(20), || took_over("ztunnel2-again"));
+    let handed = format!("from={}.handed", lab.agent_socket(2).display());
+    assert!(without_colours(&lab.log("ztunnel2-again")).contains(&handed), "{}", lab.log("ztunnel2-again"));
+    assert!(!without_colours(&lab.log("ztunnel2")).contains("taking them back"), "taken back before the restart");
     wait_for("the restarted ztunnel ready", Duration::from_secs(20), || ready().starts_with("ready").then_some(()));
     assert_eq!(lab.enrollment(&server_b), (true, "meshed".to_string()), "the restarted one manages the pods");
 
@@ -993,6 +1001,16 @@ fn a_ztunnel_takes_its_pods_back_when_the_newer_one_never_moves_in() {
     let add = lab
         .agent(2, &serde_json::json!({"op": "add", "namespace": "demo", "name": "server-b", "netns": "/nonexistent"}));
     assert!(add["error"].as_str().unwrap().contains("handed its pods over"), "{add}");
+    // Another process asking while the taker (this test) runs gets nothing: it would be a rival.
+    let ask = lab.dir.path().join("ask.py");
+    std::fs::write(
+        &ask,
+        "import socket, sys\ns = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n\
+         s.sendall(b'{\"op\":\"handover\"}\\n'); print(s.makefile().readline())\n",
+    )
+    .unwrap();
+    let rival = lab.exec_ok(&lab.node(2), &format!("python3 {} {}", ask.display(), lab.agent_socket(2).display()));
+    assert!(rival.contains("handed its pods over to the ztunnel with pid") && rival.contains("still runs"), "{rival}");
 
     // While the lock is held the taker may be a slow start: the pods stay handed over.
     wait_for("the old ztunnel to see a start under way", Duration::from_secs(10), || {
@@ -1042,11 +1060,12 @@ if hold_port:
     held = socket.socket(); held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     held.bind(("127.0.0.1", hold_port)); held.listen()
 s = socket.socket(socket.AF_UNIX); s.bind(path); s.listen()
-print("listening", flush=True)
+print("listening", os.stat(path).st_ino, flush=True)
 c, _ = s.accept()
 print("asked", c.makefile().readline().strip(), flush=True)
-c.sendall((answer + "\n").encode()); c.close(); os.unlink(path)
+c.sendall((answer + "\n").encode()); c.close()
 print("answered", flush=True)
+import time; time.sleep(60)
 "#,
     )
     .unwrap();
@@ -1068,6 +1087,7 @@ print("answered", flush=True)
         wait_for("the fake running ztunnel", Duration::from_secs(10), || {
             lab.log(&fake).contains("listening").then_some(())
         });
+        let fake_inode: u64 = lab.log(&fake).split_whitespace().nth(1).unwrap().parse().unwrap();
         let new = format!("ztunnel2-{i}");
         lab.spawn_another_ztunnel(&new, 2, &[]);
         wait_for(&format!("{new} to exit"), Duration::from_secs(20), || lab.exited(&new).then_some(()));
@@ -1076,11 +1096,15 @@ print("answered", flush=True)
         let asked = lab.log(&fake);
         let ports = if hold_port == "0" { "" } else { ",\"ports\":[\"127.0.0.1:15000\"]" };
         assert!(asked.contains(&format!("asked {{\"op\":\"handover\"{ports}}}")), "{asked}");
-        // It gave up before moving in: the path is not its socket, and the start lock is free.
-        assert!(!lab.agent_socket(2).exists(), "the exiting ztunnel left a socket at the path");
+        // It gave up before moving in: the path is still the other one's socket, nothing is left
+        // beside it, and the start lock is free.
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(lab.agent_socket(2)).unwrap().ino(), fake_inode, "the exiting ztunnel moved in");
+        assert!(!std::path::Path::new(&format!("{sock}.new")).exists(), "a socket was left beside the path");
         let lock = std::fs::OpenOptions::new().write(true).open(format!("{sock}.lock")).unwrap();
         lock.try_lock().expect("the start lock went with the process");
-        netlab::sh(&format!("kill {} 2>/dev/null || true", lab.pid(&fake).unwrap()));
+        lab.stop(&fake);
+        std::fs::remove_file(lab.agent_socket(2)).unwrap();
     }
 }
 

@@ -47,8 +47,7 @@ impl CaService {
     fn scheduled_on(&self, id: &Identity, node: &str) -> bool {
         self.store.list(Some(Kind::Pod), Some(&id.namespace)).iter().any(|o| match o.as_ref() {
             Object::Pod(p) => {
-                p.spec.node_name.as_deref() == Some(node)
-                    && p.spec.service_account_name.as_deref().unwrap_or("default") == id.service_account
+                p.spec.node_name.as_deref() == Some(node) && p.spec.service_account() == id.service_account
             }
             _ => false,
         })

@@ -71,6 +71,16 @@ fn enrollment_follows_namespace_label_and_pod_label_overrides() {
     assert_eq!(a.canonical_name, "a");
 }
 
+/// A pod naming its service account only by the deprecated `serviceAccount` runs as that
+/// account, as in Kubernetes, not as `default`.
+#[test]
+fn the_deprecated_service_account_field_names_the_identity() {
+    let yaml = format!(
+        "{NS}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: old, namespace: demo}}\nspec: {{nodeName: node1, serviceAccount: legacy}}\nstatus: {{podIP: 10.244.1.9}}\n"
+    );
+    assert_eq!(workload(&translate(&yaml), "old").service_account, "legacy");
+}
+
 #[test]
 fn workloads_are_named_after_their_controller() {
     let owned = |name: &str, hash: &str, kind: &str, owner: &str| {

@@ -188,7 +188,7 @@ pub fn capturable(p: &Pod) -> bool {
 
 /// The pod's service account, which names its identity (Kubernetes defaults it to `default`).
 pub fn service_account(p: &Pod) -> &str {
-    p.spec.service_account_name.as_deref().unwrap_or("default")
+    p.spec.service_account()
 }
 
 fn pod_source(p: &Pod) -> Option<Source<'_>> {
