@@ -78,24 +78,7 @@ impl Agent {
             return;
         }
         let path = handed_path(&self.path);
-        let bound = (|| {
-            use std::os::unix::fs::MetadataExt;
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
-            let listener = UnixListener::bind(&path)?;
-            let made = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .and_then(|()| std::fs::symlink_metadata(&path));
-            match made {
-                Ok(m) => Ok((listener, Bound { path: path.clone(), dev_ino: (m.dev(), m.ino()), serving: None })),
-                Err(e) => {
-                    let _ = std::fs::remove_file(&path);
-                    Err(e)
-                }
-            }
-        })();
-        match bound {
+        match bind_private(&path) {
             Ok((listener, b)) => *handed = Some(serve_on(self, listener, b)),
             Err(e) => tracing::warn!(path = %path.display(), error = %e,
                 "cannot listen where a restarted ztunnel would look for this one; it will not find it"),
@@ -329,17 +312,26 @@ fn beside(path: &Path, suffix: &str) -> PathBuf {
 /// Binds the socket beside `path`: everything that can fail about it fails here, before a running
 /// ztunnel is asked to hand over. The start lock is held until [`Unpublished::publish`].
 pub fn bind(path: &Path, starting: StartLock) -> std::io::Result<Unpublished> {
-    let tmp = beside(path, ".new");
-    match std::fs::remove_file(&tmp) {
+    let (listener, tmp) = bind_private(&beside(path, ".new"))?;
+    Ok(Unpublished { listener, tmp: Beside(tmp), path: path.to_path_buf(), starting })
+}
+
+/// Binds a Unix socket at `path` (replacing a stale file there) that only root may use, and
+/// names the file it made. If it cannot be made private, it is removed again.
+fn bind_private(path: &Path) -> std::io::Result<(UnixListener, Bound)> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::remove_file(path) {
         Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    use std::os::unix::fs::MetadataExt;
-    let listener = UnixListener::bind(&tmp)?;
-    let m = std::fs::symlink_metadata(&tmp)?;
-    let tmp = Beside(Bound { path: tmp, dev_ino: (m.dev(), m.ino()), serving: None });
-    std::fs::set_permissions(&tmp.0.path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(Unpublished { listener, tmp, path: path.to_path_buf(), starting })
+    let listener = UnixListener::bind(path)?;
+    let m = std::fs::symlink_metadata(path)?;
+    let bound = Bound { path: path.to_path_buf(), dev_ino: (m.dev(), m.ino()), serving: None };
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        bound.remove_if_ours();
+        return Err(e);
+    }
+    Ok((listener, bound))
 }
 
 impl Unpublished {
@@ -515,11 +507,16 @@ mod tests {
         assert!(!runs(pid), "a reaped process is gone");
     }
 
-    #[test]
-    fn two_ztunnels_cannot_start_on_one_socket_at_once() {
+    /// A directory for an agent socket, and a runtime to bind it in.
+    fn socket_dir() -> (tempfile::TempDir, PathBuf, tokio::runtime::Runtime) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        (dir, path, tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap())
+    }
+
+    #[test]
+    fn two_ztunnels_cannot_start_on_one_socket_at_once() {
+        let (dir, path, rt) = socket_dir();
         let _in_rt = rt.enter();
         let first = bind(&path, lock_start(&path).unwrap()).unwrap();
         let e = lock_start(&path).err().expect("a second start while the first has not published");
@@ -542,9 +539,7 @@ mod tests {
 
     #[test]
     fn an_exiting_ztunnel_removes_only_its_own_socket() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.sock");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (_dir, path, rt) = socket_dir();
         let _in_rt = rt.enter();
         let (_old, old_bound, _) = bind(&path, lock_start(&path).unwrap()).unwrap().publish().unwrap();
         let (_new, new_bound, _) = bind(&path, lock_start(&path).unwrap()).unwrap().publish().unwrap();

@@ -13,7 +13,7 @@
 //! ```
 
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
 pub const WINDOW: Duration = Duration::from_secs(10);
@@ -24,8 +24,11 @@ pub const LINES_PER_SOURCE: u32 = 5;
 pub struct LogBudget {
     what: &'static str,
     window: Mutex<Window>,
+    /// Done once this budget is in [`BUDGETS`], for [`report_suppressed`].
+    listed: Once,
 }
 
+#[derive(Default)]
 struct Window {
     start: Option<Instant>,
     logged: u32,
@@ -33,8 +36,6 @@ struct Window {
     /// source that logs gets one.
     by_source: Vec<(IpAddr, u32)>,
     suppressed: u64,
-    /// Whether this budget is in [`BUDGETS`], for [`report_suppressed`].
-    listed: bool,
 }
 
 /// Every budget that has been used, so that suppressed lines are reported once their window is
@@ -52,7 +53,8 @@ impl LogBudget {
     pub const fn new(what: &'static str) -> LogBudget {
         LogBudget {
             what,
-            window: Mutex::new(Window { start: None, logged: 0, by_source: Vec::new(), suppressed: 0, listed: false }),
+            window: Mutex::new(Window { start: None, logged: 0, by_source: Vec::new(), suppressed: 0 }),
+            listed: Once::new(),
         }
     }
 
@@ -60,18 +62,9 @@ impl LogBudget {
     pub fn allow(&'static self, source: Option<IpAddr>) -> bool {
         let now = Instant::now();
         let v = self.take(now, source);
-        self.list();
+        self.listed.call_once(|| BUDGETS.lock().unwrap_or_else(|e| e.into_inner()).push(self));
         self.report(now, v.earlier_suppressed);
         v.log
-    }
-
-    fn list(&'static self) {
-        let mut w = self.lock();
-        if !w.listed {
-            w.listed = true;
-            drop(w);
-            BUDGETS.lock().unwrap_or_else(|e| e.into_inner()).push(self);
-        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
@@ -118,10 +111,7 @@ impl LogBudget {
             return None;
         }
         let dropped = (w.suppressed > 0).then_some((w.suppressed, start));
-        w.start = None;
-        w.logged = 0;
-        w.by_source.clear();
-        w.suppressed = 0;
+        *w = Window::default();
         dropped
     }
 }
