@@ -40,6 +40,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::log_budget::warn_limited;
 use crate::node_ports::NodePorts;
+use crate::peer_process::PeerProcess;
 use crate::pods::{PodInfo, Pods};
 
 /// What the agent socket acts on: the node's pods, and its own ports (passed on in a hand-over).
@@ -51,9 +52,9 @@ pub struct Agent {
     /// While handed over, a second socket at `<path>.handed`, where a ztunnel restarted after
     /// the newer one died finds this one when the path has nobody behind it.
     handed: std::sync::Mutex<Option<Bound>>,
-    /// The process this one last handed over to, when the kernel could say (not across PID
-    /// namespaces): while it runs, nobody else gets the pods from here.
-    taker: std::sync::Mutex<Option<i32>>,
+    /// The process this one last handed over to: while it runs, nobody else gets the pods from
+    /// here.
+    taker: std::sync::Mutex<Option<Arc<PeerProcess>>>,
 }
 
 impl Agent {
@@ -61,14 +62,12 @@ impl Agent {
         Agent { pods, ports, path, handed: std::sync::Mutex::new(None), taker: std::sync::Mutex::new(None) }
     }
 
-    /// Whether the pods are handed over to a process that still runs and is not `asking`: a
-    /// ztunnel whose agent socket vanished while it runs must not get a rival.
-    fn taker_runs(&self, asking: Option<i32>) -> bool {
-        let taker = *self.taker.lock().unwrap_or_else(|e| e.into_inner());
-        match taker {
-            Some(pid) if self.pods.handed_over() && asking != Some(pid) => runs(pid),
-            _ => false,
-        }
+    /// The process the pods are handed over to, if it still runs and is not `asking`: a ztunnel
+    /// whose agent socket vanished while it runs must not get a rival. When the kernel cannot
+    /// say (before Linux 6.5, across PID namespaces), nobody is in the way.
+    fn running_taker(&self, asking: &PeerProcess) -> Option<Arc<PeerProcess>> {
+        let taker = self.taker.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        (self.pods.handed_over() && !taker.is(asking) && taker.runs() == Some(true)).then_some(taker)
     }
 
     /// Listens at `<path>.handed` too, once this ztunnel has handed over.
@@ -91,15 +90,6 @@ impl Agent {
             b.remove_if_ours();
         }
     }
-}
-
-/// Whether process `pid` runs: it exists and is not a zombie waiting to be reaped (a ztunnel
-/// that was killed, whose supervisor has not collected it yet).
-fn runs(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    // The state follows the command name, which is in parentheses and may contain anything.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
-    !matches!(state, None | Some("Z" | "X" | "x"))
 }
 
 /// Where a ztunnel that handed over also listens ([`Agent`]).
@@ -261,7 +251,15 @@ impl Drop for Beside {
 /// Held by a ztunnel from before it binds anything until its agent socket is in place, and by
 /// a take-back while it acts, so that two of them never bind, ask and publish over each other.
 /// The kernel releases it with the process, however that ends.
-pub struct StartLock(#[allow(dead_code)] std::fs::File);
+pub struct StartLock(std::fs::File);
+
+impl Drop for StartLock {
+    /// Unlocks rather than only closing: a child forked meanwhile (`nft`, say) shares the open
+    /// file until it execs, and the lock would stay held until then.
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
 
 /// Takes the start lock for the agent socket at `path` (`<path>.lock`), or fails at once with
 /// [`ErrorKind::AddrInUse`] naming it if another ztunnel holds it.
@@ -365,7 +363,7 @@ async fn session(stream: UnixStream, agent: Arc<Agent>) {
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };
     let peer = match stream.peer_cred() {
-        Ok(c) if c.uid() == me => c,
+        Ok(c) if c.uid() == me => Arc::new(PeerProcess::of(&stream, c.pid())),
         Ok(c) => return warn_limited!("agent socket: refusing a peer of another user", uid = c.uid(), pid = ?c.pid()),
         Err(e) => return tracing::warn!(error = %e, "agent socket: cannot tell who the peer is"),
     };
@@ -382,7 +380,7 @@ async fn session(stream: UnixStream, agent: Arc<Agent>) {
                 vec![],
             )]
         } else {
-            handle(&line, &agent, peer.pid()).await
+            handle(&line, &agent, &peer).await
         };
         for (resp, fds) in answer {
             let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
@@ -401,7 +399,7 @@ async fn session(stream: UnixStream, agent: Arc<Agent>) {
 /// carries.
 type Answer = Vec<(Response, Vec<OwnedFd>)>;
 
-async fn handle(line: &str, agent: &Arc<Agent>, peer: Option<i32>) -> Answer {
+async fn handle(line: &str, agent: &Arc<Agent>, peer: &Arc<PeerProcess>) -> Answer {
     let pods = &agent.pods;
     let one = |r: Response| vec![(r, vec![])];
     let fail = |e: String| one(Response { error: Some(e), ..Default::default() });
@@ -430,9 +428,9 @@ async fn handle(line: &str, agent: &Arc<Agent>, peer: Option<i32>) -> Answer {
         Request::Handover { .. } if !pods.has_registry() => {
             fail("this ztunnel runs without a pod registry, so it has nothing to hand over".into())
         }
-        Request::Handover { .. } if agent.taker_runs(peer) => {
-            let taker = agent.taker.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or_default();
-            fail(format!("this ztunnel handed its pods over to the ztunnel with pid {taker}, which still runs"))
+        Request::Handover { .. } if agent.running_taker(peer).is_some() => {
+            let taker = agent.running_taker(peer).map_or_else(|| "a newer ztunnel".into(), |t| t.to_string());
+            fail(format!("this ztunnel handed its pods over to {taker}, which still runs"))
         }
         Request::Handover { ports } => {
             // If one of the ports is not this one's, nothing is handed over. They stop accepting
@@ -446,7 +444,7 @@ async fn handle(line: &str, agent: &Arc<Agent>, peer: Option<i32>) -> Answer {
                 Err(e) => return fail(format!("the ports went while handing over: {e}")),
             };
             agent.listen_as_handed();
-            *agent.taker.lock().unwrap_or_else(|e| e.into_inner()) = peer.filter(|p| *p > 0);
+            *agent.taker.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer.clone());
             let mut chunks: Answer = Vec::new();
             if !node.is_empty() {
                 let (addrs, fds) = node.into_iter().unzip();
@@ -491,20 +489,6 @@ mod tests {
             let r = serde_json::from_str::<Request>(unknown);
             assert!(r.as_ref().is_err_and(|e| e.to_string().contains("unknown field")), "{unknown}: {r:?}");
         }
-    }
-
-    #[test]
-    fn a_process_runs_until_it_exits_even_if_nobody_reaped_it() {
-        assert!(runs(std::process::id() as i32));
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id() as i32;
-        // Exited, not yet reaped: a zombie.
-        while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z")) {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        assert!(!runs(pid), "a zombie counts as gone");
-        child.wait().unwrap();
-        assert!(!runs(pid), "a reaped process is gone");
     }
 
     /// A directory for an agent socket, and a runtime to bind it in.

@@ -2,7 +2,8 @@
 //!
 //! Layout follows the data flow: [`xds`] keeps [`state`] in step with istiod-lite and
 //! [`identity`] keeps workload certificates fresh; the node [`agent`] enrolls [`pods`] (and [`handover`] passes
-//! them and their listeners, through [`fdpass`], to a newer ztunnel), each of
+//! them and their listeners, through [`fdpass`], to a newer ztunnel, known by its
+//! [`peer_process`]), each of
 //! which gets [`proxy`] listeners inside its network namespace ([`netns`], [`sockets`]) and the
 //! [`capture`] rules that steer its traffic to them; [`overlay`] routes pod CIDRs of other nodes
 //! over VXLAN. [`admin`] and [`metrics`] are for operators, and [`log_budget`] keeps what
@@ -23,6 +24,7 @@ pub mod netlink;
 pub mod netns;
 pub mod node_ports;
 pub mod overlay;
+pub mod peer_process;
 pub mod pods;
 pub mod proxy;
 pub mod sockets;
