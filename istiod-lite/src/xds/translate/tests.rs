@@ -137,6 +137,36 @@ fn services_carry_vips_and_endpoints_carry_resolved_ports() {
     );
 }
 
+#[test]
+fn a_named_target_port_resolves_as_kubernetes_does() {
+    // `web` names a TCP port of a container, a UDP port before it, and ports of init containers:
+    // a native sidecar (restartPolicy Always) and a plain one that has exited.
+    let yaml = format!(
+        "{NS}---
+apiVersion: v1
+kind: Pod
+metadata: {{name: a, namespace: demo, labels: {{app: a}}}}
+spec:
+  nodeName: node1
+  initContainers:
+  - {{name: setup, ports: [{{name: proxy, containerPort: 1111}}]}}
+  - {{name: sidecar, restartPolicy: Always, ports: [{{name: proxy, containerPort: 15001}}, {{name: web, containerPort: 2222}}]}}
+  containers:
+  - {{name: c, ports: [{{name: web, containerPort: 5353, protocol: UDP}}, {{name: web, containerPort: 9090}}]}}
+status: {{podIP: 10.244.1.2}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec: {{selector: {{app: a}}, clusterIP: 10.96.0.5, ports: [{{name: a, port: 80, targetPort: web}}, {{name: b, port: 81, targetPort: proxy, protocol: TCP}}, {{name: c, port: 82, targetPort: web, protocol: UDP}}]}}
+"
+    );
+    let out = translate(&yaml);
+    let ports = &workload(&out, "a").services["demo/web.demo.svc.cluster.local"].ports;
+    let port = |service_port, target_port| wl::Port { service_port, target_port };
+    assert_eq!(ports, &vec![port(80, 9090), port(81, 15001), port(82, 5353)]);
+}
+
 fn policy(ns: &str, name: &str, spec: &str) -> String {
     format!("---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n")
 }

@@ -22,7 +22,8 @@ pub(crate) struct Source<'a> {
     pub addresses: Vec<IpAddr>,
     pub hostname: String,
     pub healthy: bool,
-    pub named_port: Box<dyn Fn(&str) -> Option<u32> + 'a>,
+    /// A named `targetPort`'s number, by name and protocol.
+    pub named_port: Box<dyn Fn(&str, &str) -> Option<u32> + 'a>,
     pub network: &'a str,
     /// `region/zone/subzone`, any part possibly empty.
     pub locality: &'a str,
@@ -44,7 +45,7 @@ pub(crate) fn target_port(p: &trellis_config::types::ServicePort, src: &Source<'
     match &p.target_port {
         None => Some(p.port as u32),
         Some(IntOrString::Int(t)) => Some(*t as u32),
-        Some(IntOrString::String(n)) => (src.named_port)(n),
+        Some(IntOrString::String(n)) => (src.named_port)(n, p.protocol.as_deref().unwrap_or("TCP")),
     }
 }
 
@@ -81,10 +82,18 @@ fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
     }
 }
 
-fn container_port(pod: &Pod, name: &str) -> Option<u32> {
-    pod.spec.containers.iter().flat_map(|c| c.get("ports").and_then(|p| p.as_array()).into_iter().flatten()).find_map(
-        |p| (p.get("name")?.as_str()? == name).then(|| p.get("containerPort")?.as_u64()).flatten().map(|v| v as u32),
-    )
+/// A named `targetPort` as Kubernetes resolves it: the port of that name and protocol in the
+/// pod's containers, then in its native sidecars (init containers that restart `Always`, which
+/// run beside the others). A plain init container has exited by the time the pod serves.
+fn container_port(pod: &Pod, name: &str, protocol: &str) -> Option<u32> {
+    let sidecars = pod.spec.other.get("initContainers").and_then(|v| v.as_array()).into_iter().flatten();
+    let sidecars = sidecars.filter(|c| c.get("restartPolicy").and_then(|r| r.as_str()) == Some("Always"));
+    let ports = pod.spec.containers.iter().chain(sidecars).flat_map(|c| c.get("ports").and_then(|p| p.as_array()));
+    ports.flatten().find_map(|p| {
+        let named = p.get("name")?.as_str()? == name;
+        let same_protocol = p.get("protocol").and_then(|v| v.as_str()).unwrap_or("TCP") == protocol;
+        (named && same_protocol).then(|| p.get("containerPort")?.as_u64()).flatten().map(|v| v as u32)
+    })
 }
 
 /// Builds the Address for a Pod or WorkloadEntry, or `None` when it has nothing addressable.
@@ -210,7 +219,7 @@ fn pod_source(p: &Pod) -> Option<Source<'_>> {
         addresses,
         hostname: String::new(),
         healthy: matches!(status.phase.as_deref(), None | Some("Running")),
-        named_port: Box::new(move |n| container_port(p, n)),
+        named_port: Box::new(move |n, protocol| container_port(p, n, protocol)),
         network: "",
         locality: "",
         weight: 1,
@@ -231,7 +240,7 @@ fn entry_source(w: &WorkloadEntry) -> Source<'_> {
         addresses,
         hostname,
         healthy: true,
-        named_port: Box::new(move |n| w.spec.ports.get(n).map(|p| *p as u32)),
+        named_port: Box::new(move |n, _| w.spec.ports.get(n).map(|p| *p as u32)),
         network: w.spec.network.as_deref().unwrap_or_default(),
         locality: w.spec.locality.as_deref().unwrap_or_default(),
         weight: w.spec.weight.map(|v| v.clamp(1, u32::MAX as i64) as u32).unwrap_or(1),
