@@ -519,6 +519,14 @@ mod tests {
         std::os::unix::fs::symlink(dir.path().join("elsewhere"), &lock).unwrap();
         assert!(lock_start(&path).is_err(), "a symlinked lock file");
         assert!(!dir.path().join("elsewhere").exists());
+        // Nor anything but a regular file: a device node (this one is /dev/null's) opens, but
+        // is no lock.
+        std::fs::remove_file(&lock).unwrap();
+        let c_lock = std::ffi::CString::new(lock.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid path; mknod only creates the node.
+        assert_eq!(unsafe { libc::mknod(c_lock.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) }, 0);
+        let e = lock_start(&path).err().expect("a device node as the lock file");
+        assert!(e.to_string().contains("is not a regular file"), "{e}");
     }
 
     #[test]

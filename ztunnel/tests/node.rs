@@ -211,6 +211,38 @@ fn chained_portmap_gc_del_and_ztunnel_restart() {
     assert_eq!(veths(), links, "and its veth deleted");
     let listed = lab.agent(1, &json!({"op": "list"}));
     assert!(!listed.to_string().contains("/late"), "the refused pod is not registered: {listed}");
+    // Only ztunnel's own user may use the agent socket, whatever its file's mode says: another
+    // user's request gets no answer, while root's still does.
+    use std::os::unix::fs::PermissionsExt;
+    let sock = lab.agent_socket(1);
+    let dir_mode = std::fs::metadata(lab.dir.path()).unwrap().permissions();
+    std::fs::set_permissions(lab.dir.path(), PermissionsExt::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&sock, PermissionsExt::from_mode(0o666)).unwrap();
+    let ask_as = |who: &str| {
+        let py = "import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.settimeout(5)
+try:
+    s.sendall(b'{\"op\":\"list\"}\\n')
+    print(repr(s.recv(100)))
+except (BrokenPipeError, ConnectionResetError):
+    print('closed')";
+        // Debian's, since a python3 earlier in PATH may live under root's home.
+        let python = ["/usr/bin/python3", "python3"].into_iter().find(|p| std::path::Path::new(p).exists());
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid", who, "--regid", who, "--clear-groups", python.unwrap_or("python3"), "-c", py])
+            .arg(&sock)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let other = ask_as("65534");
+    assert!(other == "closed" || other == "b''", "another user's connection is closed unanswered: {other}");
+    assert!(ask_as("0").contains("ok"), "root is answered");
+    std::fs::set_permissions(&sock, PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(lab.dir.path(), dir_mode).unwrap();
     let late = lab.cni_pod(1, "demo", "late", "late", "app: late", &conf, &json!({}));
     assert_eq!(lab.enrollment(&late), (true, "meshed".to_string()), "the retried ADD meshes the pod");
 
