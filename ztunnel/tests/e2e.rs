@@ -1041,6 +1041,41 @@ fn a_ztunnel_takes_its_pods_back_when_the_newer_one_never_moves_in() {
     assert!(ok > 0 && failed == 0, "connections failed while the pods were handed over:\n{log}");
 }
 
+/// A ztunnel that drains after handing over neither takes the pods back (its listeners are
+/// closing; a restarted ztunnel would ask it for nothing) nor keeps the node ports it handed over,
+/// so that a ztunnel started during the drain can bind them. The taker here is this test, as in
+/// the test above; a held connection keeps the drain going meanwhile.
+#[test]
+fn a_draining_ztunnel_takes_nothing_back_and_lets_go_of_the_ports_it_handed_over() {
+    let Mesh { lab, client, server_b, .. } = mesh(&["--drain-timeout", "30s"]);
+    lab.app(&server_b, &["echo", "9000"], 9000);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/app.py");
+    lab.spawn("hold", &client.netns, std::path::Path::new("python3"), &[script, "hold", &server_b.ip, "9000", "12"]);
+    wait_for("the held connection to open", Duration::from_secs(20), || {
+        held_connection_state(&lab, "hold", "connected")
+    });
+
+    let lock_path = format!("{}.lock", lab.agent_socket(2).display());
+    let starting = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&lock_path).unwrap();
+    starting.try_lock().expect("the start lock is free while no ztunnel starts");
+    let answer = lab.agent(2, &serde_json::json!({"op": "handover", "ports": ["0.0.0.0:15021"]}));
+    assert_eq!(answer["node_listeners"], serde_json::json!(["0.0.0.0:15021"]), "{answer}");
+    netlab::sh(&format!("kill -TERM {}", lab.pid("ztunnel2").expect("ztunnel2 running")));
+    wait_for("ztunnel2 to start draining", Duration::from_secs(10), || {
+        lab.log("ztunnel2").contains("draining: no new connections").then_some(())
+    });
+    // The taker goes; a ztunnel that were not draining would take back within 4 s.
+    drop(starting);
+    std::thread::sleep(Duration::from_secs(6));
+    let log = without_colours(&lab.log("ztunnel2"));
+    assert!(!log.contains("taking them back") && !log.contains("drained; exiting"), "{log}");
+    // Nobody holds the readiness port now (the socket passed to this test was closed unread).
+    let bind = "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); \
+                s.bind(('0.0.0.0', 15021)); s.listen(); print('bound')";
+    assert_eq!(lab.exec_ok(&lab.node(2), &format!("python3 -c \"{bind}\"")).trim(), "bound");
+    wait_for("the held connection to finish", Duration::from_secs(20), || held_connection_state(&lab, "hold", "ok 12"));
+}
+
 /// A starting ztunnel whose hand-over answer breaks off cannot know whether the running one let
 /// go, so it exits, saying so, instead of running on unable to listen in the pods. Likewise when
 /// the answer hands over without a node port it asked for. The "running ztunnel" here is a bare
