@@ -2,7 +2,9 @@
 // output as peer.py, so the tests drive both languages alike.
 //
 //   node peer.js server NAME ADDR   serve /trellis.interop.Echo/Call through xDS, answering NAME
-//   node peer.js client             read `call TARGET N` / `plain ADDR N` lines, print JSON lines
+//                                   (after MS milliseconds when the request is `sleep:MS`)
+//   node peer.js client             read `call TARGET N [DEADLINE_S [REQUEST]]` /
+//                                   `plain ADDR N [DEADLINE_S [REQUEST]]` lines, print JSON lines
 'use strict';
 const grpc = require('@grpc/grpc-js');
 const xds = require('@grpc/grpc-js-xds');
@@ -26,7 +28,12 @@ const EchoClient = grpc.makeGenericClientConstructor(service, 'Echo');
 
 function serve(name, addr) {
   const server = new xds.XdsServer();
-  server.addService(service, { Call: (_call, cb) => cb(null, Buffer.from(name)) });
+  const answer = (call, cb) => {
+    const req = call.request.toString();
+    const ms = req.startsWith('sleep:') ? Number(req.slice(6)) : 0;
+    setTimeout(() => cb(null, Buffer.from(name)), ms);
+  };
+  server.addService(service, { Call: answer });
   const creds = new xds.XdsServerCredentials(grpc.ServerCredentials.createInsecure());
   server.bindAsync(addr, creds, (err) => {
     if (err) {
@@ -38,19 +45,19 @@ function serve(name, addr) {
   process.on('SIGTERM', () => server.tryShutdown(() => process.exit(0)));
 }
 
-function callOnce(client, timeoutS) {
+function callOnce(client, timeoutS, request) {
   return new Promise((resolve) => {
     const deadline = new Date(Date.now() + timeoutS * 1000);
-    client.Call(Buffer.from('ping'), { deadline }, (err, reply) => resolve({ err, reply }));
+    client.Call(Buffer.from(request), { deadline }, (err, reply) => resolve({ err, reply }));
   });
 }
 
-async function runCalls(client, n, timeoutS) {
+async function runCalls(client, n, timeoutS, request) {
   const ok = {};
   const errors = {};
   const details = [];
   for (let i = 0; i < n; i++) {
-    const { err, reply } = await callOnce(client, timeoutS);
+    const { err, reply } = await callOnce(client, timeoutS, request);
     if (err) {
       const code = Object.keys(grpc.status).find((k) => grpc.status[k] === err.code) || String(err.code);
       errors[code] = (errors[code] || 0) + 1;
@@ -69,7 +76,7 @@ async function client() {
   for await (const line of rl) {
     const parts = line.trim().split(/\s+/);
     if (parts.length < 3) continue;
-    const [cmd, target, nStr, timeoutStr] = parts;
+    const [cmd, target, nStr, timeoutStr, request = 'ping'] = parts;
     const n = Number(nStr);
     const timeoutS = timeoutStr ? Number(timeoutStr) : 5;
     let result;
@@ -78,10 +85,10 @@ async function client() {
         const creds = new xds.XdsChannelCredentials(grpc.credentials.createInsecure());
         clients.set(target, new EchoClient(target, creds));
       }
-      result = await runCalls(clients.get(target), n, timeoutS);
+      result = await runCalls(clients.get(target), n, timeoutS, request);
     } else if (cmd === 'plain') {
       const c = new EchoClient(target, grpc.credentials.createInsecure());
-      result = await runCalls(c, n, timeoutS);
+      result = await runCalls(c, n, timeoutS, request);
       c.close();
     } else {
       result = { error: `unknown command ${cmd}` };

@@ -130,6 +130,17 @@ impl Mesh {
         .await;
     }
 
+    /// Service `echo` with two workloads (hosts 1 and 2, named `py` and `js`) on fresh ports,
+    /// and a `client` workload; returns the two ports.
+    async fn echo_pair(&self, py: &str, js: &str) -> (u16, u16) {
+        let (p1, p2) = (free_port(), free_port());
+        self.service("echo", "echo").await;
+        self.workload(py, 1, p1, "echo", "echo").await;
+        self.workload(js, 2, p2, "echo", "echo").await;
+        self.workload("client", 9, 1, "client", "client").await;
+        (p1, p2)
+    }
+
     async fn service(&self, name: &str, app: &str) {
         self.apply(&format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\n\
@@ -330,11 +341,7 @@ async fn weighted_grpcroute_splits_calls_80_20() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_mtls_both_ways_refuses_plaintext_and_enforces_authorization() {
     let mesh = Mesh::start(43).await;
-    let (p1, p2) = (free_port(), free_port());
-    mesh.service("echo", "echo").await;
-    mesh.workload("echo-py", 1, p1, "echo", "echo").await;
-    mesh.workload("echo-js", 2, p2, "echo", "echo").await;
-    mesh.workload("client", 9, 1, "client", "client").await;
+    let (p1, p2) = mesh.echo_pair("echo-py", "echo-js").await;
     mesh.apply(
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: grpc}\n\
          spec: {mtls: {mode: STRICT}}\n",
@@ -491,4 +498,39 @@ async fn grpc_bootstrap_watch_renews_certificates_that_running_apps_reload() {
         assert!(!w.is_finished(), "--watch keeps running");
         w.abort();
     }
+}
+
+/// An HTTPRoute's request timeout reaches a real gRPC client as the route's
+/// `max_stream_duration` (gRFC A31): a call the server answers after 2 s ends DEADLINE_EXCEEDED
+/// under a 300 ms route timeout, though the application allows it 5 s, and only once the route is
+/// applied; quick calls still succeed. grpc-js only: grpcio 1.85.1 (C-core) fails every call on a
+/// route with any such limit at once, even a quick one with no deadline of its own; its trace
+/// shows the route's limit counted from long before the call started (see the README).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_httproute_timeout_bounds_each_calls_deadline() {
+    let mesh = Mesh::start(46).await;
+    let (p1, p2) = mesh.echo_pair("py", "js").await;
+    let _py = start_server(Lang::Python, "py", &format!("{}:{p1}", mesh.ip(1)), &mesh.bootstrap("py").await, &[]);
+    let _js = start_server(Lang::Node, "js", &format!("{}:{p2}", mesh.ip(2)), &mesh.bootstrap("js").await, &[]);
+    let mut c = Client::start(Lang::Node, &mesh.bootstrap("client").await, &[]);
+    let slow = format!("call xds:///{HOST}:7070 4 5 sleep:2000");
+    c.call_until(10, SETTLE, |r| only(r, &["py", "js"]));
+    let r = c.run(&slow);
+    assert_eq!(ok(&r, "py") + ok(&r, "js"), 4, "without a route timeout a 2 s call completes: {r}");
+    mesh.apply(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: quick, namespace: grpc}\n\
+         spec:\n  parentRefs: [{group: '', kind: Service, name: echo, port: 7070}]\n  rules:\n\
+         \x20 - timeouts: {request: 300ms}\n",
+    )
+    .await;
+    let start = Instant::now();
+    loop {
+        let r = c.run(&slow);
+        if errors(&r, "DEADLINE_EXCEEDED") == 4 {
+            break;
+        }
+        assert!(start.elapsed() < SETTLE, "the route timeout never applied; last result {r}");
+    }
+    let r = c.call(10);
+    assert!(only(&r, &["py", "js"]), "calls within the timeout still succeed: {r}");
 }

@@ -22,14 +22,16 @@ pub(crate) struct Source<'a> {
     pub addresses: Vec<IpAddr>,
     pub hostname: String,
     pub healthy: bool,
-    /// A named `targetPort`'s number, by name and protocol.
-    pub named_port: Box<dyn Fn(&str, &str) -> Option<u32> + 'a>,
+    pub named_port: NamedPort<'a>,
     pub network: &'a str,
     /// `region/zone/subzone`, any part possibly empty.
     pub locality: &'a str,
     /// Relative load-balancing weight (WorkloadEntry `weight`), at least 1.
     pub weight: u32,
 }
+
+/// A named `targetPort`'s number, by name and protocol.
+pub type NamedPort<'a> = Box<dyn Fn(&str, &str) -> Option<u32> + 'a>;
 
 /// The addressable view of a Pod or WorkloadEntry; `None` for other kinds or when it has no IP.
 pub(crate) fn source(obj: &Object) -> Option<Source<'_>> {

@@ -2,8 +2,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use trellis_config::duration::gateway_duration;
 use trellis_config::object::{GrpcRoute, HttpRoute, Service};
-use trellis_config::types::{BackendRef, GrpcRouteMatch, HttpRouteMatch, ParentReference, ValueMatch};
+use trellis_config::types::{
+    BackendRef, GrpcRouteMatch, HttpRouteMatch, HttpRouteTimeouts, ParentReference, ValueMatch,
+};
 use trellis_config::{selector, Kind, Object};
 use trellis_proto::envoy::envoy::config::cluster::v3 as cluster;
 use trellis_proto::envoy::envoy::config::core::v3 as core;
@@ -210,7 +213,8 @@ fn route_configuration(world: &World, s: &Settings, svc: &Service, host: &str, p
         for (meta, r) in &http {
             let route_ns = meta.namespace.as_deref().unwrap_or(ns);
             for rule in &r.spec.rules {
-                let action = backends(s, &rule.backend_refs, route_ns, port, &default_cluster);
+                let mut action = backends(s, &rule.backend_refs, route_ns, port, &default_cluster);
+                action.max_stream_duration = rule.timeouts.as_ref().and_then(max_stream_duration);
                 let matches =
                     if rule.matches.is_empty() { vec![HttpRouteMatch::default()] } else { rule.matches.clone() };
                 for m in &matches {
@@ -289,6 +293,22 @@ fn backends(s: &Settings, refs: &[BackendRef], route_ns: &str, port: u32, parent
             ..Default::default()
         },
     }
+}
+
+/// An HTTPRoute rule's timeouts as gRPC honours them (gRFC A31): `max_stream_duration` caps the
+/// deadline of each call (the application's own deadline still applies when shorter). A gRPC
+/// client does not retry here, so a call is one backend request: the shorter of the two
+/// timeouts bounds it. `0s` means none.
+fn max_stream_duration(t: &HttpRouteTimeouts) -> Option<route::route_action::MaxStreamDuration> {
+    let parse = |v: &Option<String>| v.as_deref().and_then(gateway_duration).filter(|d| !d.is_zero());
+    let limit = match (parse(&t.request), parse(&t.backend_request)) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b)?,
+    };
+    Some(route::route_action::MaxStreamDuration {
+        max_stream_duration: Some(Duration { seconds: limit.as_secs() as i64, nanos: limit.subsec_nanos() as i32 }),
+        ..Default::default()
+    })
 }
 
 fn header(v: &ValueMatch) -> route::HeaderMatcher {

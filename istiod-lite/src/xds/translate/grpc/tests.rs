@@ -9,7 +9,7 @@ use trellis_config::Object;
 use trellis_proto::envoy::envoy::config::cluster::v3::Cluster;
 use trellis_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use trellis_proto::envoy::envoy::config::listener::v3::Listener;
-use trellis_proto::envoy::envoy::config::route::v3::{route, route_action, route_match, RouteConfiguration};
+use trellis_proto::envoy::envoy::config::route::v3::{route, route_action, route_match, Route, RouteConfiguration};
 use trellis_proto::envoy::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager, http_filter, HttpConnectionManager,
 };
@@ -158,25 +158,33 @@ fn c_transport(out: &[Output]) -> Option<Vec<u8>> {
     }
 }
 
-#[test]
-fn grpcroute_weights_and_precedence() {
-    let out = load(
+/// The routes of `echo`:7070 once a route of `kind` with these `rules` (YAML list items) attaches.
+fn echo_routes(kind: &str, rules: &str) -> Vec<Route> {
+    let out = load(&format!(
         "---
 apiVersion: gateway.networking.k8s.io/v1
-kind: GRPCRoute
-metadata: {name: split}
+kind: {kind}
+metadata: {{name: r}}
 spec:
-  parentRefs: [{group: '', kind: Service, name: echo, port: 7070}]
+  parentRefs: [{{group: '', kind: Service, name: echo, port: 7070}}]
   rules:
-  - backendRefs: [{name: echo, port: 7070, weight: 80}, {name: echo-v2, port: 7070, weight: 20}]
+{rules}"
+    ));
+    let rc = RouteConfiguration::decode(body(&out, ROUTE_TYPE_URL, &format!("{HOST}:7070")).unwrap().clone()).unwrap();
+    rc.virtual_hosts.into_iter().next().unwrap().routes
+}
+
+#[test]
+fn grpcroute_weights_and_precedence() {
+    let routes = &echo_routes(
+        "GRPCRoute",
+        "  - backendRefs: [{name: echo, port: 7070, weight: 80}, {name: echo-v2, port: 7070, weight: 20}]
   - matches: [{method: {service: pkg.Svc, method: Get}}]
     backendRefs: [{name: echo-v2, port: 7070}]
   - matches: [{method: {service: pkg.Svc}, headers: [{name: X-User, value: alice}]}]
     backendRefs: [{name: echo-v2, port: 7070}]
 ",
     );
-    let rc = RouteConfiguration::decode(body(&out, ROUTE_TYPE_URL, &format!("{HOST}:7070")).unwrap().clone()).unwrap();
-    let routes = &rc.virtual_hosts[0].routes;
     assert_eq!(routes.len(), 3);
     // Service+method first, then service with a header, then the catch-all.
     assert_eq!(
@@ -205,6 +213,49 @@ spec:
         },
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn httproute_timeouts_cap_each_calls_deadline() {
+    let routes = echo_routes(
+        "HTTPRoute",
+        "  - matches: [{path: {type: Exact, value: /a.S/Both}}]
+    timeouts: {request: 2s, backendRequest: 1500ms}
+  - matches: [{path: {type: Exact, value: /a.S/Request}}]
+    timeouts: {request: 1m1s}
+  - matches: [{path: {type: Exact, value: /a.S/Backend}}]
+    timeouts: {request: 0s, backendRequest: 250ms}
+  - matches: [{path: {type: Exact, value: /a.S/None}}]
+    timeouts: {request: 0s}
+  - matches: [{path: {type: Exact, value: /a.S/Unset}}]
+",
+    );
+    let mut limits: Vec<(String, Option<(i64, i32)>)> = routes
+        .iter()
+        .map(|r| {
+            let path = match r.r#match.as_ref().unwrap().path_specifier.as_ref().unwrap() {
+                route_match::PathSpecifier::Path(p) => p.clone(),
+                other => panic!("{other:?}"),
+            };
+            let route::Action::Route(a) = r.action.as_ref().unwrap() else { panic!() };
+            let m = a.max_stream_duration.as_ref().map(|m| {
+                assert!(m.grpc_timeout_header_max.is_none(), "the application's shorter deadline must still apply");
+                let d = m.max_stream_duration.as_ref().unwrap();
+                (d.seconds, d.nanos)
+            });
+            assert!(a.timeout.is_none(), "gRPC ignores RouteAction.timeout");
+            (path, m)
+        })
+        .collect();
+    limits.sort();
+    let want = [
+        ("/a.S/Backend", Some((0, 250_000_000))),
+        ("/a.S/Both", Some((1, 500_000_000))),
+        ("/a.S/None", None),
+        ("/a.S/Request", Some((61, 0))),
+        ("/a.S/Unset", None),
+    ];
+    assert_eq!(limits, want.map(|(p, m)| (p.to_string(), m)));
 }
 
 #[test]
