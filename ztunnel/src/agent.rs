@@ -294,9 +294,36 @@ pub fn lock_start(path: &Path) -> std::io::Result<StartLock> {
         Ok(()) => Ok(StartLock(file)),
         Err(std::fs::TryLockError::WouldBlock) => Err(std::io::Error::new(
             ErrorKind::AddrInUse,
-            format!("another ztunnel is starting with this agent socket (it holds {})", lock_path.display()),
+            format!(
+                "another ztunnel is starting, or taking its pods back, with this agent socket (it holds {})",
+                lock_path.display()
+            ),
         )),
         Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// How long a starting ztunnel waits for the start lock: a take-back or another start holds it
+/// for well under a second, and failing at once would put a supervised ztunnel into back-off.
+pub const START_LOCK_WAIT: Duration = Duration::from_secs(15);
+
+/// [`lock_start`], waiting up to `max` while another ztunnel holds the lock.
+pub async fn lock_start_waiting(path: &Path, max: Duration) -> std::io::Result<StartLock> {
+    let deadline = tokio::time::Instant::now() + max;
+    let mut said = false;
+    loop {
+        match lock_start(path) {
+            Err(e) if e.kind() == ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline => {
+                if !std::mem::replace(&mut said, true) {
+                    tracing::info!(error = %e, max = ?max, "waiting for the start lock");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) if e.kind() == ErrorKind::AddrInUse => {
+                return Err(std::io::Error::new(e.kind(), format!("{e}, for more than {max:?}")));
+            }
+            r => return r,
+        }
     }
 }
 
@@ -527,6 +554,21 @@ mod tests {
         assert_eq!(unsafe { libc::mknod(c_lock.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) }, 0);
         let e = lock_start(&path).err().expect("a device node as the lock file");
         assert!(e.to_string().contains("is not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn a_start_waits_a_while_for_the_lock() {
+        let (_dir, path, rt) = socket_dir();
+        let held = lock_start(&path).unwrap();
+        let e = rt.block_on(lock_start_waiting(&path, Duration::from_millis(300))).err().expect("held throughout");
+        assert_eq!(e.kind(), ErrorKind::AddrInUse);
+        assert!(e.to_string().contains("taking its pods back") && e.to_string().contains("for more than 300ms"), "{e}");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        rt.block_on(lock_start_waiting(&path, Duration::from_secs(10))).expect("taken once the holder lets go");
+        release.join().unwrap();
     }
 
     #[test]

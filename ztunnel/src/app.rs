@@ -167,7 +167,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         ];
         // Before anything is bound, so that two ztunnels starting at once cannot each take some
         // of the ports; held until the agent socket is in place.
-        let start_lock = agent::lock_start(&cfg.agent_socket)?;
+        let start_lock = agent::lock_start_waiting(&cfg.agent_socket, agent::START_LOCK_WAIT).await?;
         let (mut bound, mut in_use) = (Vec::new(), Vec::new());
         for (what, addr, serve) in servers {
             match node_ports::bind(addr) {
