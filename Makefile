@@ -14,7 +14,7 @@ DEPS_NET := nft:nftables tcpdump:tcpdump iperf3:iperf3 wrk:wrk ip:iproute2 iptab
 	/usr/lib/cni/portmap:containernetworking-plugins
 
 define install_missing
-	@command -v $(CARGO) >/dev/null || { echo "cargo is required (Rust 1.88+): https://rustup.rs"; exit 1; }
+	@command -v $(CARGO) >/dev/null || { echo "cargo is required (Rust 1.89+): https://rustup.rs"; exit 1; }
 	@missing=""; \
 	for p in $(1); do f=$${p%%:*}; \
 		if [[ $$f == /* ]]; then [ -e $$f ] || missing="$$missing $${p##*:}"; \

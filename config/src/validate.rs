@@ -261,15 +261,36 @@ fn pod(e: &mut Errors, p: &Pod) {
             e.add("spec.serviceAccount", "must equal spec.serviceAccountName (it is its deprecated alias)");
         }
     }
-    // Containers are kept as given, but their ports name Service targetPorts.
-    for (i, c) in p.spec.containers.iter().enumerate() {
+    // Containers are kept as given, but their ports (and native sidecars') name Service
+    // targetPorts.
+    container_ports(e, "spec.containers", p.spec.containers.iter());
+    match p.spec.other.get("initContainers") {
+        Some(v) if v.is_array() => container_ports(e, "spec.initContainers", v.as_array().into_iter().flatten()),
+        Some(v) if !v.is_null() => e.add("spec.initContainers", "must be a list"),
+        _ => {}
+    }
+    if let Some(s) = &p.status {
+        if let Some(a) = &s.pod_ip {
+            ip(e, "status.podIP", a);
+        }
+        for (i, a) in s.pod_ips.iter().enumerate() {
+            ip(e, &format!("status.podIPs[{i}].ip"), &a.ip);
+        }
+        if let Some(ph) = &s.phase {
+            one_of(e, "status.phase", ph, &["Pending", "Running", "Succeeded", "Failed", "Unknown"]);
+        }
+    }
+}
+
+fn container_ports<'a>(e: &mut Errors, at: &str, containers: impl Iterator<Item = &'a serde_json::Value>) {
+    for (i, c) in containers.enumerate() {
         let Some(ports) = c.get("ports") else { continue };
         let Some(ports) = ports.as_array() else {
-            e.add(format!("spec.containers[{i}].ports"), "must be a list");
+            e.add(format!("{at}[{i}].ports"), "must be a list");
             continue;
         };
         for (j, cp) in ports.iter().enumerate() {
-            let path = format!("spec.containers[{i}].ports[{j}]");
+            let path = format!("{at}[{i}].ports[{j}]");
             match cp.get("containerPort").map(|v| v.as_i64()) {
                 Some(Some(n)) => port(e, &format!("{path}.containerPort"), n),
                 Some(None) => e.add(format!("{path}.containerPort"), "must be a number"),
@@ -281,17 +302,12 @@ fn pod(e: &mut Errors, p: &Pod) {
                     None => e.add(format!("{path}.name"), "must be a string"),
                 }
             }
-        }
-    }
-    if let Some(s) = &p.status {
-        if let Some(a) = &s.pod_ip {
-            ip(e, "status.podIP", a);
-        }
-        for (i, a) in s.pod_ips.iter().enumerate() {
-            ip(e, &format!("status.podIPs[{i}].ip"), &a.ip);
-        }
-        if let Some(ph) = &s.phase {
-            one_of(e, "status.phase", ph, &["Pending", "Running", "Succeeded", "Failed", "Unknown"]);
+            if let Some(protocol) = cp.get("protocol") {
+                match protocol.as_str() {
+                    Some(v) => one_of(e, &format!("{path}.protocol"), v, &["TCP", "UDP", "SCTP"]),
+                    None => e.add(format!("{path}.protocol"), "must be a string"),
+                }
+            }
         }
     }
 }

@@ -303,9 +303,11 @@ pub fn lock_start(path: &Path) -> std::io::Result<StartLock> {
     }
 }
 
-/// How long a starting ztunnel waits for the start lock: a take-back or another start holds it
-/// for well under a second, and failing at once would put a supervised ztunnel into back-off.
-pub const START_LOCK_WAIT: Duration = Duration::from_secs(15);
+/// How long a starting ztunnel waits for the start lock. A take-back holds it for well under a
+/// second; another start holds it through its hand-over, which may take up to
+/// [`crate::handover::HANDOVER_TIMEOUT`] (a slow old ztunnel), so this outlasts one of those.
+/// Failing at once would put a supervised ztunnel into back-off.
+pub const START_LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// [`lock_start`], waiting up to `max` while another ztunnel holds the lock.
 pub async fn lock_start_waiting(path: &Path, max: Duration) -> std::io::Result<StartLock> {
@@ -434,6 +436,10 @@ async fn handle(line: &str, agent: &Arc<Agent>, peer: &Arc<PeerProcess>) -> Answ
         Ok(r) => r,
         Err(e) => return fail(format!("invalid request: {e}")),
     };
+    let running_taker = match req {
+        Request::Handover { .. } => agent.running_taker(peer),
+        _ => None,
+    };
     match req {
         Request::Add { .. } | Request::Remove { .. } if pods.handed_over() => {
             fail("this ztunnel handed its pods over to a newer one; try again".into())
@@ -455,8 +461,8 @@ async fn handle(line: &str, agent: &Arc<Agent>, peer: &Arc<PeerProcess>) -> Answ
         Request::Handover { .. } if !pods.has_registry() => {
             fail("this ztunnel runs without a pod registry, so it has nothing to hand over".into())
         }
-        Request::Handover { .. } if agent.running_taker(peer).is_some() => {
-            let taker = agent.running_taker(peer).map_or_else(|| "a newer ztunnel".into(), |t| t.to_string());
+        Request::Handover { .. } if running_taker.is_some() => {
+            let taker = running_taker.map_or_else(String::new, |t| t.to_string());
             fail(format!("this ztunnel handed its pods over to {taker}, which still runs"))
         }
         Request::Handover { ports } => {
@@ -529,6 +535,7 @@ mod tests {
     fn two_ztunnels_cannot_start_on_one_socket_at_once() {
         let (dir, path, rt) = socket_dir();
         let _in_rt = rt.enter();
+        use std::os::unix::fs::OpenOptionsExt;
         let first = bind(&path, lock_start(&path).unwrap()).unwrap();
         let e = lock_start(&path).err().expect("a second start while the first has not published");
         assert_eq!(e.kind(), ErrorKind::AddrInUse);
@@ -546,13 +553,14 @@ mod tests {
         std::os::unix::fs::symlink(dir.path().join("elsewhere"), &lock).unwrap();
         assert!(lock_start(&path).is_err(), "a symlinked lock file");
         assert!(!dir.path().join("elsewhere").exists());
-        // Nor anything but a regular file: a device node (this one is /dev/null's) opens, but
-        // is no lock.
+        // Nor anything but a regular file: a FIFO (with a reader, so that it opens for writing)
+        // opens, but is no lock.
         std::fs::remove_file(&lock).unwrap();
         let c_lock = std::ffi::CString::new(lock.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid path; mknod only creates the node.
-        assert_eq!(unsafe { libc::mknod(c_lock.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) }, 0);
-        let e = lock_start(&path).err().expect("a device node as the lock file");
+        // SAFETY: a valid path; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(c_lock.as_ptr(), 0o600) }, 0);
+        let _reader = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&lock).unwrap();
+        let e = lock_start(&path).err().expect("a FIFO as the lock file");
         assert!(e.to_string().contains("is not a regular file"), "{e}");
     }
 

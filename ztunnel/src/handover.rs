@@ -27,7 +27,7 @@ const MAX_HANDOVER_BYTES: usize = 16 << 20;
 const MAX_HANDOVER_LISTENERS: usize = 3 * 16384;
 
 /// How long a starting ztunnel waits for the running one to hand over.
-const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What [`take_over`] found at the socket path.
 #[derive(Debug)]
