@@ -93,6 +93,46 @@ async fn a_pod_exported_from_a_cluster_is_stored_whole() {
     assert_eq!(c.call(Method::GET, &path, None).await.unwrap().status, StatusCode::NOT_FOUND);
 }
 
+/// A create whose body names no object but has `generateName` gets a fresh name from it, as the
+/// Kubernetes API server gives a ReplicaSet's pods theirs; a name in the body wins.
+#[tokio::test]
+async fn a_create_with_generate_name_gets_a_fresh_name() {
+    let s = Istiod::start().await;
+    let c = s.api();
+    let mut body = pod("unused", "10.0.0.1");
+    let meta = body["metadata"].as_object_mut().unwrap();
+    meta.remove("name");
+    meta.insert("generateName".into(), json!("web-7c5d9f8b6d-"));
+    let mut names = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        let r = c.call(Method::POST, POD_PATH, Some(&body)).await.unwrap();
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        let name = r.body["metadata"]["name"].as_str().unwrap().to_string();
+        let suffix = name.strip_prefix("web-7c5d9f8b6d-").expect("the prefix comes first");
+        assert!(suffix.len() == 5 && suffix.bytes().all(|b| b"bcdfghjklmnpqrstvwxz2456789".contains(&b)), "{name}");
+        assert_eq!(r.body["metadata"]["generateName"], "web-7c5d9f8b6d-");
+        c.ok(Method::GET, &format!("{POD_PATH}/{name}"), None).await.unwrap();
+        names.insert(name);
+    }
+    assert_eq!(names.len(), 3, "each create gets its own name: {names:?}");
+    // A long prefix is cut so that the name fits in 63 characters.
+    body["metadata"]["generateName"] = json!(format!("{}-", "a".repeat(70)));
+    let long = c.call(Method::POST, POD_PATH, Some(&body)).await.unwrap();
+    assert_eq!(long.status, StatusCode::CREATED, "{}", long.body);
+    assert_eq!(long.body["metadata"]["name"].as_str().unwrap().len(), 63);
+    // A name in the body is used, and a create of a name that exists is refused, not renamed.
+    body["metadata"]["name"] = json!("chosen");
+    assert_eq!(c.call(Method::POST, POD_PATH, Some(&body)).await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(c.call(Method::POST, POD_PATH, Some(&body)).await.unwrap().status, StatusCode::CONFLICT);
+    // Neither: the name is required.
+    let meta = body["metadata"].as_object_mut().unwrap();
+    meta.remove("name");
+    meta.remove("generateName");
+    let nameless = c.call(Method::POST, POD_PATH, Some(&body)).await.unwrap();
+    assert_eq!(nameless.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", nameless.body);
+    assert!(nameless.body["message"].as_str().unwrap().contains("metadata.name"), "{}", nameless.body);
+}
+
 #[tokio::test]
 async fn stale_resource_version_is_a_conflict() {
     let s = Istiod::start().await;

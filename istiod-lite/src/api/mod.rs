@@ -134,16 +134,25 @@ async fn handle(s: ApiState, q: ListParams, req: Request) -> Result<Response, Ap
         }
         (&Method::PUT, Some(name)) => {
             let body = read_body(&parts.headers, body).await?;
-            let obj = decode_object(rp.kind, rp.namespace.as_deref(), Some(&name), &body)?;
+            let (obj, _) = decode_object(rp.kind, rp.namespace.as_deref(), Some(&name), &body)?;
             write(&s, rp.kind, "put", Write::Put(obj)).await
         }
         (&Method::POST, None) => {
             let body = read_body(&parts.headers, body).await?;
-            let obj = decode_object(rp.kind, rp.namespace.as_deref(), None, &body)?;
-            if s.store.get(&obj.key()).is_some() {
-                return Err(ApiError::already_exists(format!("{} already exists", obj.key())));
+            // A name generated from `generateName` that is taken is generated afresh, as the
+            // Kubernetes API server does, a few times before giving up.
+            for _ in 0..GENERATE_NAME_TRIES {
+                let (obj, generated) = decode_object(rp.kind, rp.namespace.as_deref(), None, &body)?;
+                if s.store.get(&obj.key()).is_none() {
+                    return write(&s, rp.kind, "create", Write::Put(obj)).await;
+                }
+                if !generated {
+                    return Err(ApiError::already_exists(format!("{} already exists", obj.key())));
+                }
             }
-            write(&s, rp.kind, "create", Write::Put(obj)).await
+            Err(ApiError::already_exists(format!(
+                "no free name from metadata.generateName after {GENERATE_NAME_TRIES} tries"
+            )))
         }
         (&Method::DELETE, Some(name)) => {
             let key = ObjectKey::new(rp.kind, rp.namespace.unwrap_or_default(), name);
@@ -183,13 +192,29 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| ApiError::too_large(MAX_BODY))
 }
 
-/// Parses a JSON or YAML body, reconciles it with the URL, and validates it.
+const GENERATE_NAME_TRIES: usize = 8;
+/// Kubernetes' generated-name suffix: five of these (no vowels, so no words), after a prefix cut
+/// to leave room for them in 63 characters.
+const NAME_SUFFIX_CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+const NAME_SUFFIX_LEN: usize = 5;
+
+fn generate_name(prefix: &str) -> String {
+    let max_prefix = 63 - NAME_SUFFIX_LEN;
+    let cut = prefix.char_indices().nth(max_prefix).map_or(prefix.len(), |(i, _)| i);
+    let random = uuid::Uuid::new_v4().into_bytes();
+    let suffix =
+        random[..NAME_SUFFIX_LEN].iter().map(|b| NAME_SUFFIX_CHARS[*b as usize % NAME_SUFFIX_CHARS.len()] as char);
+    prefix[..cut].chars().chain(suffix).collect()
+}
+
+/// Parses a JSON or YAML body, reconciles it with the URL, and validates it. A create (no name
+/// in the URL) whose body has no name but a `generateName` gets a generated one: the flag says so.
 fn decode_object(
     kind: Kind,
     namespace: Option<&str>,
     name: Option<&str>,
     body: &[u8],
-) -> Result<trellis_config::Object, ApiError> {
+) -> Result<(trellis_config::Object, bool), ApiError> {
     let text = std::str::from_utf8(body).map_err(|_| ApiError::bad_request("request body is not UTF-8"))?;
     if let Some((_, why)) = trellis_config::load::repeated_key(text) {
         return Err(ApiError::bad_request(format!("malformed body: {why}")));
@@ -211,6 +236,14 @@ fn decode_object(
     if let Some(url_name) = name {
         agree_with_url(meta, "name", url_name)?;
     }
+    let generated = match (name, meta.get("name"), meta.get("generateName").and_then(Value::as_str)) {
+        (None, None | Some(Value::Null), Some(prefix)) => {
+            let n = generate_name(prefix);
+            meta.insert("name".into(), Value::String(n));
+            true
+        }
+        _ => false,
+    };
     let body_kind = value.get("kind").and_then(Value::as_str).unwrap_or_default();
     if !body_kind.is_empty() && body_kind != kind.name() {
         return Err(ApiError::bad_request(format!(
@@ -218,12 +251,16 @@ fn decode_object(
             kind.plural()
         )));
     }
-    let obj_name = name.unwrap_or_default().to_string();
+    let obj_name = name.map(str::to_string).or_else(|| meta_name(&value)).unwrap_or_default();
     let obj = trellis_config::Object::from_value(value).map_err(|e| ApiError::invalid(kind.name(), &obj_name, &e))?;
     if kind.namespaced() && obj.meta().namespace.is_none() {
         return Err(ApiError::bad_request(format!("{} is namespaced: use a /namespaces/{{ns}}/ path", kind.plural())));
     }
-    Ok(obj)
+    Ok((obj, generated))
+}
+
+fn meta_name(value: &Value) -> Option<String> {
+    value.get("metadata")?.get("name")?.as_str().map(str::to_string)
 }
 
 /// A body may omit `metadata.<field>` (the URL supplies it) but must not contradict the URL.
