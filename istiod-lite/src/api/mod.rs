@@ -143,11 +143,9 @@ async fn handle(s: ApiState, q: ListParams, req: Request) -> Result<Response, Ap
             // Kubernetes API server does, a few times before giving up.
             for _ in 0..GENERATE_NAME_TRIES {
                 let (obj, generated) = decode_object(rp.kind, rp.namespace.as_deref(), None, &body)?;
-                if s.store.get(&obj.key()).is_none() {
-                    return write(&s, rp.kind, "create", Write::Put(obj)).await;
-                }
-                if !generated {
-                    return Err(ApiError::already_exists(format!("{} already exists", obj.key())));
+                match write(&s, rp.kind, "create", Write::Create(obj)).await {
+                    Err(e) if generated && e.reason() == "AlreadyExists" => continue,
+                    done => return done,
                 }
             }
             Err(ApiError::already_exists(format!(

@@ -38,6 +38,10 @@ impl ApiError {
             details: None,
         }
     }
+    /// The Kubernetes Status reason, e.g. `AlreadyExists`.
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
     pub fn already_exists(message: impl Into<String>) -> Self {
         ApiError { code: StatusCode::CONFLICT, reason: "AlreadyExists", message: message.into(), details: None }
     }
@@ -91,12 +95,13 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let code = match &e {
             StoreError::NotFound(_) => StatusCode::NOT_FOUND,
-            StoreError::Conflict { .. } => StatusCode::CONFLICT,
+            StoreError::Conflict { .. } | StoreError::AlreadyExists(_) => StatusCode::CONFLICT,
             StoreError::Io(_) | StoreError::Closed => StatusCode::SERVICE_UNAVAILABLE,
         };
         let reason = match &e {
             StoreError::NotFound(_) => "NotFound",
             StoreError::Conflict { .. } => "Conflict",
+            StoreError::AlreadyExists(_) => "AlreadyExists",
             _ => "ServiceUnavailable",
         };
         ApiError { code, reason, message: e.to_string(), details: None }

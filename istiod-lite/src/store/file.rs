@@ -315,6 +315,8 @@ fn plan(
     now: &str,
 ) -> Result<Planned, StoreError> {
     match write {
+        Write::Create(obj) if current(&obj.key()).is_some() => Err(StoreError::AlreadyExists(obj.key())),
+        Write::Create(obj) => plan(Write::Put(obj), current, revision, now),
         Write::Put(mut obj) => {
             let key = obj.key();
             let existing = current(&key);
@@ -446,6 +448,23 @@ mod tests {
         assert_eq!(s.list(Some(Kind::Pod), None).len(), 99);
         assert_eq!(s.revision(), 101);
         assert!(s.get(&ObjectKey::new(Kind::Pod, "t", "p7")).is_none());
+    }
+
+    #[test]
+    fn of_two_creates_of_one_name_only_one_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            let s = FileStore::open(dir.path()).unwrap();
+            // Queued together, so the writer decides both in one batch.
+            let (a, b) = tokio::join!(
+                s.write(Write::Create(pod("a", "10.0.0.1"))),
+                s.write(Write::Create(pod("a", "10.0.0.2")))
+            );
+            let (won, lost) = if a.is_ok() { (a, b) } else { (b, a) };
+            assert!(matches!(won, Ok(Applied::Created(_))), "{won:?}");
+            assert!(matches!(lost, Err(StoreError::AlreadyExists(ref k)) if k.name == "a"), "{lost:?}");
+            assert_eq!(s.revision(), 1);
+        });
     }
 
     #[test]

@@ -21,7 +21,13 @@ use trellis_config::{Kind, Object, ObjectKey};
 #[allow(clippy::large_enum_variant)] // short-lived request values; boxing buys nothing
 pub enum Write {
     Put(Object),
-    Delete { key: ObjectKey, resource_version: Option<String> },
+    /// A put that fails with [`StoreError::AlreadyExists`] if the object exists, decided by the
+    /// writer itself so that two creates of one name cannot both succeed.
+    Create(Object),
+    Delete {
+        key: ObjectKey,
+        resource_version: Option<String>,
+    },
 }
 
 /// What a write did; carries the stored object (with server-owned metadata filled in).
@@ -45,6 +51,8 @@ impl Applied {
 pub enum StoreError {
     #[error("{0} not found")]
     NotFound(ObjectKey),
+    #[error("{0} already exists")]
+    AlreadyExists(ObjectKey),
     #[error("{key}: resourceVersion {expected} is stale (current is {actual}); re-read the object and retry")]
     Conflict { key: ObjectKey, expected: String, actual: String },
     #[error("storage failure: {0}")]
