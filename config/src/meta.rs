@@ -20,7 +20,8 @@ pub struct ObjectMeta {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    /// Kept as written. Trellis does not generate names from it: `name` is still required.
+    /// Kept as written. A REST create (POST) without a name gets one generated from it; files
+    /// applied by meshctl (PUT) still need `name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generate_name: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -122,15 +122,23 @@ async fn a_create_with_generate_name_gets_a_fresh_name() {
     assert_eq!(long.body["metadata"]["name"].as_str().unwrap().len(), 63);
     // A name in the body is used, and a create of a name that exists is refused, not renamed.
     body["metadata"]["name"] = json!("chosen");
-    assert_eq!(c.call(Method::POST, POD_PATH, Some(&body)).await.unwrap().status, StatusCode::CREATED);
-    assert_eq!(c.call(Method::POST, POD_PATH, Some(&body)).await.unwrap().status, StatusCode::CONFLICT);
-    // Neither: the name is required.
-    let meta = body["metadata"].as_object_mut().unwrap();
-    meta.remove("name");
-    meta.remove("generateName");
-    let nameless = c.call(Method::POST, POD_PATH, Some(&body)).await.unwrap();
-    assert_eq!(nameless.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", nameless.body);
-    assert!(nameless.body["message"].as_str().unwrap().contains("metadata.name"), "{}", nameless.body);
+    let chosen = c.call(Method::POST, POD_PATH, Some(&body)).await.unwrap();
+    assert_eq!((chosen.status, &chosen.body["metadata"]["name"]), (StatusCode::CREATED, &json!("chosen")));
+    let again = c.call(Method::POST, POD_PATH, Some(&body)).await.unwrap();
+    assert_eq!((again.status, &again.body["reason"]), (StatusCode::CONFLICT, &json!("AlreadyExists")));
+    // An empty name counts as none.
+    body["metadata"]["name"] = json!("");
+    let empty = c.call(Method::POST, POD_PATH, Some(&body)).await.unwrap();
+    assert_eq!(empty.status, StatusCode::CREATED, "{}", empty.body);
+    // No name, and an empty or no generateName: the name is required.
+    for generate in [json!(""), Value::Null] {
+        let meta = body["metadata"].as_object_mut().unwrap();
+        meta.remove("name");
+        meta.insert("generateName".into(), generate);
+        let nameless = c.call(Method::POST, POD_PATH, Some(&body)).await.unwrap();
+        assert_eq!(nameless.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", nameless.body);
+        assert!(nameless.body["message"].as_str().unwrap().contains("metadata.name"), "{}", nameless.body);
+    }
 }
 
 #[tokio::test]

@@ -1041,16 +1041,18 @@ fn a_ztunnel_takes_its_pods_back_when_the_newer_one_never_moves_in() {
     // A ztunnel starting while the lock is held (by another start, or a take-back) waits for it
     // rather than failing, then takes over as usual.
     let starting = std::fs::OpenOptions::new().write(true).open(&lock_path).unwrap();
-    starting.try_lock().expect("the start lock is free once the take-back is done");
+    // The take-back lets go of the lock a moment after its last log line.
+    wait_for("the start lock to be free", Duration::from_secs(10), || starting.try_lock().ok());
     lab.spawn_another_ztunnel("ztunnel2-new", 2, &[]);
+    let new_log = || without_colours(&lab.log("ztunnel2-new"));
     wait_for("the new ztunnel to wait for the start lock", Duration::from_secs(20), || {
-        lab.log("ztunnel2-new").contains("waiting for the start lock").then_some(())
+        new_log().contains("waiting for the start lock").then_some(())
     });
     std::thread::sleep(Duration::from_secs(1));
-    assert!(!lab.log("ztunnel2-new").contains("took the pods over"), "{}", lab.log("ztunnel2-new"));
+    assert!(!new_log().contains("took the pods over"), "{}", new_log());
     drop(starting);
     wait_for("the new ztunnel to take over", Duration::from_secs(20), || {
-        lab.log("ztunnel2-new").contains("took the pods over from the running ztunnel").then_some(())
+        new_log().contains("took the pods over from the running ztunnel").then_some(())
     });
     wait_for("the new ztunnel ready", Duration::from_secs(20), || ready().starts_with("ready").then_some(()));
     let (ok, failed, log) = probes.finish(&lab);

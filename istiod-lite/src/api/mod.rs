@@ -199,9 +199,11 @@ const NAME_SUFFIX_LEN: usize = 5;
 fn generate_name(prefix: &str) -> String {
     let max_prefix = 63 - NAME_SUFFIX_LEN;
     let cut = prefix.char_indices().nth(max_prefix).map_or(prefix.len(), |(i, _)| i);
-    let random = uuid::Uuid::new_v4().into_bytes();
-    let suffix =
-        random[..NAME_SUFFIX_LEN].iter().map(|b| NAME_SUFFIX_CHARS[*b as usize % NAME_SUFFIX_CHARS.len()] as char);
+    // Random bytes below the largest multiple of the alphabet's size, so that every character
+    // is equally likely (a plain modulo would favour the first 13).
+    let fair = (256 / NAME_SUFFIX_CHARS.len() * NAME_SUFFIX_CHARS.len()) as u8;
+    let random = std::iter::repeat_with(|| uuid::Uuid::new_v4().into_bytes()).flatten().filter(|b| *b < fair);
+    let suffix = random.take(NAME_SUFFIX_LEN).map(|b| NAME_SUFFIX_CHARS[b as usize % NAME_SUFFIX_CHARS.len()] as char);
     prefix[..cut].chars().chain(suffix).collect()
 }
 
@@ -234,8 +236,12 @@ fn decode_object(
     if let Some(url_name) = name {
         agree_with_url(meta, "name", url_name)?;
     }
-    let generated = match (name, meta.get("name"), meta.get("generateName").and_then(Value::as_str)) {
-        (None, None | Some(Value::Null), Some(prefix)) => {
+    // As Kubernetes: only a create without a name (missing, null or empty) and with a non-empty
+    // generateName.
+    let unnamed = meta.get("name").is_none_or(|n| n.is_null() || n.as_str() == Some(""));
+    let prefix = meta.get("generateName").and_then(Value::as_str).filter(|p| !p.is_empty());
+    let generated = match (name, unnamed, prefix) {
+        (None, true, Some(prefix)) => {
             let n = generate_name(prefix);
             meta.insert("name".into(), Value::String(n));
             true

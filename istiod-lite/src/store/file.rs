@@ -455,7 +455,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         rt().block_on(async {
             let s = FileStore::open(dir.path()).unwrap();
-            // Queued together, so the writer decides both in one batch.
+            // Queued at once: whether the writer takes them in one batch or in two, one must fail.
             let (a, b) = tokio::join!(
                 s.write(Write::Create(pod("a", "10.0.0.1"))),
                 s.write(Write::Create(pod("a", "10.0.0.2")))
