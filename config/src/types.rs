@@ -68,7 +68,13 @@ impl PodSpec {
     /// The service account the pod runs as: `serviceAccountName`, else its deprecated alias
     /// `serviceAccount`, else `default`, as Kubernetes decides it.
     pub fn service_account(&self) -> &str {
-        self.service_account_name.as_deref().or(self.service_account.as_deref()).unwrap_or("default")
+        self.declared_service_account().unwrap_or("default")
+    }
+
+    /// The service account the manifest names, if any: `serviceAccountName`, else
+    /// `serviceAccount`.
+    pub fn declared_service_account(&self) -> Option<&str> {
+        self.service_account_name.as_deref().or(self.service_account.as_deref())
     }
 }
 

@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::lock;
 use crate::log_budget::warn_limited;
 use crate::node_ports::NodePorts;
 use crate::peer_process::PeerProcess;
@@ -66,13 +67,13 @@ impl Agent {
     /// whose agent socket vanished while it runs must not get a rival. When the kernel cannot
     /// say (before Linux 6.5, across PID namespaces), nobody is in the way.
     fn running_taker(&self, asking: &PeerProcess) -> Option<Arc<PeerProcess>> {
-        let taker = self.taker.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let taker = lock(&self.taker).clone()?;
         (self.pods.handed_over() && !taker.is(asking) && taker.runs() == Some(true)).then_some(taker)
     }
 
     /// Listens at `<path>.handed` too, once this ztunnel has handed over.
     fn listen_as_handed(self: &Arc<Self>) {
-        let mut handed = self.handed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut handed = lock(&self.handed);
         if handed.as_ref().is_some_and(Bound::is_current) {
             return;
         }
@@ -86,7 +87,7 @@ impl Agent {
 
     /// Stops listening at `<path>.handed` (the pods are taken back, or this ztunnel exits).
     pub fn stop_listening_as_handed(&self) {
-        if let Some(b) = self.handed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(b) = lock(&self.handed).take() {
             b.remove_if_ours();
         }
     }
@@ -477,7 +478,7 @@ async fn handle(line: &str, agent: &Arc<Agent>, peer: &Arc<PeerProcess>) -> Answ
                 Err(e) => return fail(format!("the ports went while handing over: {e}")),
             };
             agent.listen_as_handed();
-            *agent.taker.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer.clone());
+            *lock(&agent.taker) = Some(peer.clone());
             let mut chunks: Answer = Vec::new();
             if !node.is_empty() {
                 let (addrs, fds) = node.into_iter().unzip();

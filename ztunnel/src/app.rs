@@ -132,15 +132,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         synced.clone(),
     ));
     let pod_changes = xds_client.changes();
-    let revalidation = {
-        let (proxy, mut changes) = (proxy.clone(), xds_client.changes());
-        async move {
-            while changes.changed().await.is_ok() {
-                proxy.revalidate().await;
-                tokio::time::sleep(proxy::REVALIDATE_PAUSE).await;
-            }
-        }
-    };
+    let revalidation = proxy.clone().revalidate_on_changes(xds_client.changes());
     let overlay = cfg.overlay.map(|node_ip| {
         let c = overlay::Config { node_name: cfg.node_name.clone(), node_ip };
         overlay::run(c, state.clone(), xds_client.changes())
@@ -238,13 +230,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         }
         tokio::spawn(agent.pods.clone().run(pod_changes));
         tokio::spawn(revalidation);
-        tokio::spawn(async {
-            let mut every = tokio::time::interval(crate::log_budget::WINDOW);
-            loop {
-                every.tick().await;
-                crate::log_budget::report_suppressed();
-            }
-        });
+        tokio::spawn(crate::log_budget::report_suppressed_every_window());
         tracing::info!(node = cfg.node_name, xds = cfg.xds_address, agent = %cfg.agent_socket.display(), "ztunnel started");
         shutdown_signal().await;
         // A draining ztunnel takes nothing back: its pods' listeners are closing.
@@ -263,7 +249,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         tracing::info!(remaining = serving.in_flight(), "drained; exiting");
         anyhow::Ok(agent_socket)
     })?;
-    agent_socket.lock().unwrap_or_else(|e| e.into_inner()).remove_if_ours();
+    crate::lock(&agent_socket).remove_if_ours();
     drop(data);
     Ok(())
 }

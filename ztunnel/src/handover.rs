@@ -20,6 +20,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 use crate::agent::{self, Agent, Bound, HandedListener, Inherited, Request, Response};
+use crate::lock;
 use crate::log_budget::warn_limited;
 
 /// What a starting ztunnel reads from the running one at most: far above any node's pods.
@@ -231,10 +232,10 @@ pub async fn take_back_when_abandoned(
                     continue;
                 }
             }
-        } else if lock(&bound).is_current() {
-            // Still this one's path, and nobody starting: the newer one exited before moving in.
-            // The lock is held until the pods are taken back.
-        } else {
+        } else if !lock(&bound).is_current() {
+            // A newer ztunnel moved in between the look and taking the lock; it is checked on
+            // from the next round. Otherwise the path is still this one's and nobody is starting:
+            // the newer one exited before moving in.
             continue;
         }
         tracing::warn!(path = %path.display(), moved_in = !ours, "the ztunnel that took the pods over is gone; taking them back");
@@ -254,10 +255,6 @@ async fn refuses(path: &Path) -> bool {
         tokio::time::timeout(Duration::from_secs(1), UnixStream::connect(path)).await,
         Ok(Err(e)) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused)
     )
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
@@ -286,6 +283,10 @@ mod tests {
         OwnedFd::from(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
     }
 
+    fn port_of(fd: &OwnedFd) -> u16 {
+        socket2::SockRef::from(fd).local_addr().unwrap().as_socket().unwrap().port()
+    }
+
     #[tokio::test]
     async fn take_over_asks_the_running_ztunnel_and_receives_its_listeners() {
         let dir = tempfile::tempdir().unwrap();
@@ -311,10 +312,7 @@ mod tests {
             r#"{"ok":true,"listeners":[{"netns":"/n/a","port":15001},{"netns":"/n/a","port":15006}],"more":true}"#;
         let last = r#"{"ok":true,"listeners":[{"netns":"/n/b","port":15008}]}"#;
         let (a1, a6, b8) = (listener(), listener(), listener());
-        let ports: Vec<u16> = [&a1, &a6, &b8]
-            .iter()
-            .map(|f| socket2::SockRef::from(f).local_addr().unwrap().as_socket().unwrap().port())
-            .collect();
+        let ports: Vec<u16> = [&a1, &a6, &b8].map(port_of).to_vec();
         let asked = answering(&path, vec![(format!("{first}\n"), vec![a1, a6]), (format!("{last}\n"), vec![b8])]).await;
         let TakeOver::HandedOver(Handed { pods: got, .. }) = take_over(&path, &[]).await else {
             panic!("not handed over")
@@ -322,10 +320,7 @@ mod tests {
         assert_eq!(asked.await.unwrap(), "{\"op\":\"handover\"}\n");
         let named: Vec<_> = got.iter().map(|i| (i.listener.netns.display().to_string(), i.listener.port)).collect();
         assert_eq!(named, [("/n/a".into(), 15001), ("/n/a".into(), 15006), ("/n/b".to_string(), 15008)]);
-        let passed: Vec<u16> = got
-            .iter()
-            .map(|i| socket2::SockRef::from(&i.fd).local_addr().unwrap().as_socket().unwrap().port())
-            .collect();
+        let passed: Vec<u16> = got.iter().map(|i| port_of(&i.fd)).collect();
         assert_eq!(passed, ports, "each socket is the one named at its place");
         std::fs::remove_file(&path).unwrap();
 
@@ -359,18 +354,14 @@ mod tests {
         // Node ports asked for come first, on a line of their own, and are told apart from pods'.
         let node = r#"{"ok":true,"node_listeners":["127.0.0.1:15000"],"more":true}"#;
         let (n, b8) = (listener(), listener());
-        let node_port = socket2::SockRef::from(&n).local_addr().unwrap().as_socket().unwrap().port();
+        let node_port = port_of(&n);
         let asked = answering(&path, vec![(format!("{node}\n"), vec![n]), (format!("{last}\n"), vec![b8])]).await;
         let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
         let TakeOver::HandedOver(got) = take_over(&path, &[admin]).await else { panic!("not handed over") };
         assert_eq!(asked.await.unwrap(), "{\"op\":\"handover\",\"ports\":[\"127.0.0.1:15000\"]}\n");
         assert_eq!(got.pods.len(), 1);
         assert_eq!(got.pods[0].listener.port, 15008);
-        let passed: Vec<_> = got
-            .node
-            .iter()
-            .map(|(a, fd)| (*a, socket2::SockRef::from(fd).local_addr().unwrap().as_socket().unwrap().port()))
-            .collect();
+        let passed: Vec<_> = got.node.iter().map(|(a, fd)| (*a, port_of(fd))).collect();
         assert_eq!(passed, [(admin, node_port)]);
         std::fs::remove_file(&path).unwrap();
 

@@ -31,3 +31,9 @@ pub mod sockets;
 pub mod state;
 pub mod token;
 pub mod xds;
+
+/// Locks `m`, carrying on past a panic elsewhere: every guarded value here stays valid between
+/// statements, so a poisoned lock only tells of a panic, which is reported where it happened.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

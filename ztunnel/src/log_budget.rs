@@ -116,7 +116,16 @@ impl LogBudget {
     }
 }
 
-/// Reports the lines dropped in windows now over. Run every [`WINDOW`].
+/// Runs [`report_suppressed`] every [`WINDOW`], forever.
+pub async fn report_suppressed_every_window() {
+    let mut every = tokio::time::interval(WINDOW);
+    loop {
+        every.tick().await;
+        report_suppressed();
+    }
+}
+
+/// Reports the lines dropped in windows now over.
 pub fn report_suppressed() {
     let now = Instant::now();
     let budgets = BUDGETS.lock().unwrap_or_else(|e| e.into_inner()).clone();

@@ -18,6 +18,8 @@ use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+use crate::lock;
+
 /// Serves one port until its listener fails or `stop` fires, then finishes the requests under
 /// way.
 pub type Serve = Arc<dyn Fn(TcpListener, Stop) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send>> + Send + Sync>;
@@ -58,6 +60,11 @@ pub fn adopt(fd: OwnedFd, addr: SocketAddr) -> io::Result<TcpListener> {
     if local != addr {
         return Err(io::Error::other(format!("bound to {local}, not {addr}")));
     }
+    serve_socket(fd)
+}
+
+/// A listening socket's descriptor as a listener this process's runtime can accept on.
+fn serve_socket(fd: OwnedFd) -> io::Result<TcpListener> {
     let l = std::net::TcpListener::from(fd);
     l.set_nonblocking(true)?;
     TcpListener::from_std(l)
@@ -93,14 +100,7 @@ impl NodePorts {
     /// Whether every port at `addrs` is one of this ztunnel's (served here, or handed over
     /// before and kept); if not, the error names the first that is not, and what is.
     pub fn check(&self, addrs: &[SocketAddr]) -> Result<(), String> {
-        let ports = lock(&self.ports);
-        match addrs.iter().find(|a| !ports.iter().any(|p| p.addr == **a)) {
-            None => Ok(()),
-            Some(addr) => {
-                let ours: Vec<String> = ports.iter().map(|p| format!("{} on {}", p.what, p.addr)).collect();
-                Err(format!("this ztunnel does not listen on {addr} (it has {})", ours.join(", ")))
-            }
-        }
+        check_in(&lock(&self.ports), addrs)
     }
 
     /// Gives up the ports at `addrs` for a newer ztunnel: each stops accepting here, and a copy
@@ -108,8 +108,8 @@ impl NodePorts {
     /// then went away before this one took it back) is passed again. Either all are handed over
     /// or none is.
     pub fn hand_over(&self, addrs: &[SocketAddr]) -> Result<Vec<(SocketAddr, OwnedFd)>, String> {
-        self.check(addrs)?;
         let mut ports = lock(&self.ports);
+        check_in(&ports, addrs)?;
         let mut handed = Vec::new();
         for p in ports.iter().filter(|p| addrs.contains(&p.addr)) {
             handed.push((p.addr, p.socket.try_clone().map_err(|e| format!("{} on {}: {e}", p.what, p.addr))?));
@@ -135,12 +135,7 @@ impl NodePorts {
     pub fn resume(&self) {
         let mut ports = lock(&self.ports);
         for p in ports.iter_mut().filter(|p| p.stop.is_none()) {
-            let listener = p.socket.try_clone().and_then(|fd| {
-                let l = std::net::TcpListener::from(fd);
-                l.set_nonblocking(true)?;
-                TcpListener::from_std(l)
-            });
-            match listener {
+            match p.socket.try_clone().and_then(serve_socket) {
                 Ok(l) => {
                     tracing::info!(server = p.what, addr = %p.addr, "serving the port again after taking the pods back");
                     p.stop = Some(Self::spawn(p.what, l, &p.serve));
@@ -151,8 +146,14 @@ impl NodePorts {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+fn check_in(ports: &[Port], addrs: &[SocketAddr]) -> Result<(), String> {
+    match addrs.iter().find(|a| !ports.iter().any(|p| p.addr == **a)) {
+        None => Ok(()),
+        Some(addr) => {
+            let ours: Vec<String> = ports.iter().map(|p| format!("{} on {}", p.what, p.addr)).collect();
+            Err(format!("this ztunnel does not listen on {addr} (it has {})", ours.join(", ")))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -52,6 +52,7 @@ use trellis_proto::istio::workload::TunnelProtocol;
 use crate::agent::{HandedListener, Inherited};
 use crate::capture::{probes, Capture};
 use crate::identity::CertManager;
+use crate::lock;
 use crate::netns::Netns;
 use crate::proxy::{route, Proxy, LISTENER_PORTS};
 use crate::state::State;
@@ -851,10 +852,6 @@ fn ipv4(bytes: &[u8]) -> Option<Ipv4Addr> {
 
 fn capture_key(r: &Registered) -> String {
     format!("{}_{}", r.namespace, r.name)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Writes via a temporary file and rename, mode 0600, so a crash never leaves half a registry.

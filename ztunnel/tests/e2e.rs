@@ -915,16 +915,31 @@ fn a_newer_ztunnel_takes_the_pods_over_without_refusing_a_connection() {
 /// listens beside the dead one's socket while handed over) and takes over from it. Then the
 /// restarted one dies too, and the old one takes back. All run with nftables capture and the same
 /// flags, so the node ports move with the pods.
+/// What node `node`'s readiness port answers (empty if nothing does within 20 s).
+fn node_readiness(lab: &Lab, node: usize) -> String {
+    let out = lab.exec(&lab.node(node), "curl -s --max-time 20 http://127.0.0.1:15021/healthz/ready");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Takes node `node`'s ztunnel start lock as a starting ztunnel would, if it is free.
+fn hold_start_lock_now(lab: &Lab, node: usize) -> Option<std::fs::File> {
+    let path = format!("{}.lock", lab.agent_socket(node).display());
+    let lock = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(path).unwrap();
+    lock.try_lock().ok().map(|()| lock)
+}
+
+/// [`hold_start_lock_now`], where no ztunnel is starting.
+fn hold_start_lock(lab: &Lab, node: usize) -> std::fs::File {
+    hold_start_lock_now(lab, node).expect("the start lock is free while no ztunnel starts")
+}
+
 #[test]
 fn a_ztunnel_takes_its_pods_back_when_the_newer_one_dies() {
     let nftables = ["--capture", "nftables"];
     let Mesh { lab, client, server_b, .. } = mesh(&nftables);
     lab.app(&server_b, &["echo", "9000"], 9000);
     let probes = Probes::start(&lab, &client, &server_b);
-    let ready = || {
-        let out = lab.exec(&lab.node(2), "curl -s --max-time 10 http://127.0.0.1:15021/healthz/ready");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let ready = || node_readiness(&lab, 2);
     let took_over = |label: &str| lab.log(label).contains("took the pods over from the running ztunnel").then_some(());
     lab.spawn_another_ztunnel("ztunnel2-new", 2, &nftables);
     wait_for("the hand-over", Duration::from_secs(20), || took_over("ztunnel2-new"));
@@ -979,10 +994,7 @@ fn a_ztunnel_takes_its_pods_back_when_the_newer_one_never_moves_in() {
     let Mesh { lab, client, server_b, .. } = mesh(&[]);
     lab.app(&server_b, &["echo", "9000"], 9000);
     let probes = Probes::start(&lab, &client, &server_b);
-    let ready = || {
-        let out = lab.exec(&lab.node(2), "curl -s --max-time 20 http://127.0.0.1:15021/healthz/ready");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let ready = || node_readiness(&lab, 2);
     assert!(ready().starts_with("ready"));
     let refused = lab.agent(2, &serde_json::json!({"op": "handover", "ports": ["0.0.0.0:15021", "127.0.0.1:1"]}));
     assert_eq!(refused["ok"], false);
@@ -990,9 +1002,7 @@ fn a_ztunnel_takes_its_pods_back_when_the_newer_one_never_moves_in() {
     assert!(why.contains("does not listen on 127.0.0.1:1") && why.contains("readiness on 0.0.0.0:15021"), "{why}");
     assert!(ready().starts_with("ready"), "a refused hand-over gives nothing up");
 
-    let lock_path = format!("{}.lock", lab.agent_socket(2).display());
-    let starting = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&lock_path).unwrap();
-    starting.try_lock().expect("the start lock is free while no ztunnel starts");
+    let starting = hold_start_lock(&lab, 2);
     let answer = lab.agent(2, &serde_json::json!({"op": "handover", "ports": ["0.0.0.0:15021"]}));
     assert_eq!(answer["ok"], true, "{answer}");
     assert_eq!(answer["node_listeners"], serde_json::json!(["0.0.0.0:15021"]));
@@ -1040,9 +1050,8 @@ fn a_ztunnel_takes_its_pods_back_when_the_newer_one_never_moves_in() {
 
     // A ztunnel starting while the lock is held (by another start, or a take-back) waits for it
     // rather than failing, then takes over as usual.
-    let starting = std::fs::OpenOptions::new().write(true).open(&lock_path).unwrap();
     // The take-back lets go of the lock a moment after its last log line.
-    wait_for("the start lock to be free", Duration::from_secs(10), || starting.try_lock().ok());
+    let starting = wait_for("the start lock to be free", Duration::from_secs(10), || hold_start_lock_now(&lab, 2));
     lab.spawn_another_ztunnel("ztunnel2-new", 2, &[]);
     let new_log = || without_colours(&lab.log("ztunnel2-new"));
     wait_for("the new ztunnel to wait for the start lock", Duration::from_secs(20), || {
@@ -1073,9 +1082,7 @@ fn a_draining_ztunnel_takes_nothing_back_and_lets_go_of_the_ports_it_handed_over
         held_connection_state(&lab, "hold", "connected")
     });
 
-    let lock_path = format!("{}.lock", lab.agent_socket(2).display());
-    let starting = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&lock_path).unwrap();
-    starting.try_lock().expect("the start lock is free while no ztunnel starts");
+    let starting = hold_start_lock(&lab, 2);
     let answer = lab.agent(2, &serde_json::json!({"op": "handover", "ports": ["0.0.0.0:15021"]}));
     assert_eq!(answer["node_listeners"], serde_json::json!(["0.0.0.0:15021"]), "{answer}");
     netlab::sh(&format!("kill -TERM {}", lab.pid("ztunnel2").expect("ztunnel2 running")));
@@ -1155,8 +1162,7 @@ import time; time.sleep(60)
         use std::os::unix::fs::MetadataExt;
         assert_eq!(std::fs::metadata(lab.agent_socket(2)).unwrap().ino(), fake_inode, "the exiting ztunnel moved in");
         assert!(!std::path::Path::new(&format!("{sock}.new")).exists(), "a socket was left beside the path");
-        let lock = std::fs::OpenOptions::new().write(true).open(format!("{sock}.lock")).unwrap();
-        lock.try_lock().expect("the start lock went with the process");
+        hold_start_lock_now(&lab, 2).expect("the start lock went with the process");
         lab.stop(&fake);
         std::fs::remove_file(lab.agent_socket(2)).unwrap();
     }

@@ -56,8 +56,7 @@ fn issue(s: &ApiState, ns: &str, body: &[u8]) -> Result<serde_json::Value, ApiEr
                 .iter()
                 .flat_map(|st| st.pod_ips.iter().map(|i| i.ip.clone()).chain(st.pod_ip.clone()))
                 .collect();
-            let sa = p.spec.service_account_name.clone().or_else(|| p.spec.service_account.clone());
-            ("Pod", sa, "spec.serviceAccountName", ips)
+            ("Pod", p.spec.declared_service_account().map(str::to_string), "spec.serviceAccountName", ips)
         }
         Object::WorkloadEntry(w) => {
             ("WorkloadEntry", w.spec.service_account.clone(), "spec.serviceAccount", vec![w.spec.address.clone()])

@@ -95,7 +95,7 @@ const REVALIDATE_CHUNK: usize = 256;
 /// The pause after a revalidation pass: changes arriving meanwhile (pod churn on a large node)
 /// are coalesced into the next pass, so passes run at most a few times a second however fast
 /// config changes, and a DENY still reaches open connections within a fraction of a second.
-pub const REVALIDATE_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+const REVALIDATE_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// What every connection handler shares.
 pub struct Proxy {
@@ -222,6 +222,15 @@ impl Proxy {
             Some(Authorized { decision: Decision::Allow, .. }) => None,
             Some(Authorized { decision: Decision::Deny(policy), .. }) => Some(format!("denied by {policy}")),
             None => Some("its workload left the configuration".to_string()),
+        }
+    }
+
+    /// [`Proxy::revalidate`] after each config change, pausing [`REVALIDATE_PAUSE`] after each
+    /// pass, until the changes end.
+    pub async fn revalidate_on_changes(self: Arc<Self>, mut changes: tokio::sync::watch::Receiver<u64>) {
+        while changes.changed().await.is_ok() {
+            self.revalidate().await;
+            tokio::time::sleep(REVALIDATE_PAUSE).await;
         }
     }
 

@@ -8,7 +8,7 @@ use trellis_config::object::Pod;
 use trellis_config::ObjectKey;
 use trellis_proto::trellis::pod::v1 as pb;
 
-use super::workload::{capturable, enrolled, service_account, uid};
+use super::workload::{capturable, enrolled, uid};
 use super::{Settings, World};
 
 /// `None` for a pod not yet scheduled, finished, or on the host network (never captured).
@@ -22,7 +22,7 @@ pub fn membership(world: &World, settings: &Settings, key: &ObjectKey, pod: &Pod
         namespace: key.namespace.clone(),
         name: key.name.clone(),
         node: node.to_string(),
-        service_account: service_account(pod).to_string(),
+        service_account: pod.spec.service_account().to_string(),
         trust_domain: settings.trust_domain.clone(),
         meshed: enrolled(&pod.metadata.labels, &world.namespace_labels(&key.namespace)),
     })

@@ -197,11 +197,6 @@ pub fn capturable(p: &Pod) -> bool {
     !finished && p.spec.host_network != Some(true)
 }
 
-/// The pod's service account, which names its identity (Kubernetes defaults it to `default`).
-pub fn service_account(p: &Pod) -> &str {
-    p.spec.service_account()
-}
-
 fn pod_source(p: &Pod) -> Option<Source<'_>> {
     let status = p.status.as_ref()?;
     if !capturable(p) {
@@ -216,7 +211,7 @@ fn pod_source(p: &Pod) -> Option<Source<'_>> {
     }
     Some(Source {
         labels: &p.metadata.labels,
-        service_account: service_account(p),
+        service_account: p.spec.service_account(),
         node: p.spec.node_name.as_deref().unwrap_or_default(),
         addresses,
         hostname: String::new(),
