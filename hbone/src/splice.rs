@@ -26,7 +26,7 @@ use crate::stream::{h2_io, H2Stream};
 /// An HTTP/2 frame header. Reads are sized a multiple of 16 KiB less one header, so that a full
 /// read becomes one DATA frame filling whole 16 KiB TLS records instead of whole records and a
 /// 9-byte straggler (which costs its own record, write and TCP segment).
-const FRAME_HEADER: usize = 9;
+pub(crate) const FRAME_HEADER: usize = 9;
 /// The smallest read: what a quiet or request/response connection holds.
 const MIN_READ: usize = (16 << 10) - FRAME_HEADER;
 /// The largest read, reached by doubling from [`MIN_READ`].

@@ -223,3 +223,138 @@ async fn swapping_the_certificate_keeps_established_connections() {
     assert_ne!(first_cert, second_cert);
     assert_eq!(second_cert, chain[0]);
 }
+
+/// A TCP stream that counts the writes that reach the socket.
+struct CountWrites {
+    tcp: TcpStream,
+    writes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountWrites {
+    fn count(&self, r: &std::task::Poll<std::io::Result<usize>>) {
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            if *n > 0 {
+                self.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for CountWrites {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CountWrites {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf);
+        self.count(&r);
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        self.count(&r);
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// A listener whose connections have a send buffer that holds a whole DATA frame, so that the
+/// kernel never splits a write: a count of writes is then rustls's doing alone.
+fn roomy_listener() -> tokio::net::TcpListener {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(4 << 20).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    socket.listen(1).unwrap()
+}
+
+/// Socket writes on each side for one DATA frame of the largest splice read, there and back.
+async fn writes_for_the_largest_frame(size_send_buffer: bool) -> (usize, usize) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let frame = vec![7u8; hbone::tls::SEND_BUFFER / 2];
+    let ca = Ca::new("mesh root");
+    let server = server_config(ca.slot(SERVER), ca.roots(), "cluster.local").unwrap();
+    let client = client_config(ca.slot(CLIENT), ca.roots(), vec![id(SERVER)]).unwrap();
+    let listener = roomy_listener();
+    let addr = listener.local_addr().unwrap();
+    let server_writes = Arc::new(AtomicUsize::new(0));
+    let served = tokio::spawn({
+        let (writes, frame) = (server_writes.clone(), frame.clone());
+        async move {
+            let tcp = CountWrites { tcp: listener.accept().await.unwrap().0, writes: writes.clone() };
+            let mut tls = TlsAcceptor::from(Arc::new(server))
+                .accept_with(tcp, |c| {
+                    if size_send_buffer {
+                        hbone::tls::size_send_buffer(c)
+                    }
+                })
+                .await
+                .unwrap();
+            let mut got = vec![0u8; frame.len()];
+            tls.read_exact(&mut got).await.unwrap();
+            writes.store(0, Ordering::Relaxed);
+            tls.write_all(&frame).await.unwrap();
+            tls.flush().await.unwrap();
+            writes.load(Ordering::Relaxed)
+        }
+    });
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(4 << 20).unwrap();
+    let client_writes = Arc::new(AtomicUsize::new(0));
+    let tcp = CountWrites { tcp: socket.connect(addr).await.unwrap(), writes: client_writes.clone() };
+    let mut tls = TlsConnector::from(Arc::new(client))
+        .connect_with(ServerName::IpAddress(addr.ip().into()), tcp, |c| {
+            if size_send_buffer {
+                hbone::tls::size_send_buffer(c)
+            }
+        })
+        .await
+        .unwrap();
+    client_writes.store(0, Ordering::Relaxed);
+    tls.write_all(&frame).await.unwrap();
+    tls.flush().await.unwrap();
+    let client_writes = client_writes.load(Ordering::Relaxed);
+    let mut back = vec![0u8; frame.len()];
+    tls.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, frame);
+    (client_writes, served.await.unwrap())
+}
+
+#[tokio::test]
+async fn the_largest_splice_read_leaves_in_one_socket_write_each_way() {
+    assert_eq!(writes_for_the_largest_frame(true).await, (1, 1));
+    // What the sizing is for: rustls's default queue splits the frame into several writes.
+    let (client, server) = writes_for_the_largest_frame(false).await;
+    assert!(client >= 4 && server >= 4, "without the sizing: {client} and {server} writes");
+}

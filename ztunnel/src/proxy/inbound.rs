@@ -21,7 +21,12 @@ const DIRECTION: &str = "inbound";
 impl Proxy {
     pub(super) async fn inbound(self: Arc<Self>, pod: Arc<Pod>, tcp: TcpStream, handshake: Slot) {
         let src = peer_of(&tcp);
-        let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, pod.acceptor.accept(tcp)).await {
+        let tls = match tokio::time::timeout(
+            TLS_HANDSHAKE_TIMEOUT,
+            pod.acceptor.accept_with(tcp, |c| hbone::tls::size_send_buffer(c)),
+        )
+        .await
+        {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
                 warn_limited!(per src.ip(); "HBONE TLS handshake rejected", %src, pod = pod.uid, error = %e);

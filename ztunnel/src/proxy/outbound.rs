@@ -126,7 +126,8 @@ impl Proxy {
             .map_err(|e| HboneError::Tls(e.to_string()))?;
         let tls = tokio::time::timeout(
             super::TLS_HANDSHAKE_TIMEOUT,
-            TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(addr.ip().into()), tcp),
+            TlsConnector::from(Arc::new(cfg))
+                .connect_with(ServerName::IpAddress(addr.ip().into()), tcp, |c| hbone::tls::size_send_buffer(c)),
         )
         .await
         .map_err(|_| HboneError::Tls(format!("handshake with {addr} timed out")))?
