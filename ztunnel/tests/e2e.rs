@@ -4,7 +4,7 @@
 mod netlab;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use netlab::{wait_for, Lab, Pod};
 use ztunnel::capture::probes::PROBE_SOURCE;
@@ -1191,6 +1191,35 @@ fn a_drain_waits_for_connections_still_being_set_up() {
     wait_for("ztunnel to exit", Duration::from_secs(10), || {
         without_colours(&lab.log("ztunnel1")).contains("drained; exiting remaining=0").then_some(())
     });
+}
+
+/// A peer stalled in its TLS handshake does not hold up a drain: once the drain begins, a
+/// handshake has a second left instead of the rest of its 10 s, and ztunnel exits soon after.
+#[test]
+fn a_stalled_handshake_does_not_hold_up_a_drain() {
+    let Mesh { lab, outsider, server_a, .. } = mesh(&["--drain-timeout", "30s"]);
+    let stall = format!(
+        "import socket, time\ns = socket.create_connection(('{}', 15008))\nprint('connected', flush=True)\ntime.sleep(60)",
+        server_a.ip
+    );
+    lab.spawn("stall", &outsider.netns, std::path::Path::new("python3"), &["-c", &stall]);
+    wait_for("the stalled peer to connect", Duration::from_secs(20), || {
+        lab.log("stall").contains("connected").then_some(())
+    });
+    let established = "ss -Htn state established sport = :15008 | wc -l";
+    wait_for("ztunnel to hold the handshake", Duration::from_secs(10), || {
+        (lab.exec_ok(&server_a.netns, established).trim() == "1").then_some(())
+    });
+    let sigterm = Instant::now();
+    netlab::sh(&format!("kill -TERM {}", lab.pid("ztunnel1").expect("ztunnel1 running")));
+    wait_for("ztunnel to exit", Duration::from_secs(20), || {
+        without_colours(&lab.log("ztunnel1")).contains("drained; exiting remaining=0").then_some(())
+    });
+    // The handshake timeout is 10 s: an exit well before it means the grace cut the handshake.
+    let took = sigterm.elapsed();
+    assert!(took < Duration::from_secs(6), "the drain took {took:?}");
+    let log = without_colours(&lab.log("ztunnel1"));
+    assert!(log.contains("HBONE TLS handshake cut short: draining"), "{log}");
 }
 
 /// A policy change reaches connections already open: a DENY for a caller cuts off the tunnel it

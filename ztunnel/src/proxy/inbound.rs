@@ -2,16 +2,18 @@
 //! config) under a handshake slot, then a connection slot; then per CONNECT: the authority must
 //! be this pod (400), L4 policy (401), then the connection to the pod (503 if it fails).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hbone::server::{Inbound, Limits};
 use http::StatusCode;
 use tokio::net::TcpStream;
+use tokio::time::{error::Elapsed, Instant};
 
 use super::admission::Slot;
 use super::conn::{self, Record, Tracked};
-use super::{is_listener_loop, peer_of, Authorized, Pod, Proxy, TLS_HANDSHAKE_TIMEOUT};
+use super::{is_listener_loop, peer_of, Authorized, Pod, Proxy, DRAINING_HANDSHAKE_GRACE, TLS_HANDSHAKE_TIMEOUT};
 use crate::log_budget::warn_limited;
 use crate::metrics::Reporter;
 use crate::state::policy::Decision;
@@ -21,15 +23,16 @@ const DIRECTION: &str = "inbound";
 impl Proxy {
     pub(super) async fn inbound(self: Arc<Self>, pod: Arc<Pod>, tcp: TcpStream, handshake: Slot) {
         let src = peer_of(&tcp);
-        let tls = match tokio::time::timeout(
-            TLS_HANDSHAKE_TIMEOUT,
-            pod.acceptor.accept_with(tcp, |c| hbone::tls::size_send_buffer(c)),
-        )
-        .await
-        {
+        let handshake_done = self.handshake(pod.acceptor.accept_with(tcp, |c| hbone::tls::size_send_buffer(c)));
+        let tls = match handshake_done.await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
                 warn_limited!(per src.ip(); "HBONE TLS handshake rejected", %src, pod = pod.uid, error = %e);
+                self.metrics.reject(DIRECTION, "tls");
+                return;
+            }
+            Err(_) if *self.draining.borrow() => {
+                warn_limited!(per src.ip(); "HBONE TLS handshake cut short: draining", %src, pod = pod.uid);
                 self.metrics.reject(DIRECTION, "tls");
                 return;
             }
@@ -55,6 +58,18 @@ impl Proxy {
         if let Err(e) = hbone::server::serve(tls, peer, limits, drained, handler).await {
             tracing::debug!(%src, error = %e, "HBONE connection ended with an error");
         }
+    }
+
+    /// The TLS handshake under its timeout, cut to [`DRAINING_HANDSHAKE_GRACE`] once a drain
+    /// begins: an unauthenticated peer must not hold up a drain.
+    async fn handshake<F: Future>(&self, handshake: F) -> Result<F::Output, Elapsed> {
+        let deadline = Instant::now() + TLS_HANDSHAKE_TIMEOUT;
+        tokio::pin!(handshake);
+        tokio::select! {
+            done = tokio::time::timeout_at(deadline, &mut handshake) => return done,
+            () = self.drained() => {}
+        }
+        tokio::time::timeout_at(deadline.min(Instant::now() + DRAINING_HANDSHAKE_GRACE), handshake).await
     }
 
     async fn tunnel(&self, pod: &Pod, src: SocketAddr, req: Inbound) -> Result<Tracked<TcpStream>, StatusCode> {

@@ -49,6 +49,10 @@ pub const LISTENER_PORTS: [u16; 3] = [OUTBOUND_PORT, PLAINTEXT_PORT, HBONE_PORT]
 
 /// Bounds a peer that connects and then stalls in the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// What is left of an inbound handshake's time once a drain begins. A real peer's handshake
+/// takes milliseconds and its tunnel is still served (HTTP/2 GOAWAY lets a first CONNECT in);
+/// a stalled one would otherwise hold the drain for the whole handshake timeout.
+const DRAINING_HANDSHAKE_GRACE: Duration = Duration::from_secs(1);
 /// HBONE handshakes in flight on the node, and from one source (each at most the matching
 /// connection cap). A handshake is a few milliseconds of work for a real peer, so these are far
 /// above legitimate use, and they bound what unauthenticated peers can hold: memory for their
