@@ -14,12 +14,16 @@ pub(crate) fn object(obj: &Object) -> Vec<FieldError> {
     let mut e = Errors::default();
     let kind = obj.kind();
     let meta = obj.meta();
+    let label_named = matches!(kind, crate::Kind::Namespace | crate::Kind::Service);
     if meta.name.is_empty() {
         e.add("metadata.name", "is required");
-    } else if matches!(kind, crate::Kind::Namespace | crate::Kind::Service) {
+    } else if label_named {
         dns_label(&mut e, "metadata.name", &meta.name);
     } else {
         dns_subdomain(&mut e, "metadata.name", &meta.name);
+    }
+    if let Some(prefix) = meta.generate_name.as_deref().filter(|p| !p.is_empty()) {
+        generate_name(&mut e, prefix, label_named);
     }
     match (&meta.namespace, kind.namespaced()) {
         (Some(_), false) => e.add("metadata.namespace", format!("must be empty: {kind} is cluster-scoped")),
@@ -99,14 +103,37 @@ fn owner_references(e: &mut Errors, owners: &[crate::OwnerReference]) {
 
 // ---- names, labels, addresses -----------------------------------------------------------------
 
-fn dns_label(e: &mut Errors, path: &str, s: &str) {
-    let ok = !s.is_empty()
+const DNS_LABEL_RULE: &str = "lowercase letters, digits and '-', at most 63, starting and ending alphanumeric";
+const DNS_SUBDOMAIN_RULE: &str = "lowercase letters, digits, '-' and '.', at most 253";
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
         && s.len() <= 63
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
-        && !s.ends_with('-');
+        && !s.ends_with('-')
+}
+
+fn dns_label(e: &mut Errors, path: &str, s: &str) {
+    if !is_dns_label(s) {
+        e.add(path, format!("{s:?} is not a valid DNS label ({DNS_LABEL_RULE})"));
+    }
+}
+
+/// `metadata.generateName`, checked as Kubernetes checks it: as the kind's names are, except
+/// that it may end in '-', since the generated suffix follows.
+fn generate_name(e: &mut Errors, prefix: &str, label_named: bool) {
+    let masked = prefix.strip_suffix('-').map_or_else(|| prefix.to_string(), |p| format!("{p}a"));
+    let (ok, what, rule) = if label_named {
+        (is_dns_label(&masked), "DNS label", DNS_LABEL_RULE)
+    } else {
+        (is_dns_subdomain(&masked), "DNS subdomain", DNS_SUBDOMAIN_RULE)
+    };
     if !ok {
-        e.add(path, format!("{s:?} is not a valid DNS label (lowercase letters, digits and '-', at most 63, starting and ending alphanumeric)"));
+        e.add(
+            "metadata.generateName",
+            format!("{prefix:?} is not a valid name prefix: names of this kind are a {what} ({rule}; the prefix may end in '-')"),
+        );
     }
 }
 
@@ -124,20 +151,20 @@ fn port_name(e: &mut Errors, path: &str, n: &str) {
     }
 }
 
-fn dns_subdomain(e: &mut Errors, path: &str, s: &str) {
-    let ok = !s.is_empty()
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
         && s.len() <= 253
         && s.split('.').all(|l| {
             !l.is_empty()
                 && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !l.starts_with('-')
                 && !l.ends_with('-')
-        });
-    if !ok {
-        e.add(
-            path,
-            format!("{s:?} is not a valid DNS subdomain (lowercase letters, digits, '-' and '.', at most 253)"),
-        );
+        })
+}
+
+fn dns_subdomain(e: &mut Errors, path: &str, s: &str) {
+    if !is_dns_subdomain(s) {
+        e.add(path, format!("{s:?} is not a valid DNS subdomain ({DNS_SUBDOMAIN_RULE})"));
     }
 }
 

@@ -120,6 +120,13 @@ async fn a_create_with_generate_name_gets_a_fresh_name() {
     let long = c.call(Method::POST, POD_PATH, Some(&body)).await.unwrap();
     assert_eq!(long.status, StatusCode::CREATED, "{}", long.body);
     assert_eq!(long.body["metadata"]["name"].as_str().unwrap().len(), 63);
+    // A prefix that cannot start a valid name is refused, and the error names the field it is in.
+    body["metadata"]["generateName"] = json!("Web_");
+    let bad = c.call(Method::POST, POD_PATH, Some(&body)).await.unwrap();
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
+    let message = bad.body["message"].as_str().unwrap();
+    assert!(message.contains("metadata.generateName: \"Web_\" is not a valid name prefix"), "{message}");
+    body["metadata"]["generateName"] = json!("web-7c5d9f8b6d-");
     // A name in the body is used, and a create of a name that exists is refused, not renamed.
     body["metadata"]["name"] = json!("chosen");
     let chosen = c.call(Method::POST, POD_PATH, Some(&body)).await.unwrap();
