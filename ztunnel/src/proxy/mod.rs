@@ -231,11 +231,9 @@ impl Proxy {
 
     /// [`Proxy::revalidate`] after each config change, pausing [`REVALIDATE_PAUSE`] after each
     /// pass, until the changes end.
-    pub async fn revalidate_on_changes(self: Arc<Self>, mut changes: tokio::sync::watch::Receiver<u64>) {
-        while changes.changed().await.is_ok() {
-            self.revalidate().await;
-            tokio::time::sleep(REVALIDATE_PAUSE).await;
-        }
+    pub async fn revalidate_on_changes(self: Arc<Self>, changes: tokio::sync::watch::Receiver<u64>) {
+        let me = &*self;
+        paced(changes, REVALIDATE_PAUSE, move || me.revalidate()).await;
     }
 
     /// Decides again the authorization of every open inbound connection, as config changes
@@ -464,6 +462,19 @@ impl Proxy {
     }
 }
 
+/// Runs `pass` after each change, then waits `pause`; changes that arrive during a pass or its
+/// pause are coalesced into one more pass, so the last change always gets one.
+async fn paced<F, Fut>(mut changes: watch::Receiver<u64>, pause: Duration, mut pass: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    while changes.changed().await.is_ok() {
+        pass().await;
+        tokio::time::sleep(pause).await;
+    }
+}
+
 /// Splices the client and the destination until both directions finish, or the connection is
 /// revoked. An error on either side resets both, so neither mistakes the failure for a clean end.
 async fn splice<A>(mut client: A, mut upstream: conn::Tracked<TcpStream>)
@@ -491,4 +502,40 @@ fn is_listener_loop(dst: SocketAddr) -> bool {
 /// The peer's address, or the unspecified address if the socket is already gone.
 fn peer_of(s: &TcpStream) -> SocketAddr {
     s.peer_addr().unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Config changing every 10 ms for about a second gets a pass per pause, not one per change,
+    /// and the last change still gets its pass.
+    #[tokio::test]
+    async fn revalidation_passes_are_paced_and_the_last_change_gets_one() {
+        let (tx, rx) = watch::channel(0u64);
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let started = tokio::time::Instant::now();
+        let runner = tokio::spawn({
+            let (seen, rx) = (seen.clone(), rx.clone());
+            paced(rx.clone(), REVALIDATE_PAUSE, move || {
+                seen.lock().unwrap().push(*rx.borrow());
+                std::future::ready(())
+            })
+        });
+        const CHANGES: u64 = 100;
+        for change in 1..=CHANGES {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            tx.send_replace(change);
+        }
+        let changing = started.elapsed();
+        tokio::time::sleep(REVALIDATE_PAUSE * 2).await;
+        drop(tx);
+        runner.await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        // Each pass is followed by a pause, so however slow this machine, there is at most one
+        // pass per pause while changes arrive, and one more after: far fewer than the changes.
+        let most = (changing.as_millis() / REVALIDATE_PAUSE.as_millis()) as usize + 2;
+        assert!(seen.len() <= most && seen.len() < CHANGES as usize / 4, "{} passes saw {seen:?}", seen.len());
+        assert_eq!(seen.last(), Some(&CHANGES), "the last change got a pass: {seen:?}");
+    }
 }
