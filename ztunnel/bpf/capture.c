@@ -16,11 +16,17 @@
 //          packets for foreign addresses locally, as TPROXY does.
 //
 // With no listener (ztunnel is not running) a captured SYN is dropped: fail closed.
+//
+// The mesh carries IPv4 only. Every pod has a link-local IPv6 address on its bridge, so TCP over
+// IPv6 would go around ztunnel (no mTLS, no policy): both programs drop any IPv6 packet that may
+// carry TCP, which is also fail closed. ICMPv6 (neighbour discovery, and MLD behind a hop-by-hop
+// header) and UDP pass, as UDP over IPv4 does.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
 #include <bpf/bpf_endian.h>
@@ -41,7 +47,8 @@ enum stat {
     STAT_INBOUND = 1,    // inbound plaintext connections steered to 15006
     STAT_NO_LISTENER = 2,// SYNs dropped because ztunnel was not listening
     STAT_PROBE = 3,      // probes from the node, passed to the pod
-    STAT_MAX = 4,
+    STAT_IPV6_TCP = 4,   // IPv6 packets that may carry TCP, dropped
+    STAT_MAX = 5,
 };
 
 struct {
@@ -57,6 +64,47 @@ static __always_inline void count(__u32 which)
     __u64 *v = bpf_map_lookup_elem(&trellis_stats, &which);
     if (v)
         *v += 1;
+}
+
+// Whether an IPv6 packet may carry TCP: its next header is TCP, or an extension header that a
+// TCP header could follow (walking the chain would let a long one hide it). The one exception is
+// a hop-by-hop header directly followed by ICMPv6: that is how MLD travels.
+static __always_inline int ipv6_may_carry_tcp(struct __sk_buff *skb)
+{
+    const __u32 ip6 = sizeof(struct ethhdr);
+    __u8 next;
+    if (bpf_skb_load_bytes(skb, ip6 + offsetof(struct ipv6hdr, nexthdr), &next, 1))
+        return 1;
+    if (next == IPPROTO_HOPOPTS) {
+        __u8 after;
+        if (bpf_skb_load_bytes(skb, ip6 + sizeof(struct ipv6hdr), &after, 1))
+            return 1;
+        return after != IPPROTO_ICMPV6;
+    }
+    switch (next) {
+    case IPPROTO_TCP:
+    case IPPROTO_ROUTING:
+    case IPPROTO_FRAGMENT:
+    case IPPROTO_DSTOPTS:
+    case IPPROTO_AH:
+    case IPPROTO_MH:
+    case 139: // HIP
+    case 140: // Shim6
+    case 253: // experimental
+    case 254:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+// Drops an IPv6 packet that may carry TCP (see the top of this file); TC_ACT_OK otherwise.
+static __always_inline int refuse_ipv6_tcp(struct __sk_buff *skb)
+{
+    if (skb->protocol != bpf_htons(ETH_P_IPV6) || !ipv6_may_carry_tcp(skb))
+        return TC_ACT_OK;
+    count(STAT_IPV6_TCP);
+    return TC_ACT_SHOT;
 }
 
 struct flow {
@@ -125,6 +173,8 @@ SEC("classifier")
 int trellis_egress(struct __sk_buff *skb)
 {
     struct flow f = {};
+    if (skb->protocol == bpf_htons(ETH_P_IPV6))
+        return refuse_ipv6_tcp(skb);
     if (skb->mark == PROXY_MARK || parse(skb, &f))
         return TC_ACT_OK;
     if (!f.syn) {
@@ -146,6 +196,8 @@ SEC("classifier")
 int trellis_ingress(struct __sk_buff *skb)
 {
     struct flow f = {};
+    if (skb->protocol == bpf_htons(ETH_P_IPV6))
+        return refuse_ipv6_tcp(skb);
     if (parse(skb, &f))
         return TC_ACT_OK;
     // Marks do not survive a namespace crossing, so only our own egress program sets this one.

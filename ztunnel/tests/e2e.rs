@@ -1222,6 +1222,44 @@ fn a_stalled_handshake_does_not_hold_up_a_drain() {
     assert!(log.contains("HBONE TLS handshake cut short: draining"), "{log}");
 }
 
+/// The pod's link-local IPv6 address on its bridge: every pod has one, mesh or not.
+fn link_local(lab: &Lab, pod: &Pod) -> String {
+    let cmd = "ip -6 -o addr show dev eth0 scope link | awk '{print $4}' | cut -d/ -f1";
+    wait_for(&format!("{}'s link-local address", pod.name), Duration::from_secs(10), || {
+        let a = lab.exec_ok(&pod.netns, cmd).trim().to_string();
+        // Usable once duplicate address detection is done.
+        let tentative = lab.exec_ok(&pod.netns, "ip -6 -o addr show dev eth0 tentative");
+        (!a.is_empty() && tentative.trim().is_empty()).then_some(a)
+    })
+}
+
+/// The mesh carries IPv4 only, so IPv6 must not be a way around it: a TCP connection over the
+/// link-local IPv6 addresses that pods on one bridge share neither reaches a meshed pod nor
+/// leaves one, in both capture modes, while it works between two pods outside the mesh.
+#[test]
+fn ipv6_is_no_way_around_the_mesh() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/app.py");
+    for capture in ["ebpf", "nftables"] {
+        let Mesh { lab, client, outsider, server_a, .. } = mesh(&["--capture", capture]);
+        let bystander = lab.add_pod(1, "plain", "bystander", "default", "app: bystander", 40);
+        for p in [&server_a, &bystander] {
+            lab.app(p, &["dualstack", "9300"], 9300);
+        }
+        let attempt = |from: &Pod, to: &Pod| {
+            let to = link_local(&lab, to);
+            lab.exec_ok(&from.netns, &format!("python3 {script} try {to}%eth0 9300")).trim().to_string()
+        };
+        // Control: IPv6 works on this bridge, outside the mesh.
+        wait_for("IPv6 between two pods outside the mesh", Duration::from_secs(15), || {
+            (attempt(&outsider, &bystander) == "dualstack").then_some(())
+        });
+        let inbound = attempt(&outsider, &server_a);
+        assert!(inbound.starts_with("failed"), "{capture}: IPv6 reached a meshed pod around ztunnel: {inbound}");
+        let outbound = attempt(&client, &bystander);
+        assert!(outbound.starts_with("failed"), "{capture}: IPv6 left a meshed pod around ztunnel: {outbound}");
+    }
+}
+
 /// A policy change reaches connections already open: a DENY for a caller cuts off the tunnel it
 /// holds, and STRICT cuts off a PERMISSIVE plaintext connection; a policy that matches neither
 /// leaves both alone.

@@ -10,6 +10,9 @@
 //!   ztunnel's 15008 listener receives directly, and the node's own probes, which arrive from
 //!   [`PROBE_SOURCE`](super::probes::PROBE_SOURCE) and go to the pod untouched.
 //!
+//! The table is `inet`, so IPv6 TCP is redirected too, to ports where ztunnel has no IPv6
+//! listener: it is refused rather than let around the mesh (the data plane is IPv4 only).
+//!
 //! Only the first packet of a connection traverses `nat` chains, so replies and established
 //! flows are untouched. The table is replaced atomically (one `nft -f` transaction).
 //!
