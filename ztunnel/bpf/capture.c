@@ -48,7 +48,8 @@ enum stat {
     STAT_NO_LISTENER = 2,// SYNs dropped because ztunnel was not listening
     STAT_PROBE = 3,      // probes from the node, passed to the pod
     STAT_IPV6_TCP = 4,   // IPv6 packets that may carry TCP, dropped
-    STAT_MAX = 5,
+    STAT_FRAGMENT = 5,   // fragments of TCP over IPv4, dropped
+    STAT_MAX = 6,
 };
 
 struct {
@@ -112,21 +113,43 @@ struct flow {
     int syn; // a connection's first packet: SYN without ACK
 };
 
-// Parses Ethernet + IPv4 + TCP. Returns 0 for a TCP/IPv4 packet.
+// IPv4 "more fragments" flag and fragment offset, in `frag_off`.
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1fff
+
+// Parses Ethernet + IPv4 + TCP. Returns 0 for a TCP/IPv4 packet, FRAGMENT for a fragment of one,
+// and a negative value for anything else.
+//
+// A fragment is never parsed: the first one can be too short to show the TCP flags, and the
+// stack reassembles the segment only after tc, so a SYN sent in fragments would reach the pod's
+// own stack around ztunnel. Callers drop fragments (fail closed); TCP sets DF and finds the path
+// MTU instead, so a legitimate connection does not send them.
+#define FRAGMENT 1
 static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 {
     if (skb->protocol != bpf_htons(ETH_P_IP))
         return -1;
-    // Headers of a GSO packet may not all be in the linear area.
-    if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + 60 + sizeof(struct tcphdr)) < 0 &&
-        bpf_skb_pull_data(skb, sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct tcphdr)) < 0)
+    // Headers of a GSO packet may not all be in the linear area. The IP header is pulled first
+    // and on its own: a fragment can be shorter than an IP and a TCP header together.
+    if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + sizeof(struct iphdr)) < 0)
         return -1;
     void *data = (void *)(long)skb->data;
     void *end = (void *)(long)skb->data_end;
     struct iphdr *ip = data + sizeof(struct ethhdr);
     if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl < 5)
         return -1;
-    struct tcphdr *tcp = (void *)ip + ip->ihl * 4;
+    if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+        return FRAGMENT;
+    __u32 ihl = ip->ihl;
+    if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + ihl * 4 + sizeof(struct tcphdr)) < 0)
+        return -1;
+    // The pull moved the packet: every pointer is taken again.
+    data = (void *)(long)skb->data;
+    end = (void *)(long)skb->data_end;
+    ip = data + sizeof(struct ethhdr);
+    if ((void *)(ip + 1) > end)
+        return -1;
+    struct tcphdr *tcp = (void *)ip + ihl * 4;
     if ((void *)(tcp + 1) > end)
         return -1;
     f->tuple.ipv4.saddr = ip->saddr;
@@ -135,6 +158,15 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
     f->tuple.ipv4.dport = tcp->dest;
     f->syn = tcp->syn && !tcp->ack;
     return 0;
+}
+
+// What to do with a packet `parse` did not accept: drop a fragment, pass anything else.
+static __always_inline int refuse_fragment(int parsed)
+{
+    if (parsed != FRAGMENT)
+        return TC_ACT_OK;
+    count(STAT_FRAGMENT);
+    return TC_ACT_SHOT;
 }
 
 // A socket of a connection (not a listener) matching the packet, or NULL. Caller releases.
@@ -175,8 +207,11 @@ int trellis_egress(struct __sk_buff *skb)
     struct flow f = {};
     if (skb->protocol == bpf_htons(ETH_P_IPV6))
         return refuse_ipv6_tcp(skb);
-    if (skb->mark == PROXY_MARK || parse(skb, &f))
+    if (skb->mark == PROXY_MARK)
         return TC_ACT_OK;
+    int parsed = parse(skb, &f);
+    if (parsed)
+        return refuse_fragment(parsed);
     if (!f.syn) {
         // Only flows ztunnel proxies: its 15001 socket has exactly this tuple, seen from its side.
         struct bpf_sock *sk = connection(skb, &f.tuple);
@@ -198,8 +233,9 @@ int trellis_ingress(struct __sk_buff *skb)
     struct flow f = {};
     if (skb->protocol == bpf_htons(ETH_P_IPV6))
         return refuse_ipv6_tcp(skb);
-    if (parse(skb, &f))
-        return TC_ACT_OK;
+    int parsed = parse(skb, &f);
+    if (parsed)
+        return refuse_fragment(parsed);
     // Marks do not survive a namespace crossing, so only our own egress program sets this one.
     if (skb->mark == STEER_MARK) {
         struct bpf_sock *sk = connection(skb, &f.tuple);
