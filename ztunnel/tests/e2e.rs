@@ -1238,26 +1238,23 @@ fn link_local(lab: &Lab, pod: &Pod) -> String {
 /// leaves one, in both capture modes, while it works between two pods outside the mesh.
 #[test]
 fn ipv6_is_no_way_around_the_mesh() {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/app.py");
-    for capture in ["ebpf", "nftables"] {
-        let Mesh { lab, client, outsider, server_a, .. } = mesh(&["--capture", capture]);
-        let bystander = lab.add_pod(1, "plain", "bystander", "default", "app: bystander", 40);
-        for p in [&server_a, &bystander] {
+    in_each_capture_mode(|capture, Mesh { lab, client, outsider, server_a, .. }, bystander| {
+        for p in [server_a, bystander] {
             lab.app(p, &["dualstack", "9300"], 9300);
         }
         let attempt = |from: &Pod, to: &Pod| {
-            let to = link_local(&lab, to);
-            lab.exec_ok(&from.netns, &format!("python3 {script} try {to}%eth0 9300")).trim().to_string()
+            let to = link_local(lab, to);
+            lab.exec_ok(&from.netns, &format!("python3 {APP} try {to}%eth0 9300")).trim().to_string()
         };
         // Control: IPv6 works on this bridge, outside the mesh.
         wait_for("IPv6 between two pods outside the mesh", Duration::from_secs(15), || {
-            (attempt(&outsider, &bystander) == "dualstack").then_some(())
+            (attempt(outsider, bystander) == "dualstack").then_some(())
         });
-        let inbound = attempt(&outsider, &server_a);
+        let inbound = attempt(outsider, server_a);
         assert!(inbound.starts_with("failed"), "{capture}: IPv6 reached a meshed pod around ztunnel: {inbound}");
-        let outbound = attempt(&client, &bystander);
+        let outbound = attempt(client, bystander);
         assert!(outbound.starts_with("failed"), "{capture}: IPv6 left a meshed pod around ztunnel: {outbound}");
-    }
+    });
 }
 
 /// A SYN split into IPv4 fragments is no way around the capture either: the first fragment is
@@ -1266,21 +1263,31 @@ fn ipv6_is_no_way_around_the_mesh() {
 /// own stack; captured, ztunnel's listener answers it, and a dropped one gets no answer.
 #[test]
 fn a_fragmented_syn_is_no_way_around_the_capture() {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/app.py");
-    for capture in ["ebpf", "nftables"] {
-        let Mesh { lab, client, outsider, server_a, .. } = mesh(&["--capture", capture]);
-        let bystander = lab.add_pod(1, "plain", "bystander", "default", "app: bystander", 40);
+    in_each_capture_mode(|capture, Mesh { lab, client, outsider, server_a, .. }, bystander| {
         let syn = |from: &Pod, to: &Pod, how: &str| {
-            lab.exec_ok(&from.netns, &format!("python3 {script} syn {} 9999 {how}", to.ip)).trim().to_string()
+            lab.exec_ok(&from.netns, &format!("python3 {APP} syn {} 9999 {how}", to.ip)).trim().to_string()
         };
         // Controls: a whole SYN to the meshed pod is captured; a fragmented one between two pods
         // outside the mesh is reassembled and refused by the pod's own stack.
-        assert_eq!(syn(&outsider, &server_a, "whole"), "synack", "{capture}");
-        assert_eq!(syn(&outsider, &bystander, "frag"), "rst", "{capture}");
-        let inbound = syn(&outsider, &server_a, "frag");
+        assert_eq!(syn(outsider, server_a, "whole"), "synack", "{capture}");
+        assert_eq!(syn(outsider, bystander, "frag"), "rst", "{capture}");
+        let inbound = syn(outsider, server_a, "frag");
         assert_ne!(inbound, "rst", "{capture}: a fragmented SYN reached a meshed pod's own stack");
-        let outbound = syn(&client, &bystander, "frag");
+        let outbound = syn(client, bystander, "frag");
         assert_ne!(outbound, "rst", "{capture}: a fragmented SYN left a meshed pod around ztunnel");
+    });
+}
+
+/// The test workloads' script.
+const APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/app.py");
+
+/// Runs `check` on a fresh mesh under each capture mode, with one more pod on node 1 that stays
+/// outside the mesh (a neighbour on the same bridge).
+fn in_each_capture_mode(check: impl Fn(&str, &Mesh, &Pod)) {
+    for capture in ["ebpf", "nftables"] {
+        let m = mesh(&["--capture", capture]);
+        let bystander = m.lab.add_pod(1, "plain", "bystander", "default", "app: bystander", 40);
+        check(capture, &m, &bystander);
     }
 }
 
