@@ -18,9 +18,10 @@
 // With no listener (ztunnel is not running) a captured SYN is dropped: fail closed.
 //
 // The mesh carries IPv4 only. Every pod has a link-local IPv6 address on its bridge, so TCP over
-// IPv6 would go around ztunnel (no mTLS, no policy): both programs drop any IPv6 packet that may
-// carry TCP, which is also fail closed. ICMPv6 (neighbour discovery, and MLD behind a hop-by-hop
-// header) and UDP pass, as UDP over IPv4 does.
+// IPv6 would go around ztunnel (no mTLS, no policy): both programs let through only ICMPv6
+// (neighbour discovery, and MLD behind a hop-by-hop header) and UDP over IPv6, as UDP over IPv4
+// passes, and drop the rest (fail closed). Frames of any EtherType but IPv4, IPv6 and ARP are
+// dropped too: the stack could still turn them into IP after tc (a second VLAN tag).
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -47,9 +48,10 @@ enum stat {
     STAT_INBOUND = 1,    // inbound plaintext connections steered to 15006
     STAT_NO_LISTENER = 2,// SYNs dropped because ztunnel was not listening
     STAT_PROBE = 3,      // probes from the node, passed to the pod
-    STAT_IPV6_TCP = 4,   // IPv6 packets that may carry TCP, dropped
-    STAT_FRAGMENT = 5,   // fragments of TCP over IPv4, dropped
-    STAT_MAX = 6,
+    STAT_IPV6_TCP = 4,   // IPv6 packets other than ICMPv6 and UDP, dropped
+    STAT_FRAGMENT = 5,   // fragments of TCP over IPv4, or TCP packets too short to read, dropped
+    STAT_OTHER = 6,      // frames neither IPv4, IPv6 nor ARP (still VLAN-tagged, say), dropped
+    STAT_MAX = 7,
 };
 
 struct {
@@ -67,44 +69,38 @@ static __always_inline void count(__u32 which)
         *v += 1;
 }
 
-// Whether an IPv6 packet may carry TCP: its next header is TCP, or an extension header that a
-// TCP header could follow (walking the chain would let a long one hide it). The one exception is
-// a hop-by-hop header directly followed by ICMPv6: that is how MLD travels.
-static __always_inline int ipv6_may_carry_tcp(struct __sk_buff *skb)
+// Whether an IPv6 packet is one the mesh lets pass: ICMPv6 (neighbour discovery, and MLD,
+// which travels behind a hop-by-hop header) and UDP, as UDP over IPv4 passes. Everything else
+// could be TCP or hide it (behind extension headers, or in a tunnel), so it is refused.
+static __always_inline int ipv6_allowed(struct __sk_buff *skb)
 {
     const __u32 ip6 = sizeof(struct ethhdr);
     __u8 next;
     if (bpf_skb_load_bytes(skb, ip6 + offsetof(struct ipv6hdr, nexthdr), &next, 1))
-        return 1;
+        return 0;
     if (next == IPPROTO_HOPOPTS) {
         __u8 after;
         if (bpf_skb_load_bytes(skb, ip6 + sizeof(struct ipv6hdr), &after, 1))
-            return 1;
-        return after != IPPROTO_ICMPV6;
+            return 0;
+        return after == IPPROTO_ICMPV6;
     }
-    switch (next) {
-    case IPPROTO_TCP:
-    case IPPROTO_ROUTING:
-    case IPPROTO_FRAGMENT:
-    case IPPROTO_DSTOPTS:
-    case IPPROTO_AH:
-    case IPPROTO_MH:
-    case 139: // HIP
-    case 140: // Shim6
-    case 253: // experimental
-    case 254:
-        return 1;
-    default:
-        return 0;
-    }
+    return next == IPPROTO_ICMPV6 || next == IPPROTO_UDP;
 }
 
-// Drops an IPv6 packet that may carry TCP (see the top of this file); TC_ACT_OK otherwise.
-static __always_inline int refuse_ipv6_tcp(struct __sk_buff *skb)
+// Passes what is neither IPv4 nor TCP-capable IPv6 only if it is ARP: any other EtherType (a
+// frame that still carries a VLAN tag after the one the kernel strips before tc, say) could be
+// turned into IP by the stack after these programs ran.
+static __always_inline int refuse_other(struct __sk_buff *skb)
 {
-    if (skb->protocol != bpf_htons(ETH_P_IPV6) || !ipv6_may_carry_tcp(skb))
+    if (skb->protocol == bpf_htons(ETH_P_ARP))
         return TC_ACT_OK;
-    count(STAT_IPV6_TCP);
+    if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+        if (ipv6_allowed(skb))
+            return TC_ACT_OK;
+        count(STAT_IPV6_TCP);
+        return TC_ACT_SHOT;
+    }
+    count(STAT_OTHER);
     return TC_ACT_SHOT;
 }
 
@@ -124,7 +120,12 @@ struct flow {
 // stack reassembles the segment only after tc, so a SYN sent in fragments would reach the pod's
 // own stack around ztunnel. Callers drop fragments (fail closed); TCP sets DF and finds the path
 // MTU instead, so a legitimate connection does not send them.
+//
+// A TCP packet whose headers cannot be read is dropped the same way (UNREADABLE): the stack
+// would drop a truncated one anyway, and a pull can also fail for want of memory on a packet the
+// stack would accept.
 #define FRAGMENT 1
+#define UNREADABLE 2
 static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 {
     if (skb->protocol != bpf_htons(ETH_P_IP))
@@ -132,7 +133,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
     // Headers of a GSO packet may not all be in the linear area. The IP header is pulled first
     // and on its own: a fragment can be shorter than an IP and a TCP header together.
     if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + sizeof(struct iphdr)) < 0)
-        return -1;
+        return skb->len < sizeof(struct ethhdr) + sizeof(struct iphdr) ? -1 : UNREADABLE;
     void *data = (void *)(long)skb->data;
     void *end = (void *)(long)skb->data_end;
     struct iphdr *ip = data + sizeof(struct ethhdr);
@@ -142,16 +143,16 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
         return FRAGMENT;
     __u32 ihl = ip->ihl;
     if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + ihl * 4 + sizeof(struct tcphdr)) < 0)
-        return -1;
+        return UNREADABLE;
     // The pull moved the packet: every pointer is taken again.
     data = (void *)(long)skb->data;
     end = (void *)(long)skb->data_end;
     ip = data + sizeof(struct ethhdr);
     if ((void *)(ip + 1) > end)
-        return -1;
+        return UNREADABLE;
     struct tcphdr *tcp = (void *)ip + ihl * 4;
     if ((void *)(tcp + 1) > end)
-        return -1;
+        return UNREADABLE;
     f->tuple.ipv4.saddr = ip->saddr;
     f->tuple.ipv4.daddr = ip->daddr;
     f->tuple.ipv4.sport = tcp->source;
@@ -160,10 +161,11 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
     return 0;
 }
 
-// What to do with a packet `parse` did not accept: drop a fragment, pass anything else.
-static __always_inline int refuse_fragment(int parsed)
+// What to do with an IPv4 packet `parse` did not accept: drop a TCP fragment or a TCP packet it
+// could not read, pass anything else (not TCP).
+static __always_inline int refuse_unparsed(int parsed)
 {
-    if (parsed != FRAGMENT)
+    if (parsed < 0)
         return TC_ACT_OK;
     count(STAT_FRAGMENT);
     return TC_ACT_SHOT;
@@ -205,13 +207,13 @@ SEC("classifier")
 int trellis_egress(struct __sk_buff *skb)
 {
     struct flow f = {};
-    if (skb->protocol == bpf_htons(ETH_P_IPV6))
-        return refuse_ipv6_tcp(skb);
+    if (skb->protocol != bpf_htons(ETH_P_IP))
+        return refuse_other(skb);
     if (skb->mark == PROXY_MARK)
         return TC_ACT_OK;
     int parsed = parse(skb, &f);
     if (parsed)
-        return refuse_fragment(parsed);
+        return refuse_unparsed(parsed);
     if (!f.syn) {
         // Only flows ztunnel proxies: its 15001 socket has exactly this tuple, seen from its side.
         struct bpf_sock *sk = connection(skb, &f.tuple);
@@ -231,11 +233,11 @@ SEC("classifier")
 int trellis_ingress(struct __sk_buff *skb)
 {
     struct flow f = {};
-    if (skb->protocol == bpf_htons(ETH_P_IPV6))
-        return refuse_ipv6_tcp(skb);
+    if (skb->protocol != bpf_htons(ETH_P_IP))
+        return refuse_other(skb);
     int parsed = parse(skb, &f);
     if (parsed)
-        return refuse_fragment(parsed);
+        return refuse_unparsed(parsed);
     // Marks do not survive a namespace crossing, so only our own egress program sets this one.
     if (skb->mark == STEER_MARK) {
         struct bpf_sock *sk = connection(skb, &f.tuple);

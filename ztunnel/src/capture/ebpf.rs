@@ -30,6 +30,9 @@ pub use super::local_route::STEER_MARK;
 const PROGRAMS: [(&str, TcAttachType, &str); 2] =
     [("trellis_ingress", TcAttachType::Ingress, "ingress"), ("trellis_egress", TcAttachType::Egress, "egress")];
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+/// The pinned statistics map, and its number of counters (`STAT_MAX` in `bpf/capture.c`).
+const STATS_MAP: &str = "trellis_stats";
+const STATS_ENTRIES: u32 = 7;
 
 pub struct Programs {
     bpf: Mutex<Ebpf>,
@@ -65,11 +68,29 @@ fn ensure_bpffs() -> io::Result<()> {
     Ok(())
 }
 
+/// A statistics map pinned by an older ztunnel, with fewer counters, would be reused as it is
+/// (the loader takes a pinned map by name without comparing its shape), and the counters added
+/// since would never count. It is unpinned, so that this load pins a fresh one; programs still
+/// attached keep the old one until their links are pointed at this process's programs.
+fn unpin_outgrown_stats(pin_dir: &Path) -> io::Result<()> {
+    let path = pin_dir.join(STATS_MAP);
+    match aya::maps::MapInfo::from_pin(&path) {
+        Ok(old) if old.max_entries() < STATS_ENTRIES => {
+            std::fs::remove_file(&path)?;
+            tracing::info!(path = %path.display(), counters = old.max_entries(), now = STATS_ENTRIES,
+                "replacing the statistics map an older ztunnel pinned");
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
 impl Programs {
     /// Loads and verifies the programs. Fails with the kernel's reason on an unsupported kernel.
     pub fn load(pin_dir: &Path, proxy_mark: u32) -> io::Result<Arc<Programs>> {
         ensure_bpffs()?;
         std::fs::create_dir_all(pin_dir.join("links"))?;
+        unpin_outgrown_stats(pin_dir)?;
         let mut bpf = EbpfLoader::new()
             .override_global("PROXY_MARK", &proxy_mark, true)
             .override_global("STEER_MARK", &STEER_MARK, true)
@@ -177,4 +198,35 @@ fn default_route_interface() -> io::Result<String> {
         .find(|(_, dst)| *dst == "00000000")
         .map(|(iface, _)| iface.to_string())
         .ok_or_else(|| io::Error::other("the pod has no default route, so no interface to capture on"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aya::maps::MapInfo;
+
+    /// Removes a test's pin directory, whatever the test's outcome.
+    struct PinDir(PathBuf);
+
+    impl Drop for PinDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Needs root and a kernel that loads the programs, as ztunnel itself does.
+    #[test]
+    fn a_statistics_map_pinned_with_fewer_counters_is_replaced() {
+        ensure_bpffs().unwrap();
+        let dir = PinDir(Path::new("/sys/fs/bpf").join(format!("trellis-test-{}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        // What an older ztunnel left behind: the map, pinned with four counters.
+        let older = EbpfLoader::new().map_max_entries(STATS_MAP, 4).default_map_pin_directory(&dir.0).load(OBJECT);
+        drop(older.unwrap());
+        let pinned = || MapInfo::from_pin(dir.0.join(STATS_MAP)).unwrap().max_entries();
+        assert_eq!(pinned(), 4);
+        let _programs = Programs::load(&dir.0, 0x539).unwrap();
+        // Pinned afresh from the object, which has as many counters as STATS_ENTRIES says.
+        assert_eq!(pinned(), STATS_ENTRIES);
+    }
 }
