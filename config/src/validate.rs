@@ -121,9 +121,19 @@ fn dns_label(e: &mut Errors, path: &str, s: &str) {
 }
 
 /// `metadata.generateName`, checked as Kubernetes checks it: as the kind's names are, except
-/// that it may end in '-', since the generated suffix follows.
+/// that it may end in '-', since the generated suffix follows. Kubernetes replaces the last two
+/// characters of such a prefix with one letter before checking (its `maskTrailingDash`), so a
+/// prefix one character over a name's limit passes and a lone '-' does not; the same here.
 fn generate_name(e: &mut Errors, prefix: &str, label_named: bool) {
-    let masked = prefix.strip_suffix('-').map_or_else(|| prefix.to_string(), |p| format!("{p}a"));
+    let masked = match prefix.strip_suffix('-') {
+        Some(rest) if !rest.is_empty() => {
+            let mut m = rest.to_string();
+            m.pop();
+            m.push('a');
+            m
+        }
+        _ => prefix.to_string(),
+    };
     let (ok, what, rule) = if label_named {
         (is_dns_label(&masked), "DNS label", DNS_LABEL_RULE)
     } else {

@@ -257,14 +257,23 @@ pub fn verify_chain(
     verifier.verify_client_cert(leaf, intermediates, at).map(|_| ())
 }
 
+/// The largest HTTP/2 DATA frame a splice sends: one read of [`crate::MAX_READ`] and its header.
+pub const LARGEST_FRAME: usize = crate::splice::MAX_READ + crate::splice::FRAME_HEADER;
+/// A full TLS 1.3 record's payload, and what the record adds to it: header, content type, tag.
+const RECORD: usize = 16 << 10;
+const RECORD_OVERHEAD: usize = 5 + 1 + 16;
+
 /// The TLS bytes a tunnel connection may queue in user space before a write waits for the
-/// socket: two of the largest reads a splice makes, each one HTTP/2 DATA frame.
+/// socket: two of the largest frames, sealed (rustls counts the records, not the plaintext).
 ///
-/// rustls queues at most 64 KiB by default, so one [`crate::splice::MAX_READ`] read left in five
+/// rustls queues at most 64 KiB by default, so one [`crate::MAX_READ`] read left in five
 /// `writev`s, each paying for a TCP push, the forwarding path and a wake-up of the peer. In a bulk
 /// transfer the sending ztunnel is the busiest process, and with one write per read `make
-/// bench-l4` carried about 10% more. The bound stays per connection, as h2's windows are.
-pub const SEND_BUFFER: usize = 2 * (crate::splice::MAX_READ + crate::splice::FRAME_HEADER);
+/// bench-l4` carried about 10% more. The queue fills only while the socket's own send buffer is
+/// full (the peer reads slower than we send), so it is memory per connection stalled that way:
+/// 8192 of them (ztunnel's default cap) could hold 4 GiB, next to the kernel's send buffers,
+/// which can hold several MiB each.
+pub const SEND_BUFFER: usize = 2 * (LARGEST_FRAME + LARGEST_FRAME.div_ceil(RECORD) * RECORD_OVERHEAD);
 
 /// Sizes a tunnel connection's send buffer to [`SEND_BUFFER`]; for `connect_with`/`accept_with`.
 pub fn size_send_buffer<Data>(conn: &mut rustls::ConnectionCommon<Data>) {
