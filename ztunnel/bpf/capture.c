@@ -50,7 +50,8 @@ enum stat {
     STAT_PROBE = 3,      // probes from the node, passed to the pod
     STAT_IPV6_TCP = 4,   // IPv6 packets other than ICMPv6 and UDP, dropped
     STAT_FRAGMENT = 5,   // fragments of TCP over IPv4, or TCP packets too short to read, dropped
-    STAT_OTHER = 6,      // frames neither IPv4, IPv6 nor ARP (still VLAN-tagged, say), dropped
+    STAT_OTHER = 6,      // frames neither IPv4, IPv6 nor ARP (still VLAN-tagged, say), and IPv4
+                         // protocols other than TCP, UDP, ICMP, IGMP and SCTP (tunnels), dropped
     STAT_MAX = 7,
 };
 
@@ -114,7 +115,7 @@ struct flow {
 #define IP_OFFSET 0x1fff
 
 // Parses Ethernet + IPv4 + TCP. Returns 0 for a TCP/IPv4 packet, FRAGMENT for a fragment of one,
-// and a negative value for anything else.
+// a negative value for what passes uncaptured, and one of the reasons below for what is refused.
 //
 // A fragment is never parsed: the first one can be too short to show the TCP flags, and the
 // stack reassembles the segment only after tc, so a SYN sent in fragments would reach the pod's
@@ -124,8 +125,20 @@ struct flow {
 // A TCP packet whose headers cannot be read is dropped the same way (UNREADABLE): the stack
 // would drop a truncated one anyway, and a pull can also fail for want of memory on a packet the
 // stack would accept.
+//
+// And an IPv4 protocol other than TCP, UDP, ICMP, IGMP and SCTP is refused (FOREIGN): it could
+// carry TCP to a tunnel device in the pod, whose decapsulated packets never pass these programs.
+// Once the ipip or gre module is loaded (Calico's IPIP mode does), a fallback `tunl0` or `gre0`
+// appears in every new namespace and takes such packets from anyone.
 #define FRAGMENT 1
 #define UNREADABLE 2
+#define FOREIGN 3
+
+static __always_inline int ipv4_passes(__u8 protocol)
+{
+    return protocol == IPPROTO_UDP || protocol == IPPROTO_ICMP || protocol == IPPROTO_IGMP ||
+           protocol == IPPROTO_SCTP;
+}
 static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 {
     if (skb->protocol != bpf_htons(ETH_P_IP))
@@ -137,8 +150,10 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
     void *data = (void *)(long)skb->data;
     void *end = (void *)(long)skb->data_end;
     struct iphdr *ip = data + sizeof(struct ethhdr);
-    if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl < 5)
+    if ((void *)(ip + 1) > end || ip->ihl < 5)
         return -1;
+    if (ip->protocol != IPPROTO_TCP)
+        return ipv4_passes(ip->protocol) ? -1 : FOREIGN;
     if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
         return FRAGMENT;
     __u32 ihl = ip->ihl;
@@ -161,13 +176,13 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
     return 0;
 }
 
-// What to do with an IPv4 packet `parse` did not accept: drop a TCP fragment or a TCP packet it
-// could not read, pass anything else (not TCP).
+// What to do with an IPv4 packet `parse` did not accept: drop a TCP fragment, a TCP packet it
+// could not read, or a foreign protocol; pass the rest (UDP, ICMP, IGMP, SCTP).
 static __always_inline int refuse_unparsed(int parsed)
 {
     if (parsed < 0)
         return TC_ACT_OK;
-    count(STAT_FRAGMENT);
+    count(parsed == FOREIGN ? STAT_OTHER : STAT_FRAGMENT);
     return TC_ACT_SHOT;
 }
 
