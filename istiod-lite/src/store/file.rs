@@ -127,8 +127,26 @@ impl FileStore {
 }
 
 /// Stored objects were validated on the way in; re-validating on load catches hand edits.
+///
+/// One rule is newer than data that may be stored: `metadata.generateName` is checked since
+/// this release, and it has no effect once an object exists. An object whose only fault is an
+/// invalid one (written by an earlier istiod-lite) is loaded without it and a warning, instead of
+/// making the whole state dir unreadable on upgrade; its next write must fix it.
 fn decode(v: Value) -> Result<Object, String> {
-    Object::from_value(v).map_err(|e| e.to_string())
+    match Object::from_value(v.clone()) {
+        Ok(obj) => Ok(obj),
+        Err(e) if e.errors.iter().all(|f| f.path == "metadata.generateName") => {
+            let mut v = v;
+            if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+                meta.remove("generateName");
+            }
+            let obj = Object::from_value(v).map_err(|e| e.to_string())?;
+            tracing::warn!(object = %e.object, error = %e,
+                "stored object has a generateName this release refuses; loaded without it");
+            Ok(obj)
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl Store for FileStore {
@@ -407,6 +425,27 @@ mod tests {
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    /// An earlier istiod-lite stored generateName unchecked: such an object still loads (without
+    /// it), and the state dir stays readable. Any other fault still makes it unreadable.
+    #[test]
+    fn a_stored_generate_name_refused_since_is_dropped_on_load_and_nothing_else_is_forgiven() {
+        let dir = tempfile::tempdir().unwrap();
+        let stored = |meta: Value| {
+            let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta});
+            let snap = serde_json::json!({"revision": 1, "objects": [pod]});
+            std::fs::write(dir.path().join("snapshot.json"), snap.to_string()).unwrap();
+        };
+        stored(serde_json::json!({"name": "web-x2k7q", "namespace": "t", "generateName": "Web_"}));
+        let s = FileStore::open(dir.path()).unwrap();
+        let pods = s.list(Some(Kind::Pod), None);
+        assert_eq!(pods.len(), 1);
+        assert_eq!(pods[0].meta().generate_name, None);
+        drop(s);
+        stored(serde_json::json!({"name": "Web_x2k7q", "namespace": "t", "generateName": "Web_"}));
+        let e = FileStore::open(dir.path()).err().expect("an invalid name is still corrupt");
+        assert!(e.to_string().contains("metadata.name"), "{e}");
     }
 
     #[test]
