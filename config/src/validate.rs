@@ -134,10 +134,11 @@ fn generate_name(e: &mut Errors, prefix: &str, label_named: bool) {
         }
         _ => prefix.to_string(),
     };
+    // Kubernetes masks bytes, so a non-ASCII character before the '-' is never masked whole.
     let (ok, what, rule) = if label_named {
-        (is_dns_label(&masked), "DNS label", DNS_LABEL_RULE)
+        (prefix.is_ascii() && is_dns_label(&masked), "DNS label", DNS_LABEL_RULE)
     } else {
-        (is_dns_subdomain(&masked), "DNS subdomain", DNS_SUBDOMAIN_RULE)
+        (prefix.is_ascii() && is_dns_subdomain(&masked), "DNS subdomain", DNS_SUBDOMAIN_RULE)
     };
     if !ok {
         e.add(

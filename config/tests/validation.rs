@@ -33,6 +33,7 @@ const CASES: &[(&str, &str, &str)] = &[
     ("generateName of a label-named kind", "apiVersion: v1\nkind: Service\nmetadata: {name: s, generateName: web.v1-}", "metadata.generateName: \"web.v1-\" is not a valid name prefix: names of this kind are a DNS label"),
     ("generateName too long for a label", "apiVersion: v1\nkind: Service\nmetadata: {name: s, generateName: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-}", "metadata.generateName"),
     ("generateName one over a label, as Kubernetes allows", "apiVersion: v1\nkind: Service\nmetadata: {name: s, generateName: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-}", ""),
+    ("generateName non-ASCII before the dash", "apiVersion: v1\nkind: Pod\nmetadata: {name: a, generateName: \"abcé-\"}", "metadata.generateName: \"abcé-\" is not a valid name prefix"),
     ("generateName a lone dash", "apiVersion: v1\nkind: Pod\nmetadata: {name: a, generateName: \"-\"}", "metadata.generateName: \"-\" is not a valid name prefix"),
     ("generateName with dots for a subdomain", "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: a, generateName: web.v1-}", ""),
     ("wrong type", "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: \"eighty\"}]}", "spec.ports[0].port: invalid type: string \"eighty\", expected i64"),

@@ -294,9 +294,29 @@ impl tokio::io::AsyncWrite for CountWrites {
 /// kernel never splits a write: a count of writes is then rustls's doing alone.
 fn roomy_listener() -> tokio::net::TcpListener {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_send_buffer_size(4 << 20).unwrap();
+    make_roomy(&socket);
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     socket.listen(1).unwrap()
+}
+
+/// A 4 MiB send buffer: `SO_SNDBUFFORCE` as root, past `net.core.wmem_max` (212992 by default);
+/// otherwise `SO_SNDBUF`, which that maximum caps.
+fn make_roomy(socket: &tokio::net::TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 4 << 20;
+    // SAFETY: setsockopt on an open socket with a c_int option value of the size given.
+    let forced = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        socket.set_send_buffer_size(4 << 20).unwrap();
+    }
 }
 
 /// Socket writes on each side for one DATA frame of the largest splice read, there and back.
@@ -331,8 +351,8 @@ async fn writes_for_the_largest_frame(size_send_buffer: bool) -> (usize, usize) 
         }
     });
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_send_buffer_size(4 << 20).unwrap();
-    // Capped by net.core.wmem_max: the count means something only if a frame fits.
+    make_roomy(&socket);
+    // The count means something only if a frame fits.
     let room = socket.send_buffer_size().unwrap() as usize;
     assert!(room > 2 * frame.len(), "a send buffer of {room} bytes cannot take a whole frame at once");
     let client_writes = Arc::new(AtomicUsize::new(0));

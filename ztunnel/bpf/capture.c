@@ -48,7 +48,7 @@ enum stat {
     STAT_INBOUND = 1,    // inbound plaintext connections steered to 15006
     STAT_NO_LISTENER = 2,// SYNs dropped because ztunnel was not listening
     STAT_PROBE = 3,      // probes from the node, passed to the pod
-    STAT_IPV6_TCP = 4,   // IPv6 packets other than ICMPv6 and UDP, dropped
+    STAT_IPV6 = 4,       // IPv6 packets other than ICMPv6 and UDP, dropped
     STAT_FRAGMENT = 5,   // fragments of TCP over IPv4, or TCP packets too short to read, dropped
     STAT_OTHER = 6,      // frames neither IPv4, IPv6 nor ARP (still VLAN-tagged, say), and IPv4
                          // protocols other than TCP, UDP, ICMP, IGMP and SCTP (tunnels), dropped
@@ -98,7 +98,7 @@ static __always_inline int refuse_other(struct __sk_buff *skb)
     if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
         if (ipv6_allowed(skb))
             return TC_ACT_OK;
-        count(STAT_IPV6_TCP);
+        count(STAT_IPV6);
         return TC_ACT_SHOT;
     }
     count(STAT_OTHER);
@@ -145,8 +145,14 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
         return -1;
     // Headers of a GSO packet may not all be in the linear area. The IP header is pulled first
     // and on its own: a fragment can be shorter than an IP and a TCP header together.
-    if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + sizeof(struct iphdr)) < 0)
-        return skb->len < sizeof(struct ethhdr) + sizeof(struct iphdr) ? -1 : UNREADABLE;
+    if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + sizeof(struct iphdr)) < 0) {
+        // Shorter than an IP header (the stack drops it), or no memory to pull: judge it by
+        // its protocol, which can still be copied out.
+        __u8 protocol;
+        if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + offsetof(struct iphdr, protocol), &protocol, 1))
+            return -1;
+        return protocol == IPPROTO_TCP ? UNREADABLE : ipv4_passes(protocol) ? -1 : FOREIGN;
+    }
     void *data = (void *)(long)skb->data;
     void *end = (void *)(long)skb->data_end;
     struct iphdr *ip = data + sizeof(struct ethhdr);

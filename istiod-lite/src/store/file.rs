@@ -133,6 +133,9 @@ impl FileStore {
 /// invalid one (written by an earlier istiod-lite) is loaded without it and a warning, instead of
 /// making the whole state dir unreadable on upgrade; its next write must fix it.
 fn decode(v: Value) -> Result<Object, String> {
+    if v.pointer("/metadata/generateName").is_none() {
+        return Object::from_value(v).map_err(|e| e.to_string());
+    }
     match Object::from_value(v.clone()) {
         Ok(obj) => Ok(obj),
         Err(e) if e.errors.iter().all(|f| f.path == "metadata.generateName") => {

@@ -75,12 +75,20 @@ fn ensure_bpffs() -> io::Result<()> {
 fn unpin_outgrown_stats(pin_dir: &Path) -> io::Result<()> {
     let path = pin_dir.join(STATS_MAP);
     match aya::maps::MapInfo::from_pin(&path) {
-        Ok(old) if old.max_entries() < STATS_ENTRIES => {
-            std::fs::remove_file(&path)?;
-            tracing::info!(path = %path.display(), counters = old.max_entries(), now = STATS_ENTRIES,
-                "replacing the statistics map an older ztunnel pinned");
-            Ok(())
-        }
+        Ok(old) if old.max_entries() < STATS_ENTRIES => match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), counters = old.max_entries(), now = STATS_ENTRIES,
+                    "replacing the statistics map an older ztunnel pinned");
+                Ok(())
+            }
+            // Another ztunnel starting on this node unpinned it first.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            // Counters are not worth failing the start over: they just stay at zero.
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot replace an outgrown statistics map");
+                Ok(())
+            }
+        },
         _ => Ok(()),
     }
 }
