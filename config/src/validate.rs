@@ -134,13 +134,13 @@ fn generate_name(e: &mut Errors, prefix: &str, label_named: bool) {
         }
         _ => prefix.to_string(),
     };
-    // Kubernetes masks bytes, so a non-ASCII character before the '-' is never masked whole.
-    let (ok, what, rule) = if label_named {
-        (prefix.is_ascii() && is_dns_label(&masked), "DNS label", DNS_LABEL_RULE)
+    let (valid, what, rule) = if label_named {
+        (is_dns_label(&masked), "DNS label", DNS_LABEL_RULE)
     } else {
-        (prefix.is_ascii() && is_dns_subdomain(&masked), "DNS subdomain", DNS_SUBDOMAIN_RULE)
+        (is_dns_subdomain(&masked), "DNS subdomain", DNS_SUBDOMAIN_RULE)
     };
-    if !ok {
+    // Kubernetes masks bytes, so a non-ASCII character before the '-' is never masked whole.
+    if !(prefix.is_ascii() && valid) {
         e.add(
             "metadata.generateName",
             format!("{prefix:?} is not a valid name prefix: names of this kind are a {what} ({rule}; the prefix may end in '-')"),

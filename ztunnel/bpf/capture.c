@@ -88,9 +88,9 @@ static __always_inline int ipv6_allowed(struct __sk_buff *skb)
     return next == IPPROTO_ICMPV6 || next == IPPROTO_UDP;
 }
 
-// Passes what is neither IPv4 nor TCP-capable IPv6 only if it is ARP: any other EtherType (a
-// frame that still carries a VLAN tag after the one the kernel strips before tc, say) could be
-// turned into IP by the stack after these programs ran.
+// Decides a frame that is not IPv4: ARP passes, IPv6 as `ipv6_allowed` says, and any other
+// EtherType is dropped, since the stack could still turn it into IP after these programs ran (a
+// frame that keeps a second VLAN tag after the one the kernel strips before tc, say).
 static __always_inline int refuse_other(struct __sk_buff *skb)
 {
     if (skb->protocol == bpf_htons(ETH_P_ARP))
@@ -143,39 +143,26 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 {
     if (skb->protocol != bpf_htons(ETH_P_IP))
         return -1;
-    // Headers of a GSO packet may not all be in the linear area. The IP header is pulled first
-    // and on its own: a fragment can be shorter than an IP and a TCP header together.
-    if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + sizeof(struct iphdr)) < 0) {
-        // Shorter than an IP header (the stack drops it), or no memory to pull: judge it by
-        // its protocol, which can still be copied out.
-        __u8 protocol;
-        if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + offsetof(struct iphdr, protocol), &protocol, 1))
-            return -1;
-        return protocol == IPPROTO_TCP ? UNREADABLE : ipv4_passes(protocol) ? -1 : FOREIGN;
-    }
+    // The IP header is copied out, so that what decides a packet's fate needs no pull: a
+    // fragment can be shorter than an IP and a TCP header together, and a pull can fail.
+    struct iphdr ip;
+    if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), &ip, sizeof(ip)) || ip.ihl < 5)
+        return -1; // not a whole IPv4 header: the stack drops it
+    if (ip.protocol != IPPROTO_TCP)
+        return ipv4_passes(ip.protocol) ? -1 : FOREIGN;
+    if (ip.frag_off & bpf_htons(IP_MF | IP_OFFSET))
+        return FRAGMENT;
+    // Headers of a GSO packet may not all be in the linear area.
+    __u32 l4 = sizeof(struct ethhdr) + ip.ihl * 4;
+    if (bpf_skb_pull_data(skb, l4 + sizeof(struct tcphdr)) < 0)
+        return UNREADABLE;
     void *data = (void *)(long)skb->data;
     void *end = (void *)(long)skb->data_end;
-    struct iphdr *ip = data + sizeof(struct ethhdr);
-    if ((void *)(ip + 1) > end || ip->ihl < 5)
-        return -1;
-    if (ip->protocol != IPPROTO_TCP)
-        return ipv4_passes(ip->protocol) ? -1 : FOREIGN;
-    if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
-        return FRAGMENT;
-    __u32 ihl = ip->ihl;
-    if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + ihl * 4 + sizeof(struct tcphdr)) < 0)
-        return UNREADABLE;
-    // The pull moved the packet: every pointer is taken again.
-    data = (void *)(long)skb->data;
-    end = (void *)(long)skb->data_end;
-    ip = data + sizeof(struct ethhdr);
-    if ((void *)(ip + 1) > end)
-        return UNREADABLE;
-    struct tcphdr *tcp = (void *)ip + ihl * 4;
+    struct tcphdr *tcp = data + l4;
     if ((void *)(tcp + 1) > end)
         return UNREADABLE;
-    f->tuple.ipv4.saddr = ip->saddr;
-    f->tuple.ipv4.daddr = ip->daddr;
+    f->tuple.ipv4.saddr = ip.saddr;
+    f->tuple.ipv4.daddr = ip.daddr;
     f->tuple.ipv4.sport = tcp->source;
     f->tuple.ipv4.dport = tcp->dest;
     f->syn = tcp->syn && !tcp->ack;

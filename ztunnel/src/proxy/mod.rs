@@ -515,7 +515,7 @@ mod tests {
         let (tx, rx) = watch::channel(0u64);
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let runner = tokio::spawn({
-            let (seen, rx) = (seen.clone(), rx.clone());
+            let seen = seen.clone();
             paced(rx.clone(), REVALIDATE_PAUSE, move || {
                 seen.lock().unwrap().push(*rx.borrow());
                 std::future::ready(())
